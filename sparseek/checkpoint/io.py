@@ -1,0 +1,278 @@
+"""Load and save models as (sharded) safetensors, never pickle.
+
+Loading memory-maps every file and hands unchanged tensors to the model without a copy; FP8 and
+FP4 weights are dequantized to the requested dtype one tensor at a time. Every mismatch between
+the checkpoint and the model (missing, unexpected or mis-shaped tensors) is collected and
+reported in one ``CheckpointError``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections import defaultdict
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from sparseek.checkpoint.names import Target, checkpoint_names, target_of
+from sparseek.checkpoint.quant import dequant_fp4, dequant_fp8
+from sparseek.config import ModelArgs
+from sparseek.model import build_model
+from sparseek.model.common import Experts
+
+log = logging.getLogger("sparseek")
+INDEX_FILE = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 4 << 30
+
+
+class CheckpointError(ValueError):
+    """The checkpoint does not fit the model; the message lists every problem."""
+
+
+# ---------------------------------------------------------------------------- reading
+def tensor_files(path: str) -> dict[str, str]:
+    """tensor name -> file, from an index, a directory of .safetensors, or one file."""
+    if os.path.isfile(path):
+        files = [path]
+        root = os.path.dirname(path)
+    else:
+        root = path
+        index = os.path.join(path, INDEX_FILE)
+        if os.path.exists(index):
+            with open(index, encoding="utf-8") as f:
+                wm = json.load(f).get("weight_map")
+            if not isinstance(wm, dict):
+                raise CheckpointError(f"{index} has no weight_map")
+            missing = sorted({v for v in wm.values() if not os.path.exists(os.path.join(path, v))})
+            if missing:
+                raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
+            return {k: os.path.join(path, v) for k, v in wm.items()}
+        files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+    if not files:
+        raise CheckpointError(f"no .safetensors files in {root or path}"
+                              + (" (pickled .bin/.pt checkpoints are not loaded, by design)"
+                                 if any(f.endswith((".bin", ".pt", ".pth")) for f in os.listdir(root or ".")) else ""))
+    out: dict[str, str] = {}
+    for fp in files:
+        with safe_open(fp, framework="pt") as f:
+            for k in f.keys():
+                if k in out:
+                    raise CheckpointError(f"tensor {k!r} appears in both {out[k]} and {fp}")
+                out[k] = fp
+    return out
+
+
+class _Reader:
+    def __init__(self, files: dict[str, str]):
+        self.files = files
+        self._open: dict[str, object] = {}
+
+    def handle(self, name: str):
+        fp = self.files[name]
+        if fp not in self._open:
+            self._open[fp] = safe_open(fp, framework="pt")
+        return self._open[fp]
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        s = self.handle(name).get_slice(name)
+        return tuple(s.get_shape()), s.get_dtype()
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.handle(name).get_tensor(name)
+
+
+_QUANT_DTYPES = {"F8_E4M3": "fp8", "I8": "fp4", "U8": "fp4"}
+
+
+def _logical_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
+    if _QUANT_DTYPES.get(dtype) == "fp4":
+        return (*shape[:-1], shape[-1] * 2)
+    return shape
+
+
+def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+               args: ModelArgs | None = None) -> nn.Module:
+    """Build the model described by ``path/config.json`` and fill it from the safetensors files."""
+    path = os.fspath(path)
+    args = args or ModelArgs.from_json(path)
+    reader = _Reader(tensor_files(path))
+    with torch.device("meta"):
+        model = build_model(args, dtype=dtype)
+    expected = {k: v for k, v in model.state_dict().items()}
+    stacked = stacked_params(model)
+
+    plan: dict[str, list[tuple[Target, str]]] = defaultdict(list)
+    unexpected, ignored = [], []
+    for name in reader.files:
+        t = target_of(name, args.is_v4, stacked)
+        if t.param in expected:
+            plan[t.param].append((t, name))
+            if t.fused == "gate_up_proj":  # one fused tensor feeds both w1 (gate) and w3 (up)
+                w3 = t.param[:-1] + "3"
+                plan[w3].append((Target(w3, fused=t.fused), name))
+        elif not args.is_v4 and _is_v3_mtp(t.param, args):
+            ignored.append(name)
+        else:
+            unexpected.append(name)
+    if ignored:
+        log.info("ignoring %d tensors of the V3 MTP layer (not supported for V3)", len(ignored))
+
+    if args.is_v4 and len(model.mtp) and not any(p.startswith("mtp.") for p in plan):
+        log.warning("checkpoint has no MTP weights (mtp.*): loading without the MTP block")
+        model.mtp = nn.ModuleList()
+        expected = {k: v for k, v in expected.items() if not k.startswith("mtp.")}
+
+    missing, bad_shape = [], []
+    for pname, ref in expected.items():
+        entries = plan.get(pname, [])
+        weights = [(t, n) for t, n in entries if t.part == "weight"]
+        if not weights:
+            missing.append(pname if pname not in stacked else f"{pname} (all experts)")
+            continue
+        if pname in stacked and not any(t.fused for t, _ in weights):
+            have = {t.expert for t, _ in weights}
+            lost = [e for e in range(ref.shape[0]) if e not in have]
+            if lost:
+                missing.append(f"{pname} experts {_ranges(lost)}")
+        for t, n in weights:
+            shape, dt = reader.meta(n)
+            want = _want_shape(t, ref.shape)
+            got = _logical_shape(shape, dt)
+            if got != want:
+                bad_shape.append(f"{n}: checkpoint {list(shape)} ({dt}), model expects {list(want)}")
+            if dt in _QUANT_DTYPES and not any(tt.part == "scale" and tt.expert == t.expert for tt, _ in entries):
+                missing.append(f"{n}: quantized ({dt}) but its .scale / .weight_scale_inv is missing")
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+        if items:
+            shown = "\n    ".join(items[:30]) + (f"\n    ... and {len(items) - 30} more" if len(items) > 30 else "")
+            problems.append(f"  {len(items)} {title}:\n    {shown}")
+    if problems:
+        raise CheckpointError(f"checkpoint at {path} does not match the model:\n" + "\n".join(problems))
+
+    state: dict[str, torch.Tensor] = {}
+    for pname, ref in expected.items():
+        state[pname] = _materialize(reader, plan[pname], ref, pname in stacked)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.to(device)
+
+
+def stacked_params(model: nn.Module) -> set[str]:
+    return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts) for p in ("w1", "w2", "w3")}
+
+
+def _is_v3_mtp(param: str, args: ModelArgs) -> bool:
+    m = re.match(r"^layers\.(\d+)\.", param)
+    return bool(m) and int(m.group(1)) >= args.num_hidden_layers
+
+
+def _want_shape(t: Target, ref_shape: torch.Size) -> tuple[int, ...]:
+    if t.fused == "gate_up_proj":
+        return (ref_shape[0], 2 * ref_shape[1], ref_shape[2])
+    if t.fused:
+        return tuple(ref_shape)
+    return tuple(ref_shape[1:]) if t.expert is not None else tuple(ref_shape)
+
+
+def _ranges(xs: list[int]) -> str:
+    return f"{xs[:10]}{'...' if len(xs) > 10 else ''}"
+
+
+def _read(reader: _Reader, entries: list[tuple[Target, str]], expert: int | None, dtype: torch.dtype) -> torch.Tensor:
+    weight = next(n for t, n in entries if t.part == "weight" and t.expert == expert)
+    w = reader.get(weight)
+    if w.dtype == torch.float8_e4m3fn:
+        scale = reader.get(next(n for t, n in entries if t.part == "scale" and t.expert == expert))
+        return dequant_fp8(w, scale, dtype)
+    if w.dtype in (torch.int8, torch.uint8):
+        scale = reader.get(next(n for t, n in entries if t.part == "scale" and t.expert == expert))
+        return dequant_fp4(w, scale, dtype)
+    return w.to(dtype)
+
+
+def _materialize(reader: _Reader, entries, ref: torch.Tensor, is_stacked: bool) -> torch.Tensor:
+    dtype = ref.dtype
+    if not is_stacked:
+        return _read(reader, entries, None, dtype)  # .to(dtype) is a no-op view of the mmap when dtypes agree
+    fused = [(t, n) for t, n in entries if t.fused]
+    if fused:
+        t, n = fused[0]
+        w = reader.get(n).to(dtype)
+        if t.fused == "gate_up_proj":  # transformers packs [gate; up] along dim 1
+            inter = ref.shape[1]
+            w = w[:, :inter] if t.param.endswith(".w1") else w[:, inter:]
+        return w.contiguous()
+    out = torch.empty(ref.shape, dtype=dtype)
+    for e in range(ref.shape[0]):
+        out[e] = _read(reader, entries, e, dtype)
+    return out
+
+
+# ---------------------------------------------------------------------------- writing
+def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The model's tensors under their published names (per-expert, official / hub layout)."""
+    args: ModelArgs = model.args
+    sd = model.state_dict()
+    stacked = stacked_params(model)
+    out: dict[str, torch.Tensor] = {}
+    for pname, t in sd.items():
+        for cname, e in checkpoint_names(pname, tuple(t.shape), stacked, args.is_v4):
+            out[cname] = (t[e] if e is not None else t).detach().contiguous().cpu()
+    return out
+
+
+def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """Write config.json + sharded safetensors (+ tokenizer files) atomically into ``directory``.
+
+    Files are written into a temporary folder next to ``directory`` and moved in only when all of
+    them are complete, so an interrupted save never leaves a half-written checkpoint behind.
+    """
+    directory = os.fspath(directory)
+    parent = os.path.dirname(os.path.abspath(directory))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".sparseek-save-", dir=parent)
+    try:
+        tensors = checkpoint_state(model)
+        shards: list[dict[str, torch.Tensor]] = [{}]
+        size = 0
+        for name in sorted(tensors, key=_natural_key):
+            t = tensors[name]
+            nbytes = t.numel() * t.element_size()
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append({})
+                size = 0
+            shards[-1][name] = t
+            size += nbytes
+        n = len(shards)
+        weight_map = {}
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            weight_map.update({k: fname for k in shard})
+        if n > 1:
+            total = sum(t.numel() * t.element_size() for t in tensors.values())
+            with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        model.args.save(tmp)
+        if tokenizer is not None:
+            tokenizer.save(tmp)
+        os.makedirs(directory, exist_ok=True)
+        stale = [f for f in os.listdir(directory) if f.endswith(".safetensors") or f == INDEX_FILE]
+        for f in stale:
+            if f not in os.listdir(tmp):
+                os.remove(os.path.join(directory, f))
+        for f in os.listdir(tmp):
+            os.replace(os.path.join(tmp, f), os.path.join(directory, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _natural_key(name: str):
+    return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]

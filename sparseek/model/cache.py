@@ -1,0 +1,133 @@
+"""Preallocated per-sequence state for incremental decoding.
+
+One ``Cache`` holds, for every attention layer (and the MTP block), exactly what the
+architecture needs to continue a sequence:
+
+* a 128-entry ring buffer of the sliding-window KV (K = V, one head; slot = position % window);
+* for compressed layers, the compressed entries emitted so far (T/4 for CSA, T/128 for HCA) and
+  the compressor's state for the unfinished window (with the previous window's overlap half for
+  CSA), in fp32 as DeepSeek's code keeps it;
+* for CSA layers, the lightning indexer's compressed keys and its own compressor state;
+* for MLA (V3) layers, the normalized latent and the shared rope key.
+
+``pos`` counts the tokens each row has consumed; rows may differ (decode steps of sequences of
+different lengths), except that a multi-token chunk needs all rows at the same position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from sparseek.config import CSA_RATIO, ModelArgs
+
+
+@dataclass
+class CompressorState:
+    kv: torch.Tensor  # [B, coff*m, coff*c] fp32; with overlap rows [0, m) = previous window, [m, 2m) = current
+    score: torch.Tensor  # same shape, -inf where nothing was written
+
+    @classmethod
+    def empty(cls, batch: int, ratio: int, dim: int, overlap: bool, device) -> "CompressorState":
+        coff = 2 if overlap else 1
+        kv = torch.zeros(batch, coff * ratio, coff * dim, dtype=torch.float32, device=device)
+        score = torch.full_like(kv, float("-inf"))
+        return cls(kv, score)
+
+    def rows(self, r: slice) -> "CompressorState":
+        return CompressorState(self.kv[r], self.score[r])
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        self.kv[rows] = 0
+        self.score[rows] = float("-inf")
+
+
+@dataclass
+class LayerCache:
+    window: torch.Tensor | None = None  # [B, win, c]
+    comp: torch.Tensor | None = None  # [B, cap/m, c]
+    comp_state: CompressorState | None = None
+    index_keys: torch.Tensor | None = None  # [B, cap/4, c_I]
+    index_state: CompressorState | None = None
+    latent: torch.Tensor | None = None  # [B, cap, kv_lora_rank + rope]  (MLA)
+
+    def rows(self, r: slice) -> "LayerCache":
+        """A view of some rows; writes through it land in this cache."""
+        def cut(t):
+            return None if t is None else t[r]
+        return LayerCache(cut(self.window), cut(self.comp), self.comp_state.rows(r) if self.comp_state else None,
+                          cut(self.index_keys), self.index_state.rows(r) if self.index_state else None,
+                          cut(self.latent))
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [t for t in (self.window, self.comp, self.index_keys, self.latent) if t is not None]
+        for st in (self.comp_state, self.index_state):
+            if st is not None:
+                out += [st.kv, st.score]
+        return out
+
+
+class Cache:
+    def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, device=None,
+                 dtype: torch.dtype = torch.float32, with_mtp: bool = True):
+        if max_seq_len <= 0 or batch_size <= 0:
+            raise ValueError(f"cache needs a positive batch size and length, got {batch_size} x {max_seq_len}")
+        self.args = args
+        self.batch_size = batch_size
+        self.max_seq_len = max_seq_len
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        self.mtp_pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        n_blocks = args.num_hidden_layers + (args.n_mtp if (with_mtp and args.is_v4) else 0)
+        self.layers = [self._layer(i) for i in range(n_blocks)]
+
+    def _layer(self, layer_id: int) -> LayerCache:
+        a, B, dev = self.args, self.batch_size, self.device
+        if not a.is_v4:
+            return LayerCache(latent=torch.zeros(B, self.max_seq_len, a.kv_lora_rank + a.qk_rope_head_dim,
+                                                 dtype=self.dtype, device=dev))
+        c = a.head_dim
+        lc = LayerCache(window=torch.zeros(B, a.sliding_window, c, dtype=self.dtype, device=dev))
+        m = a.compress_ratio(layer_id)
+        if m:
+            overlap = m == CSA_RATIO
+            lc.comp = torch.zeros(B, self.max_seq_len // m, c, dtype=self.dtype, device=dev)
+            lc.comp_state = CompressorState.empty(B, m, c, overlap, dev)
+            if overlap:
+                lc.index_keys = torch.zeros(B, self.max_seq_len // m, a.index_head_dim, dtype=self.dtype, device=dev)
+                lc.index_state = CompressorState.empty(B, m, a.index_head_dim, True, dev)
+        return lc
+
+    # ------------------------------------------------------------------ bookkeeping
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
+
+    def reset(self, rows=None) -> None:
+        """Forget rows (all by default) so their slots can take new sequences."""
+        rows = torch.arange(self.batch_size, device=self.device) if rows is None else torch.as_tensor(rows, device=self.device)
+        self.pos[rows] = 0
+        self.mtp_pos[rows] = 0
+        for lc in self.layers:
+            for st in (lc.comp_state, lc.index_state):
+                if st is not None:
+                    st.reset_rows(rows)
+
+    def select(self, row: int) -> "Cache":
+        """Row ``row`` as a batch-1 cache sharing storage with this one."""
+        view = object.__new__(Cache)
+        view.__dict__.update(self.__dict__)
+        r = slice(row, row + 1)
+        view.batch_size = 1
+        view.pos, view.mtp_pos = self.pos[r], self.mtp_pos[r]
+        view.layers = [lc.rows(r) for lc in self.layers]
+        return view
+
+    def check_room(self, n_new: int) -> None:
+        end = int(self.pos.max()) + n_new
+        if end > self.max_seq_len:
+            raise ValueError(
+                f"sequence too long for the cache: {int(self.pos.max())} cached + {n_new} new tokens = {end} "
+                f"> max_seq_len={self.max_seq_len}"
+            )

@@ -1,0 +1,246 @@
+"""Pieces shared by the V4 and V3 model files: norms, RoPE with YaRN, routed experts, the router."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseek.config import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """Weighted RMSNorm. The weight stays fp32 (as in DeepSeek's code) whatever the model dtype."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
+        return (self.weight * x32).to(x.dtype)
+
+
+def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- RoPE
+def rope_inv_freq(dim: int, base: float, yarn: dict | None) -> torch.Tensor:
+    """Inverse frequencies of the ``dim`` rotary dims; YaRN blends in ``freq / factor`` below a ramp."""
+    freqs = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if yarn is None:
+        return freqs
+    factor = float(yarn["factor"])
+    orig = yarn["original_max_position_embeddings"]
+    beta_fast, beta_slow = yarn.get("beta_fast") or 32, yarn.get("beta_slow") or 1
+
+    def correction_dim(n_rot: float) -> float:
+        return dim * math.log(orig / (n_rot * 2 * math.pi)) / (2 * math.log(base))
+
+    low = max(math.floor(correction_dim(beta_fast)), 0)
+    high = min(math.ceil(correction_dim(beta_slow)), dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    # ramp 0 -> keep the original (high-frequency) dims; ramp 1 -> interpolate by `factor`
+    return freqs / factor * ramp + freqs * (1 - ramp)
+
+
+def yarn_mscale(scale: float, mscale: float = 1.0) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
+
+
+class Rotary(nn.Module):
+    """cos/sin of the rotary angles at given positions, computed on the fly (a 1M-row table would be big)."""
+
+    def __init__(self, dim: int, base: float, yarn: dict | None, attention_factor: float = 1.0):
+        super().__init__()
+        self.dim, self.base, self.yarn = dim, base, yarn
+        self.attention_factor = attention_factor
+        self.register_buffer("inv_freq", self.make_inv_freq(), persistent=False)
+
+    def make_inv_freq(self) -> torch.Tensor:
+        # built on the CPU even under a meta-device context: the table is tiny and must hold numbers
+        with torch.device("cpu"):
+            return rope_inv_freq(self.dim, self.base, self.yarn)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: any shape of int -> cos, sin of shape [*positions.shape, dim/2], fp32."""
+        angles = positions.to(torch.float32).unsqueeze(-1) * self.inv_freq
+        return angles.cos() * self.attention_factor, angles.sin() * self.attention_factor
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+    """Rotate adjacent pairs (2i, 2i+1) of the *trailing* ``2*cos.shape[-1]`` dims of x.
+
+    ``cos``/``sin`` broadcast against ``x[..., ::2]``'s leading dims (callers unsqueeze the head dim).
+    DeepSeek lays each head out as [nope | rope] and treats every pair as one complex number.
+    """
+    rd = 2 * cos.shape[-1]
+    if inverse:
+        sin = -sin
+    rope = x[..., -rd:].float()
+    re, im = rope[..., 0::2], rope[..., 1::2]
+    out = torch.stack((re * cos - im * sin, re * sin + im * cos), dim=-1).flatten(-2).to(x.dtype)
+    if rd == x.shape[-1]:
+        return out
+    return torch.cat((x[..., :-rd], out), dim=-1)
+
+
+# ---------------------------------------------------------------------------- MoE
+def score_fn(logits: torch.Tensor, kind: str) -> torch.Tensor:
+    if kind == "sqrtsoftplus":
+        return F.softplus(logits).sqrt()
+    if kind == "sigmoid":
+        return logits.sigmoid()
+    return logits.softmax(dim=-1)
+
+
+class Gate(nn.Module):
+    """Router: scores every expert, selects top-k (or looks the choice up for hash layers).
+
+    The correction ``bias`` only steers *selection* (aux-loss-free balancing); the weights use the
+    unbiased scores. It is a buffer: the trainer moves it, never the gradient.
+    """
+
+    def __init__(self, args: ModelArgs, hash_routed: bool = False, with_bias: bool = True):
+        super().__init__()
+        self.topk = args.num_experts_per_tok
+        self.n_experts = args.n_routed_experts
+        self.score_func = args.scoring_func
+        self.route_scale = args.routed_scaling_factor
+        self.norm_topk = args.norm_topk_prob
+        self.n_group = args.n_group or 1
+        self.topk_group = args.topk_group or 1
+        self.group_limited = self.n_group > 1 and args.topk_method in ("noaux_tc", "group_limited_greedy")
+        self.weight = nn.Parameter(torch.empty(args.n_routed_experts, args.hidden_size))
+        self.hash_routed = hash_routed
+        if hash_routed:
+            self.register_buffer("tid2eid", torch.zeros(args.vocab_size, self.topk, dtype=torch.int64))
+            self.bias = None
+        elif with_bias:
+            self.register_buffer("bias", torch.zeros(args.n_routed_experts, dtype=torch.float32))
+        else:
+            self.bias = None
+
+    def forward(self, x_ND: torch.Tensor, input_ids_N: torch.Tensor | None = None):
+        """Returns (weights [N, k] fp32, indices [N, k] int64, scores [N, E] fp32 for balancing stats)."""
+        logits = F.linear(x_ND.float(), self.weight.float())
+        scores = score_fn(logits, self.score_func)
+        if self.hash_routed:
+            if input_ids_N is None:
+                raise ValueError("hash-routed MoE layers need the token ids")
+            idx = self.tid2eid[input_ids_N]
+        else:
+            choice = scores if self.bias is None else scores + self.bias
+            if self.group_limited:
+                choice = self._limit_groups(choice)
+            idx = choice.topk(self.topk, dim=-1).indices
+        w = scores.gather(-1, idx)
+        if self.norm_topk:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return w * self.route_scale, idx, scores
+
+    def _limit_groups(self, choice: torch.Tensor) -> torch.Tensor:
+        n = choice.shape[0]
+        grouped = choice.view(n, self.n_group, -1)
+        # V3 ranks groups by the sum of their two best (biased) scores; V2 by the best one.
+        group_score = grouped.topk(2, dim=-1).values.sum(-1) if self.bias is not None else grouped.amax(-1)
+        keep = group_score.topk(self.topk_group, dim=-1).indices
+        mask = torch.ones_like(group_score, dtype=torch.bool).scatter_(1, keep, False)
+        return grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view(n, -1)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+    if limit:
+        up = up.clamp(-limit, limit)
+        gate = gate.clamp(max=limit)
+    return F.silu(gate) * up
+
+
+class MLP(nn.Module):
+    """Dense SwiGLU FFN (the shared expert, and V3's first dense layers)."""
+
+    def __init__(self, dim: int, inter: int, limit: float | None = None, dtype=None):
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False, dtype=dtype)
+        self.w2 = nn.Linear(inter, dim, bias=False, dtype=dtype)
+        self.w3 = nn.Linear(dim, inter, bias=False, dtype=dtype)
+        self.limit = limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = swiglu(self.w1(x).float(), self.w3(x).float(), self.limit)
+        return self.w2(h.to(x.dtype))
+
+
+class Experts(nn.Module):
+    """All routed experts of one layer as three stacked tensors [E, out, in].
+
+    Stacking (rather than E small Linears) lets every expert run as one slice of a grouped
+    computation and lets parallelism shard the E axis. Checkpoints keep DeepSeek's per-expert
+    names; the state-dict adapter splits and stacks.
+    """
+
+    def __init__(self, n: int, dim: int, inter: int, limit: float | None, dtype=None):
+        super().__init__()
+        self.n = n
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim, dtype=dtype))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter, dtype=dtype))
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim, dtype=dtype))
+        self.limit = limit
+
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        n_tok, k = idx_NK.shape
+        flat_idx = idx_NK.reshape(-1)
+        order = flat_idx.argsort(stable=True)
+        counts = torch.bincount(flat_idx, minlength=self.n).tolist()
+        token_of = order // k  # which token each sorted (token, slot) pair belongs to
+        x_sorted = x_ND[token_of]
+        w_sorted = weights_NK.reshape(-1)[order].unsqueeze(-1)
+        out = torch.empty_like(x_sorted)
+        start = 0
+        for e, c in enumerate(counts):
+            if c == 0:
+                continue
+            xs = x_sorted[start:start + c]
+            h = swiglu((xs @ self.w1[e].t()).float(), (xs @ self.w3[e].t()).float(), self.limit)
+            # the routing weight multiplies before w2, as in DeepSeek's code (equal by linearity)
+            out[start:start + c] = (h * w_sorted[start:start + c]).to(x_ND.dtype) @ self.w2[e].t()
+            start += c
+        y = torch.zeros_like(x_ND)
+        y.index_add_(0, token_of, out)
+        return y
+
+
+class MoE(nn.Module):
+    def __init__(self, args: ModelArgs, hash_routed: bool, dtype=None, with_bias: bool = True):
+        super().__init__()
+        self.gate = Gate(args, hash_routed=hash_routed, with_bias=with_bias)
+        self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size,
+                               args.swiglu_limit, dtype=dtype)
+        self.shared_experts = None
+        if args.n_shared_experts:
+            shared_limit = args.swiglu_limit if args.clamp_shared_expert else None
+            self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
+                                      shared_limit, dtype=dtype)
+        # Routing statistics of the last forward, for the balancing update and the sequence-wise
+        # loss (train/): set only when `record_routing` is on, so inference pays nothing.
+        self.record_routing = False
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x_BTD: torch.Tensor, input_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+        shape = x_BTD.shape
+        x = x_BTD.reshape(-1, shape[-1])
+        ids = input_ids_BT.reshape(-1) if input_ids_BT is not None else None
+        w, idx, scores = self.gate(x, ids)
+        if self.record_routing:
+            self.last_routing = (idx.view(*shape[:-1], -1), scores.view(*shape[:-1], -1))
+        y = self.experts(x, w, idx)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(x)
+        return y.view(shape)

@@ -1,0 +1,582 @@
+"""DeepSeek-V4 (Flash / Pro) in one file, with DeepSeek's own names for every weight.
+
+Block: mHC(pre) -> attn_norm -> Attention -> mHC(post) -> mHC(pre) -> ffn_norm -> MoE -> mHC(post).
+
+Attention is shared-KV MQA (K = V, one 512-dim head) over
+  * a 128-token sliding window (every layer),
+  * plus, for CSA layers (ratio 4), the top-k compressed entries picked by the lightning indexer,
+  * or, for HCA layers (ratio 128), every causally visible compressed entry,
+with a per-head sink logit in the softmax denominator and inverse RoPE on the output.
+
+Memory: no [T, T] tensor is ever built. Queries are processed in blocks; a block sees a band of
+the window, a gather of its top-k entries (CSA) or the visible compressed entries (HCA), so
+memory per layer grows like T * (window + top-k + T/128).
+
+Shapes use suffixes: B batch, T tokens, H heads, C head dim, D hidden, N compressed entries,
+K selected entries, L window keys, S hc streams.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparseek.config import CSA_RATIO, ModelArgs
+from sparseek.model.cache import Cache, CompressorState, LayerCache
+from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, rms_unweighted
+
+# Elements allowed in one query block's score + gather tensors (keeps peak memory flat in T).
+ATTN_BLOCK_BUDGET = 1 << 24
+
+
+@dataclass
+class Step:
+    """Where the tokens of this forward sit in their sequences."""
+
+    pos: torch.Tensor  # [B] start position of each row
+    positions: torch.Tensor  # [B, T] absolute positions
+    start: int | None  # common start of all rows (chunk path); None on the per-row decode path
+    rotary: dict[str, Rotary]
+    rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # cos/sin at `positions`, by rope kind
+
+    @property
+    def decode(self) -> bool:
+        return self.start is None
+
+
+def _block_size(batch: int, heads: int, keys: int, gathered: int, dim: int, total: int, extra: int = 0) -> int:
+    per_query = batch * (heads * keys + gathered * dim + extra)
+    return max(1, min(total, ATTN_BLOCK_BUDGET // max(per_query, 1)))
+
+
+def attend(q_BQHC, win_BLC, win_mask_BQL, comp_BNC, comp_mask_BQN, idx_BQK, sink_H, scale):
+    """One block of sparse attention with a sink: softmax over [window keys ; compressed keys ; sink].
+
+    CSA passes ``idx_BQK`` (indices into ``comp_BNC``, -1 = nothing) and its entries are gathered;
+    HCA passes ``comp_mask_BQN`` and attends to the whole (visible) compressed prefix.
+    """
+    B, Q, H, C = q_BQHC.shape
+    s_BQHL = torch.einsum("bqhc,blc->bqhl", q_BQHC, win_BLC).float() * scale
+    s_BQHL = s_BQHL.masked_fill(~win_mask_BQL[:, :, None, :], float("-inf"))
+    parts, values = [s_BQHL], None
+    if idx_BQK is not None:
+        gathered_BQKC = comp_BNC[torch.arange(B, device=q_BQHC.device)[:, None, None], idx_BQK.clamp(min=0)]
+        s_BQHK = torch.einsum("bqhc,bqkc->bqhk", q_BQHC, gathered_BQKC).float() * scale
+        parts.append(s_BQHK.masked_fill((idx_BQK < 0)[:, :, None, :], float("-inf")))
+        values = gathered_BQKC
+    elif comp_BNC is not None and comp_BNC.shape[1] > 0:
+        s_BQHN = torch.einsum("bqhc,bnc->bqhn", q_BQHC, comp_BNC).float() * scale
+        parts.append(s_BQHN.masked_fill(~comp_mask_BQN[:, :, None, :], float("-inf")))
+        values = comp_BNC
+    logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
+    sink = sink_H.float().view(1, 1, H, 1)
+    m = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
+    e = torch.exp(logits - m)
+    p = (e / (e.sum(dim=-1, keepdim=True) + torch.exp(sink - m))).to(q_BQHC.dtype)
+    L = win_BLC.shape[1]
+    o = torch.einsum("bqhl,blc->bqhc", p[..., :L], win_BLC)
+    if values is not None:
+        if idx_BQK is not None:
+            o = o + torch.einsum("bqhk,bqkc->bqhc", p[..., L:], values)
+        else:
+            o = o + torch.einsum("bqhn,bnc->bqhc", p[..., L:], values)
+    return o
+
+
+class Compressor(nn.Module):
+    """Gated pooling of every ``ratio`` tokens into one KV entry (fp32, as DeepSeek runs it).
+
+    With overlap (CSA, ratio 4) each token projects to 2c channels: the first half feeds the *next*
+    window's entry, the second half its *own*; an entry is a per-channel softmax over 2m slots.
+    """
+
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int):
+        super().__init__()
+        self.ratio, self.dim = ratio, head_dim
+        self.overlap = ratio == CSA_RATIO
+        coff = 2 if self.overlap else 1
+        self.wkv = nn.Linear(args.hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
+        self.wgate = nn.Linear(args.hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
+        self.ape = nn.Parameter(torch.zeros(ratio, coff * head_dim, dtype=torch.float32))
+        self.norm = RMSNorm(head_dim, args.rms_norm_eps)
+
+    def project(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor):
+        x = x_BTD.float()
+        return self.wkv(x), self.wgate(x) + self.ape[positions_BT % self.ratio]
+
+    def _finish(self, pooled: torch.Tensor, first_pos: torch.Tensor, rotary: Rotary, dtype) -> torch.Tensor:
+        entries = self.norm(pooled.to(dtype))
+        cos, sin = rotary(first_pos)
+        return apply_rope(entries, cos, sin)
+
+    def chunk(self, x_BTD, positions_BT, start: int, state: CompressorState | None, rotary: Rotary):
+        """Entries completed by tokens [start, start+T) of every row -> [B, n, c]."""
+        m, c = self.ratio, self.dim
+        kv, score = self.project(x_BTD, positions_BT)
+        B, T, _ = kv.shape
+        p = start % m  # tokens of the unfinished window already in the state
+        off = m if self.overlap else 0
+        if p:
+            kv = torch.cat([state.kv[:, off:off + p], kv], dim=1)
+            score = torch.cat([state.score[:, off:off + p], score], dim=1)
+        n = (p + T) // m
+        pooled = None
+        if n:
+            kv_W = kv[:, :n * m].view(B, n, m, -1)
+            sc_W = score[:, :n * m].view(B, n, m, -1)
+            if self.overlap:
+                if state is not None:
+                    prev_kv, prev_sc = state.kv[:, None, :m, :c], state.score[:, None, :m, :c]
+                else:  # window 0 has no predecessor: its slots get zero weight
+                    prev_kv = kv.new_zeros(B, 1, m, c)
+                    prev_sc = kv.new_full((B, 1, m, c), float("-inf"))
+                prev_kv = torch.cat([prev_kv, kv_W[:, :-1, :, :c]], dim=1)
+                prev_sc = torch.cat([prev_sc, sc_W[:, :-1, :, :c]], dim=1)
+                slots_kv = torch.cat([prev_kv, kv_W[..., c:]], dim=2)
+                slots_sc = torch.cat([prev_sc, sc_W[..., c:]], dim=2)
+            else:
+                slots_kv, slots_sc = kv_W, sc_W
+            pooled = (slots_kv * slots_sc.softmax(dim=2)).sum(dim=2)
+        if state is not None:
+            with torch.no_grad():
+                rem = p + T - n * m
+                state.kv[:, off:off + rem] = kv[:, n * m:]
+                state.score[:, off:off + rem] = score[:, n * m:]
+                if n and self.overlap:
+                    state.kv[:, :m] = kv_W[:, -1]
+                    state.score[:, :m] = sc_W[:, -1]
+        if pooled is None:
+            return x_BTD.new_zeros(B, 0, c)
+        first = (start // m + torch.arange(n, device=x_BTD.device)) * m
+        return self._finish(pooled, first, rotary, x_BTD.dtype)
+
+    def step(self, x_B1D, pos_B: torch.Tensor, state: CompressorState, rotary: Rotary):
+        """One token per row (rows at any positions) -> (entry [B, c], closes [B] bool)."""
+        m, c = self.ratio, self.dim
+        kv, score = self.project(x_B1D, pos_B[:, None])
+        rows = torch.arange(kv.shape[0], device=kv.device)
+        off = m if self.overlap else 0
+        slot = off + pos_B % m
+        state.kv[rows, slot] = kv[:, 0]
+        state.score[rows, slot] = score[:, 0]
+        closes = (pos_B + 1) % m == 0
+        if self.overlap:
+            slots_kv = torch.cat([state.kv[:, :m, :c], state.kv[:, m:, c:]], dim=1)
+            slots_sc = torch.cat([state.score[:, :m, :c], state.score[:, m:, c:]], dim=1)
+        else:
+            slots_kv, slots_sc = state.kv, state.score
+        pooled = (slots_kv * slots_sc.softmax(dim=1)).sum(dim=1)  # garbage on rows that do not close
+        if self.overlap:
+            keep = closes[:, None, None]
+            state.kv[:, :m] = torch.where(keep, state.kv[:, m:], state.kv[:, :m])
+            state.score[:, :m] = torch.where(keep, state.score[:, m:], state.score[:, :m])
+        entry = self._finish(torch.nan_to_num(pooled), (pos_B // m) * m, rotary, x_B1D.dtype)
+        return entry, closes
+
+
+class Indexer(nn.Module):
+    """Lightning indexer: picks, per query, the top-k compressed entries of a CSA layer.
+
+    score(t, s) = sum_h w[t, h] * relu(q[t, h] . k[s]); queries reuse the attention's normalized
+    low-rank query ``qr``. (DeepSeek also rotates q/k by a Hadamard matrix and rounds them to FP4;
+    the rotation is orthonormal and leaves the dot products unchanged, so we skip both.)
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.n_heads, self.dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.dim, bias=False)
+        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(args, CSA_RATIO, self.dim)
+        self.scale = self.dim ** -0.5 * self.n_heads ** -0.5
+
+    def queries(self, x_BTD, qr_BTR, cos, sin):
+        B, T, _ = x_BTD.shape
+        q = self.wq_b(qr_BTR).view(B, T, self.n_heads, self.dim)
+        q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        w = self.weights_proj(x_BTD).float() * self.scale
+        return q, w
+
+    def select(self, q_BQIC, w_BQI, keys_BNC, n_visible_BQ) -> torch.Tensor:
+        N = keys_BNC.shape[1]
+        k = min(self.topk, N)
+        if k == 0:
+            return q_BQIC.new_full((*q_BQIC.shape[:2], 0), -1, dtype=torch.long)
+        s = torch.einsum("bqic,bnc->bqin", q_BQIC.float(), keys_BNC.float()).relu_()
+        s = torch.einsum("bqin,bqi->bqn", s, w_BQI)
+        ar = torch.arange(N, device=s.device)
+        s = s.masked_fill(ar >= n_visible_BQ[..., None], float("-inf"))
+        idx = s.topk(k, dim=-1).indices
+        return torch.where(idx < n_visible_BQ[..., None], idx, -1)
+
+
+class Attention(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, dtype=None):
+        super().__init__()
+        self.n_heads, self.head_dim = args.num_attention_heads, args.head_dim
+        self.rope_dim = args.qk_rope_head_dim
+        self.window = args.sliding_window
+        self.n_groups, self.o_rank = args.o_groups, args.o_lora_rank
+        self.eps = args.rms_norm_eps
+        self.ratio = args.compress_ratio(layer_id)
+        self.rope_kind = "compress" if self.ratio else "main"
+        self.wq_a = nn.Linear(args.hidden_size, args.q_lora_rank, bias=False, dtype=dtype)
+        self.q_norm = RMSNorm(args.q_lora_rank, self.eps)
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False, dtype=dtype)
+        self.wkv = nn.Linear(args.hidden_size, self.head_dim, bias=False, dtype=dtype)
+        self.kv_norm = RMSNorm(self.head_dim, self.eps)
+        # grouped low-rank output: each group of heads -> o_lora_rank, then all groups -> hidden
+        self.wo_a = nn.Linear(self.n_heads * self.head_dim // self.n_groups, self.n_groups * self.o_rank,
+                              bias=False, dtype=dtype)
+        self.wo_b = nn.Linear(self.n_groups * self.o_rank, args.hidden_size, bias=False, dtype=dtype)
+        self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32))
+        self.scale = self.head_dim ** -0.5
+        self.compressor = Compressor(args, self.ratio, self.head_dim) if self.ratio else None
+        self.indexer = Indexer(args) if self.ratio == CSA_RATIO else None
+
+    def forward(self, x_BTD: torch.Tensor, step: Step, lc: LayerCache | None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        cos, sin = step.rope[self.rope_kind]
+        qr = self.q_norm(self.wq_a(x_BTD))
+        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
+        q = apply_rope(rms_unweighted(q, self.eps), cos[:, :, None], sin[:, :, None])
+        kv = apply_rope(self.kv_norm(self.wkv(x_BTD)), cos, sin)
+        if step.decode:
+            o = self._decode(x_BTD, qr, q, kv, step, lc)
+        else:
+            o = self._chunk(x_BTD, qr, q, kv, step, lc)
+        o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
+        o = o.reshape(B, T, self.n_groups, -1)
+        wo_a = self.wo_a.weight.view(self.n_groups, self.o_rank, -1)
+        o = torch.einsum("btgi,gri->btgr", o, wo_a)
+        return self.wo_b(o.flatten(2))
+
+    # -- many tokens, all rows at the same start ------------------------------------------
+    def _chunk(self, x, qr, q, kv, step: Step, lc: LayerCache | None):
+        B, T, H, C = q.shape
+        s, win = step.start, self.window
+        if lc is not None:
+            # unroll the ring buffer so entry j holds position s - win + j
+            order = (s + torch.arange(win, device=x.device)) % win
+            keys = torch.cat([lc.window[:, order], kv], dim=1)
+            n_prefix = win
+            with torch.no_grad():
+                tail = kv[:, -win:]
+                lc.window[:, (s + T - tail.shape[1] + torch.arange(tail.shape[1], device=x.device)) % win] = tail
+        else:
+            keys, n_prefix = kv, 0
+
+        comp = idx_keys = q_idx = w_idx = None
+        if self.compressor is not None:
+            m = self.ratio
+            rot = step.rotary["compress"]
+            new = self.compressor.chunk(x, step.positions, s, lc.comp_state if lc else None, rot)
+            comp = self._store(lc.comp if lc else None, new, s // m, (s + T) // m)
+            if self.indexer is not None:
+                new_k = self.indexer.compressor.chunk(x, step.positions, s, lc.index_state if lc else None, rot)
+                idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
+                q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
+
+        K = min(self.indexer.topk, comp.shape[1]) if self.indexer is not None else 0
+        n_comp = comp.shape[1] if comp is not None else 0
+        # per query: scores over window band + compressed keys (HCA) or top-k (CSA), the gathered
+        # top-k rows, and the indexer's per-head scores over all compressed keys (CSA)
+        n_keys = win + 256 + (K if self.indexer is not None else n_comp)
+        idx_cost = self.indexer.n_heads * n_comp if self.indexer is not None else 0
+        Qb = _block_size(B, H, n_keys, K, C, min(T, 256), idx_cost)
+        out = []
+        for i0 in range(0, T, Qb):
+            i1 = min(T, i0 + Qb)
+            qi = torch.arange(i0, i1, device=x.device)
+            k_lo = max(0, n_prefix + i0 - win + 1)
+            k_hi = n_prefix + i1
+            kk = torch.arange(k_lo, k_hi, device=x.device)
+            qa = (n_prefix + qi)[:, None]
+            mask = (kk[None] <= qa) & (kk[None] > qa - win) & (kk[None] >= n_prefix - s)
+            mask = mask.unsqueeze(0).expand(B, -1, -1)
+            comp_mask = idx = comp_blk = None
+            if comp is not None:
+                n_vis = ((s + qi + 1) // self.ratio).unsqueeze(0).expand(B, -1)  # [B, Q]
+                if self.indexer is not None:
+                    comp_blk = comp
+                    idx = self.indexer.select(q_idx[:, i0:i1], w_idx[:, i0:i1], idx_keys, n_vis)
+                else:
+                    n_max = int(n_vis.max())
+                    comp_blk = comp[:, :n_max]
+                    comp_mask = torch.arange(n_max, device=x.device) < n_vis[..., None]
+            out.append(attend(q[:, i0:i1], keys[:, k_lo:k_hi], mask, comp_blk, comp_mask, idx,
+                              self.attn_sink, self.scale))
+        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    @staticmethod
+    def _store(buf: torch.Tensor | None, new: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
+        if buf is None:
+            return new
+        with torch.no_grad():
+            buf[:, lo:hi] = new
+        return buf[:, :hi]
+
+    # -- one token per row, rows at arbitrary positions ------------------------------------
+    def _decode(self, x, qr, q, kv, step: Step, lc: LayerCache):
+        B = q.shape[0]
+        pos, win = step.pos, self.window
+        rows = torch.arange(B, device=x.device)
+        lc.window[rows, pos % win] = kv[:, 0]
+        win_mask = (torch.arange(win, device=x.device)[None, :] <= pos[:, None])[:, None, :]
+        comp = comp_mask = idx = None
+        if self.compressor is not None:
+            m, rot = self.ratio, step.rotary["compress"]
+            entry, closes = self.compressor.step(x, pos, lc.comp_state, rot)
+            lc.comp[rows[closes], (pos // m)[closes]] = entry[closes]
+            n_vis = (pos + 1) // m
+            n_max = int(n_vis.max())
+            comp = lc.comp[:, :n_max]
+            if self.indexer is not None:
+                k_entry, _ = self.indexer.compressor.step(x, pos, lc.index_state, rot)
+                lc.index_keys[rows[closes], (pos // m)[closes]] = k_entry[closes]
+                q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
+                idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n_max], n_vis[:, None])
+            else:
+                comp_mask = (torch.arange(n_max, device=x.device)[None, :] < n_vis[:, None])[:, None, :]
+        return attend(q, lc.window, win_mask, comp, comp_mask, idx, self.attn_sink, self.scale)
+
+
+# ---------------------------------------------------------------------------- mHC
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """Doubly-stochastic projection: row softmax, then alternate column / row normalization."""
+    comb = logits.softmax(dim=-1) + eps
+    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
+        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    return comb
+
+
+def hc_mix(x_BTSD: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mixing logits of the S streams (an unweighted RMSNorm over all S*D values, then fn)."""
+    xf = x_BTSD.flatten(2).float()
+    rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
+    return F.linear(xf, fn) * rs, xf.view(x_BTSD.shape)
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, args: ModelArgs, dtype=None):
+        super().__init__()
+        self.layer_id = layer_id
+        d, hc = args.hidden_size, args.hc_mult
+        self.hc, self.hc_iters, self.hc_eps, self.norm_eps = hc, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
+        self.attn = Attention(layer_id, args, dtype)
+        self.ffn = MoE(args, hash_routed=layer_id < args.num_hash_layers, dtype=dtype)
+        self.attn_norm = RMSNorm(d, args.rms_norm_eps)
+        self.ffn_norm = RMSNorm(d, args.rms_norm_eps)
+        mix = (2 + hc) * hc
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", nn.Parameter(torch.zeros(mix, hc * d, dtype=torch.float32)))
+            setattr(self, f"hc_{site}_base", nn.Parameter(torch.zeros(mix, dtype=torch.float32)))
+            setattr(self, f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32)))
+
+    def hc_pre(self, x_BTSD, fn, scale, base):
+        S = self.hc
+        mix, xf = hc_mix(x_BTSD, fn, self.norm_eps)
+        pre = torch.sigmoid(mix[..., :S] * scale[0] + base[:S]) + self.hc_eps
+        post = 2 * torch.sigmoid(mix[..., S:2 * S] * scale[1] + base[S:2 * S])
+        comb = (mix[..., 2 * S:] * scale[2] + base[2 * S:]).unflatten(-1, (S, S))
+        comb = sinkhorn(comb, self.hc_iters, self.hc_eps)
+        h = (pre.unsqueeze(-1) * xf).sum(dim=2).to(x_BTSD.dtype)
+        return h, post, comb
+
+    @staticmethod
+    def hc_post(f_BTD, res_BTSD, post_BTS, comb_BTSS):
+        # stream j feeds output stream k through comb[j, k]: X' = post * f + comb^T X
+        mixed = torch.einsum("btjk,btjd->btkd", comb_BTSS, res_BTSD.float())
+        return (post_BTS.unsqueeze(-1) * f_BTD.float().unsqueeze(-2) + mixed).to(res_BTSD.dtype)
+
+    def forward(self, x_BTSD, step: Step, lc: LayerCache | None, input_ids_BT):
+        h, post, comb = self.hc_pre(x_BTSD, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
+        x_BTSD = self.hc_post(self.attn(self.attn_norm(h), step, lc), x_BTSD, post, comb)
+        h, post, comb = self.hc_pre(x_BTSD, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
+        return self.hc_post(self.ffn(self.ffn_norm(h), input_ids_BT), x_BTSD, post, comb)
+
+
+def hc_head(x_BTSD, fn, scale, base, norm_eps, hc_eps):
+    """Final merge of the S streams: sigmoid weights, no Sinkhorn."""
+    mix, xf = hc_mix(x_BTSD, fn, norm_eps)
+    pre = torch.sigmoid(mix * scale + base) + hc_eps
+    return (pre.unsqueeze(-1) * xf).sum(dim=2).to(x_BTSD.dtype)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction: from the main model's final streams at t and the embedding of token
+    t+1, predict token t+2. Embedding and head are the main model's."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, dtype=None):
+        super().__init__(layer_id, args, dtype)
+        d, hc = args.hidden_size, args.hc_mult
+        self.e_proj = nn.Linear(d, d, bias=False, dtype=dtype)
+        self.h_proj = nn.Linear(d, d, bias=False, dtype=dtype)
+        self.enorm = RMSNorm(d, args.rms_norm_eps)
+        self.hnorm = RMSNorm(d, args.rms_norm_eps)
+        self.norm = RMSNorm(d, args.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * d, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+
+
+class DeepSeekV4(nn.Module):
+    def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
+        super().__init__()
+        self.args = args
+        d, hc, V = args.hidden_size, args.hc_mult, args.vocab_size
+        self.embed = nn.Embedding(V, d, dtype=dtype)
+        self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(d, args.rms_norm_eps)
+        self.head = nn.Linear(d, V, bias=False, dtype=dtype)
+        self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * d, dtype=torch.float32))
+        self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32))
+        self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+        self.mtp = nn.ModuleList(MTPBlock(args.num_hidden_layers + i, args, dtype) for i in range(args.n_mtp))
+        rd = args.qk_rope_head_dim
+        # ratio-0 layers: plain RoPE at rope_theta; compressed layers: compress_rope_theta with YaRN
+        self.rotary = nn.ModuleDict({
+            "main": Rotary(rd, args.rope_theta, None),
+            "compress": Rotary(rd, args.compress_rope_theta, args.yarn()),
+        })
+
+    # ------------------------------------------------------------------ public
+    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> Cache:
+        p = self.embed.weight
+        return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype)
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
+                return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence."""
+        B, T = _check_ids(input_ids, self.args.vocab_size)
+        if cache is not None:
+            _check_cache(cache, B, T)
+            if T > 1 and not bool((cache.pos == cache.pos[0]).all()):
+                return _rowwise(self, input_ids, cache, last_n, return_hidden)
+        step = self._step(B, T, cache.pos if cache is not None else None, input_ids.device, cache is not None)
+        x = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, cache.layers[i] if cache is not None else None, input_ids)
+        if cache is not None:
+            cache.pos += T
+        logits = self._logits(x if last_n is None else x[:, -last_n:], self.hc_head_fn, self.hc_head_scale,
+                              self.hc_head_base, self.norm)
+        return (logits, x) if return_hidden else logits
+
+    def forward_mtp(self, hidden_BTSD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
+                    start: int | torch.Tensor = 0, *, last_n: int | None = None) -> torch.Tensor:
+        """MTP logits predicting token t+2 from the main streams at t and token t+1 (``next_ids``).
+
+        ``start`` is the position of the first row entry (the MTP block keeps its own window cache in
+        ``cache.layers[-1]`` and its own position counter ``cache.mtp_pos``).
+        """
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        mtp = self.mtp[0]
+        B, T = _check_ids(next_ids, self.args.vocab_size)
+        lc = None
+        if cache is not None:
+            pos = cache.mtp_pos
+            lc = cache.layers[self.args.num_hidden_layers]
+            if T > 1 and not bool((pos == pos[0]).all()):
+                raise ValueError("MTP chunks need all rows at the same position")
+        else:
+            pos = torch.full((B,), int(start), dtype=torch.long, device=next_ids.device)
+        step = self._step(B, T, pos, next_ids.device, cache is not None)
+        e = mtp.enorm(self.embed(next_ids))
+        x = mtp.e_proj(e).unsqueeze(2) + mtp.h_proj(mtp.hnorm(hidden_BTSD))
+        x = mtp(x, step, lc, next_ids)
+        if cache is not None:
+            cache.mtp_pos += T
+        x = x if last_n is None else x[:, -last_n:]
+        return self._logits(x, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)
+
+    # ------------------------------------------------------------------ internals
+    def _logits(self, x_BTSD, fn, scale, base, norm):
+        h = hc_head(x_BTSD, fn, scale, base, self.args.rms_norm_eps, self.args.hc_eps)
+        return self.head(norm(h)).float()
+
+    def _step(self, B, T, pos, device, has_cache: bool) -> Step:
+        if pos is None:
+            pos = torch.zeros(B, dtype=torch.long, device=device)
+        # one token per row against a cache: the per-row path (rows may sit at different positions)
+        decode = T == 1 and has_cache
+        start = None if decode else int(pos[0])
+        positions = pos[:, None] + torch.arange(T, device=device)[None, :]
+        rope = {k: r(positions) for k, r in self.rotary.items()}
+        return Step(pos=pos, positions=positions, start=start, rotary=dict(self.rotary.items()), rope=rope)
+
+    def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
+        """Random init for training from scratch (a checkpoint overwrites all of it)."""
+        init_params(self, std, seed)
+        for i, layer in enumerate(self.layers):
+            if layer.ffn.gate.hash_routed:
+                set_hash_table(layer.ffn.gate, seed=seed * 1000 + i)
+
+    def param_counts(self) -> dict[str, int]:
+        a = self.args
+        total = sum(p.numel() for p in self.parameters())
+        mtp = sum(p.numel() for p in self.mtp.parameters())
+        per_expert = 3 * a.hidden_size * a.moe_intermediate_size
+        idle = (a.n_routed_experts - a.num_experts_per_tok) * per_expert * a.num_hidden_layers
+        emb = self.embed.weight.numel()
+        return {"total": total, "active": total - mtp - idle - emb, "embedding": emb, "mtp": mtp}
+
+
+def init_params(model: nn.Module, std: float, seed: int) -> None:
+    """Matrices ~ N(0, std); norm weights and gating factors 1; biases, sinks and ape 0."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if p.device.type == "meta":
+                continue
+            if p.dim() >= 2 and leaf != "ape":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif p.dim() == 1 and (leaf == "weight" or leaf.endswith("_scale")):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def set_hash_table(gate, seed: int) -> None:
+    """A fixed random token -> k distinct experts table (DeepSeek's hash is undisclosed)."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    V, k = gate.tid2eid.shape
+    table = torch.rand(V, gate.n_experts, generator=g).topk(k, dim=-1).indices
+    gate.tid2eid.copy_(table.to(gate.tid2eid.device))
+
+
+def _check_ids(ids: torch.Tensor, vocab: int) -> tuple[int, int]:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got "
+                         f"{getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}")
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token id out of range: ids span [{lo}, {hi}] but vocab_size is {vocab}")
+    return ids.shape
+
+
+def _check_cache(cache: Cache, B: int, T: int) -> None:
+    if cache.batch_size != B:
+        raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B} rows")
+    cache.check_room(T)
+
+
+def _rowwise(model, input_ids, cache, last_n, return_hidden):
+    """Rows at different positions with several tokens each: run them one by one."""
+    outs = [model(input_ids[r:r + 1], cache.select(r), last_n=last_n, return_hidden=return_hidden)
+            for r in range(input_ids.shape[0])]
+    if return_hidden:
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+    return torch.cat(outs)
