@@ -575,7 +575,7 @@ PRESETS: dict[str, Any] = {
     # For tests: every layer type with a short window, so short inputs cross many boundaries.
     "debug": lambda: {
         **_small_v4(vocab=512, d=64, layers=[0, 4, 128, 4], heads=4, head_dim=32, experts=8, topk=2, inter=32,
-                    n_hash=1, q_rank=32, o_groups=2, o_rank=16, idx_heads=2, idx_dim=16, idx_topk=8, rope_dim=8),
+                    n_hash=1, q_rank=32, o_groups=2, o_rank=16, idx_heads=8, idx_dim=16, idx_topk=8, rope_dim=8),
         "sliding_window": 16,
     },
 }

@@ -57,3 +57,63 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture
 def seed_all():
     torch.manual_seed(0)
+
+
+def _ambiguous_cut(v_sorted: torch.Tensor, k: int) -> int:
+    """Rows whose k-th and (k+1)-th best scores are equal or within float rounding of each other."""
+    a, b = v_sorted[..., k - 1], v_sorted[..., k]
+    close = (a - b).abs() <= 2e-6 * torch.clamp(a.abs(), min=1.0)
+    return int((close & torch.isfinite(b)).sum())
+
+
+class IndexTieCounter:
+    """Counts top-k choices that are ambiguous: the indexer's cut or a router's cut falls inside an
+    exact tie (ReLU makes score-0 ties common in tiny random models) or a near-tie that float
+    rounding order can flip.
+
+    Any choice among tied entries is a valid top-k, so two implementations may legitimately pick
+    different sets; comparisons with transformers therefore use inputs without ambiguous cuts.
+    """
+
+    def __init__(self):
+        from sparseek.model import common, v4
+
+        self.v4, self.common, self.count = v4, common, 0
+        self._select, self._gate = v4.Indexer.select, common.Gate.forward
+
+    def __enter__(self):
+        counter, select0, gate0 = self, self._select, self._gate
+
+        def select(ix, q, w, keys, n_vis):
+            N = keys.shape[1]
+            k = min(ix.topk, N)
+            if N > k:
+                s = torch.einsum("bqic,bnc->bqin", q.float(), keys.float()).relu()
+                s = torch.einsum("bqin,bqi->bqn", s, w)
+                s = s.masked_fill(torch.arange(N, device=s.device) >= n_vis[..., None], float("-inf"))
+                counter.count += _ambiguous_cut(s.sort(dim=-1, descending=True).values, k)
+            return select0(ix, q, w, keys, n_vis)
+
+        def gate(g, x, ids=None):
+            w, idx, scores = gate0(g, x, ids)
+            if not g.hash_routed and g.topk < scores.shape[-1]:
+                choice = scores if g.bias is None else scores + g.bias
+                counter.count += _ambiguous_cut(choice.sort(dim=-1, descending=True).values, g.topk)
+            return w, idx, scores
+
+        self.v4.Indexer.select, self.common.Gate.forward = select, gate
+        return self
+
+    def __exit__(self, *exc):
+        self.v4.Indexer.select, self.common.Gate.forward = self._select, self._gate
+
+
+def tie_free_ids(model, batch: int, T: int, seed: int, tries: int = 100) -> torch.Tensor:
+    for attempt in range(tries):
+        ids = torch.randint(0, model.args.vocab_size, (batch, T),
+                            generator=torch.Generator().manual_seed(seed * 1000 + T * 7 + attempt))
+        with IndexTieCounter() as c, torch.no_grad():
+            model(ids)
+        if c.count == 0:
+            return ids
+    raise AssertionError(f"no input without ambiguous top-k found for T={T}")

@@ -210,7 +210,10 @@ class Indexer(nn.Module):
         s = torch.einsum("bqin,bqi->bqn", s, w_BQI)
         ar = torch.arange(N, device=s.device)
         s = s.masked_fill(ar >= n_visible_BQ[..., None], float("-inf"))
-        idx = s.topk(k, dim=-1).indices
+        # ReLU makes exact ties (all heads <= 0 give score 0) common early in a sequence. A stable
+        # sort breaks them toward the older entry, so the choice does not depend on how many
+        # future entries exist: the cached and the one-shot forward pick the same set.
+        idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :k]
         return torch.where(idx < n_visible_BQ[..., None], idx, -1)
 
 

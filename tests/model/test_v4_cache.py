@@ -1,0 +1,115 @@
+"""Incremental decoding with a cache equals the full forward, for every layer type and for MTP."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseek
+from sparseek.model import build_model
+from tests.conftest import randomize_, rel_err
+
+T = 300  # > 2 HCA windows of 128, 75 CSA windows, many 16-token sliding windows
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = randomize_(build_model(sparseek.preset("debug")), 7).eval()
+    # more candidates than top-k so that the indexer's choice matters
+    assert all(l.attn.indexer.topk < T // 4 for l in m.layers if l.attn.indexer is not None)
+    return m
+
+
+@pytest.fixture(scope="module")
+def ids(model):
+    return torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
+
+
+@torch.no_grad()
+def _run_chunks(model, ids, sizes, mtp=False):
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + 8)
+    out, start = [], 0
+    for n in sizes:
+        out.append(model(ids[:, start:start + n], cache))
+        start += n
+    assert start == ids.shape[1] and int(cache.pos[0]) == start
+    return torch.cat(out, dim=1)
+
+
+def test_one_token_at_a_time(model, ids):
+    with torch.no_grad():
+        full = model(ids)
+    assert rel_err(_run_chunks(model, ids, [1] * T), full) < 1e-4
+
+
+@pytest.mark.parametrize("sizes", [
+    [1, 2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41, 61],  # odd sizes crossing every boundary
+    [127, 1, 129, 43],
+    [4, 124, 128, 44],
+])
+def test_chunked_prefill(model, ids, sizes):
+    with torch.no_grad():
+        full = model(ids)
+    assert rel_err(_run_chunks(model, ids, sizes), full) < 1e-4
+
+
+def test_rows_at_different_positions(model, ids):
+    """Decode steps for rows of different lengths in one batch give each row its own result."""
+    lens = (37, 130)
+    steps = 140
+    with torch.no_grad():
+        cache = model.new_cache(2, T + 8)
+        for r, n in enumerate(lens):
+            model(ids[r:r + 1, :n], cache.select(r))
+        assert cache.pos.tolist() == list(lens)
+        got = [[], []]
+        for i in range(steps):
+            nxt = torch.stack([ids[r, lens[r] + i] for r in range(2)])[:, None]
+            logits = model(nxt, cache)
+            for r in range(2):
+                got[r].append(logits[r, 0])
+        for r, n in enumerate(lens):
+            ref = model(ids[r:r + 1, :n + steps])[0, n:]
+            assert rel_err(torch.stack(got[r]), ref) < 1e-4, f"row {r}"
+
+
+def test_multi_token_chunk_with_rows_apart(model, ids):
+    with torch.no_grad():
+        cache = model.new_cache(2, T + 8)
+        model(ids[0:1, :10], cache.select(0))
+        model(ids[1:2, :20], cache.select(1))
+        chunk = torch.stack([ids[0, 10:30], ids[1, 20:40]])
+        got = model(chunk, cache)
+        ref0 = model(ids[0:1, :30])[0, 10:]
+        ref1 = model(ids[1:2, :40])[0, 20:]
+    assert rel_err(got[0], ref0) < 1e-4 and rel_err(got[1], ref1) < 1e-4
+
+
+def test_mtp_incremental_equals_full(model, ids):
+    with torch.no_grad():
+        logits, h = model(ids, return_hidden=True)
+        full = model.forward_mtp(h[:, :-1], ids[:, 1:])
+        cache = model.new_cache(2, T + 8)
+        steps = []
+        for t in range(T - 1):
+            _, ht = model(ids[:, t:t + 1], cache, return_hidden=True)
+            steps.append(model.forward_mtp(ht, ids[:, t + 1:t + 2], cache))
+    assert full.shape == (2, T - 1, model.args.vocab_size)
+    assert rel_err(torch.cat(steps, dim=1), full) < 1e-4
+
+
+def test_last_n_logits(model, ids):
+    with torch.no_grad():
+        assert rel_err(model(ids[:, :50], last_n=1), model(ids[:, :50])[:, -1:]) < 1e-6
+
+
+def test_bad_inputs_are_named(model, ids):
+    with pytest.raises(ValueError, match="out of range"):
+        model(torch.tensor([[0, model.args.vocab_size]]))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(2, 3))
+    cache = model.new_cache(2, 16)
+    with pytest.raises(ValueError, match="too long"):
+        model(ids[:, :17], cache)
+    with pytest.raises(ValueError, match="batch size"):
+        model(ids[:1, :4], cache)
