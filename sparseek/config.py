@@ -164,6 +164,7 @@ class ModelArgs:
         if model_type not in (V4, V3, V2):
             raise ConfigError(f"model_type {model_type!r} is not one of {V4!r}, {V3!r}, {V2!r}")
         if model_type != V4:
+            _drop_derived_mla(known, extra)
             # V3/V2 configs omit the V4 fields: their dataclass defaults are V4-Flash's, so clear them.
             for k in _V4_ONLY:
                 known.setdefault(k, None if k not in ("num_hash_layers",) else 0)
@@ -173,6 +174,7 @@ class ModelArgs:
             known.setdefault("swiglu_limit", None)
             known.setdefault("num_nextn_predict_layers", 0)
         args = cls(**known, extra=extra)
+        args._given = [k for k in d if k != "extra"]  # so that to_dict writes back the same file
         args.validate()
         return args
 
@@ -191,24 +193,35 @@ class ModelArgs:
         return cls.from_dict(d)
 
     def to_dict(self) -> dict[str, Any]:
-        """The hub ``config.json`` layout: what DeepSeek ships and transformers loads."""
-        out: dict[str, Any] = {}
-        defaults = ModelArgs()
+        """The hub ``config.json`` layout: what DeepSeek ships and transformers loads.
+
+        A config read from a file is written back with the same keys in the same order; fields
+        changed since (or set on a preset) are added after them.
+        """
         arch = {V4: "DeepseekV4ForCausalLM", V3: "DeepseekV3ForCausalLM", V2: "DeepseekV2ForCausalLM"}
-        out["architectures"] = [arch[self.model_type]]
-        for f in dataclasses.fields(self):
-            if f.name in ("extra",):
+        defaults = ModelArgs()
+        fields = {f.name for f in dataclasses.fields(self)} - {"extra"}
+        given = getattr(self, "_given", None)
+        out: dict[str, Any] = {}
+        if given is None:
+            out["architectures"] = [arch[self.model_type]]
+        for k in given or []:
+            if k in fields:
+                out[k] = copy.deepcopy(getattr(self, k))
+            elif k in self.extra:
+                out[k] = copy.deepcopy(self.extra[k])
+        for k in sorted(fields, key=[f.name for f in dataclasses.fields(self)].index):
+            if k in out:
                 continue
-            v = getattr(self, f.name)
-            if f.name in _SPARSEEK_SWITCHES and v == getattr(defaults, f.name):
+            v = getattr(self, k)
+            relevant = not ((self.model_type != V4 and k in _V4_ONLY) or (self.model_type == V4 and k in _V3_ONLY))
+            if not relevant or (k in _SPARSEEK_SWITCHES and v == getattr(defaults, k)):
                 continue
-            if self.model_type != V4 and f.name in _V4_ONLY:
+            if given is not None and v == getattr(defaults, k):
                 continue
-            if self.model_type == V4 and f.name in _V3_ONLY:
+            if k == "expert_dtype" and v is None:
                 continue
-            if f.name in ("expert_dtype",) and v is None:
-                continue
-            out[f.name] = copy.deepcopy(v)
+            out[k] = copy.deepcopy(v)
         for k, v in self.extra.items():
             out.setdefault(k, copy.deepcopy(v))
         return out
@@ -224,6 +237,8 @@ class ModelArgs:
 
     def replace(self, **changes) -> "ModelArgs":
         new = dataclasses.replace(self, **changes)
+        if hasattr(self, "_given"):
+            new._given = list(self._given)
         new.validate()
         return new
 
@@ -323,7 +338,9 @@ _PASSTHROUGH_KEYS = {
     "router_aux_loss_coef", "router_jitter_noise", "mlp_bias", "rope_interleave", "num_mtp_layers",
     "max_batch_size", "max_seq_len", "scale_fmt", "scale_dtype", "is_decoder", "output_hidden_states",
     "output_attentions", "return_dict", "chunk_size_feed_forward", "tie_encoder_decoder", "partial_rotary_factor",
-    "_attn_implementation_autoset", "generation_config", "model_name", "id2label", "label2id",
+    "_attn_implementation_autoset", "generation_config", "model_name", "id2label", "label2id", "qk_head_dim",
+    "is_encoder_decoder", "tie_encoder_decoder", "problem_type", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "task_specific_params", "torchscript", "add_cross_attention",
 }
 _V4_ONLY = ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_ratios", "compress_rope_theta",
             "index_n_heads", "index_head_dim", "index_topk", "num_hash_layers", "swiglu_limit", "hc_mult",
@@ -331,6 +348,17 @@ _V4_ONLY = ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_r
 _V3_ONLY = ("intermediate_size", "first_k_dense_replace", "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim",
             "v_head_dim", "n_group", "topk_group")
 _SPARSEEK_SWITCHES = ("clamp_shared_expert",)
+
+
+def _drop_derived_mla(known: dict, extra: dict) -> None:
+    """transformers writes two derived MLA fields into V3/V2 configs; check them and drop them."""
+    nope, rope = known.get("qk_nope_head_dim"), known.get("qk_rope_head_dim", 64)
+    qk = extra.pop("qk_head_dim", None)
+    if qk is not None and nope is not None and qk != nope + rope:
+        raise ConfigError(f"qk_head_dim={qk} != qk_nope_head_dim + qk_rope_head_dim = {nope + rope}")
+    hd = known.pop("head_dim", None)
+    if hd is not None and hd != rope:
+        raise ConfigError(f"head_dim={hd}: for MLA models transformers sets it to qk_rope_head_dim={rope}")
 
 
 def _guess_model_type(d: dict) -> str:
@@ -577,6 +605,25 @@ PRESETS: dict[str, Any] = {
         **_small_v4(vocab=512, d=64, layers=[0, 4, 128, 4], heads=4, head_dim=32, experts=8, topk=2, inter=32,
                     n_hash=1, q_rank=32, o_groups=2, o_rank=16, idx_heads=8, idx_dim=16, idx_topk=8, rope_dim=8),
         "sliding_window": 16,
+    },
+    "debug-v3": lambda: {
+        **_v3_671b(), "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "q_lora_rank": 32, "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_group": 4, "topk_group": 2,
+        "max_position_embeddings": 512, "torch_dtype": "float32",
+        "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 128, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 1.0, "mscale_all_dim": 1.0},
+        "quantization_config": None,
+    },
+    "debug-v2": lambda: {
+        **_v2_lite(), "vocab_size": 512, "hidden_size": 64, "intermediate_size": 96, "moe_intermediate_size": 32,
+        "num_hidden_layers": 3, "first_k_dense_replace": 1, "num_attention_heads": 4, "num_key_value_heads": 4,
+        "kv_lora_rank": 32, "qk_nope_head_dim": 16, "qk_rope_head_dim": 8, "v_head_dim": 16,
+        "n_routed_experts": 8, "num_experts_per_tok": 2, "n_shared_experts": 2, "max_position_embeddings": 512,
+        "torch_dtype": "float32", "bos_token_id": 0, "eos_token_id": 1,
+        "rope_scaling": {"type": "yarn", "factor": 4, "original_max_position_embeddings": 128, "beta_fast": 32,
+                         "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707},
     },
 }
 

@@ -89,6 +89,8 @@ class _Reader:
 
 
 _QUANT_DTYPES = {"F8_E4M3": "fp8", "I8": "fp4", "U8": "fp4"}
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
+                       "I32": torch.int32}
 
 
 def _logical_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
@@ -158,9 +160,16 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
         raise CheckpointError(f"checkpoint at {path} does not match the model:\n" + "\n".join(problems))
 
     state: dict[str, torch.Tensor] = {}
+    source_dtypes: dict[str, torch.dtype] = {}
     for pname, ref in expected.items():
         state[pname] = _materialize(reader, plan[pname], ref, pname in stacked)
+        dts = {reader.meta(n)[1] for t, n in plan[pname] if t.part == "weight"}
+        if len(dts) == 1 and (dt := _SAFETENSORS_DTYPES.get(dts.pop())) is not None:
+            source_dtypes[pname] = dt
     model.load_state_dict(state, assign=True, strict=True)
+    # Norms, compressors etc. compute in fp32 but are published in bf16: remember each tensor's
+    # published dtype so that saving writes the checkpoint back bit for bit.
+    model.checkpoint_dtypes = source_dtypes
     return model.to(device)
 
 
@@ -221,10 +230,14 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     args: ModelArgs = model.args
     sd = model.state_dict()
     stacked = stacked_params(model)
+    dtypes = getattr(model, "checkpoint_dtypes", {})
     out: dict[str, torch.Tensor] = {}
     for pname, t in sd.items():
+        t = t.detach()
+        if pname in dtypes:
+            t = t.to(dtypes[pname])
         for cname, e in checkpoint_names(pname, tuple(t.shape), stacked, args.is_v4):
-            out[cname] = (t[e] if e is not None else t).detach().contiguous().cpu()
+            out[cname] = (t[e] if e is not None else t).contiguous().cpu()
     return out
 
 
