@@ -19,12 +19,22 @@ from sparseek.config import PRESETS, ConfigError, ModelArgs, preset
 from sparseek.model import Cache, build_model
 
 __version__ = "0.1.0"
-__all__ = ["load", "save", "ModelArgs", "preset", "PRESETS", "Cache", "build_model", "ConfigError"]
+__all__ = ["load", "save", "ModelArgs", "preset", "PRESETS", "Cache", "build_model", "ConfigError", "LLM",
+           "SamplingParams"]
 
 log = logging.getLogger("sparseek")
 
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
            "float16": torch.float16, "fp16": torch.float16}
+
+
+def __getattr__(name):
+    # the engine imports lazily so that `import sparseek` stays light for model-only users
+    if name in ("LLM", "SamplingParams"):
+        from sparseek import engine
+
+        return getattr(engine, name)
+    raise AttributeError(name)
 
 
 def resolve_dtype(dtype) -> torch.dtype | None:

@@ -114,15 +114,23 @@ class Cache:
                 if st is not None:
                     st.reset_rows(rows)
 
+    def view(self, start: int, stop: int) -> "Cache":
+        """Rows [start, stop) as a cache sharing storage with this one (writes land here)."""
+        v = object.__new__(Cache)
+        v.__dict__.update(self.__dict__)
+        r = slice(start, stop)
+        v.batch_size = stop - start
+        v.pos, v.mtp_pos = self.pos[r], self.mtp_pos[r]
+        v.layers = [lc.rows(r) for lc in self.layers]
+        return v
+
     def select(self, row: int) -> "Cache":
-        """Row ``row`` as a batch-1 cache sharing storage with this one."""
-        view = object.__new__(Cache)
-        view.__dict__.update(self.__dict__)
-        r = slice(row, row + 1)
-        view.batch_size = 1
-        view.pos, view.mtp_pos = self.pos[r], self.mtp_pos[r]
-        view.layers = [lc.rows(r) for lc in self.layers]
-        return view
+        return self.view(row, row + 1)
+
+    def copy_row(self, src: int, dst: int) -> None:
+        """Move a sequence between slots (the engine keeps live sequences in rows [0, n))."""
+        for t in [self.pos, self.mtp_pos] + [t for lc in self.layers for t in lc.tensors()]:
+            t[dst] = t[src]
 
     def check_room(self, n_new: int) -> None:
         end = int(self.pos.max()) + n_new

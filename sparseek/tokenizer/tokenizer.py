@@ -87,8 +87,8 @@ class Tokenizer:
         """The V4 chat prompt (BOS included) as token ids."""
         return self.encode(encode_messages(messages, thinking_mode=thinking_mode, **kw))
 
-    def stream_decoder(self) -> "IncrementalDecoder":
-        return IncrementalDecoder(self)
+    def stream_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
+        return IncrementalDecoder(self, skip_special_tokens)
 
 
 class IncrementalDecoder:
@@ -98,15 +98,16 @@ class IncrementalDecoder:
     ends in U+FFFD until the next token completes it, so such a tail is held back.
     """
 
-    def __init__(self, tokenizer: Tokenizer):
+    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
         self.tok = tokenizer
+        self.skip = skip_special_tokens
         self.ids: list[int] = []
         self.emitted = 0  # characters of decode(ids) already returned
         self.prefix_start = 0  # re-decode from here: earlier text is final
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)
-        text = self.tok.decode(self.ids[self.prefix_start:])
+        text = self.tok.decode(self.ids[self.prefix_start:], self.skip)
         if text.endswith("\ufffd"):
             return ""
         delta = text[self.emitted:]
@@ -118,7 +119,7 @@ class IncrementalDecoder:
         return delta
 
     def flush(self) -> str:
-        text = self.tok.decode(self.ids[self.prefix_start:])
+        text = self.tok.decode(self.ids[self.prefix_start:], self.skip)
         delta = text[self.emitted:]
         self.prefix_start, self.emitted = len(self.ids), 0
         return delta

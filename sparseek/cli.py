@@ -1,0 +1,146 @@
+"""``sparseek <verb>``: one command line for the whole project."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", "-m", default="nano", help="checkpoint directory or preset name (default: nano)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def _sampling(a):
+    from sparseek.engine import SamplingParams
+
+    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
+                          seed=a.seed, stop=a.stop)
+
+
+def cmd_info(a) -> int:
+    import sparseek
+    from sparseek.config import ModelArgs
+
+    args = sparseek.preset(a.model) if a.model in sparseek.PRESETS else ModelArgs.from_json(a.model)
+    counts = args.num_params()
+    kinds = [args.layer_kind(i) for i in range(args.num_hidden_layers)]
+    info = {
+        "model_type": args.model_type,
+        "layers": args.num_hidden_layers,
+        "layer_kinds": {k: kinds.count(k) for k in ("swa", "csa", "hca") if k in kinds} if args.is_v4 else None,
+        "hidden_size": args.hidden_size,
+        "experts": f"{args.n_routed_experts} routed (top-{args.num_experts_per_tok}) + {args.n_shared_experts} shared",
+        "params_total": counts["total"],
+        "params_active_per_token": counts["active"],
+        "params_embedding": counts["embedding"],
+        "params_mtp": counts["mtp"],
+    }
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_generate(a) -> int:
+    from sparseek.engine import LLM
+
+    llm = LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len)
+    params = _sampling(a)
+    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
+    sys.stdout.write(prompt)
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta.text)
+        sys.stdout.flush()
+        if delta.finish_reason:
+            print(f"\n[finish: {delta.finish_reason}]", file=sys.stderr)
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(a) -> int:
+    from sparseek.engine import LLM
+    from sparseek.tokenizer.chat import ContentDelta, ReasoningDelta, StreamingChatParser, encode_messages
+
+    llm = LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len)
+    llm._need_tokenizer()
+    params = _sampling(a)
+    params.skip_special_tokens = False  # the parser needs </think> and the DSML markers
+    mode = "thinking" if a.thinking else "chat"
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    print(f"sparseek chat ({a.model}, {mode} mode) - empty line or Ctrl-D to quit", file=sys.stderr)
+    while True:
+        try:
+            user = input("> ")
+        except EOFError:
+            break
+        if not user.strip():
+            break
+        messages.append({"role": "user", "content": user})
+        prompt = llm.tokenizer.encode(encode_messages(messages, thinking_mode=mode))
+        parser = StreamingChatParser(mode)
+        reply = {"reasoning": "", "content": ""}
+        for delta in llm.stream([prompt], params):
+            try:
+                events = parser.feed(delta.text) + (parser.finish() if delta.finish_reason else [])
+            except ValueError:
+                events = []
+            for ev in events:
+                if isinstance(ev, ReasoningDelta):
+                    reply["reasoning"] += ev.text
+                    sys.stdout.write(f"\033[2m{ev.text}\033[0m")
+                elif isinstance(ev, ContentDelta):
+                    reply["content"] += ev.text
+                    sys.stdout.write(ev.text)
+            sys.stdout.flush()
+        print()
+        messages.append({"role": "assistant", "content": reply["content"], "reasoning_content": reply["reasoning"]})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sparseek", description="DeepSeek-V4-class sparse MoE models in PyTorch")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="verb", required=True)
+
+    p = sub.add_parser("info", help="architecture summary and parameter counts of a preset or checkpoint")
+    p.add_argument("model")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("generate", help="complete a prompt, streaming to the terminal")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--prompt", "-p", default=None, help="the prompt (default: read stdin)")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("chat", help="interactive chat in DeepSeek-V4's chat format")
+    _add_model_args(p)
+    _add_sampling_args(p)
+    p.add_argument("--thinking", action="store_true", help="thinking mode (<think> reasoning first)")
+    p.add_argument("--system", default=None, help="system prompt")
+    p.add_argument("--max-seq-len", type=int, default=8192)
+    p.set_defaults(fn=cmd_chat)
+
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        # bad input: one line naming the problem, not a traceback
+        print(f"sparseek {a.verb}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""The engine: continuous batching, sampling, stop strings, streaming, log-probabilities."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseek
+from sparseek.engine import LLM, SamplingParams
+from sparseek.model import build_model
+from sparseek.tokenizer import default_tokenizer
+from tests.conftest import randomize_, rel_err
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_(build_model(sparseek.preset("debug")), 21).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer(512)
+
+
+PROMPTS = [[5, 9, 200], list(range(1, 40)), [7] * 70, [300, 2, 3, 4, 5, 6], list(range(100, 230))]
+
+
+def _solo(model, tok, prompt, params):
+    return LLM(model, tok, max_batch_size=1, max_seq_len=512).generate([prompt], params)[0]
+
+
+@pytest.mark.parametrize("params", [
+    SamplingParams(max_tokens=25, temperature=0, ignore_eos=True),
+    SamplingParams(max_tokens=25, temperature=0.9, top_p=0.9, top_k=50, seed=3, ignore_eos=True),
+])
+def test_continuous_batching_gives_each_sequence_its_own_result(model, tok, params):
+    # different max_tokens make sequences leave at different steps while others join
+    per = [SamplingParams(**{**params.__dict__, "max_tokens": n}) for n in (25, 7, 18, 3, 25)]
+    batched = LLM(model, tok, max_batch_size=2, max_seq_len=512).generate(PROMPTS, per)
+    for p, sp, out in zip(PROMPTS, per, batched):
+        alone = _solo(model, tok, p, sp)
+        assert out.token_ids == alone.token_ids
+        assert len(out.token_ids) == sp.max_tokens and out.finish_reason == "length"
+
+
+def test_greedy_matches_the_uncached_model(model, tok):
+    out = _solo(model, tok, PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    ids = list(PROMPTS[1])
+    with torch.no_grad():
+        for _ in range(12):
+            ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
+    assert out.token_ids == ids[len(PROMPTS[1]):]
+
+
+def test_seeded_sampling_is_reproducible(model, tok):
+    a = _solo(model, tok, PROMPTS[0], SamplingParams(max_tokens=20, seed=7, ignore_eos=True))
+    b = _solo(model, tok, PROMPTS[0], SamplingParams(max_tokens=20, seed=7, ignore_eos=True))
+    c = _solo(model, tok, PROMPTS[0], SamplingParams(max_tokens=20, seed=8, ignore_eos=True))
+    assert a.token_ids == b.token_ids != c.token_ids
+
+
+def test_top_k_one_is_greedy(model, tok):
+    g = _solo(model, tok, PROMPTS[3], SamplingParams(max_tokens=10, temperature=0, ignore_eos=True))
+    k1 = _solo(model, tok, PROMPTS[3], SamplingParams(max_tokens=10, temperature=1.5, top_k=1, seed=1,
+                                                        ignore_eos=True))
+    assert g.token_ids == k1.token_ids
+
+
+def test_stop_string_split_across_tokens(model, tok):
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    free = _solo(model, tok, PROMPTS[2], params)
+    pieces = [tok.decode([t]) for t in free.token_ids]
+    # a stop string made of the end of one token and the start of the next
+    i = next(i for i in range(3, len(pieces) - 1) if len(pieces[i]) >= 2 and len(pieces[i + 1]) >= 1)
+    stop = pieces[i][-2:] + pieces[i + 1][:1]
+    full = "".join(pieces)
+    cut = full.find(stop)
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=[stop])
+    out = _solo(model, tok, PROMPTS[2], params)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:cut] and stop not in out.text
+    streamed = "".join(d.text for d in LLM(model, tok, max_batch_size=1, max_seq_len=512).stream(PROMPTS[2], params))
+    assert streamed == out.text
+
+
+def test_stream_equals_generate(model, tok):
+    params = SamplingParams(max_tokens=20, temperature=0.7, seed=2, ignore_eos=True)
+    llm = LLM(model, tok, max_batch_size=3, max_seq_len=512)
+    outs = llm.generate(PROMPTS[:3], params)
+    texts, ids = ["", "", ""], [[], [], []]
+    for d in llm.stream(PROMPTS[:3], params):
+        texts[d.index] += d.text
+        ids[d.index] += d.token_ids
+    assert [o.text for o in outs] == texts and [o.token_ids for o in outs] == ids
+
+
+def test_logprobs_match_the_model(model, tok):
+    prompt = PROMPTS[1]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=3, prompt_logprobs=2)
+    out = _solo(model, tok, prompt, params)
+    full = prompt + out.token_ids
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([full]))[0], dim=-1)
+    assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(prompt)
+    for t in range(1, len(prompt)):
+        entry = out.prompt_logprobs[t]
+        assert abs(entry[prompt[t]] - float(lp[t - 1, prompt[t]])) < 1e-4 and len(entry) >= 2
+    for j, tkn in enumerate(out.token_ids):
+        entry = out.logprobs[j]
+        assert abs(entry[tkn] - float(lp[len(prompt) - 1 + j, tkn])) < 1e-4
+        assert max(entry.values()) == entry[tkn]  # greedy picks the most likely token
+        assert len(entry) == 3
+    assert abs(out.cumulative_logprob - sum(e[t] for e, t in zip(out.logprobs, out.token_ids))) < 1e-5
+
+
+def test_eos_stops_generation(model, tok):
+    out = _solo(model, tok, PROMPTS[0], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))
+    first = out.token_ids[4]
+    stopped = _solo(model, tok, PROMPTS[0], SamplingParams(max_tokens=30, temperature=0, stop_token_ids=[first]))
+    assert stopped.finish_reason == "stop" and stopped.stop_reason == first
+    assert stopped.token_ids == out.token_ids[:out.token_ids.index(first) + 1]
+
+
+def test_text_prompts_and_errors(model, tok):
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=64)
+    out = llm.generate("def f(x):", SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))[0]
+    assert out.prompt_token_ids[0] == tok.bos_id and len(out.token_ids) == 5
+    with pytest.raises(ValueError, match="too long"):
+        llm.generate([[1] * 64])
+    with pytest.raises(ValueError, match="outside"):
+        llm.generate([[1, 99999]])
+    with pytest.raises(ValueError, match="temperature"):
+        SamplingParams(temperature=-1)
+    # the cache's end stops generation with "length"
+    out = llm.generate([[3] * 60], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
+    assert out.finish_reason == "length" and len(out.token_ids) <= 5

@@ -1,0 +1,25 @@
+"""The command line: each verb runs end to end and bad input is one clear line, not a traceback."""
+
+from __future__ import annotations
+
+import json
+
+from sparseek.cli import main
+
+
+def test_info(capsys):
+    assert main(["info", "v4-pro"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["layer_kinds"] == {"csa": 30, "hca": 31} and info["params_active_per_token"] > 40e9
+
+
+def test_generate_streams_a_completion(capsys):
+    assert main(["generate", "--model", "debug", "--prompt", "def f(x):", "--max-tokens", "8", "--seed", "1"]) == 0
+    out = capsys.readouterr()
+    assert out.out.startswith("def f(x):") and len(out.out) > len("def f(x):") and "finish" in out.err
+
+
+def test_bad_model_is_one_line(capsys):
+    assert main(["generate", "--model", "/no/such/dir", "--prompt", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a checkpoint directory nor a preset" in err and "Traceback" not in err
