@@ -113,6 +113,60 @@ class LLM:
                                   list(seq.new_logprobs) if seq.params.logprobs is not None else None,
                                   seq.out.finish_reason)
 
+    @torch.inference_mode()
+    def loglikelihood(self, requests: Sequence[tuple], batch_size: int = 16, use_tqdm: bool = False
+                      ) -> list[tuple[float, bool]]:
+        """For each (context, continuation): log p(continuation | context) and whether greedy
+        decoding would have produced the continuation. Strings are tokenized separately (context
+        with BOS), as lm-evaluation-harness does; token-id lists are used as they are."""
+        items = []
+        for i, (ctx, cont) in enumerate(requests):
+            c = self._ids(ctx, bos=True, what=f"request {i} context")
+            x = self._ids(cont, bos=False, what=f"request {i} continuation")
+            if not x:
+                raise ValueError(f"request {i} has an empty continuation")
+            full = (c + x)[-(self.max_seq_len):]  # keep the end: the continuation must be scored
+            items.append((full, min(len(x), len(full) - 1)))
+        results: list[tuple[float, bool] | None] = [None] * len(items)
+        # rows of equal length share one forward
+        order = sorted(range(len(items)), key=lambda i: len(items[i][0]))
+        bar = None
+        if use_tqdm:
+            from tqdm import tqdm
+
+            bar = tqdm(total=len(items), desc="loglikelihood", unit="req")
+        i = 0
+        while i < len(order):
+            L = len(items[order[i]][0])
+            group = [order[i]]
+            while len(group) < batch_size and i + len(group) < len(order) and len(items[order[i + len(group)]][0]) == L:
+                group.append(order[i + len(group)])
+            ids = torch.tensor([items[j][0] for j in group], device=self.model.embed.weight.device)
+            n_max = max(items[j][1] for j in group)
+            logits = self.model(ids[:, :-1], last_n=n_max)
+            lp = torch.log_softmax(logits.float(), dim=-1)
+            for row, j in enumerate(group):
+                n = items[j][1]
+                target = ids[row, -n:]
+                lpr = lp[row, -n:]
+                score = float(lpr.gather(-1, target[:, None]).sum())
+                results[j] = (score, bool((lpr.argmax(-1) == target).all()))
+            i += len(group)
+            if bar:
+                bar.update(len(group))
+        if bar:
+            bar.close()
+        return results
+
+    def _ids(self, x, bos: bool, what: str) -> list[int]:
+        if isinstance(x, str):
+            self._need_tokenizer()
+            return self.tokenizer.encode(x, add_bos=bos and self.add_bos)
+        ids = [int(t) for t in x]
+        if any(not 0 <= t < self.args.vocab_size for t in ids):
+            raise ValueError(f"{what} has token ids outside [0, {self.args.vocab_size})")
+        return ids
+
     def chat(self, messages: list[dict], params: SamplingParams | None = None, thinking: bool = False,
              **encode_kw) -> RequestOutput:
         """One assistant turn in DeepSeek-V4's chat format; ``.message`` holds the parsed reply."""

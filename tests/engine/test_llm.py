@@ -134,3 +134,18 @@ def test_text_prompts_and_errors(model, tok):
     # the cache's end stops generation with "length"
     out = llm.generate([[3] * 60], SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.token_ids) <= 5
+
+
+def test_loglikelihood_matches_the_model(model, tok):
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=512)
+    reqs = [([5, 6, 7], [8, 9]), ([1, 2, 3], [4, 5]), (list(range(20, 60)), [61]), ([3], [4, 5, 6, 7])]
+    got = llm.loglikelihood(reqs, batch_size=2)
+    with torch.no_grad():
+        for (ctx, cont), (score, greedy) in zip(reqs, got):
+            lp = torch.log_softmax(model(torch.tensor([ctx + cont]))[0], -1)
+            ref = sum(float(lp[len(ctx) - 1 + k, t]) for k, t in enumerate(cont))
+            assert abs(score - ref) < 1e-4
+            assert greedy == all(int(lp[len(ctx) - 1 + k].argmax()) == t for k, t in enumerate(cont))
+    # a continuation equal to the greedy path is reported as greedy
+    path = _solo(model, tok, [5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)).token_ids
+    assert llm.loglikelihood([([5, 6, 7], path)])[0][1] is True
