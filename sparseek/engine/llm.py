@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparseek.engine.sampling import SamplingParams, sample
+from sparseek.engine.sampling import SamplingParams, probs, sample
 from sparseek.engine.stops import StopChecker
 
 log = logging.getLogger("sparseek")
@@ -36,6 +36,8 @@ class RequestOutput:
     finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
     stop_reason: str | int | None = None
     cumulative_logprob: float = 0.0
+    drafted: int = 0  # speculative decoding: MTP draft tokens proposed / accepted
+    accepted: int = 0
 
     @property
     def outputs(self) -> list["RequestOutput"]:
@@ -64,11 +66,19 @@ class _Seq:
     last_token: int = -1
     new_ids: list[int] = field(default_factory=list)
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
+    # speculative decoding: draft tokens from the MTP block and their draft distributions
+    drafts: list[int] = field(default_factory=list)
+    draft_probs: list[torch.Tensor | None] = field(default_factory=list)
 
 
 class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
-                 max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0):
+                 max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
+                 speculative_tokens: int = 0):
+        """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
+        k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
+        identical tokens). Each sequence is verified on its own, so it helps latency, not batch
+        throughput."""
         if isinstance(model, str):
             from sparseek import load
 
@@ -82,6 +92,13 @@ class LLM:
         self.prefill_chunk = prefill_chunk
         self.add_bos = add_bos
         self._cache = None
+        from sparseek.model.cache import Cache
+
+        if not 0 <= speculative_tokens <= Cache.SPARE:
+            raise ValueError(f"speculative_tokens must be in [0, {Cache.SPARE}], got {speculative_tokens}")
+        if speculative_tokens and not len(getattr(model, "mtp", ())):
+            raise ValueError("speculative decoding drafts with the MTP block, and this model has none")
+        self.speculative = speculative_tokens
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -245,18 +262,28 @@ class LLM:
                 seq = waiting.popleft()
                 slot = len(running)
                 cache.reset([slot])
-                logits = self._prefill(seq, cache.select(slot))
+                view = cache.select(slot)
+                logits, hidden = self._prefill(seq, view)
+                seq.new_ids, seq.new_logprobs = [], []
                 self._accept([seq], logits[None])
+                if self.speculative and seq.out.finish_reason is None:
+                    self._draft(seq, view, hidden, [seq.last_token])
                 yield seq
                 if seq.out.finish_reason is None:
                     running.append(seq)
             if not running:
                 continue
             n = len(running)
-            tokens = torch.tensor([[s.last_token] for s in running], device=cache.device)
-            logits = self.model(tokens, cache.view(0, n))[:, -1]
-            self._accept(running, logits)
-            full = (cache.pos[:n] >= self.max_seq_len).tolist()
+            for s in running:
+                s.new_ids, s.new_logprobs = [], []
+            if self.speculative:
+                for i, s in enumerate(running):
+                    self._spec_step(s, cache.select(i))
+            else:
+                tokens = torch.tensor([[s.last_token] for s in running], device=cache.device)
+                logits = self.model(tokens, cache.view(0, n))[:, -1]
+                self._accept(running, logits)
+            full = (cache.pos[:n] + 1 + self.speculative >= self.max_seq_len).tolist()
             for s, no_room in zip(running, full):
                 if s.out.finish_reason is None and no_room:
                     self._finish(s, "length")
@@ -269,47 +296,65 @@ class LLM:
                         running[i] = running[last]
                     running.pop()
 
-    def _prefill(self, seq: _Seq, cache) -> torch.Tensor:
+    def _prefill(self, seq: _Seq, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed the prompt in chunks; returns the last logits (and, for speculative decoding, the
+        main model's streams at the last position, with the MTP block fed all earlier ones)."""
         ids = torch.tensor(seq.out.prompt_token_ids, device=cache.device)[None]
         want = seq.params.prompt_logprobs
         if want is not None:
             seq.out.prompt_logprobs = [None]
-        logits = None
+        logits = hidden = None
         for s in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, s:s + self.prefill_chunk]
-            logits = self.model(chunk, cache, last_n=None if want is not None else 1)[0]
+            keep = None if (want is not None or self.speculative) else 1
+            logits, h = self.model(chunk, cache, last_n=keep, return_hidden=True)
+            logits = logits[0]
+            if self.speculative:
+                # MTP input at position t is (streams at t, token t+1); the last position waits for
+                # its next token (the next chunk's first, or the first generated one)
+                h = h if hidden is None else torch.cat([hidden, h], dim=1)
+                nxt = ids[:, s + 1:s + chunk.shape[1]]
+                if nxt.shape[1]:
+                    self.model.forward_mtp(h[:, :nxt.shape[1]], nxt, cache, last_n=1)
+                hidden = h[:, -1:]
             if want is not None:
                 nxt = ids[0, s + 1:s + 1 + chunk.shape[1]]
                 lp = torch.log_softmax(logits[:len(nxt)].float(), dim=-1)
                 seq.out.prompt_logprobs += [_top(lp[j], int(nxt[j]), want) for j in range(len(nxt))]
-        return logits[-1]
+        return logits[-1], hidden
 
     def _accept(self, seqs: list[_Seq], logits_NV: torch.Tensor) -> None:
-        params = [s.params for s in seqs]
-        toks = sample(logits_NV, params, [s.generator for s in seqs]).tolist()
-        need_lp = any(p.logprobs is not None for p in params)
+        """Sample one token per sequence from its logits and record it."""
+        toks = sample(logits_NV, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
+        need_lp = any(s.params.logprobs is not None for s in seqs)
         lp = torch.log_softmax(logits_NV.float(), dim=-1) if need_lp else None
         for j, (s, t) in enumerate(zip(seqs, toks)):
-            s.new_ids, s.new_logprobs = [t], []
-            s.last_token = t
-            out = s.out
-            out.token_ids.append(t)
-            if lp is not None and s.params.logprobs is not None:
-                entry = _top(lp[j], t, s.params.logprobs)
-                out.logprobs.append(entry)
-                s.new_logprobs = [entry]
-                out.cumulative_logprob += entry[t]
-            if t in s.stop_ids:
-                self._finish(s, "stop", t)
-                continue
-            hit = s.stops.add(s.decoder.push(t)) if s.decoder else None
-            if hit is not None:
-                out.finish_reason, out.stop_reason = "stop", hit
-                out.text = s.stops.text
-            elif len(out.token_ids) >= s.params.max_tokens:
-                self._finish(s, "length")
-            else:
-                out.text = s.stops.text
+            self._push(s, t, lp[j] if lp is not None else None)
+
+    def _push(self, s: _Seq, t: int, lp_V: torch.Tensor | None) -> bool:
+        """Append a generated token; False once the sequence has finished."""
+        s.new_ids.append(t)
+        s.last_token = t
+        out = s.out
+        out.token_ids.append(t)
+        if lp_V is not None and s.params.logprobs is not None:
+            entry = _top(lp_V, t, s.params.logprobs)
+            out.logprobs.append(entry)
+            s.new_logprobs.append(entry)
+            out.cumulative_logprob += entry[t]
+        if t in s.stop_ids:
+            self._finish(s, "stop", t)
+            return False
+        hit = s.stops.add(s.decoder.push(t)) if s.decoder else None
+        if hit is not None:
+            out.finish_reason, out.stop_reason = "stop", hit
+            out.text = s.stops.text
+            return False
+        if len(out.token_ids) >= s.params.max_tokens:
+            self._finish(s, "length")
+            return False
+        out.text = s.stops.text
+        return True
 
     @staticmethod
     def _finish(s: _Seq, reason: str, stop_reason=None) -> None:
@@ -320,6 +365,71 @@ class LLM:
                 reason, stop_reason = "stop", hit
         s.out.finish_reason, s.out.stop_reason = reason, stop_reason
         s.out.text = s.stops.text
+
+    # ------------------------------------------------------------------ speculative decoding
+    def _draft(self, s: _Seq, cache, hidden_BTSD: torch.Tensor, next_ids: list[int]) -> None:
+        """Run the MTP block on the accepted positions, then chain it for the remaining drafts."""
+        ids = torch.tensor([next_ids], device=cache.device)
+        logits, h = self.model.forward_mtp(hidden_BTSD, ids, cache, last_n=1, return_hidden=True)
+        s.drafts, s.draft_probs = [], []
+        for j in range(self.speculative):
+            d, q = self._propose(s, logits[0, -1])
+            s.drafts.append(d)
+            s.draft_probs.append(q)
+            if j + 1 < self.speculative:  # chain: the MTP block's own output stands in for the main model's
+                logits, h = self.model.forward_mtp(h[:, -1:], torch.tensor([[d]], device=cache.device), cache,
+                                                   return_hidden=True)
+
+    def _propose(self, s: _Seq, logits_V: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        if s.params.greedy:
+            return int(logits_V.argmax()), None
+        q = probs(logits_V, s.params)
+        return int(torch.multinomial(q.cpu(), 1, generator=s.generator)), q
+
+    def _spec_step(self, s: _Seq, cache) -> None:
+        k, P = len(s.drafts), int(cache.pos[0])
+        if P + k + 1 > self.max_seq_len:
+            return
+        cache.rollback(0, int(cache.mtp_pos[0]) - P, mtp=True)  # forget chained draft positions
+        tokens = torch.tensor([[s.last_token] + s.drafts], device=cache.device)
+        logits, hidden = self.model(tokens, cache, return_hidden=True)
+        logits = logits[0]
+        lp = torch.log_softmax(logits.float(), dim=-1) if s.params.logprobs is not None else None
+        accepted = 0
+        emitted = []
+        for i, d in enumerate(s.drafts):
+            if s.params.greedy:
+                ok = int(logits[i].argmax()) == d
+                fallback = None
+            else:
+                p = probs(logits[i], s.params)
+                q = s.draft_probs[i]
+                r = float(torch.rand(1, generator=s.generator))
+                ok = r < min(1.0, float(p[d] / q[d].clamp(min=1e-20)))
+                fallback = p, q
+            if not ok:
+                if fallback is None:
+                    emitted.append(int(logits[i].argmax()))
+                else:  # resample from the residual distribution max(0, p - q)
+                    p, q = fallback
+                    res = (p - q).clamp(min=0)
+                    res = res / res.sum() if float(res.sum()) > 0 else p
+                    emitted.append(int(torch.multinomial(res.cpu(), 1, generator=s.generator)))
+                break
+            accepted += 1
+            emitted.append(d)
+        if accepted == k:  # every draft matched: the last position gives one more token
+            emitted.append(self._bonus(s, logits[k]))
+        s.out.drafted += k
+        s.out.accepted += accepted
+        cache.rollback(0, k - accepted)
+        for i, t in enumerate(emitted):
+            if not self._push(s, t, lp[i] if lp is not None else None):
+                return
+        self._draft(s, cache, hidden[:, :accepted + 1], emitted)
+
+    def _bonus(self, s: _Seq, logits_V: torch.Tensor) -> int:
+        return int(sample(logits_V[None], [s.params], [s.generator])[0])
 
 
 def _top(lp_V: torch.Tensor, chosen: int, n: int) -> dict[int, float]:

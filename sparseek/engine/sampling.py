@@ -49,6 +49,19 @@ class SamplingParams:
         return self.temperature == 0
 
 
+def probs(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution ``sample`` draws from (temperature, top-k, top-p applied), fp32."""
+    x = logits_V.float() / max(p.temperature, 1e-6)
+    if p.top_k and p.top_k < x.shape[-1]:
+        x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = x.sort(descending=True)
+        pr = sorted_x.softmax(-1)
+        x = x.clone()
+        x[order[pr.cumsum(-1) - pr >= p.top_p]] = float("-inf")
+    return x.softmax(-1)
+
+
 def sample(logits_NV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
            ) -> torch.Tensor:
     """One token per row. Sampling uses the Gumbel-max trick with noise drawn from each row's own

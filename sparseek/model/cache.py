@@ -25,22 +25,21 @@ from sparseek.config import CSA_RATIO, ModelArgs
 
 @dataclass
 class CompressorState:
-    kv: torch.Tensor  # [B, coff*m, coff*c] fp32; with overlap rows [0, m) = previous window, [m, 2m) = current
-    score: torch.Tensor  # same shape, -inf where nothing was written
+    """The compressor's raw per-token projections (kv, gate score + ape) of the last few positions,
+    in a ring indexed by position: enough to pool the current window and, with overlap, the
+    previous one. Being position-indexed, it is rolled back by moving ``Cache.pos`` back."""
+
+    kv: torch.Tensor  # [B, R, coff*c] fp32, slot = position % R
+    score: torch.Tensor
 
     @classmethod
-    def empty(cls, batch: int, ratio: int, dim: int, overlap: bool, device) -> "CompressorState":
+    def empty(cls, batch: int, ratio: int, dim: int, overlap: bool, device, spare: int) -> "CompressorState":
         coff = 2 if overlap else 1
-        kv = torch.zeros(batch, coff * ratio, coff * dim, dtype=torch.float32, device=device)
-        score = torch.full_like(kv, float("-inf"))
-        return cls(kv, score)
+        kv = torch.zeros(batch, coff * ratio + spare, coff * dim, dtype=torch.float32, device=device)
+        return cls(kv, torch.zeros_like(kv))
 
     def rows(self, r: slice) -> "CompressorState":
         return CompressorState(self.kv[r], self.score[r])
-
-    def reset_rows(self, rows: torch.Tensor) -> None:
-        self.kv[rows] = 0
-        self.score[rows] = float("-inf")
 
 
 @dataclass
@@ -69,6 +68,10 @@ class LayerCache:
 
 
 class Cache:
+    # Ring buffers keep this many slots beyond what the architecture needs, so that up to SPARE
+    # speculative tokens can be written and then rolled back by moving `pos` alone.
+    SPARE = 8
+
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, device=None,
                  dtype: torch.dtype = torch.float32, with_mtp: bool = True):
         if max_seq_len <= 0 or batch_size <= 0:
@@ -88,16 +91,16 @@ class Cache:
         if not a.is_v4:
             return LayerCache(latent=torch.zeros(B, self.max_seq_len, a.kv_lora_rank + a.qk_rope_head_dim,
                                                  dtype=self.dtype, device=dev))
-        c = a.head_dim
-        lc = LayerCache(window=torch.zeros(B, a.sliding_window, c, dtype=self.dtype, device=dev))
+        c, spare = a.head_dim, self.SPARE
+        lc = LayerCache(window=torch.zeros(B, a.sliding_window + spare, c, dtype=self.dtype, device=dev))
         m = a.compress_ratio(layer_id)
         if m:
             overlap = m == CSA_RATIO
             lc.comp = torch.zeros(B, self.max_seq_len // m, c, dtype=self.dtype, device=dev)
-            lc.comp_state = CompressorState.empty(B, m, c, overlap, dev)
+            lc.comp_state = CompressorState.empty(B, m, c, overlap, dev, spare)
             if overlap:
                 lc.index_keys = torch.zeros(B, self.max_seq_len // m, a.index_head_dim, dtype=self.dtype, device=dev)
-                lc.index_state = CompressorState.empty(B, m, a.index_head_dim, True, dev)
+                lc.index_state = CompressorState.empty(B, m, a.index_head_dim, True, dev, spare)
         return lc
 
     # ------------------------------------------------------------------ bookkeeping
@@ -105,14 +108,20 @@ class Cache:
         return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
 
     def reset(self, rows=None) -> None:
-        """Forget rows (all by default) so their slots can take new sequences."""
+        """Forget rows (all by default) so their slots can take new sequences. Every entry is
+        position-indexed and masked by ``pos``, so resetting the counters is enough."""
         rows = torch.arange(self.batch_size, device=self.device) if rows is None else torch.as_tensor(rows, device=self.device)
         self.pos[rows] = 0
         self.mtp_pos[rows] = 0
-        for lc in self.layers:
-            for st in (lc.comp_state, lc.index_state):
-                if st is not None:
-                    st.reset_rows(rows)
+
+    def rollback(self, row: int, n: int, mtp: bool = False) -> None:
+        """Forget the last ``n`` tokens of a row (rejected speculative tokens), n <= SPARE.
+
+        Nothing is erased: windows, compressor rings and latents are indexed by position and read
+        up to ``pos`` only, and the rings have SPARE extra slots so no live entry was overwritten."""
+        if not 0 <= n <= self.SPARE:
+            raise ValueError(f"can roll back at most {self.SPARE} tokens, asked for {n}")
+        (self.mtp_pos if mtp else self.pos)[row] -= n
 
     def view(self, start: int, stop: int) -> "Cache":
         """Rows [start, stop) as a cache sharing storage with this one (writes land here)."""

@@ -113,67 +113,69 @@ class Compressor(nn.Module):
         cos, sin = rotary(first_pos)
         return apply_rope(entries, cos, sin)
 
+    def _pool(self, kv_BWLC, sc_BWLC) -> torch.Tensor:
+        """Windows laid out as [prev window (overlap only); own window] along L -> pooled [B, W, c]."""
+        m, c = self.ratio, self.dim
+        if self.overlap:  # first half of the previous window's channels, second half of its own
+            kv_BWLC = torch.cat([kv_BWLC[:, :, :m, :c], kv_BWLC[:, :, m:, c:]], dim=2)
+            sc_BWLC = torch.cat([sc_BWLC[:, :, :m, :c], sc_BWLC[:, :, m:, c:]], dim=2)
+        return (kv_BWLC * sc_BWLC.softmax(dim=2)).sum(dim=2)
+
+    def _history(self, state: CompressorState | None, first: torch.Tensor, n: int, B: int, width: int, device):
+        """Raw (kv, score) of positions first..first+n-1 per row; positions < 0 weigh nothing."""
+        pos = first[:, None] + torch.arange(n, device=device)  # [B, n]
+        if state is None or n == 0:
+            kv = torch.zeros(B, n, width, device=device)
+            sc = torch.full((B, n, width), float("-inf"), device=device)
+            return kv, sc
+        slot = pos % state.kv.shape[1]
+        rows = torch.arange(B, device=device)[:, None]
+        kv, sc = state.kv[rows, slot], state.score[rows, slot]
+        before = (pos < 0)[..., None]
+        return kv.masked_fill(before, 0.0), sc.masked_fill(before, float("-inf"))
+
+    @staticmethod
+    def _remember(state: CompressorState | None, kv, score, positions_BT) -> None:
+        if state is None:
+            return
+        R = state.kv.shape[1]
+        keep = min(R, kv.shape[1])
+        rows = torch.arange(kv.shape[0], device=kv.device)[:, None]
+        slot = positions_BT[:, -keep:] % R
+        with torch.no_grad():
+            state.kv[rows, slot] = kv[:, -keep:]
+            state.score[rows, slot] = score[:, -keep:]
+
     def chunk(self, x_BTD, positions_BT, start: int, state: CompressorState | None, rotary: Rotary):
         """Entries completed by tokens [start, start+T) of every row -> [B, n, c]."""
-        m, c = self.ratio, self.dim
+        m = self.ratio
         kv, score = self.project(x_BTD, positions_BT)
-        B, T, _ = kv.shape
-        p = start % m  # tokens of the unfinished window already in the state
-        off = m if self.overlap else 0
-        if p:
-            kv = torch.cat([state.kv[:, off:off + p], kv], dim=1)
-            score = torch.cat([state.score[:, off:off + p], score], dim=1)
+        B, T, width = kv.shape
+        p = start % m  # tokens of the unfinished window seen by earlier calls
+        back = p + (m if self.overlap else 0)  # ... plus the previous window, for the overlap
+        first = torch.full((B,), start - back, dtype=torch.long, device=kv.device)
+        h_kv, h_sc = self._history(state, first, back, B, width, kv.device)
+        self._remember(state, kv, score, positions_BT)
         n = (p + T) // m
-        pooled = None
-        if n:
-            kv_W = kv[:, :n * m].view(B, n, m, -1)
-            sc_W = score[:, :n * m].view(B, n, m, -1)
-            if self.overlap:
-                if state is not None:
-                    prev_kv, prev_sc = state.kv[:, None, :m, :c], state.score[:, None, :m, :c]
-                else:  # window 0 has no predecessor: its slots get zero weight
-                    prev_kv = kv.new_zeros(B, 1, m, c)
-                    prev_sc = kv.new_full((B, 1, m, c), float("-inf"))
-                prev_kv = torch.cat([prev_kv, kv_W[:, :-1, :, :c]], dim=1)
-                prev_sc = torch.cat([prev_sc, sc_W[:, :-1, :, :c]], dim=1)
-                slots_kv = torch.cat([prev_kv, kv_W[..., c:]], dim=2)
-                slots_sc = torch.cat([prev_sc, sc_W[..., c:]], dim=2)
-            else:
-                slots_kv, slots_sc = kv_W, sc_W
-            pooled = (slots_kv * slots_sc.softmax(dim=2)).sum(dim=2)
-        if state is not None:
-            with torch.no_grad():
-                rem = p + T - n * m
-                state.kv[:, off:off + rem] = kv[:, n * m:]
-                state.score[:, off:off + rem] = score[:, n * m:]
-                if n and self.overlap:
-                    state.kv[:, :m] = kv_W[:, -1]
-                    state.score[:, :m] = sc_W[:, -1]
-        if pooled is None:
-            return x_BTD.new_zeros(B, 0, c)
-        first = (start // m + torch.arange(n, device=x_BTD.device)) * m
-        return self._finish(pooled, first, rotary, x_BTD.dtype)
+        if n == 0:
+            return x_BTD.new_zeros(B, 0, self.dim)
+        v_kv, v_sc = torch.cat([h_kv, kv], dim=1), torch.cat([h_sc, score], dim=1)
+        span = (2 if self.overlap else 1) * m
+        # window w of this call spans v[w*m : w*m + span] (previous window first, with overlap)
+        win_kv = v_kv.unfold(1, span, m)[:, :n].transpose(2, 3)  # [B, n, span, width]
+        win_sc = v_sc.unfold(1, span, m)[:, :n].transpose(2, 3)
+        first_pos = (start // m + torch.arange(n, device=kv.device)) * m
+        return self._finish(self._pool(win_kv, win_sc), first_pos, rotary, x_BTD.dtype)
 
     def step(self, x_B1D, pos_B: torch.Tensor, state: CompressorState, rotary: Rotary):
         """One token per row (rows at any positions) -> (entry [B, c], closes [B] bool)."""
-        m, c = self.ratio, self.dim
+        m = self.ratio
         kv, score = self.project(x_B1D, pos_B[:, None])
-        rows = torch.arange(kv.shape[0], device=kv.device)
-        off = m if self.overlap else 0
-        slot = off + pos_B % m
-        state.kv[rows, slot] = kv[:, 0]
-        state.score[rows, slot] = score[:, 0]
+        self._remember(state, kv, score, pos_B[:, None])
+        span = (2 if self.overlap else 1) * m
         closes = (pos_B + 1) % m == 0
-        if self.overlap:
-            slots_kv = torch.cat([state.kv[:, :m, :c], state.kv[:, m:, c:]], dim=1)
-            slots_sc = torch.cat([state.score[:, :m, :c], state.score[:, m:, c:]], dim=1)
-        else:
-            slots_kv, slots_sc = state.kv, state.score
-        pooled = (slots_kv * slots_sc.softmax(dim=1)).sum(dim=1)  # garbage on rows that do not close
-        if self.overlap:
-            keep = closes[:, None, None]
-            state.kv[:, :m] = torch.where(keep, state.kv[:, m:], state.kv[:, :m])
-            state.score[:, :m] = torch.where(keep, state.score[:, m:], state.score[:, :m])
+        h_kv, h_sc = self._history(state, pos_B + 1 - span, span, kv.shape[0], kv.shape[-1], kv.device)
+        pooled = self._pool(h_kv[:, None], h_sc[:, None])[:, 0]  # garbage on rows that do not close
         entry = self._finish(torch.nan_to_num(pooled), (pos_B // m) * m, rotary, x_B1D.dtype)
         return entry, closes
 
@@ -263,13 +265,15 @@ class Attention(nn.Module):
         B, T, H, C = q.shape
         s, win = step.start, self.window
         if lc is not None:
-            # unroll the ring buffer so entry j holds position s - win + j
-            order = (s + torch.arange(win, device=x.device)) % win
+            # unroll the ring so entry j holds position s - win + j (the ring keeps a few slots more
+            # than the window, so rolled-back speculative tokens never overwrite a live entry)
+            R = lc.window.shape[1]
+            order = (s - win + torch.arange(win, device=x.device)) % R
             keys = torch.cat([lc.window[:, order], kv], dim=1)
             n_prefix = win
             with torch.no_grad():
-                tail = kv[:, -win:]
-                lc.window[:, (s + T - tail.shape[1] + torch.arange(tail.shape[1], device=x.device)) % win] = tail
+                tail = kv[:, -R:]
+                lc.window[:, (s + T - tail.shape[1] + torch.arange(tail.shape[1], device=x.device)) % R] = tail
         else:
             keys, n_prefix = kv, 0
 
@@ -328,8 +332,11 @@ class Attention(nn.Module):
         B = q.shape[0]
         pos, win = step.pos, self.window
         rows = torch.arange(B, device=x.device)
-        lc.window[rows, pos % win] = kv[:, 0]
-        win_mask = (torch.arange(win, device=x.device)[None, :] <= pos[:, None])[:, None, :]
+        R = lc.window.shape[1]
+        lc.window[rows, pos % R] = kv[:, 0]
+        # slot j holds the latest position <= pos congruent to j (mod R)
+        held = pos[:, None] - (pos[:, None] - torch.arange(R, device=x.device)[None, :]) % R
+        win_mask = ((held >= 0) & (held > pos[:, None] - win))[:, None, :]
         comp = comp_mask = idx = None
         if self.compressor is not None:
             m, rot = self.ratio, step.rotary["compress"]
@@ -473,7 +480,7 @@ class DeepSeekV4(nn.Module):
         return (logits, x) if return_hidden else logits
 
     def forward_mtp(self, hidden_BTSD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
-                    start: int | torch.Tensor = 0, *, last_n: int | None = None) -> torch.Tensor:
+                    start: int | torch.Tensor = 0, *, last_n: int | None = None, return_hidden: bool = False):
         """MTP logits predicting token t+2 from the main streams at t and token t+1 (``next_ids``).
 
         ``start`` is the position of the first row entry (the MTP block keeps its own window cache in
@@ -497,8 +504,9 @@ class DeepSeekV4(nn.Module):
         x = mtp(x, step, lc, next_ids)
         if cache is not None:
             cache.mtp_pos += T
-        x = x if last_n is None else x[:, -last_n:]
-        return self._logits(x, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)
+        h = x if last_n is None else x[:, -last_n:]
+        logits = self._logits(h, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)
+        return (logits, x) if return_hidden else logits
 
     # ------------------------------------------------------------------ internals
     def _logits(self, x_BTSD, fn, scale, base, norm):

@@ -149,3 +149,41 @@ def test_loglikelihood_matches_the_model(model, tok):
     # a continuation equal to the greedy path is reported as greedy
     path = _solo(model, tok, [5, 6, 7], SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)).token_ids
     assert llm.loglikelihood([([5, 6, 7], path)])[0][1] is True
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_mtp_speculative_greedy_equals_plain(model, tok, k):
+    params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    plain = LLM(model, tok, max_batch_size=2, max_seq_len=512).generate(PROMPTS[:3], params)
+    spec = LLM(model, tok, max_batch_size=2, max_seq_len=512, speculative_tokens=k).generate(PROMPTS[:3], params)
+    for a, b in zip(plain, spec):
+        assert a.token_ids == b.token_ids
+        assert b.drafted > 0
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+def test_speculative_accepts_good_drafts(model, tok, k, monkeypatch):
+    """Drafts from an oracle that is right except at every fifth position: the output is still the
+    plain greedy output, and exactly the right drafts are accepted (acceptance path + rollback)."""
+    params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
+    ref = LLM(model, tok, max_batch_size=1, max_seq_len=512).generate([PROMPTS[1]], params)[0].token_ids
+
+    def oracle(self, s, logits):
+        i = len(s.out.token_ids) + len(s.drafts)
+        good = ref[i] if i < len(ref) else 0
+        return (good if i % 5 != 2 else (good + 1) % 512), None
+
+    monkeypatch.setattr(LLM, "_propose", oracle)
+    out = LLM(model, tok, max_batch_size=1, max_seq_len=512, speculative_tokens=k).generate([PROMPTS[1]], params)[0]
+    assert out.token_ids == ref
+    assert 0 < out.accepted < out.drafted
+    steps = out.drafted // k
+    assert steps < len(out.token_ids) - 1  # fewer forward passes than generated tokens
+    assert len(out.token_ids) <= 1 + out.accepted + steps
+
+
+def test_speculative_sampling_is_seeded(model, tok):
+    params = SamplingParams(max_tokens=15, temperature=0.8, seed=5, ignore_eos=True)
+    a = LLM(model, tok, max_batch_size=2, max_seq_len=512, speculative_tokens=2).generate(PROMPTS[:2], params)
+    b = LLM(model, tok, max_batch_size=2, max_seq_len=512, speculative_tokens=2).generate(PROMPTS[:2], params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b] and all(len(o.token_ids) == 15 for o in a)

@@ -113,3 +113,26 @@ def test_bad_inputs_are_named(model, ids):
         model(ids[:, :17], cache)
     with pytest.raises(ValueError, match="batch size"):
         model(ids[:1, :4], cache)
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-v3"])
+def test_rollback_forgets_rejected_tokens(preset):
+    """Feed speculative tokens, roll them back, continue: same as never having fed them."""
+    m = randomize_(build_model(sparseek.preset(preset)), 5).eval()
+    ids = torch.randint(0, 512, (1, 260), generator=torch.Generator().manual_seed(3))
+    junk = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        full = m(ids)
+        cache = m.new_cache(1, 300)
+        out, s = [], 0
+        for n in (127, 1, 2, 60, 70):  # rollbacks land on both sides of window/compression boundaries
+            out.append(m(ids[:, s:s + n], cache))
+            s += n
+            k = 1 + (s % 5)
+            m(junk[:, :k], cache)  # a draft that gets rejected ...
+            cache.rollback(0, k)   # ... and forgotten
+            if s % 2:              # also as single decode steps
+                for j in range(k):
+                    m(junk[:, j:j + 1], cache)
+                cache.rollback(0, k)
+    assert rel_err(torch.cat(out, 1), full) < 1e-4
