@@ -148,3 +148,41 @@ class Cache:
                 f"sequence too long for the cache: {int(self.pos.max())} cached + {n_new} new tokens = {end} "
                 f"> max_seq_len={self.max_seq_len}"
             )
+
+
+def cache_bytes(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat16, batch_size: int = 1,
+                spare: int = Cache.SPARE) -> dict:
+    """Analytic size of the decode state, by layer type: what grows per token and what is fixed.
+
+    V4 (DeepSeek-V4 report §2.3, §3.5): every layer keeps a window of ``sliding_window`` KV entries
+    (K = V, ``head_dim`` wide); a CSA layer adds one entry and one ``index_head_dim`` indexer key
+    per 4 tokens, an HCA layer one entry per 128 tokens. Compressor rings hold fp32 projections of
+    the last window(s). V3: one latent of ``kv_lora_rank + qk_rope_head_dim`` per token per layer.
+    """
+    e = torch.tensor([], dtype=dtype).element_size()
+    per_type: dict[str, dict[str, float]] = {}
+    total_fixed = total_grow = 0.0
+    n_blocks = args.num_hidden_layers + (args.n_mtp if args.is_v4 else 0)
+    for i in range(n_blocks):
+        if not args.is_v4:
+            kind, grow, fixed = "mla", (args.kv_lora_rank + args.qk_rope_head_dim) * e, 0
+        else:
+            kind, m, c = args.layer_kind(i), args.compress_ratio(i), args.head_dim
+            fixed = (args.sliding_window + spare) * c * e
+            grow = 0.0
+            if m:
+                coff = 2 if m == CSA_RATIO else 1
+                fixed += 2 * (coff * m + spare) * coff * c * 4
+                grow += c * e / m
+                if m == CSA_RATIO:
+                    grow += args.index_head_dim * e / m
+                    fixed += 2 * (2 * m + spare) * 2 * args.index_head_dim * 4
+        slot = per_type.setdefault(kind, {"layers": 0, "bytes_per_token": 0.0, "fixed_bytes": 0})
+        slot["layers"] += 1
+        slot["bytes_per_token"] += grow
+        slot["fixed_bytes"] += fixed
+        total_fixed += fixed
+        total_grow += grow
+    total = total_fixed + total_grow * seq_len
+    return {"per_layer_type": per_type, "bytes_per_token": total_grow, "fixed_bytes": total_fixed,
+            "total_bytes": batch_size * total, "seq_len": seq_len, "dtype": str(dtype).replace("torch.", "")}
