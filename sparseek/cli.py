@@ -108,6 +108,55 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def cmd_prepare(a) -> int:
+    from sparseek.train.data import prepare
+
+    tok = a.tokenizer if a.tokenizer else a.vocab_size
+    meta = prepare(a.sources or ["stdlib"], a.out, tokenizer=tok, text_field=a.text_field,
+                   val_fraction=a.val_fraction, seed=a.seed, force=a.force)
+    print(json.dumps({k: meta[k] for k in ("vocab_size", "n_tokens", "n_docs") if k in meta}, indent=2))
+    return 0
+
+
+def cmd_train(a) -> int:
+    import dataclasses
+
+    from sparseek.train.plots import plot_run
+    from sparseek.train.trainer import TrainConfig, Trainer, sample_text
+
+    cfg = TrainConfig()
+    if a.config:
+        with open(a.config, encoding="utf-8") as f:
+            cfg = dataclasses.replace(cfg, **json.load(f))
+    changes = {k: v for k, v in {
+        "preset": a.preset, "data": a.data, "out": a.out, "max_steps": a.max_steps, "resume": a.resume or None,
+        "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "optimizer": a.optimizer,
+        "balance": a.balance, "device": a.device, "seed": a.seed, "grad_accum": a.grad_accum,
+        "tokenizer": a.tokenizer, "compile": a.compile or None,
+    }.items() if v is not None}
+    if a.set:
+        for kv in a.set:
+            k, _, v = kv.partition("=")
+            changes.setdefault("overrides", dict(cfg.overrides))[k] = json.loads(v)
+    cfg = dataclasses.replace(cfg, **changes)
+    trainer = Trainer(cfg)
+    counts = trainer.model.param_counts()
+    print(f"training {cfg.preset}: {counts['total'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M active "
+          f"+ {counts['embedding'] / 1e6:.1f}M embedding), {cfg.max_steps} steps of "
+          f"{cfg.batch_size * cfg.grad_accum * cfg.seq_len} tokens -> {cfg.out}", file=sys.stderr)
+    result = trainer.fit()
+    plots = plot_run(cfg.out)
+    print(f"\nvalidation perplexity {result.get('val_ppl', float('nan')):.1f} "
+          f"(unigram baseline {result.get('unigram_ppl', float('nan')):.1f})")
+    print("samples:")
+    for text in sample_text(trainer.model, trainer.tokenizer, cfg.samples):
+        print("-" * 60 + "\n" + text)
+    print("-" * 60)
+    print(f"checkpoint: {result['checkpoint']}  (try: sparseek generate -m {result['checkpoint']} -p 'def ')")
+    print(f"log: {trainer.log_path}; plots: {', '.join(plots)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparseek", description="DeepSeek-V4-class sparse MoE models in PyTorch")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -131,6 +180,37 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("prepare", help="tokenize text sources into training shards (default: the stdlib)")
+    p.add_argument("sources", nargs="*", help="files, folders, globs, .jsonl/.parquet, 'stdlib', hf:<id>")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json instead of training one")
+    p.add_argument("--text-field", default="text")
+    p.add_argument("--val-fraction", type=float, default=0.01)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_prepare)
+
+    p = sub.add_parser("train", help="pretrain a model (default: nano on the Python standard library)")
+    p.add_argument("--preset", default=None, help="model preset (default nano)")
+    p.add_argument("--data", nargs="+", default=None, help="text sources (default: stdlib)")
+    p.add_argument("--out", default=None, help="run directory (default runs/nano)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--grad-accum", type=int, default=None)
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--optimizer", choices=["muon", "adamw"], default=None)
+    p.add_argument("--balance", choices=["aux_free", "aux_loss", "none"], default=None)
+    p.add_argument("--tokenizer", default=None, help="reuse this tokenizer.json")
+    p.add_argument("--device", default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--compile", action="store_true", help="torch.compile the hot pure-tensor functions")
+    p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
+    p.add_argument("--set", action="append", help="override a model field, e.g. --set n_routed_experts=8")
+    p.set_defaults(fn=cmd_train)
 
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -55,6 +55,9 @@ def tensor_files(path: str) -> dict[str, str]:
                 raise CheckpointError(f"{index} names shard files that do not exist: {missing}")
             return {k: os.path.join(path, v) for k, v in wm.items()}
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
+        # other safetensors may sit beside the weights (a trainer's optimizer state, adapters)
+        weights = [f for f in files if os.path.basename(f).startswith("model")]
+        files = weights or files
     if not files:
         raise CheckpointError(f"no .safetensors files in {root or path}"
                               + (" (pickled .bin/.pt checkpoints are not loaded, by design)"
