@@ -181,6 +181,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.set_defaults(fn=cmd_chat)
 
+    from sparseek.evals.cli import add_eval_parser
+
+    add_eval_parser(sub)
+
     p = sub.add_parser("prepare", help="tokenize text sources into training shards (default: the stdlib)")
     p.add_argument("sources", nargs="*", help="files, folders, globs, .jsonl/.parquet, 'stdlib', hf:<id>")
     p.add_argument("--out", required=True)

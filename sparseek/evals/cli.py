@@ -1,0 +1,106 @@
+"""``sparseek eval``: the article's benchmark table for any sparseek model, offline.
+
+    sparseek eval --model DIR_OR_PRESET --tasks mmlu,hellaswag,gsm8k,math,humaneval \\
+        [--limit N] [--data-dir DIR] [--output results.json]
+
+Wire-up (in sparseek/cli.py): ``from sparseek.evals.cli import add_eval_parser`` then
+``add_eval_parser(sub)``; the sub-parser's default ``fn`` is ``run_eval``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sparseek.evals.tasks import ARTICLE_TASKS, TASKS
+
+
+def add_eval_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("eval", help="benchmarks (MMLU, HumanEval, GSM8K, MATH, HellaSwag), offline",
+                              description="Evaluate a checkpoint or preset with the standard protocols and print "
+                                          "the article's table.")
+    p.add_argument("--model", "-m", default="nano", help="checkpoint directory or preset name (default: nano)")
+    p.add_argument("--tasks", "-t", default=",".join(ARTICLE_TASKS),
+                   help=f"comma-separated, from {', '.join(TASKS)} (default: the article's five)")
+    p.add_argument("--limit", type=int, default=None,
+                   help="items per task (MMLU: per subject); for smoke tests, not for reported numbers")
+    p.add_argument("--data-dir", default=None,
+                   help="folder with the benchmark files (default: $SPARSEEK_EVAL_DATA or shared/data)")
+    p.add_argument("--hub", action="store_true", help="load the datasets from the Hugging Face hub (network)")
+    p.add_argument("--output", "-o", default=None,
+                   help="results JSON path (a Markdown table is written beside it, same name, .md)")
+    p.add_argument("--log-samples", action="store_true", help="keep every item's prediction in the JSON")
+    p.add_argument("--num-fewshot", type=int, default=None, help="override the standard shot count (all tasks)")
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per log-likelihood forward")
+    p.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences in generation")
+    p.add_argument("--max-seq-len", type=int, default=4096)
+    p.add_argument("--max-gen-tokens", type=int, default=None,
+                   help="cap generated tokens (default: GSM8K 256, MATH 512, HumanEval 512); for smoke tests")
+    p.add_argument("--humaneval-samples", type=int, default=1, help="n samples per problem (pass@k for k <= n)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="HumanEval sampling temperature (default: 0 for n=1, else 0.8)")
+    p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(fn=run_eval)
+    return p
+
+
+def build_tasks(a) -> list:
+    from sparseek.evals.tasks import get_task
+
+    names = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    tasks = []
+    for name in names:
+        kw = {"seed": a.seed}
+        if a.num_fewshot is not None:
+            kw["num_fewshot"] = a.num_fewshot
+        if name == "humaneval":
+            kw.update(n=a.humaneval_samples, temperature=a.temperature, timeout=a.timeout)
+        task = get_task(name, **kw)
+        if a.max_gen_tokens is not None and hasattr(task, "max_tokens"):
+            task.max_tokens = a.max_gen_tokens
+        tasks.append(task)
+    return tasks
+
+
+def run_eval(a) -> int:
+    from sparseek.evals import report
+    from sparseek.evals.base import evaluate
+    from sparseek.evals.data import DataSource
+    from sparseek.evals.model import EngineModel
+
+    tasks = build_tasks(a)  # unknown task names fail before the model loads
+    src = DataSource(a.data_dir, hub=a.hub)
+    if a.data_dir and not src.data_dir.is_dir():
+        raise FileNotFoundError(f"--data-dir {a.data_dir} is not a folder")
+    progress = not a.no_progress
+    model = EngineModel.load(a.model, dtype=a.dtype, device=a.device, max_batch_size=a.max_batch_size,
+                             max_seq_len=a.max_seq_len, batch_size=a.batch_size, progress=progress)
+    results = evaluate(model, tasks, limit=a.limit, data=src, progress=progress, log_samples=a.log_samples)
+    results.update(model=a.model, config={k: v for k, v in vars(a).items() if k != "fn"}, **report.run_info())
+    if a.output:
+        md = report.write(results, a.output)
+        print(f"wrote {a.output}", file=sys.stderr)
+    else:
+        md = report.to_markdown(results)
+    print(md)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m sparseek.evals.cli ...`` until the verb is wired into ``sparseek``."""
+    parser = argparse.ArgumentParser(prog="sparseek")
+    add_eval_parser(parser.add_subparsers(dest="verb", required=True))
+    a = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    try:
+        return a.fn(a)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"sparseek eval: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
