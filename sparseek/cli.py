@@ -157,6 +157,22 @@ def cmd_train(a) -> int:
     return 0
 
 
+def cmd_finetune(a) -> int:
+    import sparseek
+    from sparseek.train.sft import SFTConfig, finetune
+
+    model, tok = sparseek.load(a.model, dtype=a.dtype or "float32", device=a.device)
+    if tok is None:
+        raise ValueError(f"{a.model} has no tokenizer.json: fine-tuning needs one")
+    cfg = SFTConfig(data=a.data, out=a.out, max_len=a.max_len, batch_size=a.batch_size, max_steps=a.max_steps,
+                    lr=a.lr, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, seed=a.seed)
+    res = finetune(model, tok, cfg, log=lambda s: print(s, file=sys.stderr))
+    kind = f"LoRA adapters (rank {a.lora_rank})" if a.lora_rank else "full model"
+    print(f"{kind}: {res['trainable'] / 1e6:.2f}M trainable parameters, {res['examples']} conversations, "
+          f"loss {res['losses'][0]:.3f} -> {res['final_loss']:.3f}; written to {res['out']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sparseek", description="DeepSeek-V4-class sparse MoE models in PyTorch")
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -215,6 +231,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
     p.add_argument("--set", action="append", help="override a model field, e.g. --set n_routed_experts=8")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("finetune", help="supervised fine-tuning on chat JSONL (loss on assistant tokens)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help='JSONL of {"messages": [...]} conversations')
+    p.add_argument("--out", required=True)
+    p.add_argument("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (0: full)")
+    p.add_argument("--lora-alpha", type=float, default=16.0)
+    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--max-len", type=int, default=1024)
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_finetune)
 
     a = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if a.verbose else logging.WARNING, format="%(levelname)s %(message)s")

@@ -208,13 +208,17 @@ class Experts(nn.Module):
             if c == 0:
                 continue
             xs = x_sorted[start:start + c]
-            h = swiglu((xs @ self.w1[e].t()).float(), (xs @ self.w3[e].t()).float(), self.limit)
+            h = swiglu(self.proj(xs, e, "w1").float(), self.proj(xs, e, "w3").float(), self.limit)
             # the routing weight multiplies before w2, as in DeepSeek's code (equal by linearity)
-            out[start:start + c] = (h * w_sorted[start:start + c]).to(x_ND.dtype) @ self.w2[e].t()
+            out[start:start + c] = self.proj((h * w_sorted[start:start + c]).to(x_ND.dtype), e, "w2")
             start += c
         y = torch.zeros_like(x_ND)
         y.index_add_(0, token_of, out)
         return y
+
+    def proj(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
+        """x @ W_e^T for expert e's matrix ``name`` (the hook LoRA adapters override)."""
+        return x @ getattr(self, name)[e].t()
 
 
 class MoE(nn.Module):

@@ -52,7 +52,7 @@ class TrainConfig:
     mtp_weight: float = 0.3  # 0.3, then 0.1 once the learning rate decays (DeepSeek-V4 §4.2.2)
     mtp_weight_decayed: float = 0.1
     balance: str = "aux_free"  # "aux_free" (bias update + tiny sequence-wise loss), "aux_loss", "none"
-    bias_update_speed: float = 0.001  # gamma
+    bias_update_speed: float = 0.01  # gamma (DeepSeek: 0.001 over ~10^5 steps; short runs need faster)
     seq_aux_alpha: float = 0.0001  # alpha of the sequence-wise balance loss
     aux_loss_alpha: float = 0.01  # the classic batch-level balance loss (balance="aux_loss")
     eval_every: int = 100
@@ -78,6 +78,10 @@ class Trainer:
             raise ValueError(f"balance must be aux_free, aux_loss or none, got {cfg.balance!r}")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.device = torch.device(cfg.device)
+        if self.device.type == "cpu":
+            from sparseek.utils import tune_malloc
+
+            tune_malloc()
         torch.manual_seed(cfg.seed)
         os.makedirs(cfg.out, exist_ok=True)
         data_dir = cfg.data_dir or os.path.join(cfg.out, "data")

@@ -1,0 +1,31 @@
+"""Small process-level helpers shared by the trainer, the engine and the benchmarks."""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import sys
+
+_TUNED = False
+
+
+def tune_malloc() -> bool:
+    """Keep freed memory in the process instead of returning it to the OS after every tensor.
+
+    glibc serves large allocations with mmap and unmaps them on free, so each new activation of
+    a training step page-faults its memory in again (measured: ~20% of a CPU training step).
+    Raising the mmap and trim thresholds makes freed blocks reusable. No-op off glibc.
+    """
+    global _TUNED
+    if _TUNED or not sys.platform.startswith("linux"):
+        return _TUNED
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+        # 32 MiB is the largest mmap threshold glibc accepts on 64-bit systems
+        ok = libc.mallopt(M_MMAP_THRESHOLD, 32 << 20) and libc.mallopt(M_TRIM_THRESHOLD, 1 << 34)
+        libc.mallopt(M_TOP_PAD, 1 << 28)
+        _TUNED = bool(ok)
+    except (OSError, AttributeError):
+        _TUNED = False
+    return _TUNED
