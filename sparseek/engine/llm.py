@@ -74,11 +74,15 @@ class _Seq:
 class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
-                 speculative_tokens: int = 0):
+                 speculative_tokens: int = 0, compile: bool = False):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). Each sequence is verified on its own, so it helps latency, not batch
-        throughput."""
+        throughput.
+
+        ``compile=True`` compiles the decode step (fixed shapes: every decode step runs all
+        ``max_batch_size`` rows, idle ones on a dummy token) with torch.compile; on a GPU the
+        compiled step is also captured as a CUDA graph. Compiling takes minutes on a CPU."""
         if isinstance(model, str):
             from sparseek import load
 
@@ -99,6 +103,12 @@ class LLM:
         if speculative_tokens and not len(getattr(model, "mtp", ())):
             raise ValueError("speculative decoding drafts with the MTP block, and this model has none")
         self.speculative = speculative_tokens
+        self._decode_fn = None
+        if compile:
+            if not hasattr(model, "decode_step"):
+                raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
+            mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
+            self._decode_fn = torch.compile(model.decode_step, dynamic=False, mode=mode)
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
@@ -280,9 +290,7 @@ class LLM:
                 for i, s in enumerate(running):
                     self._spec_step(s, cache.select(i))
             else:
-                tokens = torch.tensor([[s.last_token] for s in running], device=cache.device)
-                logits = self.model(tokens, cache.view(0, n))[:, -1]
-                self._accept(running, logits)
+                self._accept(running, self._decode(running, cache))
             full = (cache.pos[:n] + 1 + self.speculative >= self.max_seq_len).tolist()
             for s, no_room in zip(running, full):
                 if s.out.finish_reason is None and no_room:
@@ -295,6 +303,20 @@ class LLM:
                         cache.copy_row(last, i)
                         running[i] = running[last]
                     running.pop()
+
+    def _decode(self, running: list[_Seq], cache) -> torch.Tensor:
+        """Next-token logits [n, V] for the live sequences (slots [0, n))."""
+        n = len(running)
+        if self._decode_fn is not None:  # fixed shapes: all slots, idle ones on a dummy token
+            tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=cache.device)
+            tokens[:n, 0] = torch.tensor([s.last_token for s in running], device=cache.device)
+            logits = self._decode_fn(tokens, cache)[:n]
+            cache.pos[n:] = 0  # idle slots must not drift past the cache
+            return logits
+        tokens = torch.tensor([[s.last_token] for s in running], device=cache.device)
+        if hasattr(self.model, "decode_step"):
+            return self.model.decode_step(tokens, cache.view(0, n))
+        return self.model(tokens, cache.view(0, n))[:, -1]
 
     def _prefill(self, seq: _Seq, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed the prompt in chunks; returns the last logits (and, for speculative decoding, the

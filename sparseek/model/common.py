@@ -220,6 +220,14 @@ class Experts(nn.Module):
         """x @ W_e^T for expert e's matrix ``name`` (the hook LoRA adapters override)."""
         return x @ getattr(self, name)[e].t()
 
+    def forward_static(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        """The same function with fixed shapes: each (token, slot) gathers its expert's matrices.
+        Right for the few tokens of a decode step (it reads k experts per token), wrong for prefill."""
+        gate = torch.einsum("nd,nkid->nki", x_ND, self.w1[idx_NK]).float()
+        up = torch.einsum("nd,nkid->nki", x_ND, self.w3[idx_NK]).float()
+        h = (swiglu(gate, up, self.limit) * weights_NK[..., None]).to(x_ND.dtype)
+        return torch.einsum("nki,nkdi->nd", h, self.w2[idx_NK])
+
 
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs, hash_routed: bool, dtype=None, with_bias: bool = True):
@@ -237,14 +245,15 @@ class MoE(nn.Module):
         self.record_routing = False
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x_BTD: torch.Tensor, input_ids_BT: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x_BTD: torch.Tensor, input_ids_BT: torch.Tensor | None = None, static: bool = False
+                ) -> torch.Tensor:
         shape = x_BTD.shape
         x = x_BTD.reshape(-1, shape[-1])
         ids = input_ids_BT.reshape(-1) if input_ids_BT is not None else None
         w, idx, scores = self.gate(x, ids)
         if self.record_routing:
             self.last_routing = (idx.view(*shape[:-1], -1), scores.view(*shape[:-1], -1))
-        y = self.experts(x, w, idx)
+        y = self.experts.forward_static(x, w, idx) if static else self.experts(x, w, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

@@ -134,7 +134,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, latent, pos, decode):
         x = x + self.attn(self.attn_norm(x), cos, sin, latent, pos, decode)
         h = self.ffn_norm(x)
-        return x + (self.ffn(h) if isinstance(self.ffn, MoE) else self.ffn(h))
+        return x + self.ffn(h)
 
 
 class DeepSeekV3(nn.Module):

@@ -42,6 +42,7 @@ class Step:
     start: int | None  # common start of all rows (chunk path); None on the per-row decode path
     rotary: dict[str, Rotary]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # cos/sin at `positions`, by rope kind
+    static: bool = False  # decode with fixed shapes and no host syncs (for torch.compile / CUDA graphs)
 
     @property
     def decode(self) -> bool:
@@ -342,19 +343,32 @@ class Attention(nn.Module):
         comp = comp_mask = idx = None
         if self.compressor is not None:
             m, rot = self.ratio, step.rotary["compress"]
-            entry, closes = self.compressor.step(x, pos, lc.comp_state, rot)
-            lc.comp[rows[closes], (pos // m)[closes]] = entry[closes]
             n_vis = (pos + 1) // m
-            n_max = int(n_vis.max())
-            comp = lc.comp[:, :n_max]
+            # eager: attend over the filled prefix only; static: over the whole buffer, masked
+            n = lc.comp.shape[1] if step.static else int(n_vis.max())
+            entry, closes = self.compressor.step(x, pos, lc.comp_state, rot)
+            self._write_entry(lc.comp, entry, pos // m, closes, step.static)
+            comp = lc.comp[:, :n]
             if self.indexer is not None:
                 k_entry, _ = self.indexer.compressor.step(x, pos, lc.index_state, rot)
-                lc.index_keys[rows[closes], (pos // m)[closes]] = k_entry[closes]
+                self._write_entry(lc.index_keys, k_entry, pos // m, closes, step.static)
                 q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
-                idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n_max], n_vis[:, None])
+                idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n], n_vis[:, None])
             else:
-                comp_mask = (torch.arange(n_max, device=x.device)[None, :] < n_vis[:, None])[:, None, :]
+                comp_mask = (torch.arange(n, device=x.device)[None, :] < n_vis[:, None])[:, None, :]
         return attend(q, lc.window, win_mask, comp, comp_mask, idx, self.attn_sink, self.scale)
+
+    @staticmethod
+    def _write_entry(buf, entry, index, closes, static: bool) -> None:
+        """Store the entries of the rows whose window just closed."""
+        rows = torch.arange(buf.shape[0], device=buf.device)
+        if buf.shape[1] == 0:  # the cache is shorter than one window: nothing can ever close
+            return
+        if static:  # same shapes whatever closes: write every row, keeping the old value where none closed
+            index = index.clamp(max=buf.shape[1] - 1)
+            buf[rows, index] = torch.where(closes[:, None], entry, buf[rows, index])
+        else:
+            buf[rows[closes], index[closes]] = entry[closes]
 
 
 # ---------------------------------------------------------------------------- mHC
@@ -411,7 +425,7 @@ class Block(nn.Module):
         h, post, comb = self.hc_pre(x_BTSD, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
         x_BTSD = self.hc_post(self.attn(self.attn_norm(h), step, lc), x_BTSD, post, comb)
         h, post, comb = self.hc_pre(x_BTSD, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        return self.hc_post(self.ffn(self.ffn_norm(h), input_ids_BT), x_BTSD, post, comb)
+        return self.hc_post(self.ffn(self.ffn_norm(h), input_ids_BT, static=step.static), x_BTSD, post, comb)
 
 
 def hc_head(x_BTSD, fn, scale, base, norm_eps, hc_eps):
@@ -480,6 +494,23 @@ class DeepSeekV4(nn.Module):
         logits = self._logits(x if last_n is None else x[:, -last_n:], self.hc_head_fn, self.hc_head_scale,
                               self.hc_head_base, self.norm)
         return (logits, x) if return_hidden else logits
+
+    def decode_step(self, input_ids_B1: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One token per row against ``cache`` -> next-token logits [B, V].
+
+        Same result as ``forward(ids, cache)`` with fixed shapes and no host synchronization, so it
+        can be compiled (and captured in a CUDA graph): compressed entries are attended over the
+        whole buffer under a mask, experts are gathered per token. Inputs are not validated here;
+        the engine checks token ids and room in the cache.
+        """
+        positions = cache.pos[:, None]
+        step = Step(pos=cache.pos, positions=positions, start=None, rotary=dict(self.rotary.items()),
+                    rope={k: r(positions) for k, r in self.rotary.items()}, static=True)
+        x = self.embed(input_ids_B1).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, cache.layers[i], input_ids_B1)
+        cache.pos += 1
+        return self._logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)[:, -1]
 
     def forward_mtp(self, hidden_BTSD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
                     start: int | torch.Tensor = 0, *, last_n: int | None = None, return_hidden: bool = False):

@@ -187,3 +187,11 @@ def test_speculative_sampling_is_seeded(model, tok):
     a = LLM(model, tok, max_batch_size=2, max_seq_len=512, speculative_tokens=2).generate(PROMPTS[:2], params)
     b = LLM(model, tok, max_batch_size=2, max_seq_len=512, speculative_tokens=2).generate(PROMPTS[:2], params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b] and all(len(o.token_ids) == 15 for o in a)
+
+
+@pytest.mark.slow
+def test_compiled_decode_gives_the_same_tokens(model, tok):
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    eager = LLM(model, tok, max_batch_size=2, max_seq_len=256).generate(PROMPTS[:3], params)
+    compiled = LLM(model, tok, max_batch_size=2, max_seq_len=256, compile=True).generate(PROMPTS[:3], params)
+    assert [o.token_ids for o in eager] == [o.token_ids for o in compiled]

@@ -136,3 +136,19 @@ def test_rollback_forgets_rejected_tokens(preset):
                     m(junk[:, j:j + 1], cache)
                 cache.rollback(0, k)
     assert rel_err(torch.cat(out, 1), full) < 1e-4
+
+
+def test_static_decode_step_equals_forward(model, ids):
+    """The compile-friendly decode step (fixed shapes, no host syncs) computes the same logits."""
+    with torch.no_grad():
+        a, b = model.new_cache(2, T + 8), model.new_cache(2, T + 8)
+        model(ids[0:1, :50], a.select(0))
+        model(ids[1:2, :90], a.select(1))
+        model(ids[0:1, :50], b.select(0))
+        model(ids[1:2, :90], b.select(1))
+        for i in range(140):  # crosses CSA, HCA and window boundaries at different steps per row
+            tok = torch.stack([ids[0, 50 + i], ids[1, 90 + i]])[:, None]
+            ref = model(tok, a)[:, -1]
+            got = model.decode_step(tok, b)
+            assert rel_err(got, ref) < 1e-5, i
+        assert torch.equal(a.pos, b.pos)
