@@ -139,7 +139,15 @@ def cmd_train(a) -> int:
             k, _, v = kv.partition("=")
             changes.setdefault("overrides", dict(cfg.overrides))[k] = json.loads(v)
     cfg = dataclasses.replace(cfg, **changes)
-    trainer = Trainer(cfg)
+    from sparseek.parallel import init_distributed
+
+    rank, world, device = init_distributed()  # torchrun: expert parallel + FSDP2 over all ranks
+    if world > 1:
+        cfg = dataclasses.replace(cfg, device=str(device))
+    trainer = Trainer(cfg, rank=rank, world_size=world)
+    if rank != 0:
+        trainer.fit(progress=False)
+        return 0
     counts = trainer.model.param_counts()
     print(f"training {cfg.preset}: {counts['total'] / 1e6:.1f}M parameters ({counts['active'] / 1e6:.1f}M active "
           f"+ {counts['embedding'] / 1e6:.1f}M embedding), {cfg.max_steps} steps of "
@@ -148,10 +156,11 @@ def cmd_train(a) -> int:
     plots = plot_run(cfg.out)
     print(f"\nvalidation perplexity {result.get('val_ppl', float('nan')):.1f} "
           f"(unigram baseline {result.get('unigram_ppl', float('nan')):.1f})")
-    print("samples:")
-    for text in sample_text(trainer.model, trainer.tokenizer, cfg.samples):
-        print("-" * 60 + "\n" + text)
-    print("-" * 60)
+    if world == 1:  # a sharded model generates only with every rank taking part: load the checkpoint instead
+        print("samples:")
+        for text in sample_text(trainer.model, trainer.tokenizer, cfg.samples):
+            print("-" * 60 + "\n" + text)
+        print("-" * 60)
     print(f"checkpoint: {result['checkpoint']}  (try: sparseek generate -m {result['checkpoint']} -p 'def ')")
     print(f"log: {trainer.log_path}; plots: {', '.join(plots)}")
     return 0

@@ -228,11 +228,11 @@ def _materialize(reader: _Reader, entries, ref: torch.Tensor, is_stacked: bool) 
 
 
 # ---------------------------------------------------------------------------- writing
-def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The model's tensors under their published names (per-expert, official / hub layout)."""
+def checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's tensors (or ``state``, e.g. gathered from ranks) under their published names."""
     args: ModelArgs = model.args
-    sd = model.state_dict()
-    stacked = stacked_params(model)
+    sd = state if state is not None else model.state_dict()
+    stacked = {k for k, v in sd.items() if re.search(r"\.experts\.w[123]$", k) and v.dim() == 3}
     dtypes = getattr(model, "checkpoint_dtypes", {})
     out: dict[str, torch.Tensor] = {}
     for pname, t in sd.items():
@@ -244,7 +244,8 @@ def checkpoint_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES,
+               state: dict[str, torch.Tensor] | None = None) -> None:
     """Write config.json + sharded safetensors (+ tokenizer files) atomically into ``directory``.
 
     Files are written into a temporary folder next to ``directory`` and moved in only when all of
@@ -255,7 +256,7 @@ def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".sparseek-save-", dir=parent)
     try:
-        tensors = checkpoint_state(model)
+        tensors = checkpoint_state(model, state)
         shards: list[dict[str, torch.Tensor]] = [{}]
         size = 0
         for name in sorted(tensors, key=_natural_key):

@@ -450,6 +450,13 @@ class MTPBlock(Block):
         self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * d, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
+        self.eps = (args.rms_norm_eps, args.hc_eps)
+
+    def forward(self, hidden_BTSD, emb_BTD, step: Step, lc: LayerCache | None, next_ids_BT):
+        """(output streams, normalized merged state for the shared head)."""
+        x = self.e_proj(self.enorm(emb_BTD)).unsqueeze(2) + self.h_proj(self.hnorm(hidden_BTSD))
+        x = super().forward(x, step, lc, next_ids_BT)
+        return x, self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, *self.eps))
 
 
 class DeepSeekV4(nn.Module):
@@ -532,13 +539,10 @@ class DeepSeekV4(nn.Module):
         else:
             pos = torch.full((B,), int(start), dtype=torch.long, device=next_ids.device)
         step = self._step(B, T, pos, next_ids.device, cache is not None)
-        e = mtp.enorm(self.embed(next_ids))
-        x = mtp.e_proj(e).unsqueeze(2) + mtp.h_proj(mtp.hnorm(hidden_BTSD))
-        x = mtp(x, step, lc, next_ids)
+        x, h = mtp(hidden_BTSD, self.embed(next_ids), step, lc, next_ids)
         if cache is not None:
             cache.mtp_pos += T
-        h = x if last_n is None else x[:, -last_n:]
-        logits = self._logits(h, mtp.hc_head_fn, mtp.hc_head_scale, mtp.hc_head_base, mtp.norm)
+        logits = self.head(h if last_n is None else h[:, -last_n:]).float()
         return (logits, x) if return_hidden else logits
 
     # ------------------------------------------------------------------ internals

@@ -23,15 +23,15 @@ from sparseek.checkpoint.io import save_model
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-def _flatten(obj, prefix: str, tensors: dict, meta):
+def _flatten(obj, prefix: str, tensors: dict):
     """Split a nested structure into tensors (safetensors) and JSON-able leaves."""
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj.detach().contiguous().cpu()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
-        return {"__dict__": [[_key(k), _flatten(v, f"{prefix}.{k}", tensors, meta)] for k, v in obj.items()]}
+        return {"__dict__": [[_key(k), _flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
     if isinstance(obj, (list, tuple)):
-        return {"__list__": [_flatten(v, f"{prefix}.{i}", tensors, meta) for i, v in enumerate(obj)]}
+        return {"__list__": [_flatten(v, f"{prefix}.{i}", tensors) for i, v in enumerate(obj)]}
     return obj
 
 
@@ -50,18 +50,20 @@ def _unflatten(obj, tensors: dict):
     return obj
 
 
-def save_checkpoint(out_dir: str, step: int, model, tokenizer, optimizer, extra: dict, keep_last: int = 3) -> str:
+def save_checkpoint(out_dir: str, step: int, model, tokenizer, optimizer, extra: dict, keep_last: int = 3,
+                    state: dict | None = None) -> str:
     os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, f"step-{step:06d}")
     tmp = tempfile.mkdtemp(prefix=".tmp-step-", dir=out_dir)
     try:
-        save_model(model, tmp, tokenizer=tokenizer)
+        save_model(model, tmp, tokenizer=tokenizer, state=state)
         tensors: dict[str, torch.Tensor] = {}
         state = {
             "step": step,
-            "optimizer": _flatten(optimizer.state_dict(), "optimizer", tensors, None),
-            "rng": _flatten({"torch": torch.get_rng_state()}, "rng", tensors, None),
-            "extra": _flatten(extra, "extra", tensors, None),
+            # a sharded run saves the weights only (its optimizer state lives in shards)
+            "optimizer": _flatten(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
+            "rng": _flatten({"torch": torch.get_rng_state()}, "rng", tensors),
+            "extra": _flatten(extra, "extra", tensors),
         }
         save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
         with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:

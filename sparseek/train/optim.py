@@ -168,18 +168,36 @@ class Muon(torch.optim.Optimizer):
                     raise RuntimeError("Muon does not support sparse gradients")
                 state = self.state[p]
                 if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(
-                        p, dtype=torch.promote_types(p.dtype, torch.float32), memory_format=torch.contiguous_format)
+                    # sharded (FSDP2) matrices keep a full-size buffer: Newton-Schulz needs whole matrices
+                    state["momentum_buffer"] = torch.zeros(
+                        p.shape, dtype=torch.promote_types(p.dtype, torch.float32), device=_full(p).device)
                 buf = state["momentum_buffer"]
-                g = p.grad.to(buf.dtype)
+                g = _full(p.grad).to(buf.dtype)
                 buf.mul_(mu).add_(g)
                 update = g.add(buf, alpha=mu) if group["nesterov"] else buf
                 o = hybrid_newton_schulz(update, group["ns_steps"], group["ns_eps"], group["ns_dtype"])
                 o = o.to(buf.dtype).mul_(math.sqrt(max(p.shape[-2], p.shape[-1])) * group["rms_scale"])
                 if wd != 0:
                     p.mul_(1 - lr * wd)
-                p.sub_((lr * o).to(p.dtype))
+                p.sub_(_like(p, (lr * o).to(p.dtype)))
         return loss
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's whole value (gathered on every rank); any other tensor as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _like(p: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """``full`` laid out like ``p``: this rank's shard of it when ``p`` is sharded (every rank computed
+    the same full update, so each keeps its own part without communicating)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(p, DTensor):
+        return distribute_tensor(full, p.device_mesh, p.placements, src_data_rank=None)
+    return full
 
 
 # ---------------------------------------------------------------------------- one optimizer over several

@@ -101,6 +101,12 @@ class Trainer:
         with torch.device(self.device):
             self.model = build_model(self.args)
         self.model.init_weights(seed=cfg.seed)
+        self.ep_params = []
+        if world_size > 1:
+            from sparseek.parallel import expert_parameters, parallelize
+
+            parallelize(self.model)  # every rank built the same weights: now slice experts, shard the rest
+            self.ep_params = expert_parameters(self.model)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(self.model)
         if cfg.compile:
@@ -114,6 +120,9 @@ class Trainer:
         self.flops_per_token = training_flops_per_token(self.args, cfg.seq_len)
         self.peak_flops = None
         if cfg.resume:
+            if world_size > 1:
+                raise ValueError("--resume is single-process for now: a sharded run saves its weights but "
+                                 "not its optimizer shards")
             self._resume()
 
     # ------------------------------------------------------------------ state
@@ -139,10 +148,17 @@ class Trainer:
         log.info("resumed from %s at step %d", path, self.step)
 
     def save(self) -> str | None:
+        state = None
+        if self.world > 1:
+            from sparseek.parallel import full_state_dict
+
+            state = full_state_dict(self.model)  # a collective: every rank takes part
         if self.rank != 0:
             return None
-        return ckpt.save_checkpoint(self.cfg.out, self.step, self.model, self.tokenizer, self.optimizer,
-                                    {"config": json.dumps(self.cfg.to_json())}, keep_last=self.cfg.keep_last)
+        return ckpt.save_checkpoint(self.cfg.out, self.step, self.model, self.tokenizer,
+                                    self.optimizer if self.world == 1 else None,
+                                    {"config": json.dumps(self.cfg.to_json())}, keep_last=self.cfg.keep_last,
+                                    state=state)
 
     # ------------------------------------------------------------------ one step
     def lr_at(self, step: int) -> float:
@@ -195,8 +211,9 @@ class Trainer:
                 idx = moe.last_routing[0]
                 load += torch.bincount(idx.flatten(), minlength=moe.gate.n_experts).float()
         if self.world > 1:
-            self._sync_grads(loads)
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            gnorm = self._sync(loads, sums)
+        else:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if c.balance == "aux_free":
@@ -216,15 +233,25 @@ class Trainer:
             rec["expert_load"] = [(load / load.sum()).tolist() for load in loads]
         return rec
 
-    def _sync_grads(self, loads) -> None:
+    def _sync(self, loads, sums) -> torch.Tensor:
+        """Across ranks: FSDP already averaged the dense gradients; expert gradients arrived summed
+        over every rank's tokens (through the all-to-all), so they are divided by the world size;
+        expert loads and the logged losses are summed / averaged; then the global norm is clipped."""
         import torch.distributed as dist
 
-        for p in self.model.parameters():
+        from sparseek.parallel import clip_grad_norm_
+
+        for p in self.ep_params:
             if p.grad is not None:
-                dist.all_reduce(p.grad)
                 p.grad /= self.world
         for load in loads:
             dist.all_reduce(load)
+        keys = sorted(sums)
+        t = torch.tensor([sums[k] for k in keys], device=self.device)
+        dist.all_reduce(t)
+        for k, v in zip(keys, t.tolist()):
+            sums[k] = v / self.world
+        return clip_grad_norm_(self.model, self.cfg.grad_clip)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -1,0 +1,163 @@
+"""Parallelism, applied to a finished single-device model from outside (the model knows none of it).
+
+* Expert parallelism: every rank keeps ``E / world`` of each layer's routed experts; tokens travel
+  to their experts' rank and back with two all-to-alls (``torch.distributed``, differentiable).
+* FSDP2 (``fully_shard``) for everything else: each block's dense parameters are sharded across
+  ranks and gathered just in time; gradients are reduce-scattered.
+
+Launch with ``torchrun --nproc-per-node N -m sparseek.cli train ...`` (NCCL on GPUs, gloo on CPUs).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from sparseek.model.common import Experts, swiglu
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """(rank, world size, device) from torchrun's environment; (0, 1, default) without it."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank()
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        return rank, world, torch.device("cuda", local)
+    return rank, world, torch.device("cpu")
+
+
+class EPExperts(nn.Module):
+    """This rank's slice of a layer's routed experts, with all-to-all token dispatch."""
+
+    def __init__(self, experts: Experts, group=None):
+        super().__init__()
+        self.group = group
+        self.world = dist.get_world_size(group)
+        rank = dist.get_rank(group)
+        if experts.n % self.world:
+            raise ValueError(f"{experts.n} experts cannot be split evenly over {self.world} ranks")
+        self.n, self.n_local = experts.n, experts.n // self.world
+        self.first = rank * self.n_local
+        self.limit = experts.limit
+        sl = slice(self.first, self.first + self.n_local)
+        for name in ("w1", "w2", "w3"):
+            setattr(self, name, nn.Parameter(getattr(experts, name)[sl].detach().clone()))
+
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        import warnings
+
+        with warnings.catch_warnings():  # the autograd-aware all-to-all; its successor is private API
+            warnings.simplefilter("ignore", FutureWarning)
+            from torch.distributed.nn.functional import all_to_all_single
+
+        N, K = idx_NK.shape
+        flat = idx_NK.reshape(-1)
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert, hence by rank
+        token_of = order // K
+        expert = flat[order]
+        send = torch.bincount(expert // self.n_local, minlength=self.world)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        s, r = send.tolist(), recv.tolist()
+        x_recv = all_to_all_single(x_ND.new_empty(sum(r), x_ND.shape[1]), x_ND[token_of], r, s, group=self.group)
+        e_recv = torch.empty(sum(r), dtype=expert.dtype, device=expert.device)
+        dist.all_to_all_single(e_recv, expert.contiguous(), r, s, group=self.group)
+        local = e_recv - self.first
+        o2 = local.argsort(stable=True)
+        counts = torch.bincount(local, minlength=self.n_local).tolist()
+        xs, outs, start = x_recv[o2], [], 0
+        for e, c in enumerate(counts):
+            h = swiglu((xs[start:start + c] @ self.w1[e].t()).float(), (xs[start:start + c] @ self.w3[e].t()).float(),
+                       self.limit)
+            outs.append(h.to(x_ND.dtype) @ self.w2[e].t())
+            start += c
+        y_sorted = torch.cat(outs) if outs else x_recv[:0]
+        y_recv = y_sorted[torch.argsort(o2)]  # back to the order the rows arrived in
+        y_back = all_to_all_single(x_ND.new_empty(sum(s), x_ND.shape[1]), y_recv, s, r, group=self.group)
+        # the routing weight multiplies after w2 here (equal by linearity), on the token's own rank
+        y_back = y_back * weights_NK.reshape(-1)[order].unsqueeze(-1).to(y_back.dtype)
+        return torch.zeros_like(x_ND).index_add_(0, token_of, y_back)
+
+
+def expert_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for m in model.modules() if isinstance(m, EPExperts) for p in (m.w1, m.w2, m.w3)]
+
+
+def apply_expert_parallel(model: nn.Module, group=None) -> nn.Module:
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Experts):
+                setattr(parent, name, EPExperts(child, group))
+    return model
+
+
+def apply_fsdp(model: nn.Module, mesh=None) -> nn.Module:
+    """FSDP2 on every block and the root; expert-parallel parameters stay local to their rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    if mesh is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        mesh = init_device_mesh(device, (dist.get_world_size(),))
+    experts = set(expert_parameters(model))
+    for block in list(model.layers) + list(getattr(model, "mtp", [])):
+        fully_shard(block, mesh=mesh, ignored_params={p for p in block.parameters() if p in experts})
+    fully_shard(model, mesh=mesh, ignored_params=experts)
+    if hasattr(model, "forward_mtp"):  # the MTP loss runs through a second entry point of the root
+        register_fsdp_forward_method(model, "forward_mtp")
+    return model
+
+
+def parallelize(model: nn.Module) -> nn.Module:
+    """Expert parallelism over all ranks + FSDP2 for the dense parameters."""
+    return apply_fsdp(apply_expert_parallel(model))
+
+
+def local_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over FSDP shards and expert slices (each element counted once)."""
+    params = [p for p in model.parameters() if p.grad is not None]
+    sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
+    for p in params:
+        sq += local_tensor(p.grad).float().pow(2).sum()
+    dist.all_reduce(sq)
+    norm = sq.sqrt()
+    coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+    for p in params:
+        local_tensor(p.grad).mul_(coef)
+    return norm
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole model's tensors on every rank: FSDP shards gathered, expert slices concatenated."""
+    from torch.distributed.tensor import DTensor
+
+    ep = {}
+    for name, m in model.named_modules():
+        if isinstance(m, EPExperts):
+            for p in ("w1", "w2", "w3"):
+                ep[f"{name}.{p}"] = m
+    out = {}
+    for k, v in model.state_dict().items():
+        if k in ep:
+            parts = [torch.empty_like(v) for _ in range(ep[k].world)]
+            dist.all_gather(parts, v.detach().contiguous(), group=ep[k].group)
+            out[k] = torch.cat(parts)
+        elif isinstance(v, DTensor):
+            out[k] = v.full_tensor()
+        else:
+            out[k] = v
+    return {k: v.detach().cpu() for k, v in out.items()}
