@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 import sparseek
 from sparseek.config import PRESETS, ConfigError, ModelArgs

@@ -20,7 +20,7 @@ from torch import nn
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
 from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, yarn_mscale
-from sparseek.model.v4 import ATTN_BLOCK_BUDGET, _check_cache, _check_ids, _rowwise, init_params
+from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, init_params
 
 
 def _rope_layout(args: ModelArgs) -> bool:
@@ -137,7 +137,7 @@ class Block(nn.Module):
         return x + self.ffn(h)
 
 
-class DeepSeekV3(nn.Module):
+class DeepSeekV3(DecoderLM):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
         super().__init__()
         self.args = args
@@ -165,17 +165,12 @@ class DeepSeekV3(nn.Module):
         for layer in self.layers:
             layer.attn.attn_impl = impl
 
-    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> Cache:
-        p = self.embed.weight
-        return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype)
-
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
                 return_hidden: bool = False):
-        B, T = _check_ids(input_ids, self.args.vocab_size)
+        B, T, rows_apart = self._begin(input_ids, cache)
+        if rows_apart:
+            return self._rowwise(input_ids, cache, last_n, return_hidden)
         if cache is not None:
-            _check_cache(cache, B, T)
-            if T > 1 and not bool((cache.pos == cache.pos[0]).all()):
-                return _rowwise(self, input_ids, cache, last_n, return_hidden)
             pos = cache.pos
         else:
             pos = torch.zeros(B, dtype=torch.long, device=input_ids.device)

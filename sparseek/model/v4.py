@@ -18,7 +18,6 @@ K selected entries, L window keys, S hc streams.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -26,11 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
+from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, init_params
 from sparseek.model.cache import Cache, CompressorState, LayerCache
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, rms_unweighted
 
-# Elements allowed in one query block's score + gather tensors (keeps peak memory flat in T).
-ATTN_BLOCK_BUDGET = 1 << 24
 
 
 @dataclass
@@ -459,7 +457,7 @@ class MTPBlock(Block):
         return x, self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, *self.eps))
 
 
-class DeepSeekV4(nn.Module):
+class DeepSeekV4(DecoderLM):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
         super().__init__()
         self.args = args
@@ -480,18 +478,12 @@ class DeepSeekV4(nn.Module):
         })
 
     # ------------------------------------------------------------------ public
-    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> Cache:
-        p = self.embed.weight
-        return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype)
-
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
                 return_hidden: bool = False):
         """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence."""
-        B, T = _check_ids(input_ids, self.args.vocab_size)
-        if cache is not None:
-            _check_cache(cache, B, T)
-            if T > 1 and not bool((cache.pos == cache.pos[0]).all()):
-                return _rowwise(self, input_ids, cache, last_n, return_hidden)
+        B, T, rows_apart = self._begin(input_ids, cache)
+        if rows_apart:
+            return self._rowwise(input_ids, cache, last_n, return_hidden)
         step = self._step(B, T, cache.pos if cache is not None else None, input_ids.device, cache is not None)
         x = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
@@ -591,23 +583,6 @@ def compile_hot_paths() -> None:
     sinkhorn._compiled = True
 
 
-def init_params(model: nn.Module, std: float, seed: int) -> None:
-    """Matrices ~ N(0, std); norm weights and gating factors 1; biases, sinks and ape 0."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            if p.device.type == "meta":
-                continue
-            if p.dim() >= 2 and leaf != "ape":
-                p.copy_(torch.randn(p.shape, generator=g) * std)
-            elif p.dim() == 1 and (leaf == "weight" or leaf.endswith("_scale")):
-                p.fill_(1.0)
-            else:
-                p.zero_()
-
-
 def set_hash_table(gate, seed: int) -> None:
     """A fixed random token -> k distinct experts table (DeepSeek's hash is undisclosed)."""
     g = torch.Generator(device="cpu")
@@ -615,30 +590,3 @@ def set_hash_table(gate, seed: int) -> None:
     V, k = gate.tid2eid.shape
     table = torch.rand(V, gate.n_experts, generator=g).topk(k, dim=-1).indices
     gate.tid2eid.copy_(table.to(gate.tid2eid.device))
-
-
-def _check_ids(ids: torch.Tensor, vocab: int) -> tuple[int, int]:
-    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
-        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got "
-                         f"{getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}")
-    if ids.shape[1] == 0:
-        raise ValueError("input_ids has no tokens")
-    lo, hi = int(ids.min()), int(ids.max())
-    if lo < 0 or hi >= vocab:
-        raise ValueError(f"token id out of range: ids span [{lo}, {hi}] but vocab_size is {vocab}")
-    return ids.shape
-
-
-def _check_cache(cache: Cache, B: int, T: int) -> None:
-    if cache.batch_size != B:
-        raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B} rows")
-    cache.check_room(T)
-
-
-def _rowwise(model, input_ids, cache, last_n, return_hidden):
-    """Rows at different positions with several tokens each: run them one by one."""
-    outs = [model(input_ids[r:r + 1], cache.select(r), last_n=last_n, return_hidden=return_hidden)
-            for r in range(input_ids.shape[0])]
-    if return_hidden:
-        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-    return torch.cat(outs)

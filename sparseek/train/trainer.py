@@ -41,7 +41,7 @@ class TrainConfig:
     seq_len: int = 256
     batch_size: int = 16  # sequences per micro-batch (per rank)
     grad_accum: int = 1
-    max_steps: int = 600
+    max_steps: int = 150  # the default nano run: ~13 minutes on 2 CPU cores
     optimizer: str = "muon"
     lr: float = 2e-3
     final_lr_ratio: float = 0.1
@@ -55,9 +55,9 @@ class TrainConfig:
     bias_update_speed: float = 0.01  # gamma (DeepSeek: 0.001 over ~10^5 steps; short runs need faster)
     seq_aux_alpha: float = 0.0001  # alpha of the sequence-wise balance loss
     aux_loss_alpha: float = 0.01  # the classic batch-level balance loss (balance="aux_loss")
-    eval_every: int = 100
+    eval_every: int = 50
     eval_batches: int = 16
-    ckpt_every: int = 200
+    ckpt_every: int = 50
     keep_last: int = 2
     log_load_every: int = 10
     seed: int = 0

@@ -9,7 +9,7 @@ import sparseek
 from sparseek.engine import LLM, SamplingParams
 from sparseek.model import build_model
 from sparseek.tokenizer import default_tokenizer
-from tests.conftest import randomize_, rel_err
+from tests.conftest import randomize_
 
 
 @pytest.fixture(scope="module")

@@ -197,7 +197,7 @@ def test_val_split_by_document_deterministic(corpus, prepared, tmp_path):
     again = prepare([str(root / "docs.jsonl")], str(tmp_path / "again"), str(out), val_fraction=0.2, seed=0)
     for split in ("train", "val"):
         assert open(f"{out}/{split}.bin", "rb").read() == open(tmp_path / "again" / f"{split}.bin", "rb").read()
-    other = prepare([str(root / "docs.jsonl")], str(tmp_path / "other"), str(out), val_fraction=0.2, seed=1)
+    prepare([str(root / "docs.jsonl")], str(tmp_path / "other"), str(out), val_fraction=0.2, seed=1)
     assert split_docs(str(tmp_path / "other"), "val", tok) != val
     assert again["tokenizer_sha256"] == meta["tokenizer_sha256"]  # a reused tokenizer.json, unchanged
     # a tiny fraction still holds out one document

@@ -1,0 +1,71 @@
+"""What every decoder here shares: the cache factory, input checks, and the random init."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from sparseek.model.cache import Cache
+
+# Elements allowed in one query block's score + gather tensors (keeps peak memory flat in T).
+ATTN_BLOCK_BUDGET = 1 << 24
+
+
+class DecoderLM(nn.Module):
+    args = None
+
+    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> Cache:
+        p = self.embed.weight
+        return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype)
+
+    def _begin(self, input_ids: torch.Tensor, cache: Cache | None) -> tuple[int, int, bool]:
+        """Validate a forward's inputs -> (B, T, rows_apart): rows at different positions with
+        several tokens each take the row-by-row path."""
+        B, T = _check_ids(input_ids, self.args.vocab_size)
+        if cache is None:
+            return B, T, False
+        _check_cache(cache, B, T)
+        return B, T, T > 1 and not bool((cache.pos == cache.pos[0]).all())
+
+    def _rowwise(self, input_ids, cache, last_n, return_hidden):
+        """Rows at different positions with several tokens each: run them one by one."""
+        outs = [self(input_ids[r:r + 1], cache.select(r), last_n=last_n, return_hidden=return_hidden)
+                for r in range(input_ids.shape[0])]
+        if return_hidden:
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return torch.cat(outs)
+
+
+def init_params(model: nn.Module, std: float, seed: int) -> None:
+    """Matrices ~ N(0, std); norm weights and gating factors 1; biases, sinks and ape 0."""
+    g = torch.Generator(device="cpu")
+    g.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if p.device.type == "meta":
+                continue
+            if p.dim() >= 2 and leaf != "ape":
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif p.dim() == 1 and (leaf == "weight" or leaf.endswith("_scale")):
+                p.fill_(1.0)
+            else:
+                p.zero_()
+
+
+def _check_ids(ids: torch.Tensor, vocab: int) -> tuple[int, int]:
+    if not isinstance(ids, torch.Tensor) or ids.dim() != 2 or ids.dtype not in (torch.long, torch.int32, torch.int64):
+        raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got "
+                         f"{getattr(ids, 'shape', type(ids))} {getattr(ids, 'dtype', '')}")
+    if ids.shape[1] == 0:
+        raise ValueError("input_ids has no tokens")
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise ValueError(f"token id out of range: ids span [{lo}, {hi}] but vocab_size is {vocab}")
+    return ids.shape
+
+
+def _check_cache(cache: Cache, B: int, T: int) -> None:
+    if cache.batch_size != B:
+        raise ValueError(f"cache was made for batch size {cache.batch_size}, input has {B} rows")
+    cache.check_room(T)
