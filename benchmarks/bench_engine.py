@@ -39,7 +39,7 @@ def _peak_mb(device) -> float:
 
 
 def _load(impl: str, ckpt: str, device: str, dtype):
-    if impl == "sparseek":
+    if impl.startswith("sparseek"):
         import sparseek
 
         model, _ = sparseek.load(ckpt, dtype=dtype, device=device, tokenizer=False)
@@ -57,12 +57,13 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
         model = _load(impl, ckpt, device, dtype)
         base_mem = _peak_mb(device)  # peaks are reported above what loading the weights took
         vocab = model.config.vocab_size if impl == "transformers" else model.args.vocab_size
+        sparse = impl.startswith("sparseek")
         ids = torch.randint(10, vocab, (batch, T), device=device)
         extra = {}
         with torch.inference_mode():
             if what == "prefill":
                 def run():
-                    if impl == "sparseek":
+                    if sparse:
                         cache = model.new_cache(batch, T + 1)
                         return model(ids, cache, last_n=1)
                     return model(ids, use_cache=True, logits_to_keep=1)
@@ -79,10 +80,12 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
                 rate = batch * T * reps / (time.perf_counter() - t0)
             else:  # decode `new` tokens after a T-token prompt, greedy
                 # time(new tokens) - time(1 token): both include the same prefill, which cancels
-                if impl == "sparseek":
+                if sparse:
                     from sparseek.engine import LLM, SamplingParams
 
-                    llm = LLM(model, None, max_batch_size=batch, max_seq_len=T + new + 16)
+                    # "sparseek-compiled": the torch.compile'd static decode step (compiled in the warm-up)
+                    llm = LLM(model, None, max_batch_size=batch, max_seq_len=T + new + 16,
+                              compile=impl == "sparseek-compiled")
                     prompts = [r.tolist() for r in ids]
 
                     def gen(n):
@@ -105,7 +108,7 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
                 _sync(device)
                 t2 = time.perf_counter()
                 rate = batch * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
-                extra["cache_bytes"] = llm._cache.nbytes() if impl == "sparseek" else _tensor_bytes(out.past_key_values)
+                extra["cache_bytes"] = llm._cache.nbytes() if sparse else _tensor_bytes(out.past_key_values)
         q.put({"tokens_per_s": rate, "peak_mb": _peak_mb(device) - base_mem, **extra})
     except Exception as e:  # report, don't hang the parent
         q.put({"error": f"{type(e).__name__}: {e}"})
@@ -161,7 +164,8 @@ def main():
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--impls", nargs="+", default=["sparseek", "transformers"])
+    ap.add_argument("--impls", nargs="+", default=["sparseek", "transformers"],
+                    help="sparseek, sparseek-compiled (decode only), transformers")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -185,7 +189,7 @@ def main():
     elt = torch.tensor([], dtype=getattr(torch, a.dtype)).element_size()
     for T in a.prefill:
         row = {"phase": f"prefill {T}", "batch": 1}
-        for impl in a.impls:
+        for impl in [i for i in a.impls if i != "sparseek-compiled"]:
             row[impl] = run_phase(impl, "prefill", tmp, a.device, a.dtype, T, 1, 0)
         results["rows"].append(row)
         print(_fmt(row), flush=True)
@@ -226,13 +230,17 @@ def to_markdown(r: dict, command: str) -> str:
              "| phase | batch | sparseek tok/s | transformers tok/s | ratio | sparseek +peak MB | transformers +peak MB "
              "| roofline tok/s | sparseek % of roofline |", "|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        s, t = row.get("sparseek", {}), row.get("transformers", {})
-        sv, tv = s.get("tokens_per_s"), t.get("tokens_per_s")
-        ratio = f"{sv / tv:.1f}x" if sv and tv else "-"
-        roof = row.get("roofline_tokens_per_s")
-        frac = f"{100 * sv / roof:.1f}%" if sv and roof else "-"
-        lines.append(f"| {row['phase']} | {row['batch']} | {_n(sv, s)} | {_n(tv, t)} | {ratio} | "
-                     f"{_n(s.get('peak_mb'))} | {_n(t.get('peak_mb'))} | {_n(roof)} | {frac} |")
+        for impl in ("sparseek", "sparseek-compiled"):
+            if impl not in row:
+                continue
+            s, t = row[impl], row.get("transformers", {})
+            sv, tv = s.get("tokens_per_s"), t.get("tokens_per_s")
+            ratio = f"{sv / tv:.1f}x" if sv and tv else "-"
+            roof = row.get("roofline_tokens_per_s")
+            frac = f"{100 * sv / roof:.1f}%" if sv and roof else "-"
+            name = row["phase"] + (" (compiled)" if impl != "sparseek" else "")
+            lines.append(f"| {name} | {row['batch']} | {_n(sv, s)} | {_n(tv, t)} | {ratio} | "
+                         f"{_n(s.get('peak_mb'))} | {_n(t.get('peak_mb'))} | {_n(roof)} | {frac} |")
     lines += ["", f"Analytic cache bytes/token (sparseek, {r['dtype']}): {r['analytic_cache_bytes_per_token']:.0f}"]
     for row in r["rows"]:
         if "cache_bytes" in row.get("sparseek", {}) and "cache_bytes" in row.get("transformers", {}):

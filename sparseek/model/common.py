@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -9,6 +10,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import ModelArgs
+
+
+def fp32_region():
+    """Where DeepSeek computes in fp32 (router logits, mHC mixing, compressor): keep it so under a
+    training loop's bf16 autocast."""
+    if torch.is_autocast_enabled("cuda"):
+        return torch.autocast(device_type="cuda", enabled=False)
+    return contextlib.nullcontext()
 
 
 class RMSNorm(nn.Module):
@@ -130,7 +139,8 @@ class Gate(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, input_ids_N: torch.Tensor | None = None):
         """Returns (weights [N, k] fp32, indices [N, k] int64, scores [N, E] fp32 for balancing stats)."""
-        logits = F.linear(x_ND.float(), self.weight.float())
+        with fp32_region():
+            logits = F.linear(x_ND.float(), self.weight.float())
         scores = score_fn(logits, self.score_func)
         if self.hash_routed:
             if input_ids_N is None:

@@ -27,7 +27,7 @@ from torch import nn
 from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, init_params
 from sparseek.model.cache import Cache, CompressorState, LayerCache
-from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, rms_unweighted
+from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
 
 
@@ -105,7 +105,8 @@ class Compressor(nn.Module):
 
     def project(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor):
         x = x_BTD.float()
-        return self.wkv(x), self.wgate(x) + self.ape[positions_BT % self.ratio]
+        with fp32_region():
+            return self.wkv(x), self.wgate(x) + self.ape[positions_BT % self.ratio]
 
     def _finish(self, pooled: torch.Tensor, first_pos: torch.Tensor, rotary: Rotary, dtype) -> torch.Tensor:
         entries = self.norm(pooled.to(dtype))
@@ -384,7 +385,8 @@ def hc_mix(x_BTSD: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[tor
     """Mixing logits of the S streams (an unweighted RMSNorm over all S*D values, then fn)."""
     xf = x_BTSD.flatten(2).float()
     rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
-    return F.linear(xf, fn) * rs, xf.view(x_BTSD.shape)
+    with fp32_region():
+        return F.linear(xf, fn) * rs, xf.view(x_BTSD.shape)
 
 
 class Block(nn.Module):

@@ -203,7 +203,9 @@ class Trainer:
             x, y = self.train_data.batch(self.step * c.grad_accum + micro, c.batch_size, seed=c.seed,
                                          rank=self.rank, world_size=self.world)
             x, y = x.to(self.device), y.to(self.device)
-            parts = self.losses(x, y, self.step)
+            # bf16 autocast on GPUs; the model keeps its fp32 islands (norms, mHC, router, compressor)
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                parts = self.losses(x, y, self.step)
             (parts["total"] / c.grad_accum).backward()
             for k, v in parts.items():
                 sums[k] = sums.get(k, 0.0) + float(v.detach() if torch.is_tensor(v) else v) / c.grad_accum
