@@ -34,27 +34,39 @@ RUNS = {
 def run(name: str, steps: int, work: str, batch: int, seq: int, data_dir: str) -> dict:
     from sparseek.train.trainer import TrainConfig, Trainer
 
-    spec = dict(RUNS[name])
     cfg = TrainConfig(out=os.path.join(work, name), max_steps=steps, batch_size=batch, seq_len=seq,
                       eval_every=max(steps // 4, 1), eval_batches=40, ckpt_every=0, keep_last=1, log_load_every=5,
-                      warmup=max(steps // 20, 1), data_dir=data_dir, **spec)
+                      warmup=max(steps // 20, 1), data_dir=data_dir, **RUNS[name])
     t0 = time.time()
-    trainer = Trainer(cfg)
-    result = trainer.fit(progress=False)
-    recs = [json.loads(line) for line in open(trainer.log_path)]
-    counts = trainer.model.param_counts()
-    learned = [i for i, m in enumerate(trainer.moes) if not m.gate.hash_routed]
+    Trainer(cfg).fit(progress=False)
+    return summarize(name, work, time.time() - t0)
+
+
+def summarize(name: str, work: str, seconds: float | None = None) -> dict:
+    """The numbers of one finished run, from its directory (log.jsonl + train_config.json)."""
+    import sparseek
+    from sparseek.model.common import MoE
+
+    run_dir = os.path.join(work, name)
+    recs = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+    cfg = json.load(open(os.path.join(run_dir, "train_config.json")))
+    args = sparseek.preset(cfg["preset"], **cfg["overrides"])
+    from sparseek.model import build_model
+    import torch
+
+    with torch.device("meta"):
+        model = build_model(args)
+    counts = model.param_counts()
+    learned = [i for i, m in enumerate(m for m in model.modules() if isinstance(m, MoE)) if not m.gate.hash_routed]
     loads = [r["expert_load"] for r in recs if "expert_load" in r][-10:]
-    dead = 0
-    n_exp = trainer.args.n_routed_experts
-    for li in learned:
-        for e in range(n_exp):
-            share = sum(ld[li][e] for ld in loads) / len(loads)
-            dead += share < 0.1 / n_exp  # under a tenth of its fair share over the last 50 steps
-    tail = recs[-max(steps // 5, 1):]
+    n_exp = args.n_routed_experts
+    # dead: under a tenth of its fair share of tokens over the last 10 logged steps
+    dead = sum(sum(ld[li][e] for ld in loads) / len(loads) < 0.1 / n_exp for li in learned for e in range(n_exp))
+    final = [r for r in recs if "val_loss" in r][-1]
+    tail = recs[-max(len(recs) // 5, 1):]
     return {
-        "name": name, "seconds": time.time() - t0, "val_loss": result["val_loss"], "val_ppl": result["val_ppl"],
-        "unigram_ppl": result["unigram_ppl"], "params_total": counts["total"], "params_active": counts["active"],
+        "name": name, "seconds": seconds, "val_loss": final["val_loss"], "val_ppl": final["val_ppl"],
+        "unigram_ppl": final["unigram_ppl"], "params_total": counts["total"], "params_active": counts["active"],
         "max_vio_final": sum(r["max_vio"] for r in tail) / len(tail),
         "mean_vio_final": sum(r["mean_vio"] for r in tail) / len(tail),
         "dead_experts": dead, "learned_layers": len(learned), "experts_per_layer": n_exp,
@@ -72,8 +84,8 @@ def report(results: dict, out: str, command: str) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     for name, r in results.items():
         steps = [c[0] for c in r["curve"]]
-        smooth = _smooth([c[1] for c in r["curve"]])
-        axes[0 if name in ("moe", "dense", "learned") else 2].plot(steps, smooth, label=name, lw=1)
+        if name in ("moe", "dense", "learned"):
+            axes[0].plot(steps, _smooth([c[1] for c in r["curve"]]), label=name, lw=1)
         if name in ("moe", "aux_loss", "no_balance"):
             axes[1].plot(steps, _smooth([c[2] for c in r["curve"]]), label=name, lw=1)
     axes[0].set_title("(a, c) training loss (smoothed)")
@@ -130,16 +142,21 @@ def main():
     ap.add_argument("--out", default="docs/experiments", help="where the tables and plots go")
     ap.add_argument("--work", default="runs/experiments", help="run directories (data, logs, checkpoints)")
     ap.add_argument("--runs", nargs="+", default=list(RUNS))
+    ap.add_argument("--report-only", action="store_true", help="redraw tables and plots from finished runs")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     from sparseek.config import preset
     from sparseek.train.data import prepare
 
     data_dir = os.path.join(a.work, "data")
-    prepare(["stdlib"], data_dir, tokenizer=preset("nano").vocab_size, val_fraction=0.01)
+    if not a.report_only:
+        prepare(["stdlib"], data_dir, tokenizer=preset("nano").vocab_size, val_fraction=0.01)
     results = {}
     path = os.path.join(a.out, "results.json")
     for name in a.runs:
+        if a.report_only:
+            results[name] = summarize(name, a.work)
+            continue
         results[name] = run(name, a.steps, a.work, a.batch, a.seq, data_dir)
         print(json.dumps({k: v for k, v in results[name].items() if "curve" not in k}), flush=True)
     report(results, a.out, " ".join(["python"] + sys.argv))
