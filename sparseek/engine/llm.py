@@ -314,8 +314,7 @@ class LLM:
             cache.pos[n:] = 0  # idle slots must not drift past the cache
             return logits
         tokens = torch.tensor([[s.last_token] for s in running], device=cache.device)
-        if hasattr(self.model, "decode_step"):
-            return self.model.decode_step(tokens, cache.view(0, n))
+        # eager: the dynamic path (pools only closing windows, runs only the hit experts)
         return self.model(tokens, cache.view(0, n))[:, -1]
 
     def _prefill(self, seq: _Seq, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
