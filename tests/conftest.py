@@ -119,3 +119,19 @@ def tie_free_ids(model, batch: int, T: int, seed: int, tries: int = 100) -> torc
         if c.count == 0:
             return ids
     raise AssertionError(f"no input without ambiguous top-k found for T={T}")
+
+
+CODE_CORPUS = [
+    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n",
+    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
+    "import os\nimport sys\n\nfor name in os.listdir('.'):\n    print(name, file=sys.stderr)\n",
+] * 30
+
+
+@pytest.fixture(scope="session")
+def corpus(tmp_path_factory):
+    """A folder of small Python files to train on (90 documents)."""
+    d = tmp_path_factory.mktemp("corpus")
+    for i, text in enumerate(CODE_CORPUS):
+        (d / f"doc{i:03d}.py").write_text(text + f"\n# document {i}\nvalue_{i} = {i * 7 % 13}\n")
+    return str(d)

@@ -91,15 +91,10 @@ def run_eval(a) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m sparseek.evals.cli ...`` until the verb is wired into ``sparseek``."""
-    parser = argparse.ArgumentParser(prog="sparseek")
-    add_eval_parser(parser.add_subparsers(dest="verb", required=True))
-    a = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    try:
-        return a.fn(a)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"sparseek eval: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m sparseek.evals.cli ...`` is ``sparseek eval ...``."""
+    from sparseek.cli import main as sparseek_main
+
+    return sparseek_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.train.test_trainer import CORPUS
 
 
 def _free_port() -> int:
@@ -42,12 +41,6 @@ def _worker(rank, world, port, out, corpus, optimizer):
     dist.destroy_process_group()
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(CORPUS):
-        (d / f"doc{i:03d}.py").write_text(text + f"\n# document {i}\n")
-    return str(d)
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "muon"])

@@ -5,26 +5,14 @@ from __future__ import annotations
 import json
 import os
 
-import pytest
 import torch
 
 import sparseek
 from sparseek.model.common import Gate
 from sparseek.train.trainer import TrainConfig, Trainer, balance_loss, max_violation, update_bias
 
-CORPUS = [
-    "def add(a, b):\n    return a + b\n\n\ndef sub(a, b):\n    return a - b\n",
-    "class Point:\n    def __init__(self, x, y):\n        self.x = x\n        self.y = y\n",
-    "import os\nimport sys\n\nfor name in os.listdir('.'):\n    print(name, file=sys.stderr)\n",
-] * 30
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    d = tmp_path_factory.mktemp("corpus")
-    for i, text in enumerate(CORPUS):
-        (d / f"doc{i:03d}.py").write_text(text + f"\n# document {i}\nvalue_{i} = {i * 7 % 13}\n")
-    return str(d)
 
 
 def _cfg(tmp, corpus, **kw):
