@@ -193,11 +193,11 @@ class Indexer(nn.Module):
     the rotation is orthonormal and leaves the dot products unchanged, so we skip both.)
     """
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, dtype=None):
         super().__init__()
         self.n_heads, self.dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
-        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.dim, bias=False)
-        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False)
+        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.dim, bias=False, dtype=dtype)
+        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False, dtype=dtype)
         self.compressor = Compressor(args, CSA_RATIO, self.dim)
         self.scale = self.dim ** -0.5 * self.n_heads ** -0.5
 
@@ -246,7 +246,7 @@ class Attention(nn.Module):
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32))
         self.scale = self.head_dim ** -0.5
         self.compressor = Compressor(args, self.ratio, self.head_dim) if self.ratio else None
-        self.indexer = Indexer(args) if self.ratio == CSA_RATIO else None
+        self.indexer = Indexer(args, dtype) if self.ratio == CSA_RATIO else None
 
     def forward(self, x_BTD: torch.Tensor, step: Step, lc: LayerCache | None) -> torch.Tensor:
         B, T, _ = x_BTD.shape

@@ -195,3 +195,17 @@ def test_compiled_decode_gives_the_same_tokens(model, tok):
     eager = LLM(model, tok, max_batch_size=2, max_seq_len=256).generate(PROMPTS[:3], params)
     compiled = LLM(model, tok, max_batch_size=2, max_seq_len=256, compile=True).generate(PROMPTS[:3], params)
     assert [o.token_ids for o in eager] == [o.token_ids for o in compiled]
+
+
+def test_bfloat16_engine_generates_and_batches(tok):
+    """The dtype a GPU serves in: generation, logprobs and speculative decoding run in bf16, and
+    batching does not change a sequence's tokens."""
+    llm = LLM("debug", dtype=torch.bfloat16, max_batch_size=2, max_seq_len=256, speculative_tokens=2)
+    assert llm.model.embed.weight.dtype == torch.bfloat16
+    params = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, logprobs=1)
+    batched = llm.generate(PROMPTS[:3], params)
+    alone = LLM("debug", dtype=torch.bfloat16, max_batch_size=1, max_seq_len=256,
+                speculative_tokens=2).generate([PROMPTS[2]], params)[0]
+    assert [len(o.token_ids) for o in batched] == [10, 10, 10]
+    assert all(lp is not None and len(lp) == 10 for lp in (o.logprobs for o in batched))
+    assert batched[2].token_ids == alone.token_ids
