@@ -1,10 +1,12 @@
 """Training checkpoints: model in the published layout + trainer state in safetensors, written atomically.
 
 A checkpoint directory ``step-000200/`` holds what ``sparseek.load`` needs (config.json, model
-safetensors, tokenizer) plus ``trainer.safetensors`` (optimizer tensors, RNG states) and
-``trainer.json`` (step, scalars, optimizer hyper-parameters). Everything is written into a
-temporary directory and renamed into place, and ``latest`` is replaced atomically, so a crash
-never leaves a half-written checkpoint as the one to resume from. No pickle anywhere.
+safetensors, tokenizer) plus, per rank, ``trainer-rank00000.safetensors`` (that rank's optimizer
+tensors -- its FSDP shards and its experts' moments in a sharded run -- and RNG state, with the
+nesting as JSON metadata) and ``trainer.json`` (step, world size, run scalars), written last as
+the mark of a complete checkpoint. Everything is written into a temporary directory and renamed
+into place, and ``latest`` is replaced atomically, so a crash never leaves a half-written
+checkpoint as the one to resume from. No pickle anywhere.
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import shutil
 import tempfile
 
 import torch
+import torch.distributed as dist
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from sparseek.checkpoint.io import save_model
+from sparseek.parallel import local_tensor
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
 def _flatten(obj, prefix: str, tensors: dict):
-    """Split a nested structure into tensors (safetensors) and JSON-able leaves."""
+    """Split a nested structure into tensors (safetensors) and JSON-able leaves. A sharded
+    (DTensor) tensor is stored as this rank's shard."""
     if isinstance(obj, torch.Tensor):
-        tensors[prefix] = obj.detach().contiguous().cpu()
+        tensors[prefix] = local_tensor(obj).detach().contiguous().cpu()
         return {"__tensor__": prefix}
     if isinstance(obj, dict):
         return {"__dict__": [[_key(k), _flatten(v, f"{prefix}.{k}", tensors)] for k, v in obj.items()]}
@@ -51,32 +57,60 @@ def _unflatten(obj, tensors: dict):
 
 
 def save_checkpoint(out_dir: str, step: int, model, tokenizer, optimizer, extra: dict, keep_last: int = 3,
-                    state: dict | None = None) -> str:
+                    state: dict | None = None) -> str | None:
+    """Write ``out_dir/step-NNNNNN``. In a distributed run every rank calls this (each writes its
+    own trainer state; rank 0 the model, whose gathered tensors ``state`` holds) and rank 0 gets
+    the path; the others get None."""
+    rank, world = _rank_world()
     os.makedirs(out_dir, exist_ok=True)
     final = os.path.join(out_dir, f"step-{step:06d}")
-    tmp = tempfile.mkdtemp(prefix=".tmp-step-", dir=out_dir)
+    tmp = tempfile.mkdtemp(prefix=".tmp-step-", dir=out_dir) if rank == 0 else None
+    if world > 1:  # every rank writes its shard into the directory rank 0 made (a shared file system)
+        box = [tmp]
+        dist.broadcast_object_list(box, src=0)
+        tmp = box[0]
     try:
-        save_model(model, tmp, tokenizer=tokenizer, state=state)
-        tensors: dict[str, torch.Tensor] = {}
-        state = {
-            "step": step,
-            # a sharded run saves the weights only (its optimizer state lives in shards)
-            "optimizer": _flatten(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None else None,
-            "rng": _flatten({"torch": torch.get_rng_state()}, "rng", tensors),
-            "extra": _flatten(extra, "extra", tensors),
-        }
-        save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
-        with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
-            json.dump(state, f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        if rank == 0:  # first: saving a model clears other safetensors from its directory
+            save_model(model, tmp, tokenizer=tokenizer, state=state)
+            tensors: dict[str, torch.Tensor] = {}
+            meta = {"step": step, "world_size": world, "extra": _flatten(extra, "extra", tensors)}
+            save_file(tensors, os.path.join(tmp, "trainer.safetensors"))
+        if world > 1:
+            dist.barrier()
+        tensors = {}
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        nested = {"optimizer": _flatten(optimizer.state_dict(), "optimizer", tensors) if optimizer is not None
+                  else None, "rng": _flatten(rng, "rng", tensors)}
+        save_file(tensors, os.path.join(tmp, _rank_file(rank)), metadata={"state": json.dumps(nested)})
+        if world > 1:
+            dist.barrier()  # every shard is on disk before the checkpoint is marked complete
+        if rank == 0:
+            with open(os.path.join(tmp, "trainer.json"), "w", encoding="utf-8") as f:
+                json.dump(meta, f)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if rank != 0:
+        return None
     _write_latest(out_dir, os.path.basename(final))
     _prune(out_dir, keep_last)
     return final
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _rank_file(rank: int) -> str:
+    return f"trainer-rank{rank:05d}.safetensors"
 
 
 def _write_latest(out_dir: str, name: str) -> None:
@@ -107,12 +141,38 @@ def latest_checkpoint(out_dir: str) -> str | None:
 
 
 def load_trainer_state(ckpt_dir: str) -> dict:
+    """This rank's trainer state. A run resumes with as many ranks as wrote the checkpoint (each
+    rank's optimizer shards belong to its slice of the model)."""
+    rank, world = _rank_world()
     with open(os.path.join(ckpt_dir, "trainer.json"), encoding="utf-8") as f:
-        state = json.load(f)
-    tensors = load_file(os.path.join(ckpt_dir, "trainer.safetensors"))
+        meta = json.load(f)
+    saved_world = meta.get("world_size", 1)
+    if saved_world != world:
+        raise ValueError(f"{ckpt_dir} was written by {saved_world} rank(s); resume it with the same number "
+                         f"(this run has {world}) -- or load its weights alone with sparseek.load")
+    path = os.path.join(ckpt_dir, _rank_file(rank))
+    with safe_open(path, framework="pt") as f:
+        nested = json.loads(f.metadata()["state"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
     return {
-        "step": state["step"],
-        "optimizer": _unflatten(state["optimizer"], tensors),
-        "rng": _unflatten(state["rng"], tensors),
-        "extra": _unflatten(state["extra"], tensors),
+        "step": meta["step"],
+        "optimizer": _unflatten(nested["optimizer"], tensors),
+        "rng": _unflatten(nested["rng"], tensors),
+        "extra": _unflatten(meta["extra"], load_file(os.path.join(ckpt_dir, "trainer.safetensors"))),
     }
+
+
+def restore_sharded_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``optimizer.load_state_dict`` of saved shards: give every state tensor of a sharded
+    (DTensor) parameter its parameter's sharding back."""
+    from torch.distributed.tensor import DTensor
+
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not isinstance(p, DTensor):
+                continue
+            st = optimizer.state[p]
+            for k, v in list(st.items()):
+                if torch.is_tensor(v) and not isinstance(v, DTensor) and v.shape == p.to_local().shape:
+                    st[k] = DTensor.from_local(v.to(p.device), p.device_mesh, p.placements, shape=p.shape,
+                                               stride=p.stride(), run_check=False)

@@ -101,6 +101,12 @@ class Trainer:
         with torch.device(self.device):
             self.model = build_model(self.args)
         self.model.init_weights(seed=cfg.seed)
+        resume_from = self._find_resume() if cfg.resume else None
+        if resume_from:
+            # the published full weights go in before sharding: parallelize slices them like fresh ones
+            from sparseek.checkpoint import load_model
+
+            self.model.load_state_dict(load_model(resume_from, dtype=torch.float32, device=self.device).state_dict())
         self.ep_params = []
         if world_size > 1:
             from sparseek.parallel import expert_parameters, parallelize
@@ -119,25 +125,25 @@ class Trainer:
         self.log_path = os.path.join(cfg.out, "log.jsonl")
         self.flops_per_token = training_flops_per_token(self.args, cfg.seq_len)
         self.peak_flops = None
-        if cfg.resume:
-            if world_size > 1:
-                raise ValueError("--resume is single-process for now: a sharded run saves its weights but "
-                                 "not its optimizer shards")
-            self._resume()
+        if resume_from:
+            self._resume(resume_from)
 
     # ------------------------------------------------------------------ state
-    def _resume(self) -> None:
+    def _find_resume(self) -> str | None:
         path = ckpt.latest_checkpoint(self.cfg.out)
         if path is None:
             log.warning("--resume: no checkpoint in %s, starting from scratch", self.cfg.out)
-            return
-        from sparseek.checkpoint import load_model
+        return path
 
-        loaded = load_model(path, dtype=torch.float32, device=self.device)
-        self.model.load_state_dict(loaded.state_dict())
+    def _resume(self, path: str) -> None:
+        """Optimizer, RNG and step of this rank (the weights went in before sharding)."""
         state = ckpt.load_trainer_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.world > 1:
+            ckpt.restore_sharded_state(self.optimizer)
         torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
         self.step = state["step"]
         # the log keeps only steps that a checkpoint covers: later lines belong to the lost run
         if os.path.exists(self.log_path) and self.rank == 0:
@@ -153,10 +159,8 @@ class Trainer:
             from sparseek.parallel import full_state_dict
 
             state = full_state_dict(self.model)  # a collective: every rank takes part
-        if self.rank != 0:
-            return None
-        return ckpt.save_checkpoint(self.cfg.out, self.step, self.model, self.tokenizer,
-                                    self.optimizer if self.world == 1 else None,
+        # every rank writes its own optimizer shards and RNG; rank 0 the gathered model
+        return ckpt.save_checkpoint(self.cfg.out, self.step, self.model, self.tokenizer, self.optimizer,
                                     {"config": json.dumps(self.cfg.to_json())}, keep_last=self.cfg.keep_last,
                                     state=state)
 
