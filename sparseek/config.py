@@ -96,6 +96,9 @@ class ModelArgs:
     # --- sparseek switches (not in DeepSeek's files; written back only when changed) ---
     # DeepSeek's code leaves the shared expert unclamped; transformers' port clamps it.
     clamp_shared_expert: bool = False
+    # DeepSeek's runtime rounds the non-rope dims of cached V4 KV entries to FP8 (64-blocks, power-of-
+    # two scales) and serving stacks store them so; transformers' port keeps them in bf16.
+    kv_fp8: bool = False
     # Everything else a config.json carries (architectures, quantization_config, torch_dtype,
     # runtime fields of inference/config.json ...) is kept verbatim so a round trip loses nothing.
     extra: dict = field(default_factory=dict)
@@ -347,7 +350,7 @@ _V4_ONLY = ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_r
             "hc_sinkhorn_iters", "hc_eps", "expert_dtype")
 _V3_ONLY = ("intermediate_size", "first_k_dense_replace", "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim",
             "v_head_dim", "n_group", "topk_group")
-_SPARSEEK_SWITCHES = ("clamp_shared_expert",)
+_SPARSEEK_SWITCHES = ("clamp_shared_expert", "kv_fp8")
 
 
 def _drop_derived_mla(known: dict, extra: dict) -> None:

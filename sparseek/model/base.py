@@ -14,9 +14,11 @@ ATTN_BLOCK_BUDGET = 1 << 24
 class DecoderLM(nn.Module):
     args = None
 
-    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None) -> Cache:
+    def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None,
+                  fp8_storage: bool | None = None) -> Cache:
         p = self.embed.weight
-        return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype)
+        return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype,
+                     fp8_storage=fp8_storage)
 
     def _begin(self, input_ids: torch.Tensor, cache: Cache | None) -> tuple[int, int, bool]:
         """Validate a forward's inputs -> (B, T, rows_apart): rows at different positions with

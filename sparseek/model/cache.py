@@ -10,6 +10,11 @@ architecture needs to continue a sequence:
 * for CSA layers, the lightning indexer's compressed keys and its own compressor state;
 * for MLA (V3) layers, the normalized latent and the shared rope key.
 
+With ``kv_fp8`` (DeepSeek's production format) the window and compressed entries are stored as
+FP8 e4m3 for the non-rope dims (1x64 blocks, power-of-two scales) plus the rope dims in the model
+dtype: 583 bytes per V4-Flash entry instead of 1,024 in bf16. The model rounds those dims to FP8
+before it uses them (as DeepSeek's code does), so storing them is lossless.
+
 ``pos`` counts the tokens each row has consumed; rows may differ (decode steps of sequences of
 different lengths), except that a multi-token chunk needs all rows at the same position.
 """
@@ -21,6 +26,61 @@ from dataclasses import dataclass
 import torch
 
 from sparseek.config import CSA_RATIO, ModelArgs
+
+
+FP8_MAX = 448.0
+FP8_BLOCK = 64
+
+
+def fp8_round(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Round the first ``n`` dims of ``x`` to FP8 e4m3 with one power-of-two scale per 64 values and
+    back (DeepSeek's quantization-aware round trip of cached KV); the rest pass unchanged."""
+    codes, exps = _fp8_quant(x[..., :n])
+    return torch.cat([_fp8_dequant(codes, exps, x.dtype), x[..., n:]], dim=-1)
+
+
+def _fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    xb = x.float().unflatten(-1, (-1, FP8_BLOCK))
+    amax = xb.abs().amax(-1, keepdim=True).clamp(min=1e-4)
+    exps = torch.ceil(torch.log2(amax / FP8_MAX))  # ue8m0: the scale is a power of two
+    codes = (xb * torch.exp2(-exps)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.flatten(-2), exps.squeeze(-1)
+
+
+def _fp8_dequant(codes: torch.Tensor, exps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = codes.float().unflatten(-1, (-1, FP8_BLOCK)) * torch.exp2(exps).unsqueeze(-1)
+    return x.flatten(-2).to(dtype)
+
+
+class FP8KV:
+    """Packs KV entries bytewise into one uint8 tensor: [rope dims in ``dtype`` | FP8 codes of the
+    other dims | one scale exponent byte (e8m0) per 64 codes]. One tensor keeps every ring, gather
+    and row copy of the cache unchanged; only writes encode and reads decode."""
+
+    def __init__(self, dim: int, rope_dim: int, dtype: torch.dtype):
+        self.n = dim - rope_dim
+        if self.n % FP8_BLOCK:
+            raise ValueError(f"FP8 KV needs the non-rope dims ({self.n}) in blocks of {FP8_BLOCK}")
+        self.rope_bytes = rope_dim * torch.tensor([], dtype=dtype).element_size()
+        self.dtype = dtype
+        self.width = self.rope_bytes + self.n + self.n // FP8_BLOCK
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        codes, exps = _fp8_quant(x[..., :self.n])
+        rope = x[..., self.n:].to(self.dtype).contiguous().view(torch.uint8)
+        return torch.cat([rope, codes.view(torch.uint8), (exps + 127).to(torch.uint8)], dim=-1)
+
+    def decode(self, packed: torch.Tensor) -> torch.Tensor:
+        rb, n = self.rope_bytes, self.n
+        rope = _bytes_as(packed[..., :rb], self.dtype)
+        codes = _bytes_as(packed[..., rb:rb + n], torch.float8_e4m3fn)
+        exps = packed[..., rb + n:].float() - 127
+        return torch.cat([_fp8_dequant(codes, exps, self.dtype), rope], dim=-1)
+
+
+def _bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # an empty slice may keep strides that no dtype view accepts: give it fresh ones
+    return (t.contiguous() if t.numel() else t.new_empty(t.shape)).view(dtype)
 
 
 @dataclass
@@ -50,6 +110,7 @@ class LayerCache:
     index_keys: torch.Tensor | None = None  # [B, cap/4, c_I]
     index_state: CompressorState | None = None
     latent: torch.Tensor | None = None  # [B, cap, kv_lora_rank + rope]  (MLA)
+    codec: FP8KV | None = None  # set: window and comp hold packed FP8 entries (uint8)
 
     def rows(self, r: slice) -> "LayerCache":
         """A view of some rows; writes through it land in this cache."""
@@ -57,7 +118,14 @@ class LayerCache:
             return None if t is None else t[r]
         return LayerCache(cut(self.window), cut(self.comp), self.comp_state.rows(r) if self.comp_state else None,
                           cut(self.index_keys), self.index_state.rows(r) if self.index_state else None,
-                          cut(self.latent))
+                          cut(self.latent), self.codec)
+
+    def encode(self, kv: torch.Tensor) -> torch.Tensor:
+        """KV entries as the window / comp buffers store them."""
+        return kv if self.codec is None else self.codec.encode(kv)
+
+    def decode(self, stored: torch.Tensor) -> torch.Tensor:
+        return stored if self.codec is None else self.codec.decode(stored)
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for t in (self.window, self.comp, self.index_keys, self.latent) if t is not None]
@@ -73,9 +141,15 @@ class Cache:
     SPARE = 8
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, device=None,
-                 dtype: torch.dtype = torch.float32, with_mtp: bool = True):
+                 dtype: torch.dtype = torch.float32, with_mtp: bool = True, fp8_storage: bool | None = None):
+        """``fp8_storage`` (default: ``args.kv_fp8``) packs window and compressed entries as FP8;
+        False keeps the (FP8-rounded) values in ``dtype``, with identical results."""
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"cache needs a positive batch size and length, got {batch_size} x {max_seq_len}")
+        if fp8_storage and not args.kv_fp8:
+            raise ValueError("fp8_storage needs a model that rounds its KV to FP8 (kv_fp8=True); storing "
+                             "unrounded entries in FP8 would silently change the results")
+        self.fp8_storage = args.kv_fp8 if fp8_storage is None else fp8_storage
         self.args = args
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
@@ -92,11 +166,14 @@ class Cache:
             return LayerCache(latent=torch.zeros(B, self.max_seq_len, a.kv_lora_rank + a.qk_rope_head_dim,
                                                  dtype=self.dtype, device=dev))
         c, spare = a.head_dim, self.SPARE
-        lc = LayerCache(window=torch.zeros(B, a.sliding_window + spare, c, dtype=self.dtype, device=dev))
+        codec = FP8KV(c, a.qk_rope_head_dim, self.dtype) if self.fp8_storage else None
+        width, kv_dtype = (codec.width, torch.uint8) if codec else (c, self.dtype)
+        lc = LayerCache(window=torch.zeros(B, a.sliding_window + spare, width, dtype=kv_dtype, device=dev),
+                        codec=codec)
         m = a.compress_ratio(layer_id)
         if m:
             overlap = m == CSA_RATIO
-            lc.comp = torch.zeros(B, self.max_seq_len // m, c, dtype=self.dtype, device=dev)
+            lc.comp = torch.zeros(B, self.max_seq_len // m, width, dtype=kv_dtype, device=dev)
             lc.comp_state = CompressorState.empty(B, m, c, overlap, dev, spare)
             if overlap:
                 lc.index_keys = torch.zeros(B, self.max_seq_len // m, a.index_head_dim, dtype=self.dtype, device=dev)
@@ -158,8 +235,10 @@ def cache_bytes(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat
     (K = V, ``head_dim`` wide); a CSA layer adds one entry and one ``index_head_dim`` indexer key
     per 4 tokens, an HCA layer one entry per 128 tokens. Compressor rings hold fp32 projections of
     the last window(s). V3: one latent of ``kv_lora_rank + qk_rope_head_dim`` per token per layer.
+    With ``args.kv_fp8`` an entry takes FP8 bytes for its non-rope dims plus one scale byte per 64.
     """
     e = torch.tensor([], dtype=dtype).element_size()
+    entry = FP8KV(args.head_dim, args.qk_rope_head_dim, dtype).width if args.is_v4 and args.kv_fp8 else None
     per_type: dict[str, dict[str, float]] = {}
     total_fixed = total_grow = 0.0
     n_blocks = args.num_hidden_layers + (args.n_mtp if args.is_v4 else 0)
@@ -168,12 +247,13 @@ def cache_bytes(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat
             kind, grow, fixed = "mla", (args.kv_lora_rank + args.qk_rope_head_dim) * e, 0
         else:
             kind, m, c = args.layer_kind(i), args.compress_ratio(i), args.head_dim
-            fixed = (args.sliding_window + spare) * c * e
+            entry_bytes = entry if entry is not None else c * e
+            fixed = (args.sliding_window + spare) * entry_bytes
             grow = 0.0
             if m:
                 coff = 2 if m == CSA_RATIO else 1
                 fixed += 2 * (coff * m + spare) * coff * c * 4
-                grow += c * e / m
+                grow += entry_bytes / m
                 if m == CSA_RATIO:
                     grow += args.index_head_dim * e / m
                     fixed += 2 * (2 * m + spare) * 2 * args.index_head_dim * 4

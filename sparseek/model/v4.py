@@ -26,7 +26,7 @@ from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, init_params
-from sparseek.model.cache import Cache, CompressorState, LayerCache
+from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
 
@@ -52,10 +52,11 @@ def _block_size(batch: int, heads: int, keys: int, gathered: int, dim: int, tota
     return max(1, min(total, ATTN_BLOCK_BUDGET // max(per_query, 1)))
 
 
-def attend(q_BQHC, win_BLC, win_mask_BQL, comp_BNC, comp_mask_BQN, idx_BQK, sink_H, scale):
+def attend(q_BQHC, win_BLC, win_mask_BQL, comp_BNC, comp_mask_BQN, idx_BQK, sink_H, scale, codec=None):
     """One block of sparse attention with a sink: softmax over [window keys ; compressed keys ; sink].
 
-    CSA passes ``idx_BQK`` (indices into ``comp_BNC``, -1 = nothing) and its entries are gathered;
+    CSA passes ``idx_BQK`` (indices into ``comp_BNC``, -1 = nothing) and its entries are gathered
+    (and decoded, when ``codec`` says the cache stores them packed: only the picked ones);
     HCA passes ``comp_mask_BQN`` and attends to the whole (visible) compressed prefix.
     """
     B, Q, H, C = q_BQHC.shape
@@ -64,6 +65,8 @@ def attend(q_BQHC, win_BLC, win_mask_BQL, comp_BNC, comp_mask_BQN, idx_BQK, sink
     parts, values = [s_BQHL], None
     if idx_BQK is not None:
         gathered_BQKC = comp_BNC[torch.arange(B, device=q_BQHC.device)[:, None, None], idx_BQK.clamp(min=0)]
+        if codec is not None:
+            gathered_BQKC = codec.decode(gathered_BQKC)
         s_BQHK = torch.einsum("bqhc,bqkc->bqhk", q_BQHC, gathered_BQKC).float() * scale
         parts.append(s_BQHK.masked_fill((idx_BQK < 0)[:, :, None, :], float("-inf")))
         values = gathered_BQKC
@@ -93,9 +96,10 @@ class Compressor(nn.Module):
     window's entry, the second half its *own*; an entry is a per-channel softmax over 2m slots.
     """
 
-    def __init__(self, args: ModelArgs, ratio: int, head_dim: int):
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, fp8_dims: int = 0):
         super().__init__()
         self.ratio, self.dim = ratio, head_dim
+        self.fp8_dims = fp8_dims  # leading dims of each entry rounded to FP8 (kv_fp8; attention entries only)
         self.overlap = ratio == CSA_RATIO
         coff = 2 if self.overlap else 1
         self.wkv = nn.Linear(args.hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
@@ -111,7 +115,8 @@ class Compressor(nn.Module):
     def _finish(self, pooled: torch.Tensor, first_pos: torch.Tensor, rotary: Rotary, dtype) -> torch.Tensor:
         entries = self.norm(pooled.to(dtype))
         cos, sin = rotary(first_pos)
-        return apply_rope(entries, cos, sin)
+        entries = apply_rope(entries, cos, sin)
+        return fp8_round(entries, self.fp8_dims) if self.fp8_dims else entries
 
     def _pool(self, kv_BWLC, sc_BWLC) -> torch.Tensor:
         """Windows laid out as [prev window (overlap only); own window] along L -> pooled [B, W, c]."""
@@ -245,7 +250,10 @@ class Attention(nn.Module):
         self.wo_b = nn.Linear(self.n_groups * self.o_rank, args.hidden_size, bias=False, dtype=dtype)
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32))
         self.scale = self.head_dim ** -0.5
-        self.compressor = Compressor(args, self.ratio, self.head_dim) if self.ratio else None
+        # kv_fp8: the non-rope dims of every cached entry are rounded to FP8, as DeepSeek's runtime
+        # does, so a cache may store them in FP8 losslessly
+        self.fp8_dims = self.head_dim - self.rope_dim if args.kv_fp8 else 0
+        self.compressor = Compressor(args, self.ratio, self.head_dim, self.fp8_dims) if self.ratio else None
         self.indexer = Indexer(args, dtype) if self.ratio == CSA_RATIO else None
 
     def forward(self, x_BTD: torch.Tensor, step: Step, lc: LayerCache | None) -> torch.Tensor:
@@ -255,6 +263,8 @@ class Attention(nn.Module):
         q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
         q = apply_rope(rms_unweighted(q, self.eps), cos[:, :, None], sin[:, :, None])
         kv = apply_rope(self.kv_norm(self.wkv(x_BTD)), cos, sin)
+        if self.fp8_dims:
+            kv = fp8_round(kv, self.fp8_dims)
         if step.decode:
             o = self._decode(x_BTD, qr, q, kv, step, lc)
         else:
@@ -274,20 +284,22 @@ class Attention(nn.Module):
             # than the window, so rolled-back speculative tokens never overwrite a live entry)
             R = lc.window.shape[1]
             order = (s - win + torch.arange(win, device=x.device)) % R
-            keys = torch.cat([lc.window[:, order], kv], dim=1)
+            keys = torch.cat([lc.decode(lc.window[:, order]), kv], dim=1)
             n_prefix = win
             with torch.no_grad():
                 tail = kv[:, -R:]
-                lc.window[:, (s + T - tail.shape[1] + torch.arange(tail.shape[1], device=x.device)) % R] = tail
+                lc.window[:, (s + T - tail.shape[1] + torch.arange(tail.shape[1], device=x.device)) % R] = lc.encode(tail)
         else:
             keys, n_prefix = kv, 0
 
         comp = idx_keys = q_idx = w_idx = None
+        codec = lc.codec if lc is not None else None
         if self.compressor is not None:
             m = self.ratio
             rot = step.rotary["compress"]
             new = self.compressor.chunk(x, step.positions, s, lc.comp_state if lc else None, rot)
-            comp = self._store(lc.comp if lc else None, new, s // m, (s + T) // m)
+            comp = self._store(lc.comp if lc else None, new if codec is None else codec.encode(new),
+                               s // m, (s + T) // m)
             if self.indexer is not None:
                 new_k = self.indexer.compressor.chunk(x, step.positions, s, lc.index_state if lc else None, rot)
                 idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
@@ -320,10 +332,10 @@ class Attention(nn.Module):
                     idx = self.indexer.select(q_idx[:, i0:i1], w_idx[:, i0:i1], idx_keys, n_vis)
                 else:
                     n_max = int(n_vis.max())
-                    comp_blk = comp[:, :n_max]
+                    comp_blk = comp[:, :n_max] if codec is None else codec.decode(comp[:, :n_max])
                     comp_mask = torch.arange(n_max, device=x.device) < n_vis[..., None]
             out.append(attend(q[:, i0:i1], keys[:, k_lo:k_hi], mask, comp_blk, comp_mask, idx,
-                              self.attn_sink, self.scale))
+                              self.attn_sink, self.scale, codec))
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
 
     @staticmethod
@@ -340,7 +352,7 @@ class Attention(nn.Module):
         pos, win = step.pos, self.window
         rows = torch.arange(B, device=x.device)
         R = lc.window.shape[1]
-        lc.window[rows, pos % R] = kv[:, 0]
+        lc.window[rows, pos % R] = lc.encode(kv[:, 0])
         # slot j holds the latest position <= pos congruent to j (mod R)
         held = pos[:, None] - (pos[:, None] - torch.arange(R, device=x.device)[None, :]) % R
         win_mask = ((held >= 0) & (held > pos[:, None] - win))[:, None, :]
@@ -351,7 +363,7 @@ class Attention(nn.Module):
             # eager: attend over the filled prefix only; static: over the whole buffer, masked
             n = lc.comp.shape[1] if step.static else int(n_vis.max())
             entry, closes = self.compressor.step(x, pos, lc.comp_state, rot, step.static)
-            self._write_entry(lc.comp, entry, pos // m, closes, step.static)
+            self._write_entry(lc.comp, None if entry is None else lc.encode(entry), pos // m, closes, step.static)
             comp = lc.comp[:, :n]
             if self.indexer is not None:
                 k_entry, _ = self.indexer.compressor.step(x, pos, lc.index_state, rot, step.static)
@@ -360,7 +372,8 @@ class Attention(nn.Module):
                 idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n], n_vis[:, None])
             else:
                 comp_mask = (torch.arange(n, device=x.device)[None, :] < n_vis[:, None])[:, None, :]
-        return attend(q, lc.window, win_mask, comp, comp_mask, idx, self.attn_sink, self.scale)
+                comp = lc.decode(comp)
+        return attend(q, lc.decode(lc.window), win_mask, comp, comp_mask, idx, self.attn_sink, self.scale, lc.codec)
 
     @staticmethod
     def _write_entry(buf, entry, index, closes, static: bool) -> None:
