@@ -45,12 +45,13 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
-def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True):
+def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True, **overrides):
     """Load a checkpoint directory, or build a named preset with random weights.
 
     Returns ``(model, tokenizer)``; the tokenizer is None when a checkpoint ships none.
     dtype defaults to the checkpoint's ``torch_dtype`` (FP8 checkpoints load as bfloat16) and to
-    float32 for presets.
+    float32 for presets. ``overrides`` replace config fields that do not change the weights'
+    shapes, e.g. ``kv_fp8=True`` (DeepSeek's FP8 KV cache) or ``clamp_shared_expert=True``.
     """
     dtype = resolve_dtype(dtype)
     if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
@@ -58,6 +59,8 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
 
         root = path_or_preset if os.path.isdir(path_or_preset) else os.path.dirname(path_or_preset)
         args = ModelArgs.from_json(root)
+        if overrides:
+            args = args.replace(**overrides)
         if dtype is None:
             dtype = _DTYPES.get(str(args.extra.get("torch_dtype", args.extra.get("dtype", "bfloat16"))), torch.bfloat16)
         model = load_model(path_or_preset, dtype=dtype, device=device, args=args)
@@ -71,7 +74,7 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
                 log.warning("no tokenizer.json in %s: returning tokenizer=None", root)
         return model.eval(), tok
     if path_or_preset in PRESETS:
-        args = preset(path_or_preset)
+        args = preset(path_or_preset, **overrides)
         with torch.device(device):
             model = build_model(args, dtype=dtype or torch.float32)
         model.init_weights(seed=seed)

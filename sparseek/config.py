@@ -239,6 +239,9 @@ class ModelArgs:
         os.replace(tmp, path)
 
     def replace(self, **changes) -> "ModelArgs":
+        unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)} - {"extra"})
+        if unknown:
+            raise ConfigError(f"unknown config field(s) {unknown}")
         new = dataclasses.replace(self, **changes)
         if hasattr(self, "_given"):
             new._given = list(self._given)
@@ -275,6 +278,7 @@ class ModelArgs:
         if self.model_type == V4:
             self._validate_v4(need)
         else:
+            need(not self.kv_fp8, "kv_fp8", "the FP8 KV cache is DeepSeek-V4's (MLA caches stay in the model dtype)")
             self._validate_mla(need)
 
     def _validate_v4(self, need) -> None:
@@ -287,6 +291,9 @@ class ModelArgs:
         need(self.qk_rope_head_dim <= self.index_head_dim, "qk_rope_head_dim", f"> index_head_dim={self.index_head_dim}")
         need(self.num_attention_heads % self.o_groups == 0, "o_groups",
              f"num_attention_heads={self.num_attention_heads} is not divisible by o_groups={self.o_groups}")
+        nope = self.head_dim - self.qk_rope_head_dim
+        need(not self.kv_fp8 or (nope > 0 and nope % min(64, nope) == 0), "kv_fp8",
+             f"FP8 KV rounds the non-rope dims in blocks of 64: head_dim - qk_rope_head_dim = {nope}")
         need(self.hc_mult >= 1, "hc_mult", "must be >= 1")
         need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
         need(0 <= self.num_hash_layers <= self.num_hidden_layers, "num_hash_layers",

@@ -32,15 +32,23 @@ FP8_MAX = 448.0
 FP8_BLOCK = 64
 
 
+def fp8_block(n: int) -> int:
+    """Values per scale: DeepSeek's 64; heads with fewer non-rope dims (small presets) use one block."""
+    block = min(FP8_BLOCK, n)
+    if n <= 0 or n % block:
+        raise ValueError(f"FP8 KV needs the non-rope dims ({n}) in whole blocks of {FP8_BLOCK}")
+    return block
+
+
 def fp8_round(x: torch.Tensor, n: int) -> torch.Tensor:
     """Round the first ``n`` dims of ``x`` to FP8 e4m3 with one power-of-two scale per 64 values and
     back (DeepSeek's quantization-aware round trip of cached KV); the rest pass unchanged."""
-    codes, exps = _fp8_quant(x[..., :n])
+    codes, exps = _fp8_quant(x[..., :n], fp8_block(n))
     return torch.cat([_fp8_dequant(codes, exps, x.dtype), x[..., n:]], dim=-1)
 
 
-def _fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    xb = x.float().unflatten(-1, (-1, FP8_BLOCK))
+def _fp8_quant(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    xb = x.float().unflatten(-1, (-1, block))
     amax = xb.abs().amax(-1, keepdim=True).clamp(min=1e-4)
     exps = torch.ceil(torch.log2(amax / FP8_MAX))  # ue8m0: the scale is a power of two
     codes = (xb * torch.exp2(-exps)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
@@ -48,7 +56,7 @@ def _fp8_quant(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _fp8_dequant(codes: torch.Tensor, exps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    x = codes.float().unflatten(-1, (-1, FP8_BLOCK)) * torch.exp2(exps).unsqueeze(-1)
+    x = codes.float().unflatten(-1, (exps.shape[-1], -1)) * torch.exp2(exps).unsqueeze(-1)
     return x.flatten(-2).to(dtype)
 
 
@@ -59,14 +67,13 @@ class FP8KV:
 
     def __init__(self, dim: int, rope_dim: int, dtype: torch.dtype):
         self.n = dim - rope_dim
-        if self.n % FP8_BLOCK:
-            raise ValueError(f"FP8 KV needs the non-rope dims ({self.n}) in blocks of {FP8_BLOCK}")
+        self.block = fp8_block(self.n)
         self.rope_bytes = rope_dim * torch.tensor([], dtype=dtype).element_size()
         self.dtype = dtype
-        self.width = self.rope_bytes + self.n + self.n // FP8_BLOCK
+        self.width = self.rope_bytes + self.n + self.n // self.block
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        codes, exps = _fp8_quant(x[..., :self.n])
+        codes, exps = _fp8_quant(x[..., :self.n], self.block)
         rope = x[..., self.n:].to(self.dtype).contiguous().view(torch.uint8)
         return torch.cat([rope, codes.view(torch.uint8), (exps + 127).to(torch.uint8)], dim=-1)
 

@@ -51,7 +51,7 @@ def test_codec_is_lossless_on_rounded_values_and_packs_tight():
     assert torch.equal(codec.decode(packed), x)
     assert torch.equal(codec.decode(packed[:, 2:4]), x[:, 2:4])  # rows and slices decode on their own
     with pytest.raises(ValueError, match="blocks of 64"):
-        FP8KV(dim=32, rope_dim=8, dtype=torch.float32)
+        FP8KV(dim=80, rope_dim=8, dtype=torch.float32)
 
 
 def test_fp8_storage_equals_rounded_values_in_full_precision(model, ids):
@@ -127,3 +127,23 @@ def test_kv_fp8_round_trips_through_config_json(tmp_path):
     loaded, _ = sparseek.load(str(tmp_path), dtype=torch.float32, tokenizer=False)
     assert loaded.args.kv_fp8 and loaded.layers[0].attn.fp8_dims == 64
     assert "kv_fp8" not in build_model(_args()).args.to_dict()  # written only when switched on
+
+
+def test_kv_fp8_from_load_llm_and_clear_errors():
+    m, _ = sparseek.load("debug", tokenizer=False, head_dim=72, kv_fp8=True)
+    assert m.new_cache(1, 32).layers[0].window.dtype == torch.uint8
+    with pytest.raises(sparseek.ConfigError, match="kv_fp8"):
+        sparseek.preset("debug", head_dim=80, kv_fp8=True)  # 72 non-rope dims: not whole 64-blocks
+    with pytest.raises(sparseek.ConfigError, match="kv_fp8"):
+        sparseek.preset("debug-v3", kv_fp8=True)
+    with pytest.raises(sparseek.ConfigError, match="kv_fpp8"):
+        sparseek.preset("debug").replace(kv_fpp8=True)
+    from sparseek.engine import LLM, SamplingParams
+
+    # heads narrower than a block (the small presets: 32 non-rope dims) take one scale per head
+    assert FP8KV(64, 32, torch.float32).width == 32 * 4 + 32 + 1
+    assert sparseek.preset("small", kv_fp8=True).kv_fp8
+    llm = LLM(build_model(_args(kv_fp8=True)).eval(), tokenizer=None, max_batch_size=2, max_seq_len=128)
+    out = llm.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
+    assert [len(o.token_ids) for o in out] == [5, 5]
+    assert llm._cache.layers[0].window.dtype == torch.uint8
