@@ -110,7 +110,8 @@ class Compressor(nn.Module):
     def project(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor):
         x = x_BTD.float()
         with fp32_region():
-            return self.wkv(x), self.wgate(x) + self.ape[positions_BT % self.ratio]
+            return (F.linear(x, self.wkv.weight.float()),
+                    F.linear(x, self.wgate.weight.float()) + self.ape[positions_BT % self.ratio].float())
 
     def _finish(self, pooled: torch.Tensor, first_pos: torch.Tensor, rotary: Rotary, dtype) -> torch.Tensor:
         entries = self.norm(pooled.to(dtype))
@@ -404,7 +405,8 @@ def hc_mix(x_BTSD: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[tor
     xf = x_BTSD.flatten(2).float()
     rs = torch.rsqrt(xf.square().mean(-1, keepdim=True) + norm_eps)
     with fp32_region():
-        return F.linear(xf, fn) * rs, xf.view(x_BTSD.shape)
+        # .float(): stays right after a blanket model.to(bfloat16), which also casts this fp32 island
+        return F.linear(xf, fn.float()) * rs, xf.view(x_BTSD.shape)
 
 
 class Block(nn.Module):

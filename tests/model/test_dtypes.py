@@ -63,3 +63,25 @@ def test_bfloat16_cached_decode_is_as_accurate_as_the_full_forward(preset):
     assert _position_err(eager, ref)[:, 100:].median() < 2 * base
     if static is not None:
         assert _position_err(static, ref[:, 100:]).median() < 2 * base
+
+
+def test_blanket_cast_to_bfloat16_still_runs():
+    """``model.to(torch.bfloat16)`` (what users do) also casts the fp32 islands (mHC mixing, the
+    compressor); they compute in fp32 regardless, so forward, decode and backward still work."""
+    m32, _ = _pair("debug")
+    m16 = build_model(sparseek.preset("debug")).eval()
+    m16.load_state_dict(m32.state_dict())
+    m16 = m16.to(torch.bfloat16)
+    assert m16.layers[0].hc_attn_fn.dtype == torch.bfloat16
+    ids = torch.randint(0, m16.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = m32(ids)
+        got = m16(ids)
+        cache = m16.new_cache(2, 48)
+        m16(ids[:, :39], cache)
+        last = m16(ids[:, 39:], cache)
+    assert _position_err(got, ref).median() < 0.1
+    assert _position_err(last[:, -1], got[:, -1]).max() < 0.1
+    logits, h = m16(ids, return_hidden=True)
+    (logits.float().sum() + m16.forward_mtp(h[:, :-1], ids[:, 1:]).float().sum()).backward()
+    assert m16.layers[1].attn.compressor.wkv.weight.grad is not None

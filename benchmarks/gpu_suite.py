@@ -1,0 +1,367 @@
+"""Everything the engine and training issues measure on one GPU, in one run (one device lease).
+
+    python3 benchmarks/gpu_suite.py --out benchmarks/results/h200            # on the H200
+    python benchmarks/gpu_suite.py --smoke --out /tmp/smoke                  # the same code paths on a CPU, tiny
+
+The model is the anchors' (§2) transformers baseline: DeepSeek-V4 with V4-Flash dimensions, 6 layers,
+64 routed experts, bf16, random weights. Sections, each timed, each written to ``OUT.jsonl`` as it
+finishes (a run cut short keeps what it measured), then summarized in ``OUT.md``:
+
+1. ceilings: copy bandwidth and bf16 matmul rate, measured now;
+2. prefill of 16K / 64K / 128K tokens (chunked; peak memory; the lightning indexer's share, timed
+   by running the 64K prefill again with the indexer's scoring replaced by a free stand-in);
+3. decode at batch 1 and 32 with short prompts, eager and compiled (CUDA graphs), with the
+   roofline (active weight bytes + cache bytes read per step / measured bandwidth);
+4. batch-1 decode with 128K and 1M tokens of context, from caches filled with synthetic entries
+   (the cost of a step does not depend on the values);
+5. training steps (forward + MTP + backward + Muon/AdamW, bf16 autocast) of ``small`` and of the
+   6-layer model's forward+backward, tokens/s and MFU on active-parameter FLOPs.
+
+transformers' numbers for the same model on the same kind of machine are in anchors §2
+(prefill 2K 17,606 tok/s, OOM at 16K; decode bs1 25.8, bs32 556 tok/s; train 8,163 tok/s);
+``--with-transformers`` also runs its prefill 2K and decode bs1 here (needs DeepseekV4 in transformers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import sparseek  # noqa: E402
+from sparseek.model import build_model  # noqa: E402
+from sparseek.model.cache import cache_bytes  # noqa: E402
+
+T0 = time.perf_counter()
+
+
+def flash6(smoke: bool):
+    if smoke:
+        return sparseek.preset("debug")
+    a = sparseek.preset("v4-flash")
+    n = 6
+    return sparseek.preset("v4-flash", num_hidden_layers=n, n_routed_experts=64,
+                           compress_ratios=a.compress_ratios[:n] + [0])
+
+
+def sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gb(dev) -> float | None:
+    return torch.cuda.max_memory_allocated() / 2**30 if dev.type == "cuda" else None
+
+
+def reset_peak(dev):
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+class Report:
+    def __init__(self, out: str, budget: float):
+        self.out, self.budget, self.rows = out, budget, []
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        open(out + ".jsonl", "w").close()
+
+    def left(self) -> float:
+        return self.budget - (time.perf_counter() - T0)
+
+    def add(self, section: str, **kw):
+        row = {"section": section, "t": round(time.perf_counter() - T0, 1), **kw}
+        self.rows.append(row)
+        print(json.dumps(row), flush=True)
+        with open(self.out + ".jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def run(self, section: str, fn, *a, need: float = 0.0, **kw):
+        if self.left() < need:
+            self.add(section, skipped=f"time budget: {self.left():.0f}s left, needs ~{need:.0f}s")
+            return None
+        try:
+            return fn(*a, **kw)
+        except Exception as e:  # one failure must not cost the rest of the lease
+            self.add(section, error=f"{type(e).__name__}: {str(e)[:400]}")
+            if "out of memory" in str(e).lower() and torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            return None
+
+
+# ---------------------------------------------------------------------------- 1. ceilings
+def ceilings(rep: Report, dev, smoke: bool):
+    n = (8 << 20) if smoke else (1 << 30)
+    x = torch.empty(n, dtype=torch.bfloat16, device=dev).fill_(1)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync(dev)
+    t, k = time.perf_counter(), 0
+    while time.perf_counter() - t < 1.0:
+        y.copy_(x)
+        k += 1
+    sync(dev)
+    bw = 2 * x.numel() * 2 * k / (time.perf_counter() - t)
+    del x, y
+    m = 1024 if smoke else 8192
+    a = torch.randn(m, m, dtype=torch.bfloat16, device=dev)
+    b = torch.randn(m, m, dtype=torch.bfloat16, device=dev)
+    a @ b
+    sync(dev)
+    t, k = time.perf_counter(), 0
+    while time.perf_counter() - t < 1.0:
+        a @ b
+        k += 1
+    sync(dev)
+    flops = 2 * m ** 3 * k / (time.perf_counter() - t)
+    rep.add("ceilings", copy_gbs=bw / 1e9, bf16_tflops=flops / 1e12, torch=torch.__version__,
+            device=torch.cuda.get_device_name() if dev.type == "cuda" else platform.processor())
+    return bw, flops
+
+
+# ---------------------------------------------------------------------------- 2. prefill
+def prefill(rep: Report, model, dev, T: int, chunk: int, tag: str = ""):
+    ids = torch.randint(10, model.args.vocab_size, (1, T), device=dev)
+    reset_peak(dev)
+    base = torch.cuda.memory_allocated() / 2**30 if dev.type == "cuda" else None
+    with torch.inference_mode():
+        cache = model.new_cache(1, T + 16)
+        sync(dev)
+        t = time.perf_counter()
+        for s in range(0, T, chunk):
+            model(ids[:, s:s + chunk], cache, last_n=1)
+        sync(dev)
+        dt = time.perf_counter() - t
+    rep.add("prefill" + tag, tokens=T, chunk=chunk, seconds=dt, tokens_per_s=T / dt,
+            peak_gb=peak_gb(dev), weights_gb=base, cache_gb=cache.nbytes() / 2**30)
+    del cache
+    return dt
+
+
+def indexer_share(rep: Report, model, dev, T: int, chunk: int, full_s: float):
+    """Run the prefill again with the indexer's O(T^2) scoring replaced by a free pick (the first
+    entries): the difference is what the lightning indexer costs."""
+    from sparseek.model import v4
+
+    orig = v4.Indexer.select
+
+    def free(self, q, w, keys, n_vis):
+        k = min(self.topk, keys.shape[1])
+        idx = torch.arange(k, device=q.device).expand(*q.shape[:2], k)
+        return torch.where(idx < n_vis[..., None], idx, -1)
+
+    v4.Indexer.select = free
+    try:
+        without = prefill(rep, model, dev, T, chunk, tag=" (indexer stubbed)")
+    finally:
+        v4.Indexer.select = orig
+    rep.add("indexer share", tokens=T, indexer_seconds=full_s - without, share=(full_s - without) / full_s)
+
+
+# ---------------------------------------------------------------------------- 3./4. decode
+def active_bytes(model) -> float:
+    c = model.param_counts()
+    a = model.args
+    return (c["active"] + a.hidden_size * a.vocab_size) * 2  # bf16 weights read per step (head included)
+
+
+def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float, prompt: int = 128, new: int = 64):
+    from sparseek.engine import LLM, SamplingParams
+
+    llm = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32, compile=compiled)
+    prompts = [torch.randint(10, model.args.vocab_size, (prompt,)).tolist() for _ in range(batch)]
+
+    def gen(n):
+        return llm.generate(prompts, SamplingParams(max_tokens=n, temperature=0, ignore_eos=True))
+
+    gen(4)  # warm-up (and compilation / graph capture)
+    sync(dev)
+    t0 = time.perf_counter()
+    gen(1)
+    sync(dev)
+    t1 = time.perf_counter()
+    gen(new)
+    sync(dev)
+    t2 = time.perf_counter()
+    rate = batch * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
+    per_step = active_bytes(model) + batch * cache_bytes(model.args, prompt + new, torch.bfloat16)["total_bytes"]
+    roof = batch * bw / per_step
+    rep.add("decode", batch=batch, compiled=compiled, context=prompt, tokens_per_s=rate,
+            roofline_tokens_per_s=roof, roofline_fraction=rate / roof)
+
+
+def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 32):
+    """Batch-1 decode after ``context`` tokens: a cache of that length with synthetic entries."""
+    with torch.inference_mode():
+        cache = model.new_cache(1, context + steps + 16)
+        g = torch.Generator(device=dev).manual_seed(0)
+        for lc in cache.layers:
+            for t in lc.tensors():
+                if t.is_floating_point():
+                    t.copy_(torch.randn(t.shape, generator=g, device=dev, dtype=t.dtype) * 0.5)
+        cache.pos.fill_(context)
+        cache.mtp_pos.fill_(context)
+        step = torch.compile(model.decode_step, dynamic=False,
+                             mode="reduce-overhead" if dev.type == "cuda" else None)
+        tok = torch.randint(10, model.args.vocab_size, (1, 1), device=dev)
+        for _ in range(3):
+            step(tok, cache)
+        sync(dev)
+        t = time.perf_counter()
+        for _ in range(steps):
+            step(tok, cache)
+        sync(dev)
+        dt = (time.perf_counter() - t) / steps
+    # the static step reads every compressed buffer in full (masked): count what it reads
+    read = active_bytes(model) + cache.nbytes()
+    rep.add("decode long context", batch=1, context=context, tokens_per_s=1 / dt, ms_per_token=dt * 1e3,
+            cache_gb=cache.nbytes() / 2**30, roofline_tokens_per_s=bw / read, roofline_fraction=(1 / dt) / (bw / read),
+            peak_gb=peak_gb(dev))
+    del cache
+
+
+# ---------------------------------------------------------------------------- 5. training
+def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_flops: float, name: str,
+                optimizer: str | None = "muon"):
+    from sparseek.train.optim import build_optimizer
+    from sparseek.train.trainer import training_flops_per_token
+
+    torch.manual_seed(0)
+    with torch.device(dev):  # fwd+bwd only: bf16 weights (an 11.6B model's fp32 optimizer does not fit)
+        model = build_model(args, dtype=None if optimizer else torch.bfloat16)
+    model.init_weights(seed=0)
+    opt = build_optimizer(model, optimizer) if optimizer else None
+    model.train()
+    ce = torch.nn.functional.cross_entropy
+
+    def one():
+        x = torch.randint(0, args.vocab_size, (batch, seq + 1), device=dev)
+        x, y = x[:, :-1], x[:, 1:]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            logits, h = model(x, return_hidden=True)
+            loss = ce(logits.flatten(0, 1), y.flatten())
+            if len(model.mtp):
+                loss = loss + 0.3 * ce(model.forward_mtp(h[:, :-1], x[:, 1:]).flatten(0, 1), y[:, 1:].flatten())
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        else:
+            model.zero_grad(set_to_none=True)
+
+    reset_peak(dev)
+    for _ in range(2):
+        one()
+    sync(dev)
+    t = time.perf_counter()
+    for _ in range(steps):
+        one()
+    sync(dev)
+    dt = (time.perf_counter() - t) / steps
+    tps = batch * seq / dt
+    mfu = tps * training_flops_per_token(args, seq) / peak_flops
+    rep.add("train", model=name, batch=batch, seq_len=seq, optimizer=optimizer or "none (fwd+bwd)",
+            tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
+    del model, opt
+
+
+# ---------------------------------------------------------------------------- transformers
+def transformers_side(rep: Report, model, dev):
+    import tempfile
+
+    import transformers
+
+    if not hasattr(transformers, "DeepseekV4ForCausalLM"):
+        rep.add("transformers", skipped=f"transformers {transformers.__version__} has no DeepseekV4ForCausalLM")
+        return
+    with tempfile.TemporaryDirectory() as d:
+        sparseek.save(model, d)
+        theirs = transformers.DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(dev).eval()
+    T = 2048
+    ids = torch.randint(10, model.args.vocab_size, (1, T), device=dev)
+    with torch.inference_mode():
+        theirs(ids, logits_to_keep=1)
+        sync(dev)
+        t = time.perf_counter()
+        theirs(ids, logits_to_keep=1)
+        sync(dev)
+        rep.add("transformers prefill", tokens=T, tokens_per_s=T / (time.perf_counter() - t))
+        theirs.generation_config.pad_token_id = 0
+        short = ids[:, :128]
+        theirs.generate(short, max_new_tokens=2, do_sample=False)
+        sync(dev)
+        t = time.perf_counter()
+        theirs.generate(short, max_new_tokens=33, min_new_tokens=33, do_sample=False)
+        sync(dev)
+        rep.add("transformers decode", batch=1, tokens_per_s=32 / (time.perf_counter() - t))
+    del theirs
+
+
+def summarize(rep: Report):
+    lines = [f"# GPU suite: {sys.argv[0]} {' '.join(sys.argv[1:])}", "",
+             "One row per measurement, in the order run (JSON lines beside this file).", "",
+             "| section | what | tokens/s | other |", "|---|---|---|---|"]
+    for r in rep.rows:
+        what = ", ".join(f"{k}={r[k]}" for k in ("model", "tokens", "batch", "context", "compiled", "chunk")
+                         if k in r)
+        other = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
+                          if k not in ("section", "t", "tokens_per_s", "model", "tokens", "batch", "context",
+                                       "compiled", "chunk"))
+        tps = f"{r['tokens_per_s']:,.1f}" if "tokens_per_s" in r else ""
+        lines.append(f"| {r['section']} | {what} | {tps} | {other} |")
+    with open(rep.out + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results/h200")
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device (checks the code paths)")
+    ap.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped past it")
+    ap.add_argument("--with-transformers", action="store_true")
+    a = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
+    rep = Report(a.out, a.budget)
+    bw, flops = ceilings(rep, dev, a.smoke)
+    args = flash6(a.smoke)
+    dtype = torch.bfloat16
+    with torch.device(dev):
+        model = build_model(args, dtype=dtype)
+    model.init_weights(seed=0)
+    model.eval()
+    c = model.param_counts()
+    rep.add("model", params_total=c["total"], params_active=c["active"], layers=args.num_hidden_layers,
+            experts=args.n_routed_experts, dtype=str(dtype))
+    lengths = (512, 2048) if a.smoke else (16384, 65536, 131072)
+    chunk = 256 if a.smoke else 16384
+    times = {}
+    for T in lengths:
+        times[T] = rep.run("prefill", prefill, rep, model, dev, T, chunk, need=30)
+    mid = lengths[1]
+    if times.get(mid):
+        rep.run("indexer share", indexer_share, rep, model, dev, mid, chunk, times[mid], need=60)
+    for batch in (1, 32) if not a.smoke else (1, 4):
+        for compiled in (False, True):
+            rep.run("decode", decode_short, rep, model, dev, batch, compiled, bw, need=60)
+    for ctx in ((131072, 1 << 20) if not a.smoke else (4096,)):
+        rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=60)
+    if a.with_transformers:
+        rep.run("transformers", transformers_side, rep, model, dev, need=90)
+    del model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    small = sparseek.preset("debug" if a.smoke else "small")
+    rep.run("train", train_speed, rep, small, dev, 2 if a.smoke else 16, 128 if a.smoke else 2048,
+            3 if a.smoke else 10, flops, "small", need=60)
+    rep.run("train", train_speed, rep, args, dev, 1 if a.smoke else 4, 128 if a.smoke else 2048,
+            2 if a.smoke else 5, flops, "v4-flash-dims 6 layers", optimizer=None, need=90)
+    summarize(rep)
+
+
+if __name__ == "__main__":
+    main()
