@@ -34,10 +34,12 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
 
 import sparseek  # noqa: E402
 from sparseek.model import build_model  # noqa: E402
 from sparseek.model.cache import cache_bytes  # noqa: E402
+from bench_engine import bandwidth_gbs  # noqa: E402
 
 T0 = time.perf_counter()
 
@@ -96,18 +98,7 @@ class Report:
 
 # ---------------------------------------------------------------------------- 1. ceilings
 def ceilings(rep: Report, dev, smoke: bool):
-    n = (8 << 20) if smoke else (1 << 30)
-    x = torch.empty(n, dtype=torch.bfloat16, device=dev).fill_(1)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    sync(dev)
-    t, k = time.perf_counter(), 0
-    while time.perf_counter() - t < 1.0:
-        y.copy_(x)
-        k += 1
-    sync(dev)
-    bw = 2 * x.numel() * 2 * k / (time.perf_counter() - t)
-    del x, y
+    bw = bandwidth_gbs(dev.type) * 1e9
     m = 1024 if smoke else 8192
     a = torch.randn(m, m, dtype=torch.bfloat16, device=dev)
     b = torch.randn(m, m, dtype=torch.bfloat16, device=dev)
