@@ -151,6 +151,9 @@ def load_trainer_state(ckpt_dir: str) -> dict:
         raise ValueError(f"{ckpt_dir} was written by {saved_world} rank(s); resume it with the same number "
                          f"(this run has {world}) -- or load its weights alone with sparseek.load")
     path = os.path.join(ckpt_dir, _rank_file(rank))
+    if not os.path.exists(path):
+        raise ValueError(f"{ckpt_dir} has no {_rank_file(rank)} (an incomplete checkpoint, or one from an older "
+                         "sparseek): its weights still load with sparseek.load, its optimizer state does not")
     with safe_open(path, framework="pt") as f:
         nested = json.loads(f.metadata()["state"])
         tensors = {k: f.get_tensor(k) for k in f.keys()}
