@@ -92,6 +92,9 @@ class LLM:
             extra = {} if kv_fp8 is None else {"kv_fp8": kv_fp8}
             model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, **extra)
             tokenizer = tokenizer or loaded_tok
+        elif kv_fp8 is not None and kv_fp8 != model.args.kv_fp8:
+            raise ValueError("kv_fp8 changes how the model computes: load it with sparseek.load(..., kv_fp8=True) "
+                             "or pass a path / preset name to LLM")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.args = model.args

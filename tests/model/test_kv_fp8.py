@@ -147,3 +147,5 @@ def test_kv_fp8_from_load_llm_and_clear_errors():
     out = llm.generate([[1, 2, 3], [4, 5, 6, 7]], SamplingParams(max_tokens=5, temperature=0, ignore_eos=True))
     assert [len(o.token_ids) for o in out] == [5, 5]
     assert llm._cache.layers[0].window.dtype == torch.uint8
+    with pytest.raises(ValueError, match="kv_fp8"):
+        LLM(build_model(_args()).eval(), tokenizer=None, kv_fp8=True)  # a built model cannot switch
