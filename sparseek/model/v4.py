@@ -299,8 +299,7 @@ class Attention(nn.Module):
             m = self.ratio
             rot = step.rotary["compress"]
             new = self.compressor.chunk(x, step.positions, s, lc.comp_state if lc else None, rot)
-            comp = self._store(lc.comp if lc else None, new if codec is None else codec.encode(new),
-                               s // m, (s + T) // m)
+            comp = self._store(lc.comp, lc.encode(new), s // m, (s + T) // m) if lc else new
             if self.indexer is not None:
                 new_k = self.indexer.compressor.chunk(x, step.positions, s, lc.index_state if lc else None, rot)
                 idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
