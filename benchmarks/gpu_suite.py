@@ -82,6 +82,7 @@ class Report:
         print(json.dumps(row), flush=True)
         with open(self.out + ".jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
+        summarize(self)  # after every row: a run cut off by its time limit keeps a readable table
 
     def run(self, section: str, fn, *a, need: float = 0.0, **kw):
         if self.left() < need:
@@ -128,7 +129,7 @@ def prefill(rep: Report, model, dev, T: int, chunk: int, tag: str = ""):
             model(ids[:, s:s + chunk], cache, last_n=1)
         sync(dev)
         dt = time.perf_counter() - t
-    rep.add("prefill" + tag, tokens=T, chunk=chunk, seconds=dt, tokens_per_s=T / dt,
+    rep.add("prefill" + tag, impl="sparseek", tokens=T, chunk=chunk, seconds=dt, tokens_per_s=T / dt,
             peak_gb=peak_gb(dev), weights_gb=base, cache_gb=cache.nbytes() / 2**30)
     del cache
     return dt
@@ -182,7 +183,7 @@ def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float,
     rate = batch * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
     per_step = active_bytes(model) + batch * cache_bytes(model.args, prompt + new, torch.bfloat16)["total_bytes"]
     roof = batch * bw / per_step
-    rep.add("decode", batch=batch, compiled=compiled, context=prompt, tokens_per_s=rate,
+    rep.add("decode", impl="sparseek", batch=batch, compiled=compiled, context=prompt, tokens_per_s=rate,
             roofline_tokens_per_s=roof, roofline_fraction=rate / roof)
 
 
@@ -197,6 +198,8 @@ def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 3
                     t.copy_(torch.randn(t.shape, generator=g, device=dev, dtype=t.dtype) * 0.5)
         cache.pos.fill_(context)
         cache.mtp_pos.fill_(context)
+        if dev.type == "cuda":
+            cache.mark_static()
         step = torch.compile(model.decode_step, dynamic=False,
                              mode="reduce-overhead" if dev.type == "cuda" else None)
         tok = torch.randint(10, model.args.vocab_size, (1, 1), device=dev)
@@ -210,7 +213,7 @@ def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 3
         dt = (time.perf_counter() - t) / steps
     # the static step reads every compressed buffer in full (masked): count what it reads
     read = active_bytes(model) + cache.nbytes()
-    rep.add("decode long context", batch=1, context=context, tokens_per_s=1 / dt, ms_per_token=dt * 1e3,
+    rep.add("decode long context", impl="sparseek", batch=1, context=context, tokens_per_s=1 / dt, ms_per_token=dt * 1e3,
             cache_gb=cache.nbytes() / 2**30, roofline_tokens_per_s=bw / read, roofline_fraction=(1 / dt) / (bw / read),
             peak_gb=peak_gb(dev))
     del cache
@@ -218,14 +221,19 @@ def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 3
 
 # ---------------------------------------------------------------------------- 5. training
 def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_flops: float, name: str,
-                optimizer: str | None = "muon"):
+                optimizer: str | None = "muon", mtp: bool = True, model=None):
+    """Tokens/s and MFU of training steps. ``optimizer=None`` times forward + backward only (bf16
+    weights: an 11.6B model's fp32 optimizer state does not fit), which is what transformers'
+    baseline row measures; ``model`` reuses an already-built one (its weights are left as found)."""
     from sparseek.train.optim import build_optimizer
     from sparseek.train.trainer import training_flops_per_token
 
-    torch.manual_seed(0)
-    with torch.device(dev):  # fwd+bwd only: bf16 weights (an 11.6B model's fp32 optimizer does not fit)
-        model = build_model(args, dtype=None if optimizer else torch.bfloat16)
-    model.init_weights(seed=0)
+    own = model is None
+    if own:
+        torch.manual_seed(0)
+        with torch.device(dev):
+            model = build_model(args, dtype=None if optimizer else torch.bfloat16)
+        model.init_weights(seed=0)
     opt = build_optimizer(model, optimizer) if optimizer else None
     model.train()
     ce = torch.nn.functional.cross_entropy
@@ -235,9 +243,9 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
         x, y = x[:, :-1], x[:, 1:]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits, h = model(x, return_hidden=True)
-            loss = ce(logits.flatten(0, 1), y.flatten())
-            if len(model.mtp):
-                loss = loss + 0.3 * ce(model.forward_mtp(h[:, :-1], x[:, 1:]).flatten(0, 1), y[:, 1:].flatten())
+            loss = ce(logits.flatten(0, 1).float(), y.flatten())
+            if mtp and len(model.mtp):
+                loss = loss + 0.3 * ce(model.forward_mtp(h[:, :-1], x[:, 1:]).flatten(0, 1).float(), y[:, 1:].flatten())
         loss.backward()
         if opt is not None:
             opt.step()
@@ -245,6 +253,20 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
         else:
             model.zero_grad(set_to_none=True)
 
+    try:
+        tps = _time_steps(one, dev, batch * seq, steps)
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    mfu = tps * training_flops_per_token(args, seq) / peak_flops
+    rep.add("train", impl="sparseek", model=name, batch=batch, seq_len=seq,
+            optimizer=optimizer or "none (fwd+bwd)", mtp=bool(mtp and len(model.mtp)),
+            tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
+    if own:
+        del model, opt
+
+
+def _time_steps(one, dev, tokens_per_step: int, steps: int) -> float:
     reset_peak(dev)
     for _ in range(2):
         one()
@@ -253,58 +275,103 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
     for _ in range(steps):
         one()
     sync(dev)
-    dt = (time.perf_counter() - t) / steps
-    tps = batch * seq / dt
-    mfu = tps * training_flops_per_token(args, seq) / peak_flops
-    rep.add("train", model=name, batch=batch, seq_len=seq, optimizer=optimizer or "none (fwd+bwd)",
-            tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
-    del model, opt
+    return tokens_per_step * steps / (time.perf_counter() - t)
 
 
 # ---------------------------------------------------------------------------- transformers
-def transformers_side(rep: Report, model, dev):
+def hf_model(args, dev):
+    """transformers' DeepseekV4ForCausalLM of the same config, randomly initialized on the device
+    (timings do not depend on the values; writing 23 GB of weights to disk and back would cost
+    minutes of the lease)."""
     import tempfile
 
     import transformers
 
     if not hasattr(transformers, "DeepseekV4ForCausalLM"):
-        rep.add("transformers", skipped=f"transformers {transformers.__version__} has no DeepseekV4ForCausalLM")
-        return
+        raise RuntimeError(f"transformers {transformers.__version__} has no DeepseekV4ForCausalLM")
     with tempfile.TemporaryDirectory() as d:
-        sparseek.save(model, d)
-        theirs = transformers.DeepseekV4ForCausalLM.from_pretrained(d, dtype=torch.bfloat16).to(dev).eval()
+        args.save(d)
+        cfg = transformers.AutoConfig.from_pretrained(d)
+    with torch.device(dev):
+        return transformers.DeepseekV4ForCausalLM._from_config(cfg, dtype=torch.bfloat16).eval()
+
+
+def hf_inference(rep: Report, theirs, dev, vocab: int):
+    import transformers
+
+    v = transformers.__version__
     T = 2048
-    ids = torch.randint(10, model.args.vocab_size, (1, T), device=dev)
+    ids = torch.randint(10, vocab, (1, T), device=dev)
     with torch.inference_mode():
         theirs(ids, logits_to_keep=1)
         sync(dev)
         t = time.perf_counter()
         theirs(ids, logits_to_keep=1)
         sync(dev)
-        rep.add("transformers prefill", tokens=T, tokens_per_s=T / (time.perf_counter() - t))
+        rep.add("prefill", impl=f"transformers {v}", tokens=T, tokens_per_s=T / (time.perf_counter() - t),
+                peak_gb=peak_gb(dev))
         theirs.generation_config.pad_token_id = 0
-        short = ids[:, :128]
-        theirs.generate(short, max_new_tokens=2, do_sample=False)
-        sync(dev)
-        t = time.perf_counter()
-        theirs.generate(short, max_new_tokens=33, min_new_tokens=33, do_sample=False)
-        sync(dev)
-        rep.add("transformers decode", batch=1, tokens_per_s=32 / (time.perf_counter() - t))
+        for batch in (1, 32):
+            short = torch.randint(10, vocab, (batch, 128), device=dev)
+            theirs.generate(short, max_new_tokens=2, min_new_tokens=2, do_sample=False)
+            sync(dev)
+            t = time.perf_counter()
+            theirs.generate(short, max_new_tokens=33, min_new_tokens=33, do_sample=False)
+            sync(dev)
+            rep.add("decode", impl=f"transformers {v}", batch=batch, context=128,
+                    tokens_per_s=batch * 32 / (time.perf_counter() - t))
+
+
+def hf_train(rep: Report, theirs, args, dev, batch: int, seq: int, steps: int, peak_flops: float, name: str):
+    import transformers
+
+    from sparseek.train.trainer import training_flops_per_token
+
+    theirs.train()
+
+    def one():
+        x = torch.randint(0, args.vocab_size, (batch, seq), device=dev)
+        theirs(input_ids=x, labels=x).loss.backward()
+        theirs.zero_grad(set_to_none=True)
+
+    try:
+        tps = _time_steps(one, dev, batch * seq, steps)
+    finally:
+        theirs.eval()
+        theirs.zero_grad(set_to_none=True)
+    rep.add("train", impl=f"transformers {transformers.__version__}", model=name, batch=batch, seq_len=seq,
+            optimizer="none (fwd+bwd)", mtp=False, tokens_per_s=tps,
+            mfu=tps * training_flops_per_token(args, seq) / peak_flops, peak_gb=peak_gb(dev))
+
+
+def transformers_side(rep: Report, args, dev, peak_flops: float, name: str, inference: bool,
+                      train_batch: int, train_seq: int, train_steps: int):
+    theirs = rep.run("transformers", hf_model, args, dev, need=30)
+    if theirs is None:
+        return
+    if inference:
+        rep.run("transformers", hf_inference, rep, theirs, dev, args.vocab_size, need=30)
+    rep.run("transformers", hf_train, rep, theirs, args, dev, train_batch, train_seq, train_steps,
+            peak_flops, name, need=30)
     del theirs
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer"]
+KEYS = ("model", "tokens", "batch", "context", "compiled", "chunk", "seq_len", "optimizer")
 
 
 def summarize(rep: Report):
     lines = [f"# GPU suite: {sys.argv[0]} {' '.join(sys.argv[1:])}", "",
              "One row per measurement, in the order run (JSON lines beside this file).", "",
-             "| section | what | tokens/s | other |", "|---|---|---|---|"]
+             "| section | impl | what | tokens/s | other |", "|---|---|---|---|---|"]
     for r in rep.rows:
-        what = ", ".join(f"{k}={r[k]}" for k in ("model", "tokens", "batch", "context", "compiled", "chunk")
-                         if k in r)
+        what = ", ".join(f"{k}={r[k]}" for k in KEYS if k in r)
         other = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()
-                          if k not in ("section", "t", "tokens_per_s", "model", "tokens", "batch", "context",
-                                       "compiled", "chunk"))
+                          if k not in ("section", "t", "tokens_per_s", "impl") + KEYS)
         tps = f"{r['tokens_per_s']:,.1f}" if "tokens_per_s" in r else ""
-        lines.append(f"| {r['section']} | {what} | {tps} | {other} |")
+        lines.append(f"| {r['section']} | {r.get('impl', '')} | {what} | {tps} | {other} |")
     with open(rep.out + ".md", "w") as f:
         f.write("\n".join(lines) + "\n")
 
@@ -315,11 +382,15 @@ def main():
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device (checks the code paths)")
     ap.add_argument("--budget", type=float, default=540, help="seconds; later sections are skipped past it")
     ap.add_argument("--with-transformers", action="store_true")
+    ap.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
+                    help="run only these sections (a short rerun after a change)")
     a = ap.parse_args()
+    want = set(a.only)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     rep = Report(a.out, a.budget)
     bw, flops = ceilings(rep, dev, a.smoke)
     args = flash6(a.smoke)
+    name = "debug" if a.smoke else "v4-flash-dims 6 layers"
     dtype = torch.bfloat16
     with torch.device(dev):
         model = build_model(args, dtype=dtype)
@@ -328,31 +399,40 @@ def main():
     c = model.param_counts()
     rep.add("model", params_total=c["total"], params_active=c["active"], layers=args.num_hidden_layers,
             experts=args.n_routed_experts, dtype=str(dtype))
-    lengths = (512, 2048) if a.smoke else (16384, 65536, 131072)
-    chunk = 256 if a.smoke else 16384
+    # sections in order of what the issues need most, so a run cut short by the lease loses the least
+    short_T, lengths, chunk = (256, (512, 2048), 256) if a.smoke else (2048, (16384, 131072, 65536), 16384)
+    tb, ts = (2, 128) if a.smoke else (4, 2048)
     times = {}
-    for T in lengths:
-        times[T] = rep.run("prefill", prefill, rep, model, dev, T, chunk, need=30)
-    mid = lengths[1]
-    if times.get(mid):
-        rep.run("indexer share", indexer_share, rep, model, dev, mid, chunk, times[mid], need=60)
-    for batch in (1, 32) if not a.smoke else (1, 4):
-        for compiled in (False, True):
-            rep.run("decode", decode_short, rep, model, dev, batch, compiled, bw, need=60)
-    for ctx in ((131072, 1 << 20) if not a.smoke else (4096,)):
-        rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=60)
+    with torch.inference_mode():  # warm-up: kernel loading and library handles stay out of the timings
+        model(torch.randint(10, args.vocab_size, (1, 256), device=dev), last_n=1)
+    if "prefill" in want:
+        rep.run("prefill", prefill, rep, model, dev, short_T, short_T, need=10)
+        for T in lengths[:2]:
+            times[T] = rep.run("prefill", prefill, rep, model, dev, T, chunk, need=30)
+    batches = (1, 4) if a.smoke else (1, 32)
+    for batch in batches if "decode" in want else ():
+        rep.run("decode", decode_short, rep, model, dev, batch, False, bw, need=20)
     if a.with_transformers:
-        rep.run("transformers", transformers_side, rep, model, dev, need=90)
-    del model
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
+        transformers_side(rep, args, dev, flops, name, True, tb, ts, 2 if a.smoke else 3)
     small = sparseek.preset("debug" if a.smoke else "small")
-    rep.run("train", train_speed, rep, small, dev, 2 if a.smoke else 16, 128 if a.smoke else 2048,
-            3 if a.smoke else 10, flops, "small", need=60)
-    rep.run("train", train_speed, rep, args, dev, 1 if a.smoke else 4, 128 if a.smoke else 2048,
-            2 if a.smoke else 5, flops, "v4-flash-dims 6 layers", optimizer=None, need=90)
-    summarize(rep)
-
+    sb, ss = (2, 128) if a.smoke else (16, 2048)
+    if "train" in want:
+        rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name,
+                optimizer=None, mtp=False, model=model, need=40)
+        rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small", need=30)
+        rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small",
+                optimizer=None, mtp=False, need=30)
+    if a.with_transformers:
+        transformers_side(rep, small, dev, flops, "small", False, sb, ss, 3 if a.smoke else 10)
+    for batch in batches if "decode-compiled" in want else ():
+        rep.run("decode", decode_short, rep, model, dev, batch, True, bw, need=90)
+    for ctx in ((4096,) if a.smoke else (1 << 20, 131072)) if "decode-long" in want else ():
+        rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=90)
+    if "indexer" in want:
+        mid = lengths[2] if len(lengths) > 2 else lengths[0]
+        times[mid] = times.get(mid) or rep.run("prefill", prefill, rep, model, dev, mid, chunk, need=60)
+        if times.get(mid):
+            rep.run("indexer share", indexer_share, rep, model, dev, mid, chunk, times[mid], need=60)
 
 if __name__ == "__main__":
     main()

@@ -271,6 +271,8 @@ class LLM:
     def _run(self, requests: list[_Seq]) -> Iterator[_Seq]:
         if self._cache is None:
             self._cache = self.model.new_cache(self.max_batch_size, self.max_seq_len)
+            if self._decode_fn is not None and self._cache.device.type == "cuda":
+                self._cache.mark_static()
         cache = self._cache
         waiting = deque(requests)
         running: list[_Seq] = []

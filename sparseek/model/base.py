@@ -11,6 +11,11 @@ from sparseek.model.cache import Cache
 ATTN_BLOCK_BUDGET = 1 << 24
 
 
+def attn_block_budget(device: torch.device) -> int:
+    """A GPU has the memory for 16x bigger blocks, and small blocks cost it many small launches."""
+    return ATTN_BLOCK_BUDGET if device.type == "cpu" else ATTN_BLOCK_BUDGET << 4
+
+
 class DecoderLM(nn.Module):
     args = None
 
@@ -40,15 +45,23 @@ class DecoderLM(nn.Module):
 
 def init_params(model: nn.Module, std: float, seed: int) -> None:
     """Matrices ~ N(0, std); norm weights and gating factors 1; biases, sinks and ape 0."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(seed)
+    # one generator per device, drawn where the parameter lives: a CPU-drawn init of a
+    # 10B-parameter model on a GPU would take a minute of single-threaded sampling
+    gens: dict[torch.device, torch.Generator] = {}
+
+    def gen(dev: torch.device) -> torch.Generator:
+        if dev not in gens:
+            gens[dev] = torch.Generator(device=dev)
+            gens[dev].manual_seed(seed)
+        return gens[dev]
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if p.device.type == "meta":
                 continue
             if p.dim() >= 2 and leaf != "ape":
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                p.copy_(torch.randn(p.shape, generator=gen(p.device), device=p.device) * std)
             elif p.dim() == 1 and (leaf == "weight" or leaf.endswith("_scale")):
                 p.fill_(1.0)
             else:

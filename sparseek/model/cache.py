@@ -188,6 +188,13 @@ class Cache:
         return lc
 
     # ------------------------------------------------------------------ bookkeeping
+    def mark_static(self) -> "Cache":
+        """Pin every buffer's address for torch.compile, so that a CUDA-graphed decode step may
+        update the cache in place (inductor otherwise skips graphs that mutate their inputs)."""
+        for t in [self.pos, self.mtp_pos] + [t for lc in self.layers for t in lc.tensors()]:
+            torch._dynamo.mark_static_address(t)
+        return self
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for lc in self.layers for t in lc.tensors())
 

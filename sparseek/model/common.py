@@ -74,9 +74,12 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", self.make_inv_freq(), persistent=False)
 
     def make_inv_freq(self) -> torch.Tensor:
-        # built on the CPU even under a meta-device context: the table is tiny and must hold numbers
+        # built on the CPU even under a meta-device context (the table is tiny and must hold
+        # numbers), then moved to the ambient device (a `with torch.device("cuda")` build)
+        ambient = torch.empty(0).device
         with torch.device("cpu"):
-            return rope_inv_freq(self.dim, self.base, self.yarn)
+            f = rope_inv_freq(self.dim, self.base, self.yarn)
+        return f if ambient.type == "meta" else f.to(ambient)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: any shape of int -> cos, sin of shape [*positions.shape, dim/2], fp32."""
@@ -188,6 +191,33 @@ class MLP(nn.Module):
         return self.w2(h.to(x.dtype))
 
 
+def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
+                limit: float | None, scale_M: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``xs`` sorted by expert (``expert_M`` non-decreasing) through their experts' SwiGLU FFNs
+    (``w*`` stacked [E, out, in]; ``scale_M`` multiplies before w2), as three grouped GEMMs.
+
+    Nothing here waits for the host: each expert's rows are placed in a buffer of fixed size
+    M + 7E with every group starting at a multiple of 8 rows (the grouped kernel's 16-byte
+    alignment), padding rows are zero, and the last group runs to the end of the buffer. So the
+    same code serves prefill, training and a CUDA-graphed decode step.
+    """
+    M, E = xs_MD.shape[0], w1.shape[0]
+    dev = xs_MD.device
+    counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
+    padded = (counts + 7) // 8 * 8
+    first = counts.cumsum(0) - counts
+    dest = (padded.cumsum(0) - padded)[expert_M] + torch.arange(M, device=dev) - first[expert_M]
+    P = M + 7 * E
+    offs = padded.cumsum(0).to(torch.int32)
+    offs[-1] = P
+    buf = xs_MD.new_zeros(P, xs_MD.shape[1]).index_copy(0, dest, xs_MD)
+    h = swiglu(torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs).float(),
+               torch._grouped_mm(buf, w3.transpose(-2, -1), offs=offs).float(), limit)
+    if scale_M is not None:
+        h = h * torch.zeros(P, 1, dtype=h.dtype, device=dev).index_copy(0, dest, scale_M.to(h.dtype)[:, None])
+    return torch._grouped_mm(h.to(xs_MD.dtype), w2.transpose(-2, -1), offs=offs)[dest]
+
+
 class Experts(nn.Module):
     """All routed experts of one layer as three stacked tensors [E, out, in].
 
@@ -204,14 +234,24 @@ class Experts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(n, inter, dim, dtype=dtype))
         self.limit = limit
 
+    # one grouped GEMM per matrix instead of a Python loop over experts (torch >= 2.8); tests
+    # switch it off to compare with the loop, which stays the reference and the LoRA path
+    grouped = hasattr(torch, "_grouped_mm")
+
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        n_tok, k = idx_NK.shape
+        k = idx_NK.shape[1]
         flat_idx = idx_NK.reshape(-1)
         order = flat_idx.argsort(stable=True)
-        counts = torch.bincount(flat_idx, minlength=self.n).tolist()
         token_of = order // k  # which token each sorted (token, slot) pair belongs to
-        x_sorted = x_ND[token_of]
-        w_sorted = weights_NK.reshape(-1)[order].unsqueeze(-1)
+        w_sorted = weights_NK.reshape(-1)[order]
+        if self.grouped and type(self).proj is Experts.proj:
+            out = grouped_ffn(x_ND[token_of], flat_idx[order], self.w1, self.w2, self.w3, self.limit, w_sorted)
+        else:
+            out = self._forward_loop(x_ND[token_of], flat_idx, w_sorted.unsqueeze(-1))
+        return torch.zeros_like(x_ND).index_add_(0, token_of, out)
+
+    def _forward_loop(self, x_sorted: torch.Tensor, flat_idx: torch.Tensor, w_sorted: torch.Tensor) -> torch.Tensor:
+        counts = torch.bincount(flat_idx, minlength=self.n).tolist()
         out = torch.empty_like(x_sorted)
         start = 0
         for e, c in enumerate(counts):
@@ -220,11 +260,9 @@ class Experts(nn.Module):
             xs = x_sorted[start:start + c]
             h = swiglu(self.proj(xs, e, "w1").float(), self.proj(xs, e, "w3").float(), self.limit)
             # the routing weight multiplies before w2, as in DeepSeek's code (equal by linearity)
-            out[start:start + c] = self.proj((h * w_sorted[start:start + c]).to(x_ND.dtype), e, "w2")
+            out[start:start + c] = self.proj((h * w_sorted[start:start + c]).to(x_sorted.dtype), e, "w2")
             start += c
-        y = torch.zeros_like(x_ND)
-        y.index_add_(0, token_of, out)
-        return y
+        return out
 
     def proj(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         """x @ W_e^T for expert e's matrix ``name`` (the hook LoRA adapters override)."""
@@ -263,7 +301,9 @@ class MoE(nn.Module):
         w, idx, scores = self.gate(x, ids)
         if self.record_routing:
             self.last_routing = (idx.view(*shape[:-1], -1), scores.view(*shape[:-1], -1))
-        y = self.experts.forward_static(x, w, idx) if static else self.experts(x, w, idx)
+        # a fixed-shape step gathers each pair's expert only while that reads less than all experts
+        gather = static and (idx.numel() <= self.experts.n or not self.experts.grouped)
+        y = self.experts.forward_static(x, w, idx) if gather else self.experts(x, w, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

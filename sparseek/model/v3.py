@@ -20,7 +20,7 @@ from torch import nn
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
 from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, yarn_mscale
-from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, init_params
+from sparseek.model.base import DecoderLM, attn_block_budget, init_params
 
 
 def _rope_layout(args: ModelArgs) -> bool:
@@ -101,7 +101,7 @@ class MLA(nn.Module):
         else:
             kv = torch.einsum("bsr,hnr->bshn", c_kv, w)
             k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
-        Qb = max(1, min(T, ATTN_BLOCK_BUDGET // max(1, B * H * S)))
+        Qb = max(1, min(T, attn_block_budget(q_nope.device) // max(1, B * H * S)))
         ar = torch.arange(S, device=q_nope.device)
         out = []
         for i0 in range(0, T, Qb):

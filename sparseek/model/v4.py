@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
-from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, init_params
+from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, attn_block_budget, init_params
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
@@ -47,9 +47,10 @@ class Step:
         return self.start is None
 
 
-def _block_size(batch: int, heads: int, keys: int, gathered: int, dim: int, total: int, extra: int = 0) -> int:
+def _block_size(batch: int, heads: int, keys: int, gathered: int, dim: int, total: int, extra: int = 0,
+                budget: int = ATTN_BLOCK_BUDGET) -> int:
     per_query = batch * (heads * keys + gathered * dim + extra)
-    return max(1, min(total, ATTN_BLOCK_BUDGET // max(per_query, 1)))
+    return max(1, min(total, budget // max(per_query, 1)))
 
 
 def attend(q_BQHC, win_BLC, win_mask_BQL, comp_BNC, comp_mask_BQN, idx_BQK, sink_H, scale, codec=None):
@@ -312,8 +313,10 @@ class Attention(nn.Module):
         n_keys = win + 64 + (K if self.indexer is not None else n_comp)
         idx_cost = self.indexer.n_heads * n_comp if self.indexer is not None else 0
         # small blocks: a block of Qb queries scores Qb + win - 1 window keys, so the band wastes
-        # (Qb - 1) / win of the window work; 64 keeps that low without many Python iterations
-        Qb = _block_size(B, H, n_keys, K, C, min(T, 64), idx_cost)
+        # (Qb - 1) / win of the window work; 64 keeps that low without many Python iterations on
+        # a CPU, while a GPU pays more for each block's launches than for the wasted band
+        cap = 64 if x.device.type == "cpu" else 512
+        Qb = _block_size(B, H, n_keys, K, C, min(T, cap), idx_cost, attn_block_budget(x.device))
         out = []
         for i0 in range(0, T, Qb):
             i1 = min(T, i0 + Qb)
@@ -331,7 +334,7 @@ class Attention(nn.Module):
                     comp_blk = comp
                     idx = self.indexer.select(q_idx[:, i0:i1], w_idx[:, i0:i1], idx_keys, n_vis)
                 else:
-                    n_max = int(n_vis.max())
+                    n_max = (s + i1) // self.ratio  # = n_vis.max(), known without a device sync
                     comp_blk = comp[:, :n_max] if codec is None else codec.decode(comp[:, :n_max])
                     comp_mask = torch.arange(n_max, device=x.device) < n_vis[..., None]
             out.append(attend(q[:, i0:i1], keys[:, k_lo:k_hi], mask, comp_blk, comp_mask, idx,

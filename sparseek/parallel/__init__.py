@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparseek.model.common import Experts, swiglu
+from sparseek.model.common import Experts, grouped_ffn
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -72,14 +72,7 @@ class EPExperts(nn.Module):
         dist.all_to_all_single(e_recv, expert.contiguous(), r, s, group=self.group)
         local = e_recv - self.first
         o2 = local.argsort(stable=True)
-        counts = torch.bincount(local, minlength=self.n_local).tolist()
-        xs, outs, start = x_recv[o2], [], 0
-        for e, c in enumerate(counts):
-            h = swiglu((xs[start:start + c] @ self.w1[e].t()).float(), (xs[start:start + c] @ self.w3[e].t()).float(),
-                       self.limit)
-            outs.append(h.to(x_ND.dtype) @ self.w2[e].t())
-            start += c
-        y_sorted = torch.cat(outs) if outs else x_recv[:0]
+        y_sorted = grouped_ffn(x_recv[o2], local[o2], self.w1, self.w2, self.w3, self.limit)
         y_recv = y_sorted[torch.argsort(o2)]  # back to the order the rows arrived in
         y_back = all_to_all_single(x_ND.new_empty(sum(s), x_ND.shape[1]), y_recv, s, r, group=self.group)
         # the routing weight multiplies after w2 here (equal by linearity), on the token's own rank
