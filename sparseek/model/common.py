@@ -202,7 +202,12 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     same code serves prefill, training and a CUDA-graphed decode step.
     """
     M, E = xs_MD.shape[0], w1.shape[0]
-    dev = xs_MD.device
+    dev, out_dtype = xs_MD.device, xs_MD.dtype
+    if torch.is_autocast_enabled(dev.type):  # autocast does not know the grouped GEMM: cast as it would
+        dt = torch.get_autocast_dtype(dev.type)
+        xs_MD, w1, w2, w3 = (t.to(dt) for t in (xs_MD, w1, w2, w3))
+    else:
+        w1, w2, w3 = (t.to(xs_MD.dtype) for t in (w1, w2, w3))
     counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
     padded = (counts + 7) // 8 * 8
     first = counts.cumsum(0) - counts
@@ -215,7 +220,7 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
                torch._grouped_mm(buf, w3.transpose(-2, -1), offs=offs).float(), limit)
     if scale_M is not None:
         h = h * torch.zeros(P, 1, dtype=h.dtype, device=dev).index_copy(0, dest, scale_M.to(h.dtype)[:, None])
-    return torch._grouped_mm(h.to(xs_MD.dtype), w2.transpose(-2, -1), offs=offs)[dest]
+    return torch._grouped_mm(h.to(xs_MD.dtype), w2.transpose(-2, -1), offs=offs)[dest].to(out_dtype)
 
 
 class Experts(nn.Module):

@@ -79,3 +79,20 @@ def test_static_step_switches_to_grouped_for_many_tokens():
         moe.experts.grouped = False
         loop = moe(x)
         torch.testing.assert_close(static, loop, rtol=1e-4, atol=1e-5)
+
+
+def test_grouped_under_autocast_matches_loop():
+    """fp32 weights, bf16 autocast (the trainer's GPU setting): the grouped GEMM casts like the
+    Linear layers around it do, and gradients reach the fp32 weights."""
+    ex = _experts(torch.float32)
+    w, idx = _routing(21, ex.n, 3)
+    x = torch.randn(21, 64)
+    outs = []
+    for grouped in (True, False):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            outs.append(_run(ex, x, w, idx, grouped))
+    (y1, _, _, g1), (y2, _, _, g2) = outs
+    assert g1[0].dtype == torch.float32
+    torch.testing.assert_close(y1.float(), y2.float(), rtol=2e-2, atol=2e-2)
+    for a, b in zip(g1, g2):
+        assert (a - b).abs().max() / b.abs().max() < 2e-2
