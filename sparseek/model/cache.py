@@ -86,8 +86,9 @@ class FP8KV:
 
 
 def _bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # an empty slice may keep strides that no dtype view accepts: give it fresh ones
-    return (t.contiguous() if t.numel() else t.new_empty(t.shape)).view(dtype)
+    # a byte slice may keep strides that no dtype view accepts even when it counts as contiguous
+    # (empty, or size-1 dims): copy it into fresh, dense strides
+    return t.new_empty(t.shape).copy_(t).view(dtype)
 
 
 @dataclass

@@ -296,22 +296,25 @@ class Attention(nn.Module):
 
         comp = idx_keys = q_idx = w_idx = None
         codec = lc.codec if lc is not None else None
+        select = False
         if self.compressor is not None:
             m = self.ratio
             rot = step.rotary["compress"]
             new = self.compressor.chunk(x, step.positions, s, lc.comp_state if lc else None, rot)
             comp = self._store(lc.comp, lc.encode(new), s // m, (s + T) // m) if lc else new
-            if self.indexer is not None:
+            select = self._selects(comp.shape[1])
+            if select or self._keeps_index_keys(lc):
                 new_k = self.indexer.compressor.chunk(x, step.positions, s, lc.index_state if lc else None, rot)
                 idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
+            if select:
                 q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
 
-        K = min(self.indexer.topk, comp.shape[1]) if self.indexer is not None else 0
+        K = min(self.indexer.topk, comp.shape[1]) if select else 0
         n_comp = comp.shape[1] if comp is not None else 0
         # per query: scores over window band + compressed keys (HCA) or top-k (CSA), the gathered
         # top-k rows, and the indexer's per-head scores over all compressed keys (CSA)
-        n_keys = win + 64 + (K if self.indexer is not None else n_comp)
-        idx_cost = self.indexer.n_heads * n_comp if self.indexer is not None else 0
+        n_keys = win + 64 + (K if select else n_comp)
+        idx_cost = self.indexer.n_heads * n_comp if select else 0
         # small blocks: a block of Qb queries scores Qb + win - 1 window keys, so the band wastes
         # (Qb - 1) / win of the window work; 64 keeps that low without many Python iterations on
         # a CPU, while a GPU pays more for each block's launches than for the wasted band
@@ -330,7 +333,7 @@ class Attention(nn.Module):
             comp_mask = idx = comp_blk = None
             if comp is not None:
                 n_vis = ((s + qi + 1) // self.ratio).unsqueeze(0).expand(B, -1)  # [B, Q]
-                if self.indexer is not None:
+                if select:
                     comp_blk = comp
                     idx = self.indexer.select(q_idx[:, i0:i1], w_idx[:, i0:i1], idx_keys, n_vis)
                 else:
@@ -340,6 +343,17 @@ class Attention(nn.Module):
             out.append(attend(q[:, i0:i1], keys[:, k_lo:k_hi], mask, comp_blk, comp_mask, idx,
                               self.attn_sink, self.scale, codec))
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    def _selects(self, n_entries: int) -> bool:
+        """Whether the indexer must pick: while a query can see at most top-k compressed entries it
+        picks all of them, so CSA is exactly attention over every visible entry (as HCA does) and
+        the O(T * n) scoring is skipped -- every prompt shorter than 4 * index_topk tokens."""
+        return self.indexer is not None and n_entries > self.indexer.topk
+
+    def _keeps_index_keys(self, lc: LayerCache | None) -> bool:
+        """A cache whose capacity holds more than top-k entries will need the indexer keys of
+        every position later on; one that holds fewer never reads them."""
+        return lc is not None and self.indexer is not None and lc.index_keys.shape[1] > self.indexer.topk
 
     @staticmethod
     def _store(buf: torch.Tensor | None, new: torch.Tensor, lo: int, hi: int) -> torch.Tensor:
@@ -368,9 +382,10 @@ class Attention(nn.Module):
             entry, closes = self.compressor.step(x, pos, lc.comp_state, rot, step.static)
             self._write_entry(lc.comp, None if entry is None else lc.encode(entry), pos // m, closes, step.static)
             comp = lc.comp[:, :n]
-            if self.indexer is not None:
+            if self._keeps_index_keys(lc):
                 k_entry, _ = self.indexer.compressor.step(x, pos, lc.index_state, rot, step.static)
                 self._write_entry(lc.index_keys, k_entry, pos // m, closes, step.static)
+            if self._selects(n):
                 q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
                 idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n], n_vis[:, None])
             else:

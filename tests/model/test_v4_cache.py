@@ -152,3 +152,56 @@ def test_static_decode_step_equals_forward(model, ids):
             got = model.decode_step(tok, b)
             assert rel_err(got, ref) < 1e-5, i
         assert torch.equal(a.pos, b.pos)
+
+
+def _count_selects(monkeypatch):
+    from sparseek.model import v4
+
+    calls = []
+    orig = v4.Indexer.select
+
+    def counted(self, *a):
+        calls.append(a[2].shape[1])  # how many compressed keys it scored
+        return orig(self, *a)
+
+    monkeypatch.setattr(v4.Indexer, "select", counted)
+    return calls
+
+
+def test_indexer_skipped_while_topk_covers_every_entry(model, ids, monkeypatch):
+    """While a query sees at most top-k compressed entries the indexer would pick them all: the
+    model attends to all of them without scoring (full forward, chunked, static decode), and the
+    output equals the scored path forced on."""
+    from sparseek.model import v4
+
+    topk = model.args.index_topk
+    short = ids[:, :4 * topk]  # exactly top-k CSA entries at the end
+    calls = _count_selects(monkeypatch)
+    with torch.no_grad():
+        fast = model(short)
+        assert calls == []
+        monkeypatch.setattr(v4.Attention, "_selects", lambda self, n: self.indexer is not None)
+        forced = model(short)
+    assert calls and rel_err(fast, forced) < 1e-5
+    monkeypatch.undo()
+
+    calls = _count_selects(monkeypatch)
+    with torch.no_grad():
+        model(ids[:, :4 * topk + 4])  # one entry more than top-k: the indexer picks
+    assert calls and max(calls) == topk + 1
+
+
+def test_small_cache_never_stores_indexer_keys(model, ids):
+    """A cache that holds at most top-k compressed entries never reads indexer keys, so neither
+    prefill nor the static decode step computes them; decoding still equals the full forward."""
+    topk = model.args.index_topk
+    n = 4 * topk - 2
+    with torch.no_grad():
+        full = model(ids[:, :n])
+        cache = model.new_cache(2, 4 * topk)
+        outs = [model(ids[:, :n - 6], cache)]
+        for t in range(n - 6, n):
+            outs.append(model.decode_step(ids[:, t:t + 1], cache))
+    layers = [lc for lc, l in zip(cache.layers, model.layers) if l.attn.indexer is not None]
+    assert layers and all(lc.index_keys.abs().sum() == 0 for lc in layers)
+    assert rel_err(torch.cat([outs[0], *[o.view(2, 1, -1) for o in outs[1:]]], dim=1), full) < 1e-4
