@@ -15,7 +15,12 @@ finishes (a run cut short keeps what it measured), then summarized in ``OUT.md``
 4. batch-1 decode with 128K and 1M tokens of context, from caches filled with synthetic entries
    (the cost of a step does not depend on the values);
 5. training steps (forward + MTP + backward + Muon/AdamW, bf16 autocast) of ``small`` and of the
-   6-layer model's forward+backward, tokens/s and MFU on active-parameter FLOPs.
+   6-layer model's forward+backward, tokens/s and MFU on active-parameter FLOPs (last, once more
+   with the mHC / Sinkhorn hot paths compiled, as ``sparseek train --compile`` runs);
+6. ``profile``: torch.profiler tables of one training step, one 16K prefill and eager decode steps
+   (``OUT-profile-*.txt``), to see what to fix next without another lease.
+
+``--only SECTION...`` reruns a subset (section names: see ``--help``).
 
 transformers' numbers for the same model on the same kind of machine are in anchors §2
 (prefill 2K 17,606 tok/s, OOM at 16K; decode bs1 25.8, bs32 556 tok/s; train 8,163 tok/s);
@@ -236,6 +241,22 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
         model.init_weights(seed=0)
     opt = build_optimizer(model, optimizer) if optimizer else None
     model.train()
+    one = train_step_fn(model, args, dev, batch, seq, opt, mtp)
+    try:
+        tps = _time_steps(one, dev, batch * seq, steps)
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
+    mfu = tps * training_flops_per_token(args, seq) / peak_flops
+    rep.add("train", impl="sparseek", model=name, batch=batch, seq_len=seq,
+            optimizer=optimizer or "none (fwd+bwd)", mtp=bool(mtp and len(model.mtp)),
+            tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
+    if own:
+        del model, opt
+
+
+def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = True):
+    """One training step on random tokens: forward (+ MTP) + backward (+ optimizer step)."""
     ce = torch.nn.functional.cross_entropy
 
     def one():
@@ -253,17 +274,53 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
         else:
             model.zero_grad(set_to_none=True)
 
-    try:
-        tps = _time_steps(one, dev, batch * seq, steps)
-    finally:
-        model.eval()
-        model.zero_grad(set_to_none=True)
-    mfu = tps * training_flops_per_token(args, seq) / peak_flops
-    rep.add("train", impl="sparseek", model=name, batch=batch, seq_len=seq,
-            optimizer=optimizer or "none (fwd+bwd)", mtp=bool(mtp and len(model.mtp)),
-            tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
-    if own:
-        del model, opt
+    return one
+
+
+# ---------------------------------------------------------------------------- 6. where the time goes
+def profile_ops(rep: Report, model, args, dev, train_shape: tuple[int, int], prefill_T: int):
+    """torch.profiler tables (top ops by self device time) of one training step, one prefill and
+    a few eager decode steps: what to fix next, from the same lease."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    key = "self_device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    one = train_step_fn(model, args, dev, *train_shape, mtp=False)
+    ids = torch.randint(10, args.vocab_size, (1, prefill_T), device=dev)
+
+    def train():
+        model.train()
+        try:
+            one()
+        finally:
+            model.eval()
+            model.zero_grad(set_to_none=True)
+
+    def prefill():
+        with torch.inference_mode():
+            model(ids, model.new_cache(1, prefill_T + 8), last_n=1)
+
+    def decode():
+        with torch.inference_mode():
+            cache = model.new_cache(1, 4096)
+            model(ids[:, :128], cache, last_n=1)
+            for _ in range(4):
+                model.decode_step(ids[:, :1], cache)
+
+    for name, fn in (("train", train), ("prefill", prefill), ("decode", decode)):
+        fn()  # warm
+        sync(dev)
+        t = time.perf_counter()
+        with profile(activities=acts) as prof:
+            fn()
+            sync(dev)
+        wall = time.perf_counter() - t
+        avg = prof.key_averages()
+        with open(f"{rep.out}-profile-{name}.txt", "w") as f:
+            f.write(avg.table(sort_by=key, row_limit=40))
+        top = sorted(avg, key=lambda e: getattr(e, key), reverse=True)[:8]
+        rep.add("profile", what=name, wall_ms=wall * 1e3,
+                top_ms={e.key[:60]: round(getattr(e, key) / 1e3, 2) for e in top})
 
 
 def _time_steps(one, dev, tokens_per_step: int, steps: int) -> float:
@@ -358,7 +415,7 @@ def transformers_side(rep: Report, args, dev, peak_flops: float, name: str, infe
         torch.cuda.empty_cache()
 
 
-SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer"]
+SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer", "profile"]
 KEYS = ("model", "tokens", "batch", "context", "compiled", "chunk", "seq_len", "optimizer")
 
 
@@ -433,6 +490,14 @@ def main():
         times[mid] = times.get(mid) or rep.run("prefill", prefill, rep, model, dev, mid, chunk, need=60)
         if times.get(mid):
             rep.run("indexer share", indexer_share, rep, model, dev, mid, chunk, times[mid], need=60)
+    if "profile" in want:
+        rep.run("profile", profile_ops, rep, model, args, dev, (tb, ts), short_T if a.smoke else 16384, need=60)
+    if "train" in want:  # last: swaps in the compiled mHC / Sinkhorn for the rest of the process
+        from sparseek.model.v4 import compile_hot_paths
+
+        compile_hot_paths()  # what `sparseek train --compile` does
+        rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name + " (--compile)",
+                optimizer=None, mtp=False, model=model, need=90)
 
 if __name__ == "__main__":
     main()
