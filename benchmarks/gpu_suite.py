@@ -134,10 +134,24 @@ def prefill(rep: Report, model, dev, T: int, chunk: int, tag: str = ""):
             model(ids[:, s:s + chunk], cache, last_n=1)
         sync(dev)
         dt = time.perf_counter() - t
+    flops, idx_flops = prefill_flops(model.args, T)
     rep.add("prefill" + tag, impl="sparseek", tokens=T, chunk=chunk, seconds=dt, tokens_per_s=T / dt,
-            peak_gb=peak_gb(dev), weights_gb=base, cache_gb=cache.nbytes() / 2**30)
+            peak_gb=peak_gb(dev), weights_gb=base, cache_gb=cache.nbytes() / 2**30,
+            tflop=flops / 1e12, tflops=flops / dt / 1e12, indexer_flop_share=idx_flops / flops)
     del cache
     return dt
+
+
+def prefill_flops(args, T: int) -> tuple[float, float]:
+    """Analytic forward FLOPs of a T-token prefill (a third of the trainer's fwd+bwd count) and the
+    lightning indexer's part of it: 2 x heads x dim per (query, visible compressed key) pair, so
+    quadratic in T with a small constant."""
+    from sparseek.config import CSA_RATIO
+    from sparseek.train.trainer import training_flops_per_token
+
+    idx = sum(args.index_n_heads * args.index_head_dim * T * T / CSA_RATIO
+              for i in range(args.num_hidden_layers) if args.compress_ratio(i) == CSA_RATIO)
+    return training_flops_per_token(args, T) / 3 * T, idx
 
 
 def indexer_share(rep: Report, model, dev, T: int, chunk: int, full_s: float):
