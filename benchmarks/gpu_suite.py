@@ -171,7 +171,19 @@ def indexer_share(rep: Report, model, dev, T: int, chunk: int, full_s: float):
         without = prefill(rep, model, dev, T, chunk, tag=" (indexer stubbed)")
     finally:
         v4.Indexer.select = orig
-    rep.add("indexer share", tokens=T, indexer_seconds=full_s - without, share=(full_s - without) / full_s)
+    from sparseek.model import kernels
+
+    fused = kernels.usable(torch.zeros(1, device=dev))
+    rep.add("indexer share", tokens=T, indexer_seconds=full_s - without, share=(full_s - without) / full_s,
+            triton_kernel=fused)
+    if fused:  # and the same prefill with the indexer in plain PyTorch: what the kernel buys
+        kernels.enabled = False
+        try:
+            plain = prefill(rep, model, dev, T, chunk, tag=" (indexer in PyTorch, no Triton)")
+        finally:
+            kernels.enabled = True
+        rep.add("indexer share", tokens=T, impl="PyTorch einsums", indexer_seconds=plain - without,
+                share=(plain - without) / plain)
 
 
 # ---------------------------------------------------------------------------- 3./4. decode

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
+from sparseek.model import kernels
 from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, attn_block_budget, init_params
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
@@ -220,10 +221,14 @@ class Indexer(nn.Module):
         k = min(self.topk, N)
         if k == 0:
             return q_BQIC.new_full((*q_BQIC.shape[:2], 0), -1, dtype=torch.long)
-        s = torch.einsum("bqic,bnc->bqin", q_BQIC.float(), keys_BNC.float()).relu_()
-        s = torch.einsum("bqin,bqi->bqn", s, w_BQI)
-        ar = torch.arange(N, device=s.device)
-        s = s.masked_fill(ar >= n_visible_BQ[..., None], float("-inf"))
+        if kernels.usable(q_BQIC):  # fused: never builds the per-head [.., H, N] products
+            with torch.no_grad():
+                s = kernels.indexer_scores(q_BQIC.detach(), w_BQI.detach(), keys_BNC.detach(), n_visible_BQ)
+        else:
+            s = torch.einsum("bqic,bnc->bqin", q_BQIC.float(), keys_BNC.float()).relu_()
+            s = torch.einsum("bqin,bqi->bqn", s, w_BQI)
+            ar = torch.arange(N, device=s.device)
+            s = s.masked_fill(ar >= n_visible_BQ[..., None], float("-inf"))
         # ReLU makes exact ties (all heads <= 0 give score 0) common early in a sequence. A stable
         # sort breaks them toward the older entry, so the choice does not depend on how many
         # future entries exist: the cached and the one-shot forward pick the same set.
@@ -314,7 +319,7 @@ class Attention(nn.Module):
         # per query: scores over window band + compressed keys (HCA) or top-k (CSA), the gathered
         # top-k rows, and the indexer's per-head scores over all compressed keys (CSA)
         n_keys = win + 64 + (K if select else n_comp)
-        idx_cost = self.indexer.n_heads * n_comp if select else 0
+        idx_cost = (1 if kernels.usable(q) else self.indexer.n_heads) * n_comp if select else 0
         # small blocks: a block of Qb queries scores Qb + win - 1 window keys, so the band wastes
         # (Qb - 1) / win of the window work; 64 keeps that low without many Python iterations on
         # a CPU, while a GPU pays more for each block's launches than for the wasted band
