@@ -22,6 +22,7 @@ import torch
 enabled = True
 
 
+@functools.cache
 def available() -> bool:
     try:
         import triton  # noqa: F401
