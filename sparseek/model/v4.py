@@ -54,6 +54,13 @@ def _block_size(batch: int, heads: int, keys: int, gathered: int, dim: int, tota
     return max(1, min(total, budget // max(per_query, 1)))
 
 
+def _picked(idx_BQK: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices (-1 = none) -> a [B, Q, n] mask of the picked entries (-1s land in a spare column)."""
+    B, Q, _ = idx_BQK.shape
+    slot = torch.where(idx_BQK < 0, n, idx_BQK)
+    return torch.zeros(B, Q, n + 1, dtype=torch.bool, device=idx_BQK.device).scatter_(-1, slot, True)[..., :n]
+
+
 def attend(q_BQHC, win_BLC, win_mask_BQL, comp_BNC, comp_mask_BQN, idx_BQK, sink_H, scale, codec=None):
     """One block of sparse attention with a sink: softmax over [window keys ; compressed keys ; sink].
 
@@ -318,13 +325,17 @@ class Attention(nn.Module):
         n_comp = comp.shape[1] if comp is not None else 0
         # per query: scores over window band + compressed keys (HCA) or top-k (CSA), the gathered
         # top-k rows, and the indexer's per-head scores over all compressed keys (CSA)
-        n_keys = win + 64 + (K if select else n_comp)
+        # CSA's picks can be attended gathered ([K, C] copied per query, scatter-added back in
+        # backward) or as a mask over every visible entry ([H, N] scores per query): the same
+        # softmax either way, so take the one that materializes less
+        masked = select and self._picks_as_mask(H, n_comp, K, C)
+        n_keys = win + 64 + (K if select and not masked else n_comp)
         idx_cost = (1 if kernels.usable(q) else self.indexer.n_heads) * n_comp if select else 0
         # small blocks: a block of Qb queries scores Qb + win - 1 window keys, so the band wastes
         # (Qb - 1) / win of the window work; 64 keeps that low without many Python iterations on
         # a CPU, while a GPU pays more for each block's launches than for the wasted band
         cap = 64 if x.device.type == "cpu" else 512
-        Qb = _block_size(B, H, n_keys, K, C, min(T, cap), idx_cost, attn_block_budget(x.device))
+        Qb = _block_size(B, H, n_keys, 0 if masked else K, C, min(T, cap), idx_cost, attn_block_budget(x.device))
         out = []
         for i0 in range(0, T, Qb):
             i1 = min(T, i0 + Qb)
@@ -339,15 +350,23 @@ class Attention(nn.Module):
             if comp is not None:
                 n_vis = ((s + qi + 1) // self.ratio).unsqueeze(0).expand(B, -1)  # [B, Q]
                 if select:
-                    comp_blk = comp
                     idx = self.indexer.select(q_idx[:, i0:i1], w_idx[:, i0:i1], idx_keys, n_vis)
+                if select and not masked:
+                    comp_blk = comp
                 else:
                     n_max = (s + i1) // self.ratio  # = n_vis.max(), known without a device sync
                     comp_blk = comp[:, :n_max] if codec is None else codec.decode(comp[:, :n_max])
-                    comp_mask = torch.arange(n_max, device=x.device) < n_vis[..., None]
+                    if select:  # the picked entries (all visible) as a mask
+                        comp_mask, idx = _picked(idx, n_max), None
+                    else:
+                        comp_mask = torch.arange(n_max, device=x.device) < n_vis[..., None]
             out.append(attend(q[:, i0:i1], keys[:, k_lo:k_hi], mask, comp_blk, comp_mask, idx,
                               self.attn_sink, self.scale, codec))
         return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+
+    @staticmethod
+    def _picks_as_mask(heads: int, n_entries: int, k: int, dim: int) -> bool:
+        return heads * n_entries <= k * dim
 
     def _selects(self, n_entries: int) -> bool:
         """Whether the indexer must pick: while a query can see at most top-k compressed entries it

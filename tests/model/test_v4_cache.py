@@ -205,3 +205,28 @@ def test_small_cache_never_stores_indexer_keys(model, ids):
     layers = [lc for lc, l in zip(cache.layers, model.layers) if l.attn.indexer is not None]
     assert layers and all(lc.index_keys.abs().sum() == 0 for lc in layers)
     assert rel_err(torch.cat([outs[0], *[o.view(2, 1, -1) for o in outs[1:]]], dim=1), full) < 1e-4
+
+
+@pytest.mark.parametrize("as_mask", [True, False])
+def test_picked_entries_gathered_or_masked_agree(model, ids, monkeypatch, as_mask):
+    """CSA attends to the indexer's picks either gathered or as a mask over all visible entries
+    (whichever materializes less); forcing either one gives the other's output, one-shot and
+    chunked, and the gradients agree too."""
+    from sparseek.model import v4
+
+    with torch.no_grad():
+        auto = model(ids)
+    monkeypatch.setattr(v4.Attention, "_picks_as_mask", staticmethod(lambda *a: as_mask))
+    with torch.no_grad():
+        forced = model(ids)
+        chunked = _run_chunks(model, ids, [100, 1, 63, 136])
+    assert rel_err(forced, auto) < 1e-5 and rel_err(chunked, auto) < 1e-4
+    x = ids[:1, :160]
+    model.zero_grad()
+    model(x).float().square().mean().backward()
+    g = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "attn.w" in n}
+    monkeypatch.setattr(v4.Attention, "_picks_as_mask", staticmethod(lambda *a: not as_mask))
+    model.zero_grad()
+    model(x).float().square().mean().backward()
+    assert g and all(rel_err(p.grad, g[n]) < 1e-4 for n, p in model.named_parameters() if n in g)
+    model.zero_grad()
