@@ -198,8 +198,10 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
 
     Nothing here waits for the host: each expert's rows are placed in a buffer of fixed size
     M + 7E with every group starting at a multiple of 8 rows (the grouped kernel's 16-byte
-    alignment), padding rows are zero, and the last group runs to the end of the buffer. So the
-    same code serves prefill, training and a CUDA-graphed decode step.
+    alignment), padding rows are zero. So the same code serves prefill, training and a
+    CUDA-graphed decode step. Rows past the last group are never written by the kernel and never
+    read back; under autograd the last group runs to the end of the buffer anyway, so that no
+    gradient ever meets an unwritten row.
     """
     M, E = xs_MD.shape[0], w1.shape[0]
     dev, out_dtype = xs_MD.device, xs_MD.dtype
@@ -214,7 +216,8 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     dest = (padded.cumsum(0) - padded)[expert_M] + torch.arange(M, device=dev) - first[expert_M]
     P = M + 7 * E
     offs = padded.cumsum(0).to(torch.int32)
-    offs[-1] = P
+    if torch.is_grad_enabled():
+        offs[-1] = P
     buf = xs_MD.new_zeros(P, xs_MD.shape[1]).index_copy(0, dest, xs_MD)
     h = swiglu(torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs).float(),
                torch._grouped_mm(buf, w3.transpose(-2, -1), offs=offs).float(), limit)
@@ -298,6 +301,18 @@ class MoE(nn.Module):
         self.record_routing = False
         self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
+    def _gathers(self, x: torch.Tensor, idx: torch.Tensor) -> bool:
+        """How a fixed-shape step runs its experts: gathering each (token, slot)'s matrices costs a
+        copy of them, so on a GPU the grouped GEMM (which reads them in place) always wins where
+        it has a fast bf16 kernel (elsewhere it would wait for the host, breaking the CUDA graph);
+        on a CPU inductor fuses the gather into its GEMV, which wins while it reads fewer than all
+        experts."""
+        if not self.experts.grouped:
+            return True
+        if x.is_cuda:
+            return x.dtype != torch.bfloat16
+        return idx.numel() <= self.experts.n
+
     def forward(self, x_BTD: torch.Tensor, input_ids_BT: torch.Tensor | None = None, static: bool = False
                 ) -> torch.Tensor:
         shape = x_BTD.shape
@@ -306,9 +321,7 @@ class MoE(nn.Module):
         w, idx, scores = self.gate(x, ids)
         if self.record_routing:
             self.last_routing = (idx.view(*shape[:-1], -1), scores.view(*shape[:-1], -1))
-        # a fixed-shape step gathers each pair's expert only while that reads less than all experts
-        gather = static and (idx.numel() <= self.experts.n or not self.experts.grouped)
-        y = self.experts.forward_static(x, w, idx) if gather else self.experts(x, w, idx)
+        y = self.experts.forward_static(x, w, idx) if static and self._gathers(x, idx) else self.experts(x, w, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

@@ -46,15 +46,19 @@ def test_grouped_equals_loop_forward_and_backward(dtype, tol):
     assert got[3][0][5].abs().max() == 0  # the idle expert gets no gradient
 
 
-def test_grouped_ffn_rows_and_padding():
+@pytest.mark.parametrize("sizes", [[1, 0, 9, 8], [3, 9, 0, 0]])
+@pytest.mark.parametrize("grad", [True, False])
+def test_grouped_ffn_rows_and_padding(sizes, grad):
     """Rows already sorted by expert come back in the same order, each through its own expert,
-    whatever the group sizes (0, 1, 8, 9 rows: below, at and past the 8-row alignment)."""
+    whatever the group sizes (0, 1, 8, 9 rows: below, at and past the 8-row alignment; idle last
+    experts), with autograd on (the last group spans the buffer's tail) or off (it does not)."""
     ex = _experts(torch.float32, n=4)
-    sizes = [1, 0, 9, 8]
     e = torch.repeat_interleave(torch.arange(4), torch.tensor(sizes))
     x = torch.randn(len(e), 64)
     s = torch.rand(len(e))
-    got = grouped_ffn(x, e, ex.w1, ex.w2, ex.w3, ex.limit, s)
+    with torch.set_grad_enabled(grad):
+        got = grouped_ffn(x, e, ex.w1, ex.w2, ex.w3, ex.limit, s)
+    assert got.isfinite().all()
     for r in range(len(e)):
         i = int(e[r])
         h = torch.nn.functional.silu((x[r] @ ex.w1[i].t()).clamp(max=7)) * (x[r] @ ex.w3[i].t()).clamp(-7, 7)
