@@ -2,6 +2,7 @@
 
     python benchmarks/profile_decode.py --preset small --dtype bfloat16            # decode step
     python benchmarks/profile_decode.py --preset small --dtype float32 --prefill 512
+    python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}' --skip-guards   # options tried
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
 named), and the weight-streaming rate of the LM-head GEMV alone -- the practical ceiling of
@@ -11,6 +12,7 @@ batch-1 decode on a CPU, lower than the copy bandwidth bench_engine.py uses for 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -36,6 +38,10 @@ def main():
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--prefill", type=int, default=0, help="profile one prefill of this many tokens instead")
     ap.add_argument("--rows", type=int, default=25)
+    ap.add_argument("--inductor", default="{}",
+                    help='torch.compile options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')
+    ap.add_argument("--skip-guards", action="store_true",
+                    help="skip dynamo's guard evaluation between steps (set_stance skip_guard_eval_unsafe)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     dtype = getattr(torch, a.dtype)
@@ -55,11 +61,14 @@ def main():
         else:
             cache = model.new_cache(1, 512)
             model(torch.randint(10, V, (1, 64)), cache)
-            step = torch.compile(model.decode_step, dynamic=False)
+            step = torch.compile(model.decode_step, dynamic=False, options=json.loads(a.inductor))
             tok = torch.randint(10, V, (1, 1))
 
             def run():
                 return step(tok, cache)
+            if a.skip_guards:
+                run()
+                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
             dt = per_call(run, 30)
             print(f"compiled decode step: {dt * 1e3:.2f} ms/token ({1 / dt:.1f} tok/s)")
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
