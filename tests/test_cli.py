@@ -23,3 +23,25 @@ def test_bad_model_is_one_line(capsys):
     assert main(["generate", "--model", "/no/such/dir", "--prompt", "x"]) == 2
     err = capsys.readouterr().err
     assert "neither a checkpoint directory nor a preset" in err and "Traceback" not in err
+
+
+def test_engine_flags_reach_the_engine(monkeypatch, capsys):
+    """--compile and --kv-fp8 are passed to LLM (compiling itself is tested in tests/engine)."""
+    import sparseek.engine
+
+    seen = {}
+
+    class Fake:
+        def __init__(self, model, **kw):
+            seen.update(kw, model=model)
+            raise SystemExit(0)
+
+    monkeypatch.setattr(sparseek.engine, "LLM", Fake)
+    for verb in ("generate", "chat"):
+        seen.clear()
+        try:
+            main([verb, "--model", "debug", "--compile", "--kv-fp8", "--prompt", "x"] if verb == "generate"
+                 else [verb, "--model", "debug", "--compile", "--kv-fp8"])
+        except SystemExit:
+            pass
+        assert seen["compile"] is True and seen["kv_fp8"] is True and seen["model"] == "debug"
