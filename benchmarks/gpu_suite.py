@@ -30,6 +30,7 @@ transformers' numbers for the same model on the same kind of machine are in anch
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -266,19 +267,26 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
             model = build_model(args, dtype=None if optimizer else torch.bfloat16)
         model.init_weights(seed=0)
     opt = build_optimizer(model, optimizer) if optimizer else None
-    model.train()
     one = train_step_fn(model, args, dev, batch, seq, opt, mtp)
-    try:
+    with training(model):
         tps = _time_steps(one, dev, batch * seq, steps)
-    finally:
-        model.eval()
-        model.zero_grad(set_to_none=True)
     mfu = tps * training_flops_per_token(args, seq) / peak_flops
     rep.add("train", impl="sparseek", model=name, batch=batch, seq_len=seq,
             optimizer=optimizer or "none (fwd+bwd)", mtp=bool(mtp and len(model.mtp)),
             tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
     if own:
         del model, opt
+
+
+@contextlib.contextmanager
+def training(model):
+    """Train mode for a timing, then back to eval with no gradients held (the model is shared)."""
+    model.train()
+    try:
+        yield
+    finally:
+        model.eval()
+        model.zero_grad(set_to_none=True)
 
 
 def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = True):
@@ -315,12 +323,8 @@ def profile_ops(rep: Report, model, args, dev, train_shape: tuple[int, int], pre
     ids = torch.randint(10, args.vocab_size, (1, prefill_T), device=dev)
 
     def train():
-        model.train()
-        try:
+        with training(model):
             one()
-        finally:
-            model.eval()
-            model.zero_grad(set_to_none=True)
 
     def prefill():
         with torch.inference_mode():
@@ -410,18 +414,13 @@ def hf_train(rep: Report, theirs, args, dev, batch: int, seq: int, steps: int, p
 
     from sparseek.train.trainer import training_flops_per_token
 
-    theirs.train()
-
     def one():
         x = torch.randint(0, args.vocab_size, (batch, seq), device=dev)
         theirs(input_ids=x, labels=x).loss.backward()
         theirs.zero_grad(set_to_none=True)
 
-    try:
+    with training(theirs):
         tps = _time_steps(one, dev, batch * seq, steps)
-    finally:
-        theirs.eval()
-        theirs.zero_grad(set_to_none=True)
     rep.add("train", impl=f"transformers {transformers.__version__}", model=name, batch=batch, seq_len=seq,
             optimizer="none (fwd+bwd)", mtp=False, tokens_per_s=tps,
             mfu=tps * training_flops_per_token(args, seq) / peak_flops, peak_gb=peak_gb(dev))

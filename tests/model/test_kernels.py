@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import sparseek
-from sparseek.model import build_model, kernels, v4
+from sparseek.model import build_model, kernels
 from tests.conftest import randomize_, rel_err
 
 pytestmark = pytest.mark.skipif(not kernels.available(), reason="triton is not installed")
@@ -60,4 +60,3 @@ def test_model_with_kernel_equals_model_without(interpret, monkeypatch):
 def test_kernel_not_used_on_cpu_without_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     assert not kernels.usable(torch.zeros(1))
-    assert v4.kernels is kernels
