@@ -62,6 +62,11 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
         extra = {}
         with torch.inference_mode():
             if what == "prefill":
+                if impl == "sparseek-compiled":  # what LLM(compile=True) does for prefill
+                    from sparseek.model.v4 import compile_hot_paths
+
+                    compile_hot_paths()
+
                 def run():
                     if sparse:
                         cache = model.new_cache(batch, T + 1)
@@ -165,7 +170,7 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--impls", nargs="+", default=["sparseek", "transformers"],
-                    help="sparseek, sparseek-compiled (decode only), transformers")
+                    help="sparseek, sparseek-compiled (LLM(compile=True): compiled decode step, mHC hot paths), transformers")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
 
@@ -189,7 +194,7 @@ def main():
     elt = torch.tensor([], dtype=getattr(torch, a.dtype)).element_size()
     for T in a.prefill:
         row = {"phase": f"prefill {T}", "batch": 1}
-        for impl in [i for i in a.impls if i != "sparseek-compiled"]:
+        for impl in a.impls:
             row[impl] = run_phase(impl, "prefill", tmp, a.device, a.dtype, T, 1, 0)
         results["rows"].append(row)
         print(_fmt(row), flush=True)

@@ -194,10 +194,16 @@ def active_bytes(model) -> float:
     return (c["active"] + a.hidden_size * a.vocab_size) * 2  # bf16 weights read per step (head included)
 
 
-def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float, prompt: int = 128, new: int = 64):
+def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float, prompt: int = 128, new: int = 64,
+                 gemv: bool = False):
+    """``gemv=True``: the compiled step with its matrix-vector products as Triton reductions under
+    coordinate-descent tuning (``sparseek.model.fuse``, the CPU default) instead of cuBLAS."""
     from sparseek.engine import LLM, SamplingParams
+    from sparseek.engine.compile import CompiledStep
 
     llm = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32, compile=compiled)
+    if gemv:
+        llm._decode_fn = CompiledStep(model.decode_step, dev, gemv=True)
     prompts = [torch.randint(10, model.args.vocab_size, (prompt,)).tolist() for _ in range(batch)]
 
     def gen(n):
@@ -215,12 +221,14 @@ def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float,
     rate = batch * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
     per_step = active_bytes(model) + batch * cache_bytes(model.args, prompt + new, torch.bfloat16)["total_bytes"]
     roof = batch * bw / per_step
-    rep.add("decode", impl="sparseek", batch=batch, compiled=compiled, context=prompt, tokens_per_s=rate,
+    rep.add("decode", impl="sparseek", batch=batch, compiled="gemv" if gemv else compiled, context=prompt, tokens_per_s=rate,
             roofline_tokens_per_s=roof, roofline_fraction=rate / roof)
 
 
 def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 32):
     """Batch-1 decode after ``context`` tokens: a cache of that length with synthetic entries."""
+    from sparseek.engine.compile import CompiledStep
+
     with torch.inference_mode():
         cache = model.new_cache(1, context + steps + 16)
         g = torch.Generator(device=dev).manual_seed(0)
@@ -232,8 +240,7 @@ def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 3
         cache.mtp_pos.fill_(context)
         if dev.type == "cuda":
             cache.mark_static()
-        step = torch.compile(model.decode_step, dynamic=False,
-                             mode="reduce-overhead" if dev.type == "cuda" else None)
+        step = CompiledStep(model.decode_step, dev)  # what LLM(compile=True) runs
         tok = torch.randint(10, model.args.vocab_size, (1, 1), device=dev)
         for _ in range(3):
             step(tok, cache)
@@ -515,6 +522,8 @@ def main():
             rep.run("indexer share", indexer_share, rep, model, dev, mid, chunk, times[mid], need=60)
     for batch in batches if "decode-compiled" in want else ():
         rep.run("decode", decode_short, rep, model, dev, batch, True, bw, need=90)
+    if "decode-compiled" in want and 1 in batches:  # the CPU's GEMV-as-reduction step, on the GPU
+        rep.run("decode", decode_short, rep, model, dev, 1, True, bw, gemv=True, need=120)
     for ctx in ((4096,) if a.smoke else (1 << 20, 131072)) if "decode-long" in want else ():
         rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=90)
     torch._dynamo.reset()  # drop the compiled steps and their graph pools before training again

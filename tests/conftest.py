@@ -135,3 +135,13 @@ def corpus(tmp_path_factory):
     for i, text in enumerate(CODE_CORPUS):
         (d / f"doc{i:03d}.py").write_text(text + f"\n# document {i}\nvalue_{i} = {i * 7 % 13}\n")
     return str(d)
+
+
+@pytest.fixture
+def eager_hot_paths(monkeypatch):
+    """Undo ``compile_hot_paths()`` (a process-wide swap) after the test, so the rest of the suite
+    runs the eager mHC functions."""
+    from sparseek.model import v4
+
+    for name in ("hc_pre", "hc_post", "hc_head"):
+        monkeypatch.setattr(v4, name, getattr(v4, name))

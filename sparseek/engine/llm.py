@@ -82,7 +82,11 @@ class LLM:
 
         ``compile=True`` compiles the decode step (fixed shapes: every decode step runs all
         ``max_batch_size`` rows, idle ones on a dummy token) with torch.compile; on a GPU the
-        compiled step is also captured as a CUDA graph. Compiling takes minutes on a CPU.
+        compiled step is also captured as a CUDA graph, on a CPU its matrix-vector products are
+        fused reductions (``sparseek.engine.compile``). Prefill runs the mHC stream passes
+        compiled (``sparseek.model.v4.compile_hot_paths``). Compiling takes minutes on a CPU. The
+        compiled step skips dynamo's guards after warm-up: change the model (dtype, device,
+        parameter shapes) only before building the engine.
 
         ``kv_fp8=True`` (with a path or preset) rounds the cached KV to FP8 and stores it so, as
         DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``)."""
@@ -114,8 +118,11 @@ class LLM:
         if compile:
             if not hasattr(model, "decode_step"):
                 raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
-            mode = "reduce-overhead" if next(model.parameters()).is_cuda else None
-            self._decode_fn = torch.compile(model.decode_step, dynamic=False, mode=mode)
+            from sparseek.engine.compile import CompiledStep
+            from sparseek.model.v4 import compile_hot_paths
+
+            self._decode_fn = CompiledStep(model.decode_step, next(model.parameters()).device)
+            compile_hot_paths()  # prefill: the mHC passes over the streams fuse (process-wide swap)
 
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,

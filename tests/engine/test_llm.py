@@ -190,7 +190,7 @@ def test_speculative_sampling_is_seeded(model, tok):
 
 
 @pytest.mark.slow
-def test_compiled_decode_gives_the_same_tokens(model, tok):
+def test_compiled_decode_gives_the_same_tokens(model, tok, eager_hot_paths):
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     eager = LLM(model, tok, max_batch_size=2, max_seq_len=256).generate(PROMPTS[:3], params)
     compiled = LLM(model, tok, max_batch_size=2, max_seq_len=256, compile=True).generate(PROMPTS[:3], params)

@@ -1,0 +1,59 @@
+"""How the engine compiles its decode step.
+
+Batch-1 decode is a chain of matrix-vector products: its speed is how fast the weights stream
+from memory. Two things stand between a compiled step and that limit, and both are fixed here
+rather than in the model (which stays plain PyTorch):
+
+* **GEMVs as fused reductions** on a CPU (``sparseek.model.fuse``): ~400 oneDNN calls per step
+  of the small preset become a few loops that stream the weights at 2-3x the rate.
+* **Guards.** Dynamo checks every parameter and cache tensor before each call (~0.6 ms a step on
+  a CPU, a tenth of the step). The engine calls the step with one cache object of fixed shape
+  for its whole life, so after two guarded warm-up calls (a second compile would surface there)
+  it skips them, as vLLM does for its compiled model.
+
+On a GPU the step is compiled with CUDA graphs (``mode="reduce-overhead"``); the reduction form is
+optional there (``gemv=True``, with coordinate-descent tuning as gpt-fast uses) until it is
+measured to beat cuBLAS's GEMV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from sparseek.model.fuse import fusing_backend
+
+__all__ = ["CompiledStep"]
+
+
+class CompiledStep:
+    """``fn`` compiled for calls of one fixed shape; guards run on the first ``warmup`` calls only."""
+
+    def __init__(self, fn: Callable, device: torch.device | str, *, gemv: bool | None = None,
+                 skip_guards: bool = True, warmup: int = 2):
+        device = torch.device(device)
+        self.gemv = device.type == "cpu" if gemv is None else gemv
+        if self.gemv:
+            cuda = device.type == "cuda"
+            patches = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if cuda else {}
+            self._fn = torch.compile(fn, dynamic=False, backend=fusing_backend(gpu=cuda, **patches))
+        else:
+            self._fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+        self.skip_guards = skip_guards
+        self._warmup = warmup
+        self._calls = 0
+
+    def __call__(self, *args):
+        if not self.skip_guards or self._calls < self._warmup:
+            self._calls += 1
+            return self._fn(*args)
+        try:
+            with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+                return self._fn(*args)
+        except RuntimeError as e:  # the compiled code is gone (torch._dynamo.reset()): compile again
+            if "skip_guard_eval_unsafe" not in str(e):
+                raise
+            self._calls = 0
+            return self(*args)
+

@@ -1,0 +1,85 @@
+"""Compiler backends that fuse small matrix products into the code around them.
+
+Inductor hands every ``mm``/``bmm`` to a library GEMM. For the products a decode step and the mHC
+streams make, that is the wrong call on a CPU:
+
+* a **single-row** ``mm`` (batch-1 decode: every projection, the experts, the LM head) goes to
+  oneDNN, which streams a bf16 weight at ~12 GB/s and spends tens of microseconds on a small
+  one. As ``(x * W).sum(-1)`` it is a reduction along the contiguous weight rows that inductor
+  vectorises and fuses with the norms and activations around it (~3x the rate on the LM head);
+* a **tiny contraction** (the 4 x 4 mHC stream mixing over [T, 4, D], attention over a short
+  window) costs more as a batched library call than the elementwise pass it is.
+
+Products with many rows keep the library GEMM: a reduction would re-read the weight once per row.
+The rewrite accumulates in fp32 and rounds once, as the library kernels do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+__all__ = ["fusing_decompositions", "fusing_backend", "SMALL_BMM_MACS", "TINY_CONTRACTION"]
+
+# a batched product this small (multiply-adds), or with a contraction this short, fuses
+SMALL_BMM_MACS = 1 << 20
+TINY_CONTRACTION = 8
+
+
+def _is(cond) -> bool:
+    from torch.fx.experimental.symbolic_shapes import statically_known_true
+
+    return statically_known_true(cond)
+
+
+def fusing_decompositions(gpu: bool = False) -> dict:
+    """Inductor's decomposition table with single-row ``mm``/``addmm`` and small or short ``bmm``
+    rewritten as multiply + sum. Only on CPU tensors unless ``gpu`` (where Triton's reductions
+    need coordinate-descent tuning to compete with cuBLAS)."""
+    from torch._inductor.decomposition import select_decomp_table
+
+    aten = torch.ops.aten
+    table = dict(select_decomp_table())
+    fallback = {op: table.get(op) for op in (aten.mm.default, aten.addmm.default, aten.bmm.default)}
+
+    def defer(op, *args, **kwargs):
+        f = fallback[op]
+        return NotImplemented if f is None else f(*args, **kwargs)
+
+    def here(t):
+        return gpu or t.device.type == "cpu"
+
+    def row_times(a_1K, b_KN):
+        return (a_1K.float().unsqueeze(2) * b_KN.float().unsqueeze(0)).sum(1)
+
+    def mm(a, b, *args, **kwargs):
+        if not args and not kwargs and here(a) and _is(a.shape[0] == 1):
+            return row_times(a, b).to(a.dtype)
+        return defer(aten.mm.default, a, b, *args, **kwargs)
+
+    def addmm(c, a, b, *args, beta=1, alpha=1, **kwargs):
+        if not args and not kwargs and beta == 1 and alpha == 1 and here(a) and _is(a.shape[0] == 1):
+            return (c.float() + row_times(a, b)).to(a.dtype)
+        return defer(aten.addmm.default, c, a, b, *args, beta=beta, alpha=alpha, **kwargs)
+
+    def bmm(a, b, *args, **kwargs):
+        if not args and not kwargs and here(a):
+            (n, m, k), cols = a.shape, b.shape[2]
+            if _is(k <= TINY_CONTRACTION) or _is(n * m * k * cols <= SMALL_BMM_MACS):
+                return (a.float().unsqueeze(3) * b.float().unsqueeze(1)).sum(2).to(a.dtype)
+        return defer(aten.bmm.default, a, b, *args, **kwargs)
+
+    table.update({aten.mm.default: mm, aten.addmm.default: addmm, aten.bmm.default: bmm})
+    return table
+
+
+def fusing_backend(gpu: bool = False, **config_patches) -> Callable:
+    """A ``torch.compile`` backend: inductor with ``fusing_decompositions(gpu)``. A backend callable
+    takes no ``mode``: CUDA graphs come as ``**{"triton.cudagraphs": True}``."""
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        return compile_fx(gm, example_inputs, decompositions=fusing_decompositions(gpu),
+                          config_patches=config_patches or None)
+    return backend

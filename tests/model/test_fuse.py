@@ -1,0 +1,71 @@
+"""Small products fused by the compiler (sparseek.model.fuse) and the compiled mHC hot paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._inductor.utils import run_and_get_code
+
+import sparseek
+from sparseek.model import build_model, v4
+from sparseek.model.fuse import fusing_backend
+from tests.conftest import randomize_, rel_err
+
+
+def _products(x_1K, w_NK, a_BMK, b_BKN, bias_N, comb_NSS, res_NSD):
+    return (F.linear(x_1K, w_NK), F.linear(x_1K, w_NK, bias_N), torch.bmm(a_BMK, b_BKN),
+            torch.matmul(comb_NSS.transpose(-1, -2), res_NSD))
+
+
+def _compiled_code(fn, *args):
+    torch._dynamo.reset()
+    out, code = run_and_get_code(torch.compile(fn, dynamic=False, backend=fusing_backend()), *args)
+    return out, "\n".join(code)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_single_row_small_and_short_products_become_fused_reductions(dtype):
+    g = torch.Generator().manual_seed(0)
+    shapes = ((1, 96), (80, 96), (2, 4, 24), (2, 24, 40), (80,), (300, 4, 4), (300, 4, 1024))  # last: 4.9M MACs, K=4
+    args = [torch.randn(s, generator=g).to(dtype) for s in shapes]
+    got, code = _compiled_code(_products, *args)
+    assert "extern_kernels." not in code.replace("import extern_kernels", "")
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    for g_, r in zip(got, _products(*(a.double() for a in args))):
+        assert g_.dtype == dtype and rel_err(g_, r) <= tol
+
+
+def test_many_rows_keep_the_library_gemm():
+    """A reduction would re-read the weight once per row: prefill-sized products stay GEMMs."""
+    x, w = torch.randn(16, 96), torch.randn(80, 96)
+    a, b = torch.randn(4, 64, 64), torch.randn(4, 64, 128)  # 2M multiply-adds over K=64: above both cuts
+    (y, z), code = _compiled_code(lambda x, w, a, b: (F.linear(x, w), torch.bmm(a, b)), x, w, a, b)
+    assert "extern_kernels.mm" in code and "extern_kernels.bmm" in code
+    torch.testing.assert_close(y, F.linear(x, w))
+    torch.testing.assert_close(z, torch.bmm(a, b))
+
+
+def test_compiled_hot_paths_equal_eager(eager_hot_paths):
+    """compile_hot_paths() (what `train --compile` and LLM(compile=True) use): same logits and
+    gradients as the eager mHC functions, for two prompt lengths (the second makes T symbolic)."""
+    torch._dynamo.reset()
+    model = randomize_(build_model(sparseek.preset("debug")), 3)
+    g = torch.Generator().manual_seed(0)
+
+    def run(T):
+        ids = torch.randint(3, model.args.vocab_size, (2, T), generator=g)
+        model.zero_grad()
+        logits = model(ids)
+        logits.float().square().mean().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    ref = [run(T) for T in (24, 40)]
+    v4.compile_hot_paths()
+    assert v4.hc_post is not v4.EAGER_HOT_PATHS[1]
+    g.manual_seed(0)
+    got = [run(T) for T in (24, 40)]
+    for (lr, gr), (lg, gg) in zip(ref, got):
+        assert rel_err(lg, lr) < 1e-5
+        assert gr.keys() == gg.keys()
+        assert max(rel_err(gg[n], gr[n]) for n in gr) < 1e-4
