@@ -169,11 +169,19 @@ class Gate(nn.Module):
         return grouped.masked_fill(mask.unsqueeze(-1), float("-inf")).view(n, -1)
 
 
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None) -> torch.Tensor:
+def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None, scale: torch.Tensor | None = None,
+           dtype: torch.dtype | None = None) -> torch.Tensor:
+    """silu(gate) * up in fp32 (DeepSeek clamps both at ``limit``), times ``scale`` (the routing
+    weights, applied before w2), cast to ``dtype``. One function for the whole chain, so that
+    ``compile_hot_paths`` fuses it into one pass."""
+    gate, up = gate.float(), up.float()
     if limit:
         up = up.clamp(-limit, limit)
         gate = gate.clamp(max=limit)
-    return F.silu(gate) * up
+    h = F.silu(gate) * up
+    if scale is not None:
+        h = h * scale
+    return h if dtype is None else h.to(dtype)
 
 
 class MLP(nn.Module):
@@ -187,8 +195,7 @@ class MLP(nn.Module):
         self.limit = limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = swiglu(self.w1(x).float(), self.w3(x).float(), self.limit)
-        return self.w2(h.to(x.dtype))
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit, dtype=x.dtype))
 
 
 def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
@@ -219,11 +226,12 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     if torch.is_grad_enabled():
         offs[-1] = P
     buf = xs_MD.new_zeros(P, xs_MD.shape[1]).index_copy(0, dest, xs_MD)
-    h = swiglu(torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs).float(),
-               torch._grouped_mm(buf, w3.transpose(-2, -1), offs=offs).float(), limit)
+    scale_P1 = None
     if scale_M is not None:
-        h = h * torch.zeros(P, 1, dtype=h.dtype, device=dev).index_copy(0, dest, scale_M.to(h.dtype)[:, None])
-    return torch._grouped_mm(h.to(xs_MD.dtype), w2.transpose(-2, -1), offs=offs)[dest].to(out_dtype)
+        scale_P1 = torch.zeros(P, 1, dtype=torch.float32, device=dev).index_copy(0, dest, scale_M.float()[:, None])
+    h = swiglu(torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs),
+               torch._grouped_mm(buf, w3.transpose(-2, -1), offs=offs), limit, scale_P1, xs_MD.dtype)
+    return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)[dest].to(out_dtype)
 
 
 class Experts(nn.Module):
@@ -266,9 +274,10 @@ class Experts(nn.Module):
             if c == 0:
                 continue
             xs = x_sorted[start:start + c]
-            h = swiglu(self.proj(xs, e, "w1").float(), self.proj(xs, e, "w3").float(), self.limit)
             # the routing weight multiplies before w2, as in DeepSeek's code (equal by linearity)
-            out[start:start + c] = self.proj((h * w_sorted[start:start + c]).to(x_sorted.dtype), e, "w2")
+            h = swiglu(self.proj(xs, e, "w1"), self.proj(xs, e, "w3"), self.limit, w_sorted[start:start + c],
+                       x_sorted.dtype)
+            out[start:start + c] = self.proj(h, e, "w2")
             start += c
         return out
 
@@ -285,9 +294,9 @@ class Experts(nn.Module):
         y_ND = torch.zeros_like(x_ND, dtype=torch.float32)
         for j in range(idx_NK.shape[1]):
             e_N = idx_NK[:, j]
-            gate = torch.einsum("nd,nid->ni", x_ND, self.w1[e_N]).float()
-            up = torch.einsum("nd,nid->ni", x_ND, self.w3[e_N]).float()
-            h = (swiglu(gate, up, self.limit) * weights_NK[:, j, None]).to(x_ND.dtype)
+            gate = torch.einsum("nd,nid->ni", x_ND, self.w1[e_N])
+            up = torch.einsum("nd,nid->ni", x_ND, self.w3[e_N])
+            h = swiglu(gate, up, self.limit, weights_NK[:, j, None], x_ND.dtype)
             y_ND = y_ND + torch.einsum("ni,ndi->nd", h, self.w2[e_N]).float()
         return y_ND.to(x_ND.dtype)
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
-from sparseek.model import kernels
+from sparseek.model import common, kernels
 from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, attn_block_budget, init_params
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
@@ -502,7 +502,7 @@ def hc_head(x_BTSD, fn, scale, base, norm_eps, hc_eps):
     return (pre.unsqueeze(-1) * xf).sum(dim=2).to(x_BTSD.dtype)
 
 
-EAGER_HOT_PATHS = (hc_pre, hc_post, hc_head)
+EAGER_HOT_PATHS = (hc_pre, hc_post, hc_head, attend)
 
 
 class MTPBlock(Block):
@@ -642,19 +642,24 @@ class DeepSeekV4(DecoderLM):
 
 
 def compile_hot_paths() -> None:
-    """Swap the pure-tensor hot spots (the mHC input and output sides, with their Sinkhorn) for
-    torch.compile'd versions: their many passes over the [T, S, D] streams fuse into a few loops,
-    and on a CPU the 4 x 4 stream mixing fuses too (``sparseek.model.fuse``) instead of a batched
-    library call. (Sparse attention is left eager: its shapes change with every block and
-    position, which would keep recompiling it.) The eager functions stay the reference the
-    compiled ones are tested against."""
-    global hc_pre, hc_post, hc_head
+    """Swap the pure-tensor hot spots for torch.compile'd versions: the mHC input and output
+    sides (with their Sinkhorn), whose many passes over the [T, S, D] streams fuse into a few
+    loops (on a CPU the 4 x 4 stream mixing fuses too, ``sparseek.model.fuse``, instead of a
+    batched library call); one block of sparse attention (masking, concatenation, the softmax
+    with its sink and the casts fuse around the score and value products); the SwiGLU chain
+    between the expert GEMMs. Process-wide (module attributes). The eager functions stay the
+    reference the compiled ones are tested against."""
+    global hc_pre, hc_post, hc_head, attend
     if getattr(hc_pre, "_compiled", False):
         return
     from sparseek.model.fuse import fusing_backend
 
     # dynamic=None: T becomes symbolic once it varies; S stays static, so the mixing can fuse
-    hc_pre, hc_post, hc_head = (torch.compile(f, backend=fusing_backend()) for f in EAGER_HOT_PATHS)
+    hc_pre, hc_post, hc_head = (torch.compile(f, backend=fusing_backend()) for f in EAGER_HOT_PATHS[:3])
+    # one block of attention: its sizes differ from block to block, so symbolic from the start
+    attend = torch.compile(EAGER_HOT_PATHS[3], dynamic=True, backend=fusing_backend())
+    # the experts' activation chain (casts, clamps, silu, product, routing weight, cast back)
+    common.swiglu = torch.compile(common.swiglu, backend=fusing_backend())
     hc_pre._compiled = True
 
 
