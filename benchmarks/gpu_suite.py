@@ -524,6 +524,10 @@ def main():
         rep.run("decode", decode_short, rep, model, dev, batch, True, bw, need=90)
     if "decode-compiled" in want and 1 in batches:  # the CPU's GEMV-as-reduction step, on the GPU
         rep.run("decode", decode_short, rep, model, dev, 1, True, bw, gemv=True, need=120)
+    if "prefill" in want and "decode-compiled" in want:  # LLM(compile=True) left the hot paths compiled
+        for tag in (" (compiled hot paths, first: compiles)", " (compiled hot paths)"):
+            rep.run("prefill", prefill, rep, model, dev, short_T, short_T, tag, need=60)
+        rep.run("prefill", prefill, rep, model, dev, lengths[0], chunk, " (compiled hot paths)", need=60)
     for ctx in ((4096,) if a.smoke else (1 << 20, 131072)) if "decode-long" in want else ():
         rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=90)
     torch._dynamo.reset()  # drop the compiled steps and their graph pools before training again
