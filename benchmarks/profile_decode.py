@@ -1,11 +1,13 @@
 """Where one compiled decode step (or one prefill) spends its time, and how fast a lone GEMV streams.
 
-    python benchmarks/profile_decode.py --preset small --dtype bfloat16            # decode step
-    python benchmarks/profile_decode.py --preset small --dtype float32 --prefill 512
-    python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}' --skip-guards   # options tried
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16            # the engine's decode step
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --plain    # plain inductor, guarded
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 512 --hot-paths
+    python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
-named), and the weight-streaming rate of the LM-head GEMV alone -- the practical ceiling of
+named), and the weight-streaming rate of the LM-head GEMV alone, as a library call and as the
+fused reduction the compiled step uses (``sparseek.model.fuse``) -- the practical ceiling of
 batch-1 decode on a CPU, lower than the copy bandwidth bench_engine.py uses for its roofline.
 """
 
@@ -21,6 +23,8 @@ import torch.nn.functional as F
 from torch.profiler import ProfilerActivity, profile
 
 import sparseek
+from sparseek.engine.compile import CompiledStep
+from sparseek.model.fuse import fusing_backend
 
 
 def per_call(fn, n: int) -> float:
@@ -39,9 +43,10 @@ def main():
     ap.add_argument("--prefill", type=int, default=0, help="profile one prefill of this many tokens instead")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--inductor", default="{}",
-                    help='torch.compile options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')
-    ap.add_argument("--skip-guards", action="store_true",
-                    help="skip dynamo's guard evaluation between steps (set_stance skip_guard_eval_unsafe)")
+                    help='extra inductor options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')
+    ap.add_argument("--plain", action="store_true",
+                    help="plain torch.compile of the step (library GEMVs, guards on every call) for comparison")
+    ap.add_argument("--hot-paths", action="store_true", help="prefill with compile_hot_paths() (LLM(compile=True))")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     dtype = getattr(torch, a.dtype)
@@ -53,6 +58,10 @@ def main():
     with torch.inference_mode():
         if a.prefill:
             ids = torch.randint(10, V, (1, a.prefill))
+            if a.hot_paths:
+                from sparseek.model.v4 import compile_hot_paths
+
+                compile_hot_paths()
 
             def run():
                 return model(ids, model.new_cache(1, a.prefill + 1), last_n=1)
@@ -61,14 +70,15 @@ def main():
         else:
             cache = model.new_cache(1, 512)
             model(torch.randint(10, V, (1, 64)), cache)
-            step = torch.compile(model.decode_step, dynamic=False, options=json.loads(a.inductor))
+            opts = json.loads(a.inductor)
+            if a.plain:
+                step = torch.compile(model.decode_step, dynamic=False, options=opts or None)
+            else:
+                step = CompiledStep(model.decode_step, "cpu", options=opts)
             tok = torch.randint(10, V, (1, 1))
 
             def run():
                 return step(tok, cache)
-            if a.skip_guards:
-                run()
-                torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
             dt = per_call(run, 30)
             print(f"compiled decode step: {dt * 1e3:.2f} ms/token ({1 / dt:.1f} tok/s)")
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
@@ -77,9 +87,11 @@ def main():
         print(p.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60, max_shapes_column_width=60))
         W, x = model.head.weight, torch.randn(1, model.args.hidden_size, dtype=dtype)
-        dt = per_call(lambda: F.linear(x, W), 30)
-        print(f"LM-head GEMV {tuple(W.shape)} {a.dtype}: {dt * 1e3:.2f} ms, "
-              f"{W.numel() * W.element_size() / dt / 1e9:.1f} GB/s of weights streamed")
+        fused = torch.compile(F.linear, dynamic=False, backend=fusing_backend())
+        for name, fn in (("library call", F.linear), ("fused reduction", fused)):
+            dt = per_call(lambda: fn(x, W), 30)
+            print(f"LM-head GEMV {tuple(W.shape)} {a.dtype}, {name}: {dt * 1e3:.2f} ms, "
+                  f"{W.numel() * W.element_size() / dt / 1e9:.1f} GB/s of weights streamed")
 
 
 if __name__ == "__main__":

@@ -31,15 +31,20 @@ class CompiledStep:
     """``fn`` compiled for calls of one fixed shape; guards run on the first ``warmup`` calls only."""
 
     def __init__(self, fn: Callable, device: torch.device | str, *, gemv: bool | None = None,
-                 skip_guards: bool = True, warmup: int = 2):
+                 skip_guards: bool = True, warmup: int = 2, options: dict | None = None):
+        """``options``: extra inductor config (``torch.compile(options=...)``)."""
         device = torch.device(device)
+        cuda = device.type == "cuda"
         self.gemv = device.type == "cpu" if gemv is None else gemv
+        patches = dict(options or {})
+        if cuda:
+            patches["triton.cudagraphs"] = True  # what mode="reduce-overhead" sets
         if self.gemv:
-            cuda = device.type == "cuda"
-            patches = {"triton.cudagraphs": True, "coordinate_descent_tuning": True} if cuda else {}
+            if cuda:
+                patches.setdefault("coordinate_descent_tuning", True)
             self._fn = torch.compile(fn, dynamic=False, backend=fusing_backend(gpu=cuda, **patches))
         else:
-            self._fn = torch.compile(fn, dynamic=False, mode="reduce-overhead" if device.type == "cuda" else None)
+            self._fn = torch.compile(fn, dynamic=False, options=patches or None)
         self.skip_guards = skip_guards
         self._warmup = warmup
         self._calls = 0
