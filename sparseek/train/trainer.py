@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.01
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile the pure-tensor hot spots (mHC, Sinkhorn, sparse attention)
+    compile: bool = False  # torch.compile the pure-tensor hot spots (mHC, Sinkhorn, attention blocks, SwiGLU)
     resume: bool = False
     device: str = "cpu"
     samples: list[str] = field(default_factory=lambda: ["def ", "import os\n", "class "])
