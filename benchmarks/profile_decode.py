@@ -6,8 +6,9 @@
     python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
-named), and the weight-streaming rate of the LM-head GEMV alone, as a library call and as the
-fused reduction the compiled step uses (``sparseek.model.fuse``) -- the practical ceiling of
+named), the weight-streaming rate of one token's routed experts in the decode step's form and
+in the one-contraction form it replaced, and that of the LM-head GEMV alone, as a library call and
+as the fused reduction the compiled step uses (``sparseek.model.fuse``) -- the practical ceiling of
 batch-1 decode on a CPU, lower than the copy bandwidth bench_engine.py uses for its roofline.
 """
 
@@ -34,6 +35,35 @@ def per_call(fn, n: int) -> float:
     for _ in range(n):
         fn()
     return (time.perf_counter() - t) / n
+
+
+def _experts_one_contraction(ex, x_ND, weights_NK, idx_NK):
+    """The decode step's experts as one contraction over all top-k slots (the form
+    ``Experts.forward_static`` replaced), for comparison."""
+    from sparseek.model.common import swiglu
+
+    gate = torch.einsum("nd,nkid->nki", x_ND, ex.w1[idx_NK])
+    up = torch.einsum("nd,nkid->nki", x_ND, ex.w3[idx_NK])
+    h = swiglu(gate, up, ex.limit, weights_NK[..., None], x_ND.dtype)
+    return torch.einsum("nki,nkdi->nd", h, ex.w2[idx_NK])
+
+
+def expert_rates(model, dtype):
+    """Weight-streaming rate of one token's routed experts, compiled as in the decode step: one
+    top-k slot at a time (``Experts.forward_static``) vs one contraction over the slots. Every
+    layer's experts are run in turn so the weights do not stay in cache."""
+    layers = [b.ffn.experts for b in model.layers]
+    k, D = model.args.num_experts_per_tok, model.args.hidden_size
+    x = torch.randn(1, D, dtype=dtype)
+    w = torch.rand(1, k)
+    idx = torch.randperm(layers[0].n)[:k][None]
+    read = len(layers) * 3 * k * layers[0].w1[0].numel() * layers[0].w1.element_size()
+    for name, f in (("per slot (decode step)", lambda ex: ex.forward_static(x, w, idx)),
+                    ("one contraction", lambda ex: _experts_one_contraction(ex, x, w, idx))):
+        fn = torch.compile(lambda: [f(ex) for ex in layers], dynamic=False, backend=fusing_backend())
+        dt = per_call(fn, 30)
+        print(f"routed experts of one token, {name}: {dt / len(layers) * 1e6:.0f} us/layer, "
+              f"{read / dt / 1e9:.1f} GB/s of weights streamed")
 
 
 def main():
@@ -86,6 +116,7 @@ def main():
                 run()
         print(p.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60, max_shapes_column_width=60))
+        expert_rates(model, dtype)
         W, x = model.head.weight, torch.randn(1, model.args.hidden_size, dtype=dtype)
         fused = torch.compile(F.linear, dynamic=False, backend=fusing_backend())
         for name, fn in (("library call", F.linear), ("fused reduction", fused)):

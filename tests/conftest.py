@@ -141,8 +141,7 @@ def corpus(tmp_path_factory):
 def eager_hot_paths(monkeypatch):
     """Undo ``compile_hot_paths()`` (a process-wide swap) after the test, so the rest of the suite
     runs the eager mHC functions."""
-    from sparseek.model import common, v4
+    from sparseek.model import v4
 
-    for name in ("hc_pre", "hc_post", "hc_head", "attend"):
-        monkeypatch.setattr(v4, name, getattr(v4, name))
-    monkeypatch.setattr(common, "swiglu", common.swiglu)
+    for module, name, _ in v4.hot_paths():
+        monkeypatch.setattr(module, name, getattr(module, name))

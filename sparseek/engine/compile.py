@@ -4,8 +4,8 @@ Batch-1 decode is a chain of matrix-vector products: its speed is how fast the w
 from memory. Two things stand between a compiled step and that limit, and both are fixed here
 rather than in the model (which stays plain PyTorch):
 
-* **GEMVs as fused reductions** on a CPU (``sparseek.model.fuse``): ~400 oneDNN calls per step
-  of the small preset become a few loops that stream the weights at 2-3x the rate.
+* **GEMVs as fused reductions** on a CPU (``sparseek.model.fuse``): ~140 oneDNN calls per step
+  of the small preset become a few loops that stream the weights at ~2x the rate.
 * **Guards.** Dynamo checks every parameter and cache tensor before each call (~0.6 ms a step on
   a CPU, a tenth of the step). The engine calls the step with one cache object of fixed shape
   for its whole life, so after two guarded warm-up calls (a second compile would surface there)

@@ -6,7 +6,7 @@ streams make, that is the wrong call on a CPU:
 * a **single-row** ``mm`` (batch-1 decode: every projection, the experts, the LM head) goes to
   oneDNN, which streams a bf16 weight at ~12 GB/s and spends tens of microseconds on a small
   one. As ``(x * W).sum(-1)`` it is a reduction along the contiguous weight rows that inductor
-  vectorises and fuses with the norms and activations around it (~3x the rate on the LM head);
+  vectorises and fuses with the norms and activations around it (~2x the rate on the LM head: `benchmarks/profile_decode.py`);
 * a **tiny contraction** (the 4 x 4 mHC stream mixing over [T, 4, D], attention over a short
   window) costs more as a batched library call than the elementwise pass it is.
 

@@ -474,7 +474,7 @@ class Block(nn.Module):
         super().__init__()
         self.layer_id = layer_id
         d, hc = args.hidden_size, args.hc_mult
-        self.hc, self.hc_iters, self.hc_eps, self.norm_eps = hc, args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
+        self.hc_iters, self.hc_eps, self.norm_eps = args.hc_sinkhorn_iters, args.hc_eps, args.rms_norm_eps
         self.attn = Attention(layer_id, args, dtype)
         self.ffn = MoE(args, hash_routed=layer_id < args.num_hash_layers, dtype=dtype)
         self.attn_norm = RMSNorm(d, args.rms_norm_eps)
@@ -500,9 +500,6 @@ def hc_head(x_BTSD, fn, scale, base, norm_eps, hc_eps):
     mix, xf = hc_mix(x_BTSD, fn, norm_eps)
     pre = torch.sigmoid(mix * scale + base) + hc_eps
     return (pre.unsqueeze(-1) * xf).sum(dim=2).to(x_BTSD.dtype)
-
-
-EAGER_HOT_PATHS = (hc_pre, hc_post, hc_head, attend)
 
 
 class MTPBlock(Block):
@@ -649,18 +646,26 @@ def compile_hot_paths() -> None:
     with its sink and the casts fuse around the score and value products); the SwiGLU chain
     between the expert GEMMs. Process-wide (module attributes). The eager functions stay the
     reference the compiled ones are tested against."""
-    global hc_pre, hc_post, hc_head, attend
     if getattr(hc_pre, "_compiled", False):
         return
     from sparseek.model.fuse import fusing_backend
 
-    # dynamic=None: T becomes symbolic once it varies; S stays static, so the mixing can fuse
-    hc_pre, hc_post, hc_head = (torch.compile(f, backend=fusing_backend()) for f in EAGER_HOT_PATHS[:3])
-    # one block of attention: its sizes differ from block to block, so symbolic from the start
-    attend = torch.compile(EAGER_HOT_PATHS[3], dynamic=True, backend=fusing_backend())
-    # the experts' activation chain (casts, clamps, silu, product, routing weight, cast back)
-    common.swiglu = torch.compile(common.swiglu, backend=fusing_backend())
+    for module, name, kwargs in hot_paths():
+        setattr(module, name, torch.compile(getattr(module, name), backend=fusing_backend(), **kwargs))
     hc_pre._compiled = True
+
+
+def hot_paths() -> tuple:
+    """(module, function name, torch.compile kwargs) of what ``compile_hot_paths`` swaps.
+
+    The default dynamic=None makes T symbolic once it varies while the stream count S stays
+    static (so the 4 x 4 mixing can fuse); a block of attention differs in size from block to
+    block, so it is symbolic from the start."""
+    import sys
+
+    this = sys.modules[__name__]
+    return ((this, "hc_pre", {}), (this, "hc_post", {}), (this, "hc_head", {}),
+            (this, "attend", {"dynamic": True}), (common, "swiglu", {}))
 
 
 def set_hash_table(gate, seed: int) -> None:
