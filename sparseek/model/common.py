@@ -198,14 +198,27 @@ class MLP(nn.Module):
         return self.w2(swiglu(self.w1(x), self.w3(x), self.limit, dtype=x.dtype))
 
 
+@torch.compiler.disable
+def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # the shape function torch.compile traces with admits bf16 only, the CPU kernel any float
+    # dtype: other dtypes leave the compiled graph for this call
+    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return _grouped_mm_eager(a, b, offs)
+    return torch._grouped_mm(a, b, offs=offs)
+
+
 def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                limit: float | None, scale_M: torch.Tensor | None = None) -> torch.Tensor:
+                limit: float | None, scale_M: torch.Tensor | None = None, pad: bool | None = None) -> torch.Tensor:
     """Rows ``xs`` sorted by expert (``expert_M`` non-decreasing) through their experts' SwiGLU FFNs
     (``w*`` stacked [E, out, in]; ``scale_M`` multiplies before w2), as three grouped GEMMs.
 
-    Nothing here waits for the host: each expert's rows are placed in a buffer of fixed size
-    M + 7E with every group starting at a multiple of 8 rows (the grouped kernel's 16-byte
-    alignment), padding rows are zero. So the same code serves prefill, training and a
+    Nothing here waits for the host: on a GPU each expert's rows are placed in a buffer of fixed
+    size M + 7E with every group starting at a multiple of 8 rows (the grouped kernel's 16-byte
+    alignment), padding rows are zero (``pad``: default on any device but the CPU). So the same code serves prefill, training and a
     CUDA-graphed decode step. Rows past the last group are never written by the kernel and never
     read back; under autograd the last group runs to the end of the buffer anyway, so that no
     gradient ever meets an unwritten row.
@@ -218,20 +231,28 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     else:
         w1, w2, w3 = (t.to(xs_MD.dtype) for t in (w1, w2, w3))
     counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
-    padded = (counts + 7) // 8 * 8
-    first = counts.cumsum(0) - counts
-    dest = (padded.cumsum(0) - padded)[expert_M] + torch.arange(M, device=dev) - first[expert_M]
-    P = M + 7 * E
-    offs = padded.cumsum(0).to(torch.int32)
-    if torch.is_grad_enabled():
-        offs[-1] = P
-    buf = xs_MD.new_zeros(P, xs_MD.shape[1]).index_copy(0, dest, xs_MD)
-    scale_P1 = None
-    if scale_M is not None:
-        scale_P1 = torch.zeros(P, 1, dtype=torch.float32, device=dev).index_copy(0, dest, scale_M.float()[:, None])
-    h = swiglu(torch._grouped_mm(buf, w1.transpose(-2, -1), offs=offs),
-               torch._grouped_mm(buf, w3.transpose(-2, -1), offs=offs), limit, scale_P1, xs_MD.dtype)
-    return torch._grouped_mm(h, w2.transpose(-2, -1), offs=offs)[dest].to(out_dtype)
+    if pad is None:  # the CPU kernel is a loop of GEMMs: it needs no alignment
+        pad = dev.type != "cpu"
+    if not pad:
+        buf, offs, dest, scale_P1 = xs_MD, counts.cumsum(0).to(torch.int32), None, None
+        if scale_M is not None:
+            scale_P1 = scale_M.float()[:, None]
+    else:
+        padded = (counts + 7) // 8 * 8
+        first = counts.cumsum(0) - counts
+        dest = (padded.cumsum(0) - padded)[expert_M] + torch.arange(M, device=dev) - first[expert_M]
+        P = M + 7 * E
+        offs = padded.cumsum(0).to(torch.int32)
+        if torch.is_grad_enabled():
+            offs[-1] = P
+        buf = xs_MD.new_zeros(P, xs_MD.shape[1]).index_copy(0, dest, xs_MD)
+        scale_P1 = None
+        if scale_M is not None:
+            scale_P1 = torch.zeros(P, 1, dtype=torch.float32, device=dev).index_copy(0, dest, scale_M.float()[:, None])
+    h = swiglu(_grouped_mm(buf, w1.transpose(-2, -1), offs), _grouped_mm(buf, w3.transpose(-2, -1), offs),
+               limit, scale_P1, xs_MD.dtype)
+    out = _grouped_mm(h, w2.transpose(-2, -1), offs)
+    return (out if dest is None else out[dest]).to(out_dtype)
 
 
 class Experts(nn.Module):

@@ -18,7 +18,7 @@ K selected entries, L window keys, S hc streams.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +26,7 @@ from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model import common, kernels
-from sparseek.model.base import ATTN_BLOCK_BUDGET, DecoderLM, _check_ids, attn_block_budget, init_params
+from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
@@ -42,16 +42,11 @@ class Step:
     rotary: dict[str, Rotary]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # cos/sin at `positions`, by rope kind
     static: bool = False  # decode with fixed shapes and no host syncs (for torch.compile / CUDA graphs)
+    memo: dict = field(default_factory=dict)  # what the layers of this forward share (attention masks)
 
     @property
     def decode(self) -> bool:
         return self.start is None
-
-
-def _block_size(batch: int, heads: int, keys: int, gathered: int, dim: int, total: int, extra: int = 0,
-                budget: int = ATTN_BLOCK_BUDGET) -> int:
-    per_query = batch * (heads * keys + gathered * dim + extra)
-    return max(1, min(total, budget // max(per_query, 1)))
 
 
 def _picked(idx_BQK: torch.Tensor, n: int) -> torch.Tensor:
@@ -61,41 +56,49 @@ def _picked(idx_BQK: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(B, Q, n + 1, dtype=torch.bool, device=idx_BQK.device).scatter_(-1, slot, True)[..., :n]
 
 
-def attend(q_BQHC, win_BLC, win_mask_BQL, comp_BNC, comp_mask_BQN, idx_BQK, sink_H, scale, codec=None):
-    """One block of sparse attention with a sink: softmax over [window keys ; compressed keys ; sink].
+def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec=None):
+    """G blocks of Q queries each, in one call: softmax over [window keys ; compressed keys ; sink].
 
-    CSA passes ``idx_BQK`` (indices into ``comp_BNC``, -1 = nothing) and its entries are gathered
-    (and decoded, when ``codec`` says the cache stores them packed: only the picked ones);
-    HCA passes ``comp_mask_BQN`` and attends to the whole (visible) compressed prefix.
+    Each block has its own window keys (``win_BGLC``, a band of the sequence); the compressed
+    entries ``comp_BNC`` are shared by all blocks. CSA passes ``idx_BGQK`` (indices into
+    ``comp_BNC``, -1 = nothing) and its entries are gathered (and decoded, when ``codec`` says the
+    cache stores them packed: only the picked ones); HCA passes ``comp_mask_BGQN`` and attends to
+    the whole (visible) compressed prefix. Masks may have 1 in their batch dim (shared by rows).
     """
-    B, Q, H, C = q_BQHC.shape
-    s_BQHL = torch.einsum("bqhc,blc->bqhl", q_BQHC, win_BLC).float() * scale
-    s_BQHL = s_BQHL.masked_fill(~win_mask_BQL[:, :, None, :], float("-inf"))
-    parts, values = [s_BQHL], None
-    if idx_BQK is not None:
-        gathered_BQKC = comp_BNC[torch.arange(B, device=q_BQHC.device)[:, None, None], idx_BQK.clamp(min=0)]
+    B, G, Q, H, C = q_BGQHC.shape
+    s_BGQHL = torch.einsum("bgqhc,bglc->bgqhl", q_BGQHC, win_BGLC).float() * scale
+    s_BGQHL = s_BGQHL.masked_fill(~win_mask_BGQL[..., None, :], float("-inf"))
+    s_comp = values = None
+    if idx_BGQK is not None:
+        rows = torch.arange(B, device=q_BGQHC.device)[:, None, None, None]
+        values = comp_BNC[rows, idx_BGQK.clamp(min=0)]  # [B, G, Q, K, C]
         if codec is not None:
-            gathered_BQKC = codec.decode(gathered_BQKC)
-        s_BQHK = torch.einsum("bqhc,bqkc->bqhk", q_BQHC, gathered_BQKC).float() * scale
-        parts.append(s_BQHK.masked_fill((idx_BQK < 0)[:, :, None, :], float("-inf")))
-        values = gathered_BQKC
+            values = codec.decode(values)
+        s_comp = torch.einsum("bgqhc,bgqkc->bgqhk", q_BGQHC, values).float() * scale
+        s_comp = s_comp.masked_fill((idx_BGQK < 0)[..., None, :], float("-inf"))
     elif comp_BNC is not None and comp_BNC.shape[1] > 0:
-        s_BQHN = torch.einsum("bqhc,bnc->bqhn", q_BQHC, comp_BNC).float() * scale
-        parts.append(s_BQHN.masked_fill(~comp_mask_BQN[:, :, None, :], float("-inf")))
         values = comp_BNC
-    logits = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
-    sink = sink_H.float().view(1, 1, H, 1)
-    m = torch.maximum(logits.amax(dim=-1, keepdim=True), sink)
-    e = torch.exp(logits - m)
-    p = (e / (e.sum(dim=-1, keepdim=True) + torch.exp(sink - m))).to(q_BQHC.dtype)
-    L = win_BLC.shape[1]
-    o = torch.einsum("bqhl,blc->bqhc", p[..., :L], win_BLC)
-    if values is not None:
-        if idx_BQK is not None:
-            o = o + torch.einsum("bqhk,bqkc->bqhc", p[..., L:], values)
-        else:
-            o = o + torch.einsum("bqhn,bnc->bqhc", p[..., L:], values)
-    return o
+        s_comp = torch.einsum("bgqhc,bnc->bgqhn", q_BGQHC, comp_BNC).float() * scale
+        s_comp = s_comp.masked_fill(~comp_mask_BGQN[..., None, :], float("-inf"))
+    # one softmax over [window ; compressed ; sink], its parts never concatenated (a compiler then
+    # keeps each row's passes in cache). The sink is a logit per head whose value row is zero: it
+    # only adds to the denominator, and keeps a row whose keys are all masked finite.
+    sink = sink_H.float().view(H, 1)
+    m = torch.maximum(s_BGQHL.amax(dim=-1, keepdim=True), sink)
+    if s_comp is not None:
+        m = torch.maximum(m, s_comp.amax(dim=-1, keepdim=True))
+    e_win = torch.exp(s_BGQHL - m)
+    denom = e_win.sum(dim=-1, keepdim=True) + torch.exp(sink - m)
+    if s_comp is not None:
+        e_comp = torch.exp(s_comp - m)
+        denom = denom + e_comp.sum(dim=-1, keepdim=True)
+    o = torch.einsum("bgqhl,bglc->bgqhc", (e_win / denom).to(q_BGQHC.dtype), win_BGLC)
+    if s_comp is None:
+        return o
+    p_comp = (e_comp / denom).to(q_BGQHC.dtype)
+    if idx_BGQK is not None:
+        return o + torch.einsum("bgqhk,bgqkc->bgqhc", p_comp, values)
+    return o + torch.einsum("bgqhn,bnc->bgqhc", p_comp, values)
 
 
 class Compressor(nn.Module):
@@ -329,28 +332,37 @@ class Attention(nn.Module):
         # backward) or as a mask over every visible entry ([H, N] scores per query): the same
         # softmax either way, so take the one that materializes less
         masked = select and self._picks_as_mask(H, n_comp, K, C)
-        n_keys = win + 64 + (K if select and not masked else n_comp)
         idx_cost = (1 if kernels.usable(q) else self.indexer.n_heads) * n_comp if select else 0
-        # small blocks: a block of Qb queries scores Qb + win - 1 window keys, so the band wastes
-        # (Qb - 1) / win of the window work; 64 keeps that low without many Python iterations on
-        # a CPU, while a GPU pays more for each block's launches than for the wasted band
-        cap = 64 if x.device.type == "cpu" else 512
-        Qb = _block_size(B, H, n_keys, 0 if masked else K, C, min(T, cap), idx_cost, attn_block_budget(x.device))
+
+        def per_query(qb: int) -> int:  # elements a query materializes in a block of qb queries
+            return B * (H * (qb + win - 1 + (K if select and not masked else n_comp))
+                        + (0 if masked else K) * C + idx_cost)
+
+        # a block of Qb queries scores the Qb + win - 1 keys of its window band, so the band wastes
+        # (Qb - 1) / win of the window work: small blocks on a CPU, where that work is the cost; a
+        # GPU pays more for small launches than for the wasted band. Several blocks go in one call
+        # (a batch dim of the products): fewer calls for short prompts; an eighth of the budget per
+        # call, as calls beyond a few million scores gain no speed and cost memory.
+        budget = attn_block_budget(x.device)
+        Qb = min(T, 64 if x.device.type == "cpu" else 512)
+        Qb = max(1, min(Qb, budget // per_query(Qb)))
+        nb = -(-T // Qb)
+        G = max(1, min(nb, budget // 8 // (per_query(Qb) * Qb)))
+        windows, mask = self._bands(keys, step, n_prefix, Qb, nb)
+        q_BNQHC = (F.pad(q, (0, 0, 0, 0, 0, nb * Qb - T)) if nb * Qb > T else q).view(B, nb, Qb, H, C)
         out = []
-        for i0 in range(0, T, Qb):
-            i1 = min(T, i0 + Qb)
-            qi = torch.arange(i0, i1, device=x.device)
-            k_lo = max(0, n_prefix + i0 - win + 1)
-            k_hi = n_prefix + i1
-            kk = torch.arange(k_lo, k_hi, device=x.device)
-            qa = (n_prefix + qi)[:, None]
-            mask = (kk[None] <= qa) & (kk[None] > qa - win) & (kk[None] >= n_prefix - s)
-            mask = mask.unsqueeze(0).expand(B, -1, -1)
+        for g0 in range(0, nb, G):
+            g1 = min(nb, g0 + G)
+            i0, i1 = g0 * Qb, min(T, g1 * Qb)
             comp_mask = idx = comp_blk = None
             if comp is not None:
-                n_vis = ((s + qi + 1) // self.ratio).unsqueeze(0).expand(B, -1)  # [B, Q]
+                # padded queries past T stand in for the last one (their rows are dropped)
+                qi = torch.arange(i0, g1 * Qb, device=x.device).clamp(max=T - 1)
+                n_vis = (s + qi + 1) // self.ratio  # [G * Qb]
                 if select:
-                    idx = self.indexer.select(q_idx[:, i0:i1], w_idx[:, i0:i1], idx_keys, n_vis)
+                    idx = self.indexer.select(q_idx[:, i0:i1], w_idx[:, i0:i1], idx_keys,
+                                              n_vis[:i1 - i0].expand(B, -1))
+                    idx = F.pad(idx, (0, 0, 0, (g1 - g0) * Qb - (i1 - i0)), value=-1)
                 if select and not masked:
                     comp_blk = comp
                 else:
@@ -359,10 +371,38 @@ class Attention(nn.Module):
                     if select:  # the picked entries (all visible) as a mask
                         comp_mask, idx = _picked(idx, n_max), None
                     else:
-                        comp_mask = torch.arange(n_max, device=x.device) < n_vis[..., None]
-            out.append(attend(q[:, i0:i1], keys[:, k_lo:k_hi], mask, comp_blk, comp_mask, idx,
+                        comp_mask = (torch.arange(n_max, device=x.device) < n_vis[:, None])[None]
+                    comp_mask = comp_mask.unflatten(1, (g1 - g0, Qb))
+                if idx is not None:
+                    idx = idx.unflatten(1, (g1 - g0, Qb))
+            out.append(attend(q_BNQHC[:, g0:g1], windows[:, g0:g1], mask[None, g0:g1], comp_blk, comp_mask, idx,
                               self.attn_sink, self.scale, codec))
-        return torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        o = torch.cat(out, dim=1) if len(out) > 1 else out[0]
+        return o.flatten(1, 2)[:, :T]
+
+    def _bands(self, keys_BKC, step: Step, n_prefix: int, Qb: int, nb: int):
+        """The window band of each block of Qb queries: keys [B, nb, Qb + win - 1, C] (a strided
+        view of the keys, zero-padded at both ends) and mask [nb, Qb, Qb + win - 1].
+
+        ``keys_BKC`` holds ``n_prefix`` cached keys (positions s - n_prefix ..) then the chunk's.
+        The mask depends only on the geometry, so the layers of one forward share it."""
+        B, n_keys, C = keys_BKC.shape
+        win, s, T = self.window, step.start, n_keys - n_prefix
+        Lb = Qb + win - 1
+        front = max(0, win - 1 - n_prefix)
+        keys = F.pad(keys_BKC, (0, 0, front, nb * Qb - T)) if front or nb * Qb > T else keys_BKC
+        off = n_prefix + front - (win - 1)  # padded index of block 0's first key
+        windows = keys[:, off:off + (nb - 1) * Qb + Lb].unfold(1, Lb, Qb).transpose(2, 3)
+        memo_key = ("band", Qb, nb, n_prefix)
+        mask = step.memo.get(memo_key)
+        if mask is None:
+            j = torch.arange(Qb, device=keys.device)[:, None]
+            lk = torch.arange(Lb, device=keys.device)
+            band = (lk >= j) & (lk <= j + win - 1)  # key l of a block is query j's if j <= l < j + win
+            first = n_prefix - (win - 1) + Qb * torch.arange(nb, device=keys.device)[:, None]
+            valid = first + lk >= max(0, n_prefix - s)  # not padding, not before position 0
+            mask = step.memo[memo_key] = band & valid[:, None, :]
+        return windows, mask
 
     @staticmethod
     def _picks_as_mask(heads: int, n_entries: int, k: int, dim: int) -> bool:
@@ -415,7 +455,9 @@ class Attention(nn.Module):
             else:
                 comp_mask = (torch.arange(n, device=x.device)[None, :] < n_vis[:, None])[:, None, :]
                 comp = lc.decode(comp)
-        return attend(q, lc.decode(lc.window), win_mask, comp, comp_mask, idx, self.attn_sink, self.scale, lc.codec)
+        one = (lambda t: None if t is None else t[:, None])  # one block of one query
+        return attend(q[:, None], lc.decode(lc.window)[:, None], win_mask[:, None], comp, one(comp_mask), one(idx),
+                      self.attn_sink, self.scale, lc.codec)[:, 0]
 
     @staticmethod
     def _write_entry(buf, entry, index, closes, static: bool) -> None:
@@ -642,10 +684,11 @@ def compile_hot_paths() -> None:
     """Swap the pure-tensor hot spots for torch.compile'd versions: the mHC input and output
     sides (with their Sinkhorn), whose many passes over the [T, S, D] streams fuse into a few
     loops (on a CPU the 4 x 4 stream mixing fuses too, ``sparseek.model.fuse``, instead of a
-    batched library call); one block of sparse attention (masking, concatenation, the softmax
-    with its sink and the casts fuse around the score and value products); the SwiGLU chain
-    between the expert GEMMs. Process-wide (module attributes). The eager functions stay the
-    reference the compiled ones are tested against."""
+    batched library call); one call of sparse attention (masking, the softmax with its sink and
+    the casts fuse around the score and value products); the routed experts (sorting, gathers,
+    the SwiGLU chain between the grouped GEMMs, the weighted scatter back). Process-wide (module
+    and class attributes). The eager functions stay the reference the compiled ones are tested
+    against."""
     if getattr(hc_pre, "_compiled", False):
         return
     from sparseek.model.fuse import fusing_backend
@@ -665,7 +708,7 @@ def hot_paths() -> tuple:
 
     this = sys.modules[__name__]
     return ((this, "hc_pre", {}), (this, "hc_post", {}), (this, "hc_head", {}),
-            (this, "attend", {"dynamic": True}), (common, "swiglu", {}))
+            (this, "attend", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "forward", {}))
 
 
 def set_hash_table(gate, seed: int) -> None:

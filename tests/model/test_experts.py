@@ -48,7 +48,8 @@ def test_grouped_equals_loop_forward_and_backward(dtype, tol):
 
 @pytest.mark.parametrize("sizes", [[1, 0, 9, 8], [3, 9, 0, 0]])
 @pytest.mark.parametrize("grad", [True, False])
-def test_grouped_ffn_rows_and_padding(sizes, grad):
+@pytest.mark.parametrize("pad", [True, False])  # the GPU's layout; the CPU's
+def test_grouped_ffn_rows_and_padding(sizes, grad, pad):
     """Rows already sorted by expert come back in the same order, each through its own expert,
     whatever the group sizes (0, 1, 8, 9 rows: below, at and past the 8-row alignment; idle last
     experts), with autograd on (the last group spans the buffer's tail) or off (it does not)."""
@@ -57,7 +58,7 @@ def test_grouped_ffn_rows_and_padding(sizes, grad):
     x = torch.randn(len(e), 64)
     s = torch.rand(len(e))
     with torch.set_grad_enabled(grad):
-        got = grouped_ffn(x, e, ex.w1, ex.w2, ex.w3, ex.limit, s)
+        got = grouped_ffn(x, e, ex.w1, ex.w2, ex.w3, ex.limit, s, pad=pad)
     assert got.isfinite().all()
     for r in range(len(e)):
         i = int(e[r])

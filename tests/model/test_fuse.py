@@ -46,11 +46,14 @@ def test_many_rows_keep_the_library_gemm():
     torch.testing.assert_close(z, torch.bmm(a, b))
 
 
-def test_compiled_hot_paths_equal_eager(eager_hot_paths):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_hot_paths_equal_eager(eager_hot_paths, dtype):
     """compile_hot_paths() (what `train --compile` and LLM(compile=True) use): same logits and
-    gradients as the eager mHC functions, for two prompt lengths (the second makes T symbolic)."""
+    gradients as the eager functions, for two prompt lengths (the second makes T symbolic); in
+    bf16 the routed experts' grouped GEMMs stay inside the compiled graph (fp32: outside)."""
     torch._dynamo.reset()
-    model = randomize_(build_model(sparseek.preset("debug")), 3)
+    model = randomize_(build_model(sparseek.preset("debug"), dtype=dtype), 3)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
     g = torch.Generator().manual_seed(0)
 
     def run(T):
@@ -67,6 +70,6 @@ def test_compiled_hot_paths_equal_eager(eager_hot_paths):
     g.manual_seed(0)
     got = [run(T) for T in (24, 40)]
     for (lr, gr), (lg, gg) in zip(ref, got):
-        assert rel_err(lg, lr) < 1e-5
+        assert rel_err(lg, lr) < tol
         assert gr.keys() == gg.keys()
-        assert max(rel_err(gg[n], gr[n]) for n in gr) < 1e-4
+        assert max(rel_err(gg[n], gr[n]) for n in gr) < 10 * tol

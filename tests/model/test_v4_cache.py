@@ -230,3 +230,38 @@ def test_picked_entries_gathered_or_masked_agree(model, ids, monkeypatch, as_mas
     model(x).float().square().mean().backward()
     assert g and all(rel_err(p.grad, g[n]) < 1e-4 for n, p in model.named_parameters() if n in g)
     model.zero_grad()
+
+
+@pytest.mark.parametrize("budget", [3000, 800_000])
+def test_blocks_and_groups_of_queries(model, ids, monkeypatch, budget):
+    """A smaller memory budget splits the queries into small blocks (3000: blocks of 1-4 queries,
+    one per call) or into several calls of several 64-query blocks (800K; the last block padded):
+    same logits, one-shot and chunked, and the same gradients, as the default (all blocks of a
+    layer in one call here)."""
+    from sparseek.model import v4
+
+    ref = ids[:, :200]
+    with torch.no_grad():
+        full, chunked = model(ref), _run_chunks(model, ref, [70, 130])
+    x = torch.randn(2, 200, model.args.hidden_size)
+
+    def grads():
+        model.zero_grad()
+        with torch.enable_grad():
+            model.layers[3].attn(x, model._step(2, 200, None, x.device, False), None).square().sum().backward()
+        return [p.grad.clone() for p in model.layers[3].attn.parameters() if p.grad is not None]
+
+    ref_grads = grads()
+    calls = []
+    attend = v4.attend
+    monkeypatch.setattr(v4, "attend", lambda q, *a, **k: calls.append(q.shape[1:3]) or attend(q, *a, **k))
+    monkeypatch.setattr(v4, "attn_block_budget", lambda device: budget)
+    with torch.no_grad():
+        assert rel_err(model(ref), full) < 1e-5
+        assert rel_err(_run_chunks(model, ref, [70, 130]), chunked) < 1e-5
+    blocks, sizes = zip(*calls)
+    assert len(calls) > 2 * len(model.layers)
+    assert max(sizes) < 64 if budget < 10_000 else max(blocks) > 1
+    for g, r in zip(grads(), ref_grads):
+        assert rel_err(g, r) < 1e-5
+    model.zero_grad()
