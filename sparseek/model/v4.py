@@ -274,19 +274,30 @@ class Attention(nn.Module):
         self.indexer = Indexer(args, dtype) if self.ratio == CSA_RATIO else None
 
     def forward(self, x_BTD: torch.Tensor, step: Step, lc: LayerCache | None) -> torch.Tensor:
-        B, T, _ = x_BTD.shape
         cos, sin = step.rope[self.rope_kind]
+        qr, q, kv = self.project(x_BTD, cos, sin)
+        if step.decode:
+            o = self._decode(x_BTD, qr, q, kv, step, lc)
+        else:
+            o = self._chunk(x_BTD, qr, q, kv, step, lc)
+        return self.output(o, cos, sin)
+
+    def project(self, x_BTD, cos, sin):
+        """-> the low-rank query ``qr`` (the indexer reuses it), the queries [B, T, H, C] and the
+        shared key/value entry [B, T, C], normalized and rotated."""
+        B, T, _ = x_BTD.shape
         qr = self.q_norm(self.wq_a(x_BTD))
         q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
         q = apply_rope(rms_unweighted(q, self.eps), cos[:, :, None], sin[:, :, None])
         kv = apply_rope(self.kv_norm(self.wkv(x_BTD)), cos, sin)
         if self.fp8_dims:
             kv = fp8_round(kv, self.fp8_dims)
-        if step.decode:
-            o = self._decode(x_BTD, qr, q, kv, step, lc)
-        else:
-            o = self._chunk(x_BTD, qr, q, kv, step, lc)
-        o = apply_rope(o, cos[:, :, None], sin[:, :, None], inverse=True)
+        return qr, q, kv
+
+    def output(self, o_BTHC, cos, sin):
+        """Attention output (rotated back) -> hidden, through the grouped low-rank projection."""
+        B, T = o_BTHC.shape[:2]
+        o = apply_rope(o_BTHC, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, T, self.n_groups, -1)
         wo_a = self.wo_a.weight.view(self.n_groups, self.o_rank, -1)
         o = torch.einsum("btgi,gri->btgr", o, wo_a)
