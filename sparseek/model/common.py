@@ -204,9 +204,12 @@ def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    # the shape function torch.compile traces with admits bf16 only, the CPU kernel any float
-    # dtype: other dtypes leave the compiled graph for this call
-    if a.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+    # The shape function torch.compile traces with admits bf16 only, the CPU kernel any float
+    # dtype: other dtypes leave the compiled graph for this call. On a GPU the compiled grouped
+    # GEMM serves the CUDA-graphed decode step (timed on an H200); its compiled backward is
+    # untimed there, so training keeps the eager kernel, as before it was compiled at all.
+    if torch.compiler.is_compiling() and (
+            a.dtype != torch.bfloat16 or (a.device.type != "cpu" and torch.is_grad_enabled())):
         return _grouped_mm_eager(a, b, offs)
     return torch._grouped_mm(a, b, offs=offs)
 
