@@ -219,10 +219,11 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     """Rows ``xs`` sorted by expert (``expert_M`` non-decreasing) through their experts' SwiGLU FFNs
     (``w*`` stacked [E, out, in]; ``scale_M`` multiplies before w2), as three grouped GEMMs.
 
-    Nothing here waits for the host: on a GPU each expert's rows are placed in a buffer of fixed
-    size M + 7E with every group starting at a multiple of 8 rows (the grouped kernel's 16-byte
-    alignment), padding rows are zero (``pad``: default on any device but the CPU). So the same code serves prefill, training and a
-    CUDA-graphed decode step. Rows past the last group are never written by the kernel and never
+    Nothing here waits for the host: with ``pad`` (default on any device but the CPU, whose
+    kernel is a loop of GEMMs) each expert's rows are placed in a buffer of fixed size M + 7E
+    with every group starting at a multiple of 8 rows (the grouped kernel's 16-byte alignment),
+    padding rows are zero. So the same code serves prefill, training and a CUDA-graphed decode
+    step. Rows past the last group are never written by the kernel and never
     read back; under autograd the last group runs to the end of the buffer anyway, so that no
     gradient ever meets an unwritten row.
     """
@@ -234,7 +235,7 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     else:
         w1, w2, w3 = (t.to(xs_MD.dtype) for t in (w1, w2, w3))
     counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
-    if pad is None:  # the CPU kernel is a loop of GEMMs: it needs no alignment
+    if pad is None:
         pad = dev.type != "cpu"
     if not pad:
         buf, offs, dest, scale_P1 = xs_MD, counts.cumsum(0).to(torch.int32), None, None

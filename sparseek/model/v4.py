@@ -466,9 +466,11 @@ class Attention(nn.Module):
             else:
                 comp_mask = (torch.arange(n, device=x.device)[None, :] < n_vis[:, None])[:, None, :]
                 comp = lc.decode(comp)
-        one = (lambda t: None if t is None else t[:, None])  # one block of one query
-        return attend(q[:, None], lc.decode(lc.window)[:, None], win_mask[:, None], comp, one(comp_mask), one(idx),
-                      self.attn_sink, self.scale, lc.codec)[:, 0]
+        def one_block(t):  # each row's query is a block of one
+            return None if t is None else t[:, None]
+
+        return attend(q[:, None], lc.decode(lc.window)[:, None], win_mask[:, None], comp, one_block(comp_mask),
+                      one_block(idx), self.attn_sink, self.scale, lc.codec)[:, 0]
 
     @staticmethod
     def _write_entry(buf, entry, index, closes, static: bool) -> None:
@@ -713,8 +715,8 @@ def hot_paths() -> tuple:
     """(module, function name, torch.compile kwargs) of what ``compile_hot_paths`` swaps.
 
     The default dynamic=None makes T symbolic once it varies while the stream count S stays
-    static (so the 4 x 4 mixing can fuse); a block of attention differs in size from block to
-    block, so it is symbolic from the start."""
+    static (so the 4 x 4 mixing can fuse); an attention call's sizes (blocks per call, window
+    band, compressed entries) differ from call to call, so they are symbolic from the start."""
     import sys
 
     this = sys.modules[__name__]
