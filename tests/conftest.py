@@ -140,7 +140,7 @@ def corpus(tmp_path_factory):
 @pytest.fixture
 def eager_hot_paths(monkeypatch):
     """Undo ``compile_hot_paths()`` (a process-wide swap) after the test, so the rest of the suite
-    runs the eager mHC functions."""
+    runs the eager functions."""
     from sparseek.model import v4
 
     for module, name, _ in v4.hot_paths():

@@ -63,7 +63,7 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.01
     activation_checkpointing: bool = False
-    compile: bool = False  # torch.compile the pure-tensor hot spots (mHC, Sinkhorn, attention blocks, SwiGLU)
+    compile: bool = False  # torch.compile the pure-tensor hot spots (v4.compile_hot_paths)
     resume: bool = False
     device: str = "cpu"
     samples: list[str] = field(default_factory=lambda: ["def ", "import os\n", "class "])
