@@ -16,6 +16,13 @@ def attn_block_budget(device: torch.device) -> int:
     return ATTN_BLOCK_BUDGET if device.type == "cpu" else ATTN_BLOCK_BUDGET << 4
 
 
+def query_block(device: torch.device) -> int:
+    """Queries per V4 attention block: a block of Qb queries scores the Qb + window - 1 keys of
+    its window band, wasting (Qb - 1) / window of the window work -- the cost on a CPU; a GPU
+    pays more for small launches than for the wasted band."""
+    return 64 if device.type == "cpu" else 512
+
+
 class DecoderLM(nn.Module):
     args = None
 

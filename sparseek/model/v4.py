@@ -26,7 +26,7 @@ from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model import common, kernels
-from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params
+from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, query_block
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
@@ -56,8 +56,38 @@ def _picked(idx_BQK: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(B, Q, n + 1, dtype=torch.bool, device=idx_BQK.device).scatter_(-1, slot, True)[..., :n]
 
 
-def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec=None):
+def _scores(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec=None):
+    """Masked fp32 scores of the window part and of the compressed part (None without one), and
+    the compressed values the latter scored (CSA: gathered per query, decoded if packed)."""
+    B = q_BGQHC.shape[0]
+    s_win = torch.einsum("bgqhc,bglc->bgqhl", q_BGQHC, win_BGLC).float() * scale
+    s_win = s_win.masked_fill(~win_mask_BGQL[..., None, :], float("-inf"))
+    if idx_BGQK is not None:
+        rows = torch.arange(B, device=q_BGQHC.device)[:, None, None, None]
+        values = comp_BNC[rows, idx_BGQK.clamp(min=0)]  # [B, G, Q, K, C]
+        if codec is not None:
+            values = codec.decode(values)
+        s_comp = torch.einsum("bgqhc,bgqkc->bgqhk", q_BGQHC, values).float() * scale
+        return s_win, s_comp.masked_fill((idx_BGQK < 0)[..., None, :], float("-inf")), values
+    if comp_BNC is not None and comp_BNC.shape[1] > 0:
+        s_comp = torch.einsum("bgqhc,bnc->bgqhn", q_BGQHC, comp_BNC).float() * scale
+        return s_win, s_comp.masked_fill(~comp_mask_BGQN[..., None, :], float("-inf")), comp_BNC
+    return s_win, None, None
+
+
+def _values(p_win, win_BGLC, p_comp, values, gathered: bool):
+    """sum_j p_j v_j over the window keys and the compressed values (K = V: the keys are the values)."""
+    o = torch.einsum("bgqhl,bglc->bgqhc", p_win, win_BGLC)
+    if p_comp is None:
+        return o
+    if gathered:
+        return o + torch.einsum("bgqhk,bgqkc->bgqhc", p_comp, values)
+    return o + torch.einsum("bgqhn,bnc->bgqhc", p_comp, values)
+
+
+def attend_lse(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec=None):
     """G blocks of Q queries each, in one call: softmax over [window keys ; compressed keys ; sink].
+    -> (output [B, G, Q, H, C], log of the softmax denominator [B, G, Q, H], fp32).
 
     Each block has its own window keys (``win_BGLC``, a band of the sequence); the compressed
     entries ``comp_BNC`` are shared by all blocks. CSA passes ``idx_BGQK`` (indices into
@@ -65,40 +95,108 @@ def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK,
     cache stores them packed: only the picked ones); HCA passes ``comp_mask_BGQN`` and attends to
     the whole (visible) compressed prefix. Masks may have 1 in their batch dim (shared by rows).
     """
-    B, G, Q, H, C = q_BGQHC.shape
-    s_BGQHL = torch.einsum("bgqhc,bglc->bgqhl", q_BGQHC, win_BGLC).float() * scale
-    s_BGQHL = s_BGQHL.masked_fill(~win_mask_BGQL[..., None, :], float("-inf"))
-    s_comp = values = None
-    if idx_BGQK is not None:
-        rows = torch.arange(B, device=q_BGQHC.device)[:, None, None, None]
-        values = comp_BNC[rows, idx_BGQK.clamp(min=0)]  # [B, G, Q, K, C]
-        if codec is not None:
-            values = codec.decode(values)
-        s_comp = torch.einsum("bgqhc,bgqkc->bgqhk", q_BGQHC, values).float() * scale
-        s_comp = s_comp.masked_fill((idx_BGQK < 0)[..., None, :], float("-inf"))
-    elif comp_BNC is not None and comp_BNC.shape[1] > 0:
-        values = comp_BNC
-        s_comp = torch.einsum("bgqhc,bnc->bgqhn", q_BGQHC, comp_BNC).float() * scale
-        s_comp = s_comp.masked_fill(~comp_mask_BGQN[..., None, :], float("-inf"))
+    H = q_BGQHC.shape[3]
+    s_win, s_comp, values = _scores(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK,
+                                    scale, codec)
     # one softmax over [window ; compressed ; sink], its parts never concatenated (a compiler then
     # keeps each row's passes in cache). The sink is a logit per head whose value row is zero: it
     # only adds to the denominator, and keeps a row whose keys are all masked finite.
     sink = sink_H.float().view(H, 1)
-    m = torch.maximum(s_BGQHL.amax(dim=-1, keepdim=True), sink)
+    m = torch.maximum(s_win.amax(dim=-1, keepdim=True), sink)
     if s_comp is not None:
         m = torch.maximum(m, s_comp.amax(dim=-1, keepdim=True))
-    e_win = torch.exp(s_BGQHL - m)
+    e_win = torch.exp(s_win - m)
     denom = e_win.sum(dim=-1, keepdim=True) + torch.exp(sink - m)
+    e_comp = None
     if s_comp is not None:
         e_comp = torch.exp(s_comp - m)
         denom = denom + e_comp.sum(dim=-1, keepdim=True)
-    o = torch.einsum("bgqhl,bglc->bgqhc", (e_win / denom).to(q_BGQHC.dtype), win_BGLC)
-    if s_comp is None:
+    dt = q_BGQHC.dtype
+    p_comp = None if e_comp is None else (e_comp / denom).to(dt)
+    o = _values((e_win / denom).to(dt), win_BGLC, p_comp, values, idx_BGQK is not None)
+    return o, (m + torch.log(denom)).squeeze(-1)
+
+
+def attend_backward(do_BGQHC, q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H,
+                    scale, o_BGQHC, lse_BGQH):
+    """Gradients of ``attend_lse``'s output for (q, win, comp, sink), from its inputs, output and
+    log-denominator alone: the probabilities are recomputed, p = exp(s - lse), as flash
+    attention's backward does, so the forward keeps none of its [.., H, keys] tensors.
+
+    With D = sum_c dO * O per row: dS = P * (dO . V - D) (the sink's value row is zero, so its dP is
+    0 and d sink = -sum P_sink * D); K = V, so each key gets scale * dS^T Q + P^T dO."""
+    dt = q_BGQHC.dtype
+    gathered = idx_BGQK is not None
+    s_win, s_comp, values = _scores(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, scale)
+    lse = lse_BGQH[..., None]
+    D = (do_BGQHC.float() * o_BGQHC.float()).sum(dim=-1, keepdim=True)
+    p_win = torch.exp(s_win - lse)
+    ds_win = p_win * (torch.einsum("bgqhc,bglc->bgqhl", do_BGQHC, win_BGLC).float() - D)
+    ds_win = (ds_win * scale).to(dt)
+    dq = torch.einsum("bgqhl,bglc->bgqhc", ds_win, win_BGLC)
+    dwin = (torch.einsum("bgqhl,bgqhc->bglc", ds_win, q_BGQHC)
+            + torch.einsum("bgqhl,bgqhc->bglc", p_win.to(dt), do_BGQHC))
+    dcomp = None
+    if s_comp is not None:
+        p_comp = torch.exp(s_comp - lse)
+        if gathered:
+            dp = torch.einsum("bgqhc,bgqkc->bgqhk", do_BGQHC, values)
+        else:
+            dp = torch.einsum("bgqhc,bnc->bgqhn", do_BGQHC, values)
+        ds_comp = (p_comp * (dp.float() - D) * scale).to(dt)
+        p_comp = p_comp.to(dt)
+        if gathered:
+            dq = dq + torch.einsum("bgqhk,bgqkc->bgqhc", ds_comp, values)
+            dvals = (torch.einsum("bgqhk,bgqhc->bgqkc", ds_comp, q_BGQHC)
+                     + torch.einsum("bgqhk,bgqhc->bgqkc", p_comp, do_BGQHC))
+            rows = torch.arange(q_BGQHC.shape[0], device=q_BGQHC.device)[:, None, None, None]
+            rows = rows.expand_as(idx_BGQK)
+            # unpicked slots (-1) have P = dS = 0: they add zeros to entry 0
+            dcomp = torch.zeros(comp_BNC.shape, dtype=torch.float32, device=comp_BNC.device)
+            dcomp = dcomp.index_put_((rows, idx_BGQK.clamp(min=0)), dvals.float(), accumulate=True)
+        else:
+            dq = dq + torch.einsum("bgqhn,bnc->bgqhc", ds_comp, values)
+            dcomp = (torch.einsum("bgqhn,bgqhc->bnc", ds_comp, q_BGQHC)
+                     + torch.einsum("bgqhn,bgqhc->bnc", p_comp, do_BGQHC))
+    H = q_BGQHC.shape[3]
+    p_sink = torch.exp(sink_H.float().view(H, 1) - lse)  # [B, G, Q, H, 1]
+    dsink = -(p_sink * D).sum(dim=(0, 1, 2)).view(H)
+    return dq, dwin, dcomp, dsink
+
+
+class _AttendRecompute(torch.autograd.Function):
+    """``attend_lse`` keeping only (inputs, output, log-denominator) for backward."""
+
+    @staticmethod
+    def forward(ctx, q, win, win_mask, comp, comp_mask, idx, sink, scale):
+        o, lse = attend_lse(q, win, win_mask, comp, comp_mask, idx, sink, scale)
+        ctx.save_for_backward(q, win, win_mask, comp, comp_mask, idx, sink, o, lse)
+        ctx.scale = scale
         return o
-    p_comp = (e_comp / denom).to(q_BGQHC.dtype)
-    if idx_BGQK is not None:
-        return o + torch.einsum("bgqhk,bgqkc->bgqhc", p_comp, values)
-    return o + torch.einsum("bgqhn,bnc->bgqhc", p_comp, values)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, do):
+        q, win, win_mask, comp, comp_mask, idx, sink, o, lse = ctx.saved_tensors
+        dq, dwin, dcomp, dsink = attend_backward(do.contiguous(), q, win, win_mask, comp, comp_mask, idx, sink,
+                                                 ctx.scale, o, lse)
+        return (dq, dwin.to(win.dtype), None, None if dcomp is None else dcomp.to(comp.dtype), None, None,
+                dsink.to(sink.dtype), None)
+
+
+# Training keeps O(T * H) per attention call for backward instead of its [.., H, keys] score,
+# probability and gathered-value tensors (~1 MB per token per layer at V4-Flash sizes); False
+# falls back to plain autograd through ``attend_lse`` (the reference the tests compare with).
+recompute_attention = True
+
+
+def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec=None):
+    """``attend_lse``'s output; under autograd, through the recomputing backward."""
+    if (recompute_attention and codec is None and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (q_BGQHC, win_BGLC, comp_BNC, sink_H))):
+        return _AttendRecompute.apply(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK,
+                                      sink_H, scale)
+    return attend_lse(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec)[0]
 
 
 class Compressor(nn.Module):
@@ -349,13 +447,11 @@ class Attention(nn.Module):
             return B * (H * (qb + win - 1 + (K if select and not masked else n_comp))
                         + (0 if masked else K) * C + idx_cost)
 
-        # a block of Qb queries scores the Qb + win - 1 keys of its window band, so the band wastes
-        # (Qb - 1) / win of the window work: small blocks on a CPU, where that work is the cost; a
-        # GPU pays more for small launches than for the wasted band. Several blocks go in one call
-        # (a batch dim of the products): fewer calls for short prompts; an eighth of the budget per
-        # call, as calls beyond a few million scores gain no speed and cost memory.
+        # Several blocks go in one call (a batch dim of the products): fewer calls for short
+        # prompts; an eighth of the budget per call, as calls beyond a few million scores gain no
+        # speed and cost memory.
         budget = attn_block_budget(x.device)
-        Qb = min(T, 64 if x.device.type == "cpu" else 512)
+        Qb = min(T, query_block(x.device))
         Qb = max(1, min(Qb, budget // per_query(Qb)))
         nb = -(-T // Qb)
         G = max(1, min(nb, budget // 8 // (per_query(Qb) * Qb)))
@@ -721,7 +817,8 @@ def hot_paths() -> tuple:
 
     this = sys.modules[__name__]
     return ((this, "hc_pre", {}), (this, "hc_post", {}), (this, "hc_head", {}),
-            (this, "attend", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "forward", {}))
+            (this, "attend_lse", {"dynamic": True}),
+            (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "forward", {}))
 
 
 def set_hash_table(gate, seed: int) -> None:

@@ -1,0 +1,108 @@
+"""Training attention keeps only (inputs, output, log-denominator) for backward and recomputes the
+probabilities (``v4.recompute_attention``): its gradients equal plain autograd's, for every kind
+of attention call, and it keeps far less for backward."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import sparseek
+from sparseek.model import build_model, v4
+from tests.conftest import randomize_, rel_err
+
+B, G, Q, H, C, L, N, K = 2, 3, 5, 4, 16, 9, 7, 3
+
+
+def _call(kind: str, seed: int):
+    """Random inputs of one attention call: the window band only (SWA layers), plus every visible
+    compressed entry under a mask (HCA, or CSA picks as a mask), or plus gathered picks (CSA)."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, G, Q, H, C, generator=g).requires_grad_()
+    win = torch.randn(B, G, L, C, generator=g).requires_grad_()
+    win_mask = torch.rand(1, G, Q, L, generator=g) > 0.4  # shared by the rows, as the model's
+    win_mask[0, 0, 0] = False  # a query with no window key
+    sink = torch.randn(H, generator=g).requires_grad_()
+    comp = comp_mask = idx = None
+    if kind != "window":
+        comp = torch.randn(B, N, C, generator=g).requires_grad_()
+    if kind == "masked":
+        comp_mask = torch.rand(B, G, Q, N, generator=g) > 0.5
+        comp_mask[:, 0, 0] = False  # with the window row above: only the sink is left
+    if kind == "gathered":
+        idx = torch.randint(-1, N, (B, G, Q, K), generator=g)  # -1 = no pick
+        idx[:, 0, 0] = -1
+    return q, win, win_mask, comp, comp_mask, idx, sink
+
+
+@pytest.mark.parametrize("kind", ["window", "masked", "gathered"])
+def test_recomputed_backward_equals_autograd(kind, monkeypatch):
+    args = _call(kind, seed=1)
+    wrt = [t for t in (args[0], args[1], args[3], args[6]) if t is not None]
+    got = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(v4, "recompute_attention", recompute)
+        o = v4.attend(*args, 0.3)
+        assert o.grad_fn is not None and (type(o.grad_fn).__name__ == "_AttendRecomputeBackward") == recompute
+        do = torch.randn(o.shape, generator=torch.Generator().manual_seed(2))
+        got[recompute] = (o.detach(), torch.autograd.grad(o, wrt, do))
+    (o_ref, g_ref), (o_new, g_new) = got[False], got[True]
+    assert torch.equal(o_new, o_ref)
+    assert o_ref[:, 0, 0].abs().max() == 0  # the sink-only query attends to nothing
+    for name, a, b in zip(("q", "win", "comp", "sink"), g_new, g_ref):
+        assert b.abs().max() > 0, name
+        assert rel_err(a, b) < 1e-5, name
+
+
+def test_model_gradients_equal_autograd(monkeypatch):
+    """A training forward of every layer type (CSA picks gathered and as a mask, HCA, sliding
+    window, MTP): the same loss gradients for every parameter with and without recomputation."""
+    model = randomize_(build_model(sparseek.preset("debug")), 5).train()
+    ids = torch.randint(0, model.args.vocab_size, (2, 120), generator=torch.Generator().manual_seed(3))
+
+    def grads(recompute: bool, as_mask: bool):
+        monkeypatch.setattr(v4, "recompute_attention", recompute)
+        monkeypatch.setattr(v4.Attention, "_picks_as_mask", staticmethod(lambda *a: as_mask))
+        model.zero_grad()
+        logits, h = model(ids, return_hidden=True)
+        loss = logits.float().square().mean() + model.forward_mtp(h[:, :-1], ids[:, 1:]).float().square().mean()
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    for as_mask in (True, False):
+        ref, new = grads(False, as_mask), grads(True, as_mask)
+        assert ref.keys() == new.keys() and any("attn_sink" in n for n in ref)
+        worst = max(rel_err(new[n], ref[n]) for n in ref)
+        assert worst < 1e-4, worst
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
+    seen = {}
+
+    def pack(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(seen.values())
+
+
+def test_keeps_no_scores_for_backward(monkeypatch):
+    """With 64 keys per query the plain path keeps several [.., H, keys] fp32 tensors per call;
+    the recomputing one keeps its inputs, output and one float per (query, head)."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 2, 32, 8, 16, generator=g).requires_grad_()
+    win = torch.randn(1, 2, 64, 16, generator=g).requires_grad_()
+    mask = torch.ones(1, 2, 32, 64, dtype=torch.bool)
+    sink = torch.zeros(8, requires_grad=True)
+    inputs = sum(t.numel() * t.element_size() for t in (q, win, mask, sink))
+    sizes = {}
+    for recompute in (False, True):
+        monkeypatch.setattr(v4, "recompute_attention", recompute)
+        sizes[recompute] = _saved_bytes(lambda: v4.attend(q, win, mask, None, None, None, sink, 0.25))
+    scores = q.shape[:4].numel() * win.shape[2] * 4  # one fp32 score tensor
+    out = q.numel() * 4
+    assert sizes[True] <= inputs + out + q.shape[:4].numel() * 4
+    assert sizes[False] >= inputs + 2 * scores
