@@ -41,10 +41,11 @@ def one(impl: str, ckpt: str, device: str, T: int, q) -> None:
         q.put({"error": f"{type(e).__name__}: {str(e)[:200]}"})
 
 
-def run(impl, ckpt, device, T, timeout) -> dict:
+def in_subprocess(fn, *args, timeout: float) -> dict:
+    """``fn(*args, queue)`` in a fresh process (its own memory high-water mark) -> the dict it put."""
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=one, args=(impl, ckpt, device, T, q))
+    p = ctx.Process(target=fn, args=(*args, q))
     p.start()
     p.join(timeout)
     if p.is_alive():
@@ -75,7 +76,7 @@ def main():
     for T in a.lengths:
         row = {"T": T}
         for impl in a.impls:
-            row[impl] = run(impl, tmp, a.device, T, a.timeout)
+            row[impl] = in_subprocess(one, impl, tmp, a.device, T, timeout=a.timeout)
         rows.append(row)
         print(json.dumps(row), flush=True)
     res = {"preset": a.preset, "device": a.device, "command": " ".join(["python"] + sys.argv), "rows": rows}
