@@ -52,15 +52,20 @@ def saved_bytes_hooks(exclude: set[int]):
     return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), seen
 
 
-def one(impl: str, ckpt: str, device: str, dtype_name: str, batch: int, T: int, steps: int, q) -> None:
+def one(impl: str, ckpt: str, device: str, dtype_name: str, batch: int, T: int, steps: int, gpu_blocks: bool,
+        q) -> None:
     try:
         torch.manual_seed(0)
         dtype = getattr(torch, dtype_name)
         if impl.startswith("sparseek"):
-            from sparseek.model import v4
+            from sparseek.model import base as model_base, v4
             from sparseek.utils import tune_malloc
 
             tune_malloc()  # what the trainer does
+            if gpu_blocks:  # a GPU's attention blocks (512 queries, 16x the budget) on any device
+                gpu = torch.device("cuda")
+                v4.query_block, v4.attn_block_budget = (lambda d: model_base.query_block(gpu)), (
+                    lambda d: model_base.attn_block_budget(gpu))
             v4.recompute_attention = impl != "sparseek-autograd"
             if impl == "sparseek-compiled":
                 v4.compile_hot_paths()
@@ -121,6 +126,10 @@ def main():
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--impls", nargs="+", choices=IMPLS, default=IMPLS)
     ap.add_argument("--timeout", type=int, default=1800)
+    ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE",
+                    help="override preset fields (JSON values), e.g. num_attention_heads=64 head_dim=512")
+    ap.add_argument("--gpu-blocks", action="store_true",
+                    help="sparseek's attention blocks as on a GPU (to see a GPU's memory on a CPU)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     import sparseek
@@ -129,7 +138,8 @@ def main():
 
     dtype_name = a.dtype or ("float32" if a.device == "cpu" else "bfloat16")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
-    args = sparseek.preset(a.preset, clamp_shared_expert=True)
+    overrides = {k: json.loads(v) for k, v in (kv.split("=", 1) for kv in a.set)}
+    args = sparseek.preset(a.preset, clamp_shared_expert=True, **overrides)
     tmp = tempfile.mkdtemp(prefix="bench-train-")
     m = build_model(args)
     m.init_weights(seed=0)
@@ -141,7 +151,8 @@ def main():
     for T in a.seq:
         row = {"seq": T, "flops_per_token": training_flops_per_token(args, T)}
         for impl in a.impls:
-            r = in_subprocess(one, impl, tmp, a.device, dtype_name, a.batch, T, a.steps, timeout=a.timeout)
+            r = in_subprocess(one, impl, tmp, a.device, dtype_name, a.batch, T, a.steps, a.gpu_blocks,
+                             timeout=a.timeout)
             if "tokens_per_s" in r:
                 r["mfu"] = r["tokens_per_s"] * row["flops_per_token"] / peak
             row[impl] = r
@@ -152,7 +163,8 @@ def main():
     res = {"preset": a.preset, "device": a.device, "dtype": dtype_name, "batch": a.batch, "steps": a.steps,
            "matmul_flops": peak, "params": counts, "torch": torch.__version__,
            "transformers": transformers.__version__, "machine": platform.processor() or platform.machine(),
-           "command": " ".join(["python"] + sys.argv), "rows": rows}
+           "overrides": overrides, "gpu_blocks": a.gpu_blocks, "command": " ".join(["python"] + sys.argv),
+           "rows": rows}
     md = report(res, a.impls)
     print(md)
     if a.out:
@@ -168,6 +180,9 @@ def report(res: dict, impls: list[str]) -> str:
     lines = [f"# Training step (forward + backward): `{res['preset']}` on {res['device']} ({res['dtype']}, "
              f"torch {res['torch']}, transformers {res['transformers']})", "",
              f"Command: `{res['command']}`", "",
+             *([f"Preset fields overridden: {res['overrides']}.", ""] if res.get("overrides") else []),
+             *(["sparseek's attention runs in a GPU's blocks (512 queries, 16x the CPU budget).", ""]
+               if res.get("gpu_blocks") else []),
              f"Parameters: {c['total'] / 1e6:.1f}M total, {c['active'] / 1e6:.1f}M active. Batch {res['batch']}, "
              f"mean of {res['steps']} steps after a warm-up. Matmul rate measured: "
              f"{res['matmul_flops'] / 1e9:,.0f} GFLOP/s. +peak MB: memory high-water mark above the loaded "
