@@ -15,8 +15,9 @@ finishes (a run cut short keeps what it measured), then summarized in ``OUT.md``
 4. batch-1 decode with 128K and 1M tokens of context, from caches filled with synthetic entries
    (the cost of a step does not depend on the values);
 5. training steps (forward + MTP + backward + Muon/AdamW, bf16 autocast) of ``small`` and of the
-   6-layer model's forward+backward, tokens/s and MFU on active-parameter FLOPs (last, once more
-   with the mHC / Sinkhorn hot paths compiled, as ``sparseek train --compile`` runs);
+   6-layer model's forward+backward, tokens/s and MFU on active-parameter FLOPs (the latter also
+   with plain autograd through the attention instead of its recomputing backward, and last once
+   more with the hot paths compiled, as ``sparseek train --compile`` runs);
 6. ``profile``: torch.profiler tables of one training step, one 16K prefill and eager decode steps
    (``OUT-profile-*.txt``), to see what to fix next without another lease.
 
@@ -508,6 +509,14 @@ def main():
     if "train" in want:
         rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name,
                 optimizer=None, mtp=False, model=model, need=40)
+        # the same with plain autograd through the attention: what recomputing its probabilities
+        # in backward saves in memory (~20 GB expected here) and costs or gains in speed
+        from sparseek.model import v4
+
+        v4.recompute_attention = False
+        rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name + " (plain autograd attention)",
+                optimizer=None, mtp=False, model=model, need=60)
+        v4.recompute_attention = True
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small", need=30)
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small",
                 optimizer=None, mtp=False, need=30)
