@@ -329,19 +329,21 @@ class Indexer(nn.Module):
         k = min(self.topk, N)
         if k == 0:
             return q_BQIC.new_full((*q_BQIC.shape[:2], 0), -1, dtype=torch.long)
-        if kernels.usable(q_BQIC):  # fused: never builds the per-head [.., H, N] products
-            with torch.no_grad():
-                s = kernels.indexer_scores(q_BQIC.detach(), w_BQI.detach(), keys_BNC.detach(), n_visible_BQ)
-        else:
-            s = torch.einsum("bqic,bnc->bqin", q_BQIC.float(), keys_BNC.float()).relu_()
-            s = torch.einsum("bqin,bqi->bqn", s, w_BQI)
-            ar = torch.arange(N, device=s.device)
-            s = s.masked_fill(ar >= n_visible_BQ[..., None], float("-inf"))
-        # ReLU makes exact ties (all heads <= 0 give score 0) common early in a sequence. A stable
-        # sort breaks them toward the older entry, so the choice does not depend on how many
-        # future entries exist: the cached and the one-shot forward pick the same set.
-        idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :k]
-        return torch.where(idx < n_visible_BQ[..., None], idx, -1)
+        # The picks are indices: no gradient flows through them, so the scores are computed without
+        # autograd (training would otherwise keep [.., heads, N] products per query for nothing).
+        with torch.no_grad():
+            if kernels.usable(q_BQIC):  # fused: never builds the per-head [.., H, N] products
+                s = kernels.indexer_scores(q_BQIC, w_BQI, keys_BNC, n_visible_BQ)
+            else:
+                s = torch.einsum("bqic,bnc->bqin", q_BQIC.float(), keys_BNC.float()).relu_()
+                s = torch.einsum("bqin,bqi->bqn", s, w_BQI)
+                ar = torch.arange(N, device=s.device)
+                s = s.masked_fill(ar >= n_visible_BQ[..., None], float("-inf"))
+            # ReLU makes exact ties (all heads <= 0 give score 0) common early in a sequence. A stable
+            # sort breaks them toward the older entry, so the choice does not depend on how many
+            # future entries exist: the cached and the one-shot forward pick the same set.
+            idx = s.sort(dim=-1, descending=True, stable=True).indices[..., :k]
+            return torch.where(idx < n_visible_BQ[..., None], idx, -1)
 
 
 class Attention(nn.Module):
@@ -427,11 +429,13 @@ class Attention(nn.Module):
             new = self.compressor.chunk(x, step.positions, s, lc.comp_state if lc else None, rot)
             comp = self._store(lc.comp, lc.encode(new), s // m, (s + T) // m) if lc else new
             select = self._selects(comp.shape[1])
-            if select or self._keeps_index_keys(lc):
-                new_k = self.indexer.compressor.chunk(x, step.positions, s, lc.index_state if lc else None, rot)
-                idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
-            if select:
-                q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
+            # the indexer only picks indices (no gradient reaches it through them): no autograd graph
+            with torch.no_grad():
+                if select or self._keeps_index_keys(lc):
+                    new_k = self.indexer.compressor.chunk(x, step.positions, s, lc.index_state if lc else None, rot)
+                    idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
+                if select:
+                    q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
 
         K = min(self.indexer.topk, comp.shape[1]) if select else 0
         n_comp = comp.shape[1] if comp is not None else 0

@@ -106,3 +106,22 @@ def test_keeps_no_scores_for_backward(monkeypatch):
     out = q.numel() * 4
     assert sizes[True] <= inputs + out + q.shape[:4].numel() * 4
     assert sizes[False] >= inputs + 2 * scores
+
+
+def test_indexer_builds_no_autograd_graph(monkeypatch):
+    """The indexer only picks indices, which carry no gradient: in training its queries, keys and
+    scores are computed without autograd (they used to keep [T, heads, N] products per layer)."""
+    model = randomize_(build_model(sparseek.preset("debug")), 5).train()
+    seen = []
+    select = v4.Indexer.select
+
+    def spy(ix, q, w, keys, n_vis):
+        seen.append((q.requires_grad, w.requires_grad, keys.requires_grad))
+        return select(ix, q, w, keys, n_vis)
+
+    monkeypatch.setattr(v4.Indexer, "select", spy)
+    ids = torch.randint(0, model.args.vocab_size, (1, 120), generator=torch.Generator().manual_seed(4))
+    model(ids).float().square().mean().backward()
+    assert seen and not any(any(flags) for flags in seen)
+    assert all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
+    assert any(p.grad is not None for n, p in model.named_parameters() if ".compressor." in n and "indexer" not in n)
