@@ -798,7 +798,8 @@ def compile_hot_paths() -> None:
     sides (with their Sinkhorn), whose many passes over the [T, S, D] streams fuse into a few
     loops (on a CPU the 4 x 4 stream mixing fuses too, ``sparseek.model.fuse``, instead of a
     batched library call); one call of sparse attention (masking, the softmax with its sink and
-    the casts fuse around the score and value products); the routed experts (sorting, gathers,
+    the casts fuse around the score and value products) and, in training, its recomputing
+    backward; the routed experts (sorting, gathers,
     the SwiGLU chain between the grouped GEMMs, the weighted scatter back). Process-wide (module
     and class attributes). The eager functions stay the reference the compiled ones are tested
     against."""
