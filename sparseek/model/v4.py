@@ -18,6 +18,7 @@ K selected entries, L window keys, S hc streams.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -372,6 +373,10 @@ class Attention(nn.Module):
         self.fp8_dims = self.head_dim - self.rope_dim if args.kv_fp8 else 0
         self.compressor = Compressor(args, self.ratio, self.head_dim, self.fp8_dims) if self.ratio else None
         self.indexer = Indexer(args, dtype) if self.ratio == CSA_RATIO else None
+        # training: the indexer learns from a KL loss to the main attention (``_indexer_kl``) when
+        # the trainer switches this on; the loss of the last forward waits in ``indexer_loss``
+        self.learn_indexer = False
+        self.indexer_loss: torch.Tensor | None = None
 
     def forward(self, x_BTD: torch.Tensor, step: Step, lc: LayerCache | None) -> torch.Tensor:
         cos, sin = step.rope[self.rope_kind]
@@ -422,20 +427,23 @@ class Attention(nn.Module):
 
         comp = idx_keys = q_idx = w_idx = None
         codec = lc.codec if lc is not None else None
-        select = False
+        select = learn = False
         if self.compressor is not None:
             m = self.ratio
             rot = step.rotary["compress"]
             new = self.compressor.chunk(x, step.positions, s, lc.comp_state if lc else None, rot)
             comp = self._store(lc.comp, lc.encode(new), s // m, (s + T) // m) if lc else new
             select = self._selects(comp.shape[1])
-            # the indexer only picks indices (no gradient reaches it through them): no autograd graph
-            with torch.no_grad():
-                if select or self._keeps_index_keys(lc):
-                    new_k = self.indexer.compressor.chunk(x, step.positions, s, lc.index_state if lc else None, rot)
+            learn = self.indexer is not None and self.learn_indexer and lc is None and torch.is_grad_enabled()
+            # the indexer only picks indices (no gradient reaches it through them): no autograd
+            # graph, unless it learns from its own loss (on inputs detached from the model's)
+            with contextlib.nullcontext() if learn else torch.no_grad():
+                xi, qri = (x.detach(), qr.detach()) if learn else (x, qr)
+                if select or learn or self._keeps_index_keys(lc):
+                    new_k = self.indexer.compressor.chunk(xi, step.positions, s, lc.index_state if lc else None, rot)
                     idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
-                if select:
-                    q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
+                if select or learn:
+                    q_idx, w_idx = self.indexer.queries(xi, qri, *step.rope["compress"])
 
         K = min(self.indexer.topk, comp.shape[1]) if select else 0
         n_comp = comp.shape[1] if comp is not None else 0
@@ -461,7 +469,10 @@ class Attention(nn.Module):
         G = max(1, min(nb, budget // 8 // (per_query(Qb) * Qb)))
         windows, mask = self._bands(keys, step, n_prefix, Qb, nb)
         q_BNQHC = (F.pad(q, (0, 0, 0, 0, 0, nb * Qb - T)) if nb * Qb > T else q).view(B, nb, Qb, H, C)
-        out = []
+        out, kl = [], []
+        if learn:
+            qI = F.pad(q_idx, (0, 0, 0, 0, 0, nb * Qb - T)).view(B, nb, Qb, *q_idx.shape[2:])
+            wI = F.pad(w_idx, (0, 0, 0, nb * Qb - T)).view(B, nb, Qb, -1)
         for g0 in range(0, nb, G):
             g1 = min(nb, g0 + G)
             i0, i1 = g0 * Qb, min(T, g1 * Qb)
@@ -488,8 +499,44 @@ class Attention(nn.Module):
                     idx = idx.unflatten(1, (g1 - g0, Qb))
             out.append(attend(q_BNQHC[:, g0:g1], windows[:, g0:g1], mask[None, g0:g1], comp_blk, comp_mask, idx,
                               self.attn_sink, self.scale, codec))
+            if learn and comp_blk.shape[1] > 0:
+                kl.append(self._indexer_kl(q_BNQHC[:, g0:g1], windows[:, g0:g1], mask[None, g0:g1], comp_blk,
+                                           comp_mask, idx, qI[:, g0:g1], wI[:, g0:g1], idx_keys, i1 - i0))
+        if learn:
+            total = sum(k for k, _ in kl) if kl else q.new_zeros((), dtype=torch.float32)
+            self.indexer_loss = total / max(1, sum(int(n) for _, n in kl))
         o = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         return o.flatten(1, 2)[:, :T]
+
+    def _indexer_kl(self, q, win, win_mask, comp, comp_mask, idx, qI_BGQIC, wI_BGQI, keys_I, n_real: int):
+        """Sum over this call's queries of KL(target || softmax(indexer logits)) and the number of
+        queries counted. The target is the main attention's probability mass on each compressed
+        entry it attended (summed over heads, renormalized; detached), as DeepSeek trains its
+        lightning indexer: over every visible entry while the indexer need not pick, over the
+        picks once it does. Only the indexer's parameters get this gradient."""
+        B, G, Q = q.shape[:3]
+        with torch.no_grad():
+            s_win, s_comp, _ = _scores(q.detach(), win.detach(), win_mask, comp.detach(), comp_mask, idx, self.scale)
+            sink = self.attn_sink.detach().float().view(-1, 1)
+            lse = torch.logaddexp(torch.logsumexp(s_win, -1, keepdim=True), torch.logsumexp(s_comp, -1, keepdim=True))
+            mass = torch.exp(s_comp - torch.logaddexp(lse, sink)).sum(dim=3)  # [B, G, Q, entries]
+            total = mass.sum(-1, keepdim=True)
+            target = mass / total.clamp(min=1e-30)
+            real = torch.arange(G * Q, device=q.device).view(G, Q) < n_real  # padded queries excluded
+            rows = (total.squeeze(-1) > 0) & real
+        if idx is not None:  # gathered picks: the indexer's logits over the same entries
+            b = torch.arange(B, device=q.device)[:, None, None, None]
+            kI = keys_I[b, idx.clamp(min=0)]  # [B, G, Q, K, C]
+            logits = torch.einsum("bgqic,bgqkc->bgqik", qI_BGQIC.float(), kI.float()).relu()
+            seen = idx >= 0
+        else:
+            kI = keys_I[:, :comp.shape[1]]
+            logits = torch.einsum("bgqic,bnc->bgqin", qI_BGQIC.float(), kI.float()).relu()
+            seen = comp_mask.expand(B, -1, -1, -1)
+        logits = torch.einsum("bgqik,bgqi->bgqk", logits, wI_BGQI.float()).masked_fill(~seen, float("-inf"))
+        logp = logits.log_softmax(dim=-1).masked_fill(~seen, 0.0)
+        kl = (target * (torch.log(target.clamp(min=1e-30)) - logp)).sum(dim=-1)
+        return kl[rows].sum(), rows.sum()
 
     def _bands(self, keys_BKC, step: Step, n_prefix: int, Qb: int, nb: int):
         """The window band of each block of Qb queries: keys [B, nb, Qb + win - 1, C] (a strided

@@ -62,6 +62,9 @@ class TrainConfig:
     log_load_every: int = 10
     seed: int = 0
     val_fraction: float = 0.01
+    # train the lightning indexers with a KL loss to the main attention (their own gradients only;
+    # without it a model trained from scratch keeps random indexers)
+    indexer_loss: bool = False
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the pure-tensor hot spots (v4.compile_hot_paths)
     resume: bool = False
@@ -120,6 +123,8 @@ class Trainer:
 
             compile_hot_paths()
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
+        self.indexed = [m for m in self.model.modules() if getattr(m, "indexer", None) is not None
+                        and hasattr(m, "learn_indexer")]
         self.optimizer = build_optimizer(self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.log_path = os.path.join(cfg.out, "log.jsonl")
@@ -189,6 +194,9 @@ class Trainer:
             elif c.balance == "aux_loss":
                 aux = aux + c.aux_loss_alpha * balance_loss(idx, scores, moe.gate.n_experts, per_sequence=False)
         out["aux_loss"] = aux
+        if c.indexer_loss and self.indexed:
+            out["indexer_loss"] = sum(a.indexer_loss for a in self.indexed if a.indexer_loss is not None)
+            aux = aux + out["indexer_loss"]
         mtp_w = c.mtp_weight if step < int(c.decay_start * c.max_steps) else c.mtp_weight_decayed
         out["total"] = out["loss"] + mtp_w * out.get("mtp_loss", 0.0) + aux
         return out
@@ -198,6 +206,8 @@ class Trainer:
         self.model.train()
         for moe in self.moes:
             moe.record_routing = True
+        for attn in self.indexed:
+            attn.learn_indexer = c.indexer_loss
         lr = self.lr_at(self.step)
         apply_lr(self.optimizer, lr)
         t0 = time.perf_counter()
@@ -226,11 +236,14 @@ class Trainer:
             update_bias(self.moes, loads, c.bias_update_speed)
         for moe in self.moes:
             moe.last_routing = None
+        for attn in self.indexed:
+            attn.learn_indexer, attn.indexer_loss = False, None
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = c.batch_size * c.grad_accum * c.seq_len * self.world
         vio = [max_violation(load) for load, m in zip(loads, self.moes) if not m.gate.hash_routed]
         rec = {"step": self.step, "loss": sums["loss"], "mtp_loss": sums.get("mtp_loss"), "aux_loss": sums["aux_loss"],
+               "indexer_loss": sums.get("indexer_loss"),
                "lr": lr, "grad_norm": float(gnorm), "tokens_per_s": tokens / dt, "step_time": dt,
                "max_vio": max(vio) if vio else 0.0, "mean_vio": sum(vio) / len(vio) if vio else 0.0}
         if self.peak_flops:

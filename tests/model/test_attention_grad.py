@@ -125,3 +125,53 @@ def test_indexer_builds_no_autograd_graph(monkeypatch):
     assert seen and not any(any(flags) for flags in seen)
     assert all(p.grad is None for n, p in model.named_parameters() if ".indexer." in n)
     assert any(p.grad is not None for n, p in model.named_parameters() if ".compressor." in n and "indexer" not in n)
+
+
+@pytest.mark.parametrize("T, gathered", [(24, False), (120, False), (120, True)])
+def test_indexer_loss_trains_only_the_indexer(T, gathered, monkeypatch):
+    """The KL loss of the lightning indexer to the main attention (over every visible entry while
+    T <= 4 x top-k, over the picks after, gathered or as a mask): finite, its gradient reaches the
+    indexer's parameters only, and the model's own gradients are those without it."""
+    model = randomize_(build_model(sparseek.preset("debug")), 5).train()
+    monkeypatch.setattr(v4.Attention, "_picks_as_mask", staticmethod(lambda *a: not gathered))
+    attns = [b.attn for b in model.layers if b.attn.indexer is not None]
+    ids = torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(3))
+
+    def grads(learn: bool):
+        model.zero_grad()
+        for a in attns:
+            a.learn_indexer, a.indexer_loss = learn, None
+        loss = model(ids).float().square().mean()
+        if learn:
+            kl = sum(a.indexer_loss for a in attns)
+            assert torch.isfinite(kl) and kl > 0
+            loss = loss + kl
+        loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, learned = grads(False), grads(True)
+    indexer = {n for n in learned if ".indexer." in n}
+    assert indexer and not any(".indexer." in n for n in plain)
+    assert set(learned) - indexer == set(plain)
+    assert all(torch.equal(learned[n], plain[n]) for n in plain)
+
+
+def test_indexer_loss_falls_when_optimized():
+    """A few optimizer steps on the indexers alone bring their picks' distribution toward the main
+    attention's (the model itself fixed): the KL falls."""
+    model = randomize_(build_model(sparseek.preset("debug")), 5).train()
+    attns = [b.attn for b in model.layers if b.attn.indexer is not None]
+    params = [p for a in attns for p in a.indexer.parameters()]
+    opt = torch.optim.Adam(params, lr=3e-3)
+    ids = torch.randint(0, model.args.vocab_size, (2, 120), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(30):
+        for a in attns:
+            a.learn_indexer = True
+        model(ids)
+        kl = sum(a.indexer_loss for a in attns)
+        losses.append(float(kl.detach()))
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+    assert losses[-1] < 0.7 * losses[0], losses

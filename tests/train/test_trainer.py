@@ -94,3 +94,20 @@ def test_balance_modes_run(tmp_path, corpus):
         bias1 = [m.gate.bias for m in t.moes if m.gate.bias is not None]
         assert all(torch.equal(a, b) for a, b in zip(bias0, bias1))  # only aux_free moves the bias
         assert (rec["aux_loss"] > 0) == (mode == "aux_loss")
+
+
+def test_indexer_loss_trains_the_indexers(tmp_path, corpus):
+    """--indexer-loss: the step logs the indexers' KL loss and moves their weights (without it they
+    get no gradient at all), while the logged main loss is the same as without it."""
+    runs = {}
+    for on in (False, True):
+        t = Trainer(_cfg(tmp_path / str(on), corpus, indexer_loss=on, max_steps=2, eval_every=0, ckpt_every=0))
+        assert t.indexed  # the debug preset has CSA layers
+        w0 = [p.clone() for a in t.indexed for p in a.indexer.parameters()]
+        rec = t.train_step()
+        moved = any(not torch.equal(p, q) for p, q in zip(w0, (p for a in t.indexed for p in a.indexer.parameters())))
+        runs[on] = rec
+        assert moved == on
+        assert (rec["indexer_loss"] is not None and rec["indexer_loss"] > 0) == on
+        assert all(a.indexer_loss is None and not a.learn_indexer for a in t.indexed)
+    assert runs[True]["loss"] == runs[False]["loss"]
