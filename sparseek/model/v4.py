@@ -57,23 +57,27 @@ def _picked(idx_BQK: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(B, Q, n + 1, dtype=torch.bool, device=idx_BQK.device).scatter_(-1, slot, True)[..., :n]
 
 
-def _scores(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec=None):
-    """Masked fp32 scores of the window part and of the compressed part (None without one), and
-    the compressed values the latter scored (CSA: gathered per query, decoded if packed)."""
-    B = q_BGQHC.shape[0]
-    s_win = torch.einsum("bgqhc,bglc->bgqhl", q_BGQHC, win_BGLC).float() * scale
-    s_win = s_win.masked_fill(~win_mask_BGQL[..., None, :], float("-inf"))
+def _comp_scores(q_BGQHC, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec=None):
+    """Masked fp32 scores of the compressed part (None without one) and the compressed values they
+    scored (CSA: gathered per query, decoded if packed)."""
     if idx_BGQK is not None:
-        rows = torch.arange(B, device=q_BGQHC.device)[:, None, None, None]
+        rows = torch.arange(q_BGQHC.shape[0], device=q_BGQHC.device)[:, None, None, None]
         values = comp_BNC[rows, idx_BGQK.clamp(min=0)]  # [B, G, Q, K, C]
         if codec is not None:
             values = codec.decode(values)
         s_comp = torch.einsum("bgqhc,bgqkc->bgqhk", q_BGQHC, values).float() * scale
-        return s_win, s_comp.masked_fill((idx_BGQK < 0)[..., None, :], float("-inf")), values
+        return s_comp.masked_fill((idx_BGQK < 0)[..., None, :], float("-inf")), values
     if comp_BNC is not None and comp_BNC.shape[1] > 0:
         s_comp = torch.einsum("bgqhc,bnc->bgqhn", q_BGQHC, comp_BNC).float() * scale
-        return s_win, s_comp.masked_fill(~comp_mask_BGQN[..., None, :], float("-inf")), comp_BNC
-    return s_win, None, None
+        return s_comp.masked_fill(~comp_mask_BGQN[..., None, :], float("-inf")), comp_BNC
+    return None, None
+
+
+def _scores(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec=None):
+    """Masked fp32 scores of the window part, then ``_comp_scores``'."""
+    s_win = torch.einsum("bgqhc,bglc->bgqhl", q_BGQHC, win_BGLC).float() * scale
+    s_win = s_win.masked_fill(~win_mask_BGQL[..., None, :], float("-inf"))
+    return (s_win, *_comp_scores(q_BGQHC, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec))
 
 
 def _values(p_win, win_BGLC, p_comp, values, gathered: bool):
@@ -173,11 +177,12 @@ class _AttendRecompute(torch.autograd.Function):
         o, lse = attend_lse(q, win, win_mask, comp, comp_mask, idx, sink, scale)
         ctx.save_for_backward(q, win, win_mask, comp, comp_mask, idx, sink, o, lse)
         ctx.scale = scale
-        return o
+        ctx.mark_non_differentiable(lse)
+        return o, lse
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, do):
+    def backward(ctx, do, _dlse):
         q, win, win_mask, comp, comp_mask, idx, sink, o, lse = ctx.saved_tensors
         dq, dwin, dcomp, dsink = attend_backward(do.contiguous(), q, win, win_mask, comp, comp_mask, idx, sink,
                                                  ctx.scale, o, lse)
@@ -191,13 +196,17 @@ class _AttendRecompute(torch.autograd.Function):
 recompute_attention = True
 
 
-def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec=None):
-    """``attend_lse``'s output; under autograd, through the recomputing backward."""
+def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec=None,
+           with_lse: bool = False):
+    """``attend_lse``'s output (and its log-denominator, with ``with_lse``, never differentiated);
+    under autograd, through the recomputing backward."""
+    args = (q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale)
     if (recompute_attention and codec is None and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (q_BGQHC, win_BGLC, comp_BNC, sink_H))):
-        return _AttendRecompute.apply(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK,
-                                      sink_H, scale)
-    return attend_lse(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec)[0]
+        o, lse = _AttendRecompute.apply(*args)
+    else:
+        o, lse = attend_lse(*args, codec)
+    return (o, lse.detach()) if with_lse else o
 
 
 class Compressor(nn.Module):
@@ -325,6 +334,14 @@ class Indexer(nn.Module):
         w = self.weights_proj(x_BTD).float() * self.scale
         return q, w
 
+    @staticmethod
+    def scores(q_BQIC, w_BQI, keys_BNC) -> torch.Tensor:
+        """score(t, s) = sum_h w[t, h] * relu(q[t, h] . k[s]), fp32 [B, Q, N]; keys may also be
+        per query ([B, Q, N, C]: CSA's picks)."""
+        spec = "bqic,bnc->bqin" if keys_BNC.dim() == 3 else "bqic,bqnc->bqin"
+        s = torch.einsum(spec, q_BQIC.float(), keys_BNC.float()).relu()
+        return torch.einsum("bqin,bqi->bqn", s, w_BQI.float())
+
     def select(self, q_BQIC, w_BQI, keys_BNC, n_visible_BQ) -> torch.Tensor:
         N = keys_BNC.shape[1]
         k = min(self.topk, N)
@@ -336,8 +353,7 @@ class Indexer(nn.Module):
             if kernels.usable(q_BQIC):  # fused: never builds the per-head [.., H, N] products
                 s = kernels.indexer_scores(q_BQIC, w_BQI, keys_BNC, n_visible_BQ)
             else:
-                s = torch.einsum("bqic,bnc->bqin", q_BQIC.float(), keys_BNC.float()).relu_()
-                s = torch.einsum("bqin,bqi->bqn", s, w_BQI)
+                s = self.scores(q_BQIC, w_BQI, keys_BNC)
                 ar = torch.arange(N, device=s.device)
                 s = s.masked_fill(ar >= n_visible_BQ[..., None], float("-inf"))
             # ReLU makes exact ties (all heads <= 0 give score 0) common early in a sequence. A stable
@@ -497,44 +513,44 @@ class Attention(nn.Module):
                     comp_mask = comp_mask.unflatten(1, (g1 - g0, Qb))
                 if idx is not None:
                     idx = idx.unflatten(1, (g1 - g0, Qb))
-            out.append(attend(q_BNQHC[:, g0:g1], windows[:, g0:g1], mask[None, g0:g1], comp_blk, comp_mask, idx,
-                              self.attn_sink, self.scale, codec))
-            if learn and comp_blk.shape[1] > 0:
-                kl.append(self._indexer_kl(q_BNQHC[:, g0:g1], windows[:, g0:g1], mask[None, g0:g1], comp_blk,
-                                           comp_mask, idx, qI[:, g0:g1], wI[:, g0:g1], idx_keys, i1 - i0))
+            o = attend(q_BNQHC[:, g0:g1], windows[:, g0:g1], mask[None, g0:g1], comp_blk, comp_mask, idx,
+                       self.attn_sink, self.scale, codec, with_lse=learn)
+            if learn:
+                o, lse = o
+                if comp_blk.shape[1] > 0:
+                    kl.append(self._indexer_kl(q_BNQHC[:, g0:g1], lse, comp_blk, comp_mask, idx,
+                                               qI[:, g0:g1], wI[:, g0:g1], idx_keys, i1 - i0))
+            out.append(o)
         if learn:
-            total = sum(k for k, _ in kl) if kl else q.new_zeros((), dtype=torch.float32)
-            self.indexer_loss = total / max(1, sum(int(n) for _, n in kl))
+            zero = q.new_zeros((), dtype=torch.float32)
+            total, count = (sum(k for k, _ in kl), sum(n for _, n in kl)) if kl else (zero, zero)
+            self.indexer_loss = total / count.clamp(min=1)
         o = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         return o.flatten(1, 2)[:, :T]
 
-    def _indexer_kl(self, q, win, win_mask, comp, comp_mask, idx, qI_BGQIC, wI_BGQI, keys_I, n_real: int):
+    def _indexer_kl(self, q, lse_BGQH, comp, comp_mask, idx, qI_BGQIC, wI_BGQI, keys_I, n_real: int):
         """Sum over this call's queries of KL(target || softmax(indexer logits)) and the number of
         queries counted. The target is the main attention's probability mass on each compressed
-        entry it attended (summed over heads, renormalized; detached), as DeepSeek trains its
-        lightning indexer: over every visible entry while the indexer need not pick, over the
-        picks once it does. Only the indexer's parameters get this gradient."""
+        entry it attended (summed over heads, renormalized; detached; ``lse_BGQH`` is the call's
+        log-denominator), as DeepSeek trains its lightning indexer: over every visible entry while
+        the indexer need not pick, over the picks once it does. Only the indexer's parameters get
+        this gradient."""
         B, G, Q = q.shape[:3]
         with torch.no_grad():
-            s_win, s_comp, _ = _scores(q.detach(), win.detach(), win_mask, comp.detach(), comp_mask, idx, self.scale)
-            sink = self.attn_sink.detach().float().view(-1, 1)
-            lse = torch.logaddexp(torch.logsumexp(s_win, -1, keepdim=True), torch.logsumexp(s_comp, -1, keepdim=True))
-            mass = torch.exp(s_comp - torch.logaddexp(lse, sink)).sum(dim=3)  # [B, G, Q, entries]
+            s_comp, _ = _comp_scores(q.detach(), comp.detach(), comp_mask, idx, self.scale)
+            mass = torch.exp(s_comp - lse_BGQH[..., None]).sum(dim=3)  # [B, G, Q, entries]
             total = mass.sum(-1, keepdim=True)
             target = mass / total.clamp(min=1e-30)
             real = torch.arange(G * Q, device=q.device).view(G, Q) < n_real  # padded queries excluded
             rows = (total.squeeze(-1) > 0) & real
         if idx is not None:  # gathered picks: the indexer's logits over the same entries
-            b = torch.arange(B, device=q.device)[:, None, None, None]
-            kI = keys_I[b, idx.clamp(min=0)]  # [B, G, Q, K, C]
-            logits = torch.einsum("bgqic,bgqkc->bgqik", qI_BGQIC.float(), kI.float()).relu()
-            seen = idx >= 0
+            b = torch.arange(B, device=q.device)[:, None, None]
+            flat = idx.flatten(1, 2)
+            keys, seen = keys_I[b, flat.clamp(min=0)], idx >= 0  # [B, G*Q, K, C]
         else:
-            kI = keys_I[:, :comp.shape[1]]
-            logits = torch.einsum("bgqic,bnc->bgqin", qI_BGQIC.float(), kI.float()).relu()
-            seen = comp_mask.expand(B, -1, -1, -1)
-        logits = torch.einsum("bgqik,bgqi->bgqk", logits, wI_BGQI.float()).masked_fill(~seen, float("-inf"))
-        logp = logits.log_softmax(dim=-1).masked_fill(~seen, 0.0)
+            keys, seen = keys_I[:, :comp.shape[1]], comp_mask.expand(B, -1, -1, -1)
+        logits = self.indexer.scores(qI_BGQIC.flatten(1, 2), wI_BGQI.flatten(1, 2), keys).view(seen.shape)
+        logp = logits.masked_fill(~seen, float("-inf")).log_softmax(dim=-1).masked_fill(~seen, 0.0)
         kl = (target * (torch.log(target.clamp(min=1e-30)) - logp)).sum(dim=-1)
         return kl[rows].sum(), rows.sum()
 
