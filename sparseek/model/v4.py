@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
@@ -194,6 +195,20 @@ class _AttendRecompute(torch.autograd.Function):
 # probability and gathered-value tensors (~1 MB per token per layer at V4-Flash sizes); False
 # falls back to plain autograd through ``attend_lse`` (the reference the tests compare with).
 recompute_attention = True
+
+
+def _indexer_kl_rows(qI_BGQIC, wI_BGQI, keys_NC, idx_BGQK, seen_BGQN, target_BGQN):
+    """Per query: KL(target || softmax of the indexer's logits over the same entries), the indexer
+    scoring the gathered picks (``idx``) or every entry ``seen`` marks (idx None)."""
+    B, G, Q = seen_BGQN.shape[:3]
+    if idx_BGQK is not None:
+        b = torch.arange(B, device=keys_NC.device)[:, None, None]
+        keys = keys_NC[b, idx_BGQK.flatten(1, 2).clamp(min=0)]  # [B, G*Q, K, C]
+    else:
+        keys = keys_NC[:, :seen_BGQN.shape[-1]]
+    logits = Indexer.scores(qI_BGQIC.flatten(1, 2), wI_BGQI.flatten(1, 2), keys).view(seen_BGQN.shape)
+    logp = logits.masked_fill(~seen_BGQN, float("-inf")).log_softmax(dim=-1).masked_fill(~seen_BGQN, 0.0)
+    return (target_BGQN * (torch.log(target_BGQN.clamp(min=1e-30)) - logp)).sum(dim=-1)
 
 
 def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, sink_H, scale, codec=None,
@@ -393,6 +408,9 @@ class Attention(nn.Module):
         # the trainer switches this on; the loss of the last forward waits in ``indexer_loss``
         self.learn_indexer = False
         self.indexer_loss: torch.Tensor | None = None
+        # training: CSA attends to every visible entry instead of the indexer's picks (DeepSeek's
+        # dense warm-up of a fresh indexer, whose loss then covers every entry)
+        self.attend_all = False
 
     def forward(self, x_BTD: torch.Tensor, step: Step, lc: LayerCache | None) -> torch.Tensor:
         cos, sin = step.rope[self.rope_kind]
@@ -528,30 +546,32 @@ class Attention(nn.Module):
         o = torch.cat(out, dim=1) if len(out) > 1 else out[0]
         return o.flatten(1, 2)[:, :T]
 
-    def _indexer_kl(self, q, lse_BGQH, comp, comp_mask, idx, qI_BGQIC, wI_BGQI, keys_I, n_real: int):
-        """Sum over this call's queries of KL(target || softmax(indexer logits)) and the number of
-        queries counted. The target is the main attention's probability mass on each compressed
-        entry it attended (summed over heads, renormalized; detached; ``lse_BGQH`` is the call's
-        log-denominator), as DeepSeek trains its lightning indexer: over every visible entry while
-        the indexer need not pick, over the picks once it does. Only the indexer's parameters get
-        this gradient."""
-        B, G, Q = q.shape[:3]
+    def attention_mass(self, q, lse_BGQH, comp, comp_mask, idx, n_real: int):
+        """The main attention's probability mass on each compressed entry of this call, summed over
+        heads and renormalized over the entries ([B, G, Q, entries]: gathered picks, or every
+        visible entry of the mask), and the query rows it is defined for (real queries that put
+        mass on some entry). ``lse_BGQH`` is the call's log-denominator; nothing here is
+        differentiable."""
+        G, Q = q.shape[1:3]
         with torch.no_grad():
             s_comp, _ = _comp_scores(q.detach(), comp.detach(), comp_mask, idx, self.scale)
-            mass = torch.exp(s_comp - lse_BGQH[..., None]).sum(dim=3)  # [B, G, Q, entries]
+            mass = torch.exp(s_comp - lse_BGQH[..., None]).sum(dim=3)
             total = mass.sum(-1, keepdim=True)
-            target = mass / total.clamp(min=1e-30)
             real = torch.arange(G * Q, device=q.device).view(G, Q) < n_real  # padded queries excluded
-            rows = (total.squeeze(-1) > 0) & real
-        if idx is not None:  # gathered picks: the indexer's logits over the same entries
-            b = torch.arange(B, device=q.device)[:, None, None]
-            flat = idx.flatten(1, 2)
-            keys, seen = keys_I[b, flat.clamp(min=0)], idx >= 0  # [B, G*Q, K, C]
-        else:
-            keys, seen = keys_I[:, :comp.shape[1]], comp_mask.expand(B, -1, -1, -1)
-        logits = self.indexer.scores(qI_BGQIC.flatten(1, 2), wI_BGQI.flatten(1, 2), keys).view(seen.shape)
-        logp = logits.masked_fill(~seen, float("-inf")).log_softmax(dim=-1).masked_fill(~seen, 0.0)
-        kl = (target * (torch.log(target.clamp(min=1e-30)) - logp)).sum(dim=-1)
+            return mass / total.clamp(min=1e-30), (total.squeeze(-1) > 0) & real
+
+    def _indexer_kl(self, q, lse_BGQH, comp, comp_mask, idx, qI_BGQIC, wI_BGQI, keys_I, n_real: int):
+        """Sum over this call's queries of KL(target || softmax(indexer logits)) and the number of
+        queries counted. The target is the main attention's mass on each compressed entry it
+        attended (``attention_mass``), as DeepSeek trains its lightning indexer: over every visible
+        entry while the indexer need not pick, over the picks once it does. Only the indexer's
+        parameters get this gradient. The logits are recomputed in backward (activation
+        checkpointing), so a call keeps its inputs, not its [queries, indexer heads, entries]
+        products: the memory of the loss stays that of the target."""
+        target, rows = self.attention_mass(q, lse_BGQH, comp, comp_mask, idx, n_real)
+        seen = (idx >= 0) if idx is not None else comp_mask.expand(q.shape[0], -1, -1, -1)
+        kl = torch.utils.checkpoint.checkpoint(_indexer_kl_rows, qI_BGQIC, wI_BGQI, keys_I, idx, seen, target,
+                                               use_reentrant=False)
         return kl[rows].sum(), rows.sum()
 
     def _bands(self, keys_BKC, step: Step, n_prefix: int, Qb: int, nb: int):
@@ -586,7 +606,7 @@ class Attention(nn.Module):
         """Whether the indexer must pick: while a query can see at most top-k compressed entries it
         picks all of them, so CSA is exactly attention over every visible entry (as HCA does) and
         the O(T * n) scoring is skipped -- every prompt shorter than 4 * index_topk tokens."""
-        return self.indexer is not None and n_entries > self.indexer.topk
+        return self.indexer is not None and n_entries > self.indexer.topk and not self.attend_all
 
     def _keeps_index_keys(self, lc: LayerCache | None) -> bool:
         """A cache whose capacity holds more than top-k entries will need the indexer keys of

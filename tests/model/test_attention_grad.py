@@ -175,3 +175,37 @@ def test_indexer_loss_falls_when_optimized():
         kl.backward()
         opt.step()
     assert losses[-1] < 0.7 * losses[0], losses
+
+
+@pytest.mark.parametrize("gathered", [False, True])
+def test_indexer_loss_keeps_no_products_for_backward(gathered, monkeypatch):
+    """The indexer's KL recomputes its logits in backward: a training forward with the loss keeps
+    less extra than one [B, T, indexer heads, entries] product per CSA layer when the picks are
+    scored as a mask over every entry (plain autograd keeps two: the products and their ReLU; the
+    gathered picks' products are only top-k wide), and its gradients are unchanged."""
+    model = randomize_(build_model(sparseek.preset("debug")), 5).train()
+    monkeypatch.setattr(v4.Attention, "_picks_as_mask", staticmethod(lambda *a: not gathered))
+    attns = [b.attn for b in model.layers if b.attn.indexer is not None]
+    Bs, T = 2, 480  # 120 entries: the products outweigh the indexer's queries and the target
+    ids = torch.randint(0, model.args.vocab_size, (Bs, T), generator=torch.Generator().manual_seed(3))
+
+    def run(learn: bool):
+        for a in attns:
+            a.learn_indexer, a.indexer_loss = learn, None
+        out = model(ids)
+        return out, (sum(a.indexer_loss for a in attns) if learn else None)
+
+    extra = _saved_bytes(lambda: run(True)) - _saved_bytes(lambda: run(False))
+    ix = attns[0].indexer
+    products = Bs * T * ix.n_heads * (T // 4) * 4
+    assert 0 < extra and (gathered or extra < len(attns) * products)
+
+    grads = {}
+    for ckpt in (True, False):
+        if not ckpt:  # the reference: plain autograd through the same function
+            monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", lambda fn, *a, **k: fn(*a))
+        model.zero_grad()
+        run(True)[1].backward()
+        grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys() and grads[True]
+    assert all(torch.allclose(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7) for n in grads[True])
