@@ -11,6 +11,8 @@ backward (distinct storages, weights excluded). Implementations:
 * ``sparseek``: the default training path (attention recomputes its probabilities in backward);
 * ``sparseek-autograd``: plain autograd through the attention (``v4.recompute_attention = False``);
 * ``sparseek-compiled``: the default with ``compile_hot_paths()`` (``sparseek train --compile``);
+* ``sparseek-indexer-loss``: the default plus the lightning indexers' KL loss (``sparseek train
+  --indexer-loss``; the mean loss column stays the language-model loss);
 * ``transformers``: ``DeepseekV4ForCausalLM`` (its eager attention over dense masks).
 
 MFU counts the active-parameter and attention FLOPs of ``training_flops_per_token`` against the
@@ -35,7 +37,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_engine import _load, _peak_mb, _sync  # noqa: E402
 from prefill_memory import in_subprocess  # noqa: E402
 
-IMPLS = ["sparseek", "sparseek-autograd", "sparseek-compiled", "transformers"]
+IMPLS = ["sparseek", "sparseek-autograd", "sparseek-compiled", "sparseek-indexer-loss", "transformers"]
 
 
 def saved_bytes_hooks(exclude: set[int]):
@@ -74,6 +76,9 @@ def one(impl: str, ckpt: str, device: str, dtype_name: str, batch: int, T: int, 
             if impl == "sparseek-compiled":
                 v4.compile_hot_paths()
         model = _load(impl, ckpt, device, dtype).train()
+        # the lightning indexers' own KL loss (sparseek train --indexer-loss): what it costs
+        learners = [m for m in model.modules() if getattr(m, "indexer", None) is not None
+                    and hasattr(m, "learn_indexer")] if impl == "sparseek-indexer-loss" else []
         vocab = model.config.vocab_size if impl == "transformers" else model.args.vocab_size
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         base = _peak_mb(device)
@@ -86,9 +91,12 @@ def one(impl: str, ckpt: str, device: str, dtype_name: str, batch: int, T: int, 
             hooks, seen = saved_bytes_hooks(weights)
             with torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda")):
                 with hooks if count else contextlib.nullcontext():
+                    for a in learners:
+                        a.learn_indexer = True
                     logits = model(x) if impl != "transformers" else model(input_ids=x).logits
                     loss = ce(logits.flatten(0, 1).float(), y.flatten())
-            loss.backward()
+            extra = sum((a.indexer_loss for a in learners if a.indexer_loss is not None), loss.new_zeros(()))
+            (loss + extra).backward()
             model.zero_grad(set_to_none=True)
             return sum(seen.values()), float(loss.detach())
 

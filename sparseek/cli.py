@@ -144,7 +144,8 @@ def cmd_train(a) -> int:
         "preset": a.preset, "data": a.data, "out": a.out, "max_steps": a.max_steps, "resume": a.resume or None,
         "batch_size": a.batch_size, "seq_len": a.seq_len, "lr": a.lr, "optimizer": a.optimizer,
         "balance": a.balance, "device": a.device, "seed": a.seed, "grad_accum": a.grad_accum,
-        "tokenizer": a.tokenizer, "compile": a.compile or None, "indexer_loss": a.indexer_loss or None,
+        "tokenizer": a.tokenizer, "compile": a.compile or None, "indexer_loss": a.indexer_loss,
+        "indexer_warmup": a.indexer_warmup,
     }.items() if v is not None}
     if a.set:
         for kv in a.set:
@@ -251,8 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--compile", action="store_true", help="torch.compile the hot pure-tensor functions")
-    p.add_argument("--indexer-loss", action="store_true",
-                   help="train the lightning indexers with a KL loss to the main attention (DeepSeek's indexer training)")
+    p.add_argument("--indexer-loss", action=argparse.BooleanOptionalAction, default=None,
+                   help="train the lightning indexers with a KL loss to the main attention (DeepSeek's indexer "
+                        "training; on by default, --no-indexer-loss keeps them random)")
+    p.add_argument("--indexer-warmup", type=int, default=None, metavar="STEPS",
+                   help="with --indexer-loss: the first STEPS steps attend to every compressed entry while the "
+                        "indexer learns over all of them (DeepSeek's dense warm-up)")
     p.add_argument("--config", default=None, help="JSON file of TrainConfig fields")
     p.add_argument("--set", action="append", help="override a model field, e.g. --set n_routed_experts=8")
     p.set_defaults(fn=cmd_train)

@@ -45,3 +45,24 @@ def test_engine_flags_reach_the_engine(monkeypatch, capsys):
         except SystemExit:
             pass
         assert seen["compile"] is True and seen["kv_fp8"] is True and seen["model"] == "debug"
+
+
+def test_train_indexer_flags_reach_the_trainer(monkeypatch):
+    """The indexer loss is on by default, --no-indexer-loss turns it off, --indexer-warmup sets the
+    dense warm-up."""
+    import sparseek.train.trainer
+
+    seen = []
+
+    class Fake:
+        def __init__(self, cfg, **kw):
+            seen.append(cfg)
+            raise SystemExit(0)
+
+    monkeypatch.setattr(sparseek.train.trainer, "Trainer", Fake)
+    for flags in ([], ["--no-indexer-loss"], ["--indexer-warmup", "7"]):
+        try:
+            main(["train", "--max-steps", "1", *flags])
+        except SystemExit:
+            pass
+    assert [(c.indexer_loss, c.indexer_warmup) for c in seen] == [(True, 0), (False, 0), (True, 7)]

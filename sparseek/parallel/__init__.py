@@ -120,10 +120,11 @@ def local_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-def clip_grad_norm_(model: nn.Module, max_norm: float) -> torch.Tensor:
-    """Global gradient norm over FSDP shards and expert slices (each element counted once)."""
-    params = [p for p in model.parameters() if p.grad is not None]
-    sq = torch.zeros((), device=params[0].device, dtype=torch.float32)
+def clip_grad_norm_(params, max_norm: float, device: torch.device) -> torch.Tensor:
+    """Global gradient norm of ``params`` (the same list on every rank) over FSDP shards and expert
+    slices (each element counted once), clipped to ``max_norm``."""
+    params = [p for p in params if p.grad is not None]
+    sq = torch.zeros((), device=device, dtype=torch.float32)
     for p in params:
         sq += local_tensor(p.grad).float().pow(2).sum()
     dist.all_reduce(sq)

@@ -63,8 +63,11 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.01
     # train the lightning indexers with a KL loss to the main attention (their own gradients only;
-    # without it a model trained from scratch keeps random indexers)
-    indexer_loss: bool = False
+    # without it a model trained from scratch keeps random indexers: docs/experiments/indexer.md)
+    indexer_loss: bool = True
+    # steps at the start during which CSA attends to every visible entry while the indexer learns
+    # over all of them (DeepSeek's dense warm-up of a fresh indexer); needs indexer_loss
+    indexer_warmup: int = 0
     activation_checkpointing: bool = False
     compile: bool = False  # torch.compile the pure-tensor hot spots (v4.compile_hot_paths)
     resume: bool = False
@@ -79,6 +82,8 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, rank: int = 0, world_size: int = 1):
         if cfg.balance not in ("aux_free", "aux_loss", "none"):
             raise ValueError(f"balance must be aux_free, aux_loss or none, got {cfg.balance!r}")
+        if cfg.indexer_warmup and not cfg.indexer_loss:
+            raise ValueError("indexer_warmup trains the indexer densely: it needs indexer_loss")
         self.cfg, self.rank, self.world = cfg, rank, world_size
         self.device = torch.device(cfg.device)
         if self.device.type == "cpu":
@@ -125,6 +130,10 @@ class Trainer:
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
         self.indexed = [m for m in self.model.modules() if getattr(m, "indexer", None) is not None
                         and hasattr(m, "learn_indexer")]
+        indexer_params = {id(p) for a in self.indexed for p in a.indexer.parameters()}
+        self.clip_groups = [[p for p in self.model.parameters() if id(p) not in indexer_params]]
+        if cfg.indexer_loss and indexer_params:
+            self.clip_groups.append([p for p in self.model.parameters() if id(p) in indexer_params])
         self.optimizer = build_optimizer(self.model, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.step = 0
         self.log_path = os.path.join(cfg.out, "log.jsonl")
@@ -208,6 +217,7 @@ class Trainer:
             moe.record_routing = True
         for attn in self.indexed:
             attn.learn_indexer = c.indexer_loss
+            attn.attend_all = c.indexer_loss and self.step < c.indexer_warmup
         lr = self.lr_at(self.step)
         apply_lr(self.optimizer, lr)
         t0 = time.perf_counter()
@@ -227,9 +237,10 @@ class Trainer:
                 idx = moe.last_routing[0]
                 load += torch.bincount(idx.flatten(), minlength=moe.gate.n_experts).float()
         if self.world > 1:
-            gnorm = self._sync(loads, sums)
-        else:
-            gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), c.grad_clip)
+            self._sync(loads, sums)
+        # the indexers' gradients (their own KL loss) are clipped on their own, so their size never
+        # scales the model's update
+        gnorm, *_ = [self._clip(group) for group in self.clip_groups]
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if c.balance == "aux_free":
@@ -237,7 +248,7 @@ class Trainer:
         for moe in self.moes:
             moe.last_routing = None
         for attn in self.indexed:
-            attn.learn_indexer, attn.indexer_loss = False, None
+            attn.learn_indexer, attn.attend_all, attn.indexer_loss = False, False, None
         self.step += 1
         dt = time.perf_counter() - t0
         tokens = c.batch_size * c.grad_accum * c.seq_len * self.world
@@ -255,10 +266,8 @@ class Trainer:
     def _sync(self, loads, sums) -> torch.Tensor:
         """Across ranks: FSDP already averaged the dense gradients; expert gradients arrived summed
         over every rank's tokens (through the all-to-all), so they are divided by the world size;
-        expert loads and the logged losses are summed / averaged; then the global norm is clipped."""
+        expert loads and the logged losses are summed / averaged."""
         import torch.distributed as dist
-
-        from sparseek.parallel import clip_grad_norm_
 
         for p in self.ep_params:
             if p.grad is not None:
@@ -270,7 +279,13 @@ class Trainer:
         dist.all_reduce(t)
         for k, v in zip(keys, t.tolist()):
             sums[k] = v / self.world
-        return clip_grad_norm_(self.model, self.cfg.grad_clip)
+
+    def _clip(self, params: list) -> torch.Tensor:
+        if self.world > 1:
+            from sparseek.parallel import clip_grad_norm_
+
+            return clip_grad_norm_(params, self.cfg.grad_clip, self.device)
+        return torch.nn.utils.clip_grad_norm_(params, self.cfg.grad_clip)
 
     @torch.no_grad()
     def evaluate(self) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
 import sparseek
@@ -111,3 +112,35 @@ def test_indexer_loss_trains_the_indexers(tmp_path, corpus):
         assert (rec["indexer_loss"] is not None and rec["indexer_loss"] > 0) == on
         assert all(a.indexer_loss is None and not a.learn_indexer for a in t.indexed)
     assert runs[True]["loss"] == runs[False]["loss"]
+
+
+def test_indexer_loss_leaves_the_model_update_alone(tmp_path, corpus):
+    """The indexers' gradients are clipped on their own: with a clip that binds, one step moves
+    every other parameter exactly as the same step without the indexer loss."""
+    weights = {}
+    for on in (False, True):
+        t = Trainer(_cfg(tmp_path / str(on), corpus, indexer_loss=on, grad_clip=0.05, max_steps=2, eval_every=0,
+                         ckpt_every=0))
+        indexer = {id(p) for a in t.indexed for p in a.indexer.parameters()}
+        t.train_step()
+        weights[on] = [p.detach().clone() for p in t.model.parameters() if id(p) not in indexer]
+    assert all(torch.equal(a, b) for a, b in zip(weights[False], weights[True]))
+
+
+def test_indexer_warmup_attends_every_entry(tmp_path, corpus):
+    """--indexer-warmup N: the first N steps attend to every visible compressed entry (the same
+    step as a model whose top-k covers them all), later steps to the indexer's picks."""
+    def first_steps(name, **kw):
+        t = Trainer(_cfg(tmp_path / name, corpus, indexer_loss=True, max_steps=3, eval_every=0, ckpt_every=0, **kw))
+        recs = [t.train_step() for _ in range(2)]
+        assert not any(a.attend_all for a in t.indexed)
+        return recs
+
+    warm = first_steps("warm", indexer_warmup=1)
+    dense = first_steps("dense", overrides={"index_topk": 1 << 20})
+    sparse = first_steps("sparse")
+    assert warm[0]["loss"] == dense[0]["loss"] != sparse[0]["loss"]
+    assert warm[0]["indexer_loss"] == dense[0]["indexer_loss"]
+    assert warm[1]["loss"] != dense[1]["loss"]
+    with pytest.raises(ValueError, match="indexer_loss"):
+        Trainer(_cfg(tmp_path / "bad", corpus, indexer_loss=False, indexer_warmup=2))
