@@ -144,3 +144,19 @@ def test_indexer_warmup_attends_every_entry(tmp_path, corpus):
     assert warm[1]["loss"] != dense[1]["loss"]
     with pytest.raises(ValueError, match="indexer_loss"):
         Trainer(_cfg(tmp_path / "bad", corpus, indexer_loss=False, indexer_warmup=2))
+
+
+def test_activation_checkpointing_keeps_the_losses(tmp_path, corpus):
+    """Blocks recomputed in backward (the indexer's KL and the balance loss are computed inside
+    them): the same losses, indexer losses and updated weights as storing the activations."""
+    runs = {}
+    for ckpt in (False, True):
+        t = Trainer(_cfg(tmp_path / str(ckpt), corpus, activation_checkpointing=ckpt, max_steps=3, eval_every=0,
+                         ckpt_every=0))
+        recs = [t.train_step() for _ in range(2)]
+        runs[ckpt] = recs, [p.detach().clone() for p in t.model.parameters()]
+    for a, b in zip(runs[False][0], runs[True][0]):
+        assert a["indexer_loss"] > 0
+        for k in ("loss", "mtp_loss", "aux_loss", "indexer_loss"):
+            assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), k
+    assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(runs[False][1], runs[True][1]))
