@@ -14,7 +14,8 @@ finishes (a run cut short keeps what it measured), then summarized in ``OUT.md``
    roofline (active weight bytes + cache bytes read per step / measured bandwidth);
 4. batch-1 decode with 128K and 1M tokens of context, from caches filled with synthetic entries
    (the cost of a step does not depend on the values);
-5. training steps (forward + MTP + backward + Muon/AdamW, bf16 autocast) of ``small`` and of the
+5. training steps (forward + MTP + backward + Muon/AdamW, bf16 autocast) of ``small`` (also with
+   the lightning indexers' KL loss, as ``sparseek train`` runs by default) and of the
    6-layer model's forward+backward, tokens/s and MFU on active-parameter FLOPs (the latter also
    with plain autograd through the attention instead of its recomputing backward, and last once
    more with the hot paths compiled, as ``sparseek train --compile`` runs);
@@ -261,7 +262,7 @@ def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 3
 
 # ---------------------------------------------------------------------------- 5. training
 def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_flops: float, name: str,
-                optimizer: str | None = "muon", mtp: bool = True, model=None):
+                optimizer: str | None = "muon", mtp: bool = True, model=None, indexer_loss: bool = False):
     """Tokens/s and MFU of training steps. ``optimizer=None`` times forward + backward only (bf16
     weights: an 11.6B model's fp32 optimizer state does not fit), which is what transformers'
     baseline row measures; ``model`` reuses an already-built one (its weights are left as found)."""
@@ -275,12 +276,12 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
             model = build_model(args, dtype=None if optimizer else torch.bfloat16)
         model.init_weights(seed=0)
     opt = build_optimizer(model, optimizer) if optimizer else None
-    one = train_step_fn(model, args, dev, batch, seq, opt, mtp)
+    one = train_step_fn(model, args, dev, batch, seq, opt, mtp, indexer_loss)
     with training(model):
         tps = _time_steps(one, dev, batch * seq, steps)
     mfu = tps * training_flops_per_token(args, seq) / peak_flops
     rep.add("train", impl="sparseek", model=name, batch=batch, seq_len=seq,
-            optimizer=optimizer or "none (fwd+bwd)", mtp=bool(mtp and len(model.mtp)),
+            optimizer=optimizer or "none (fwd+bwd)", mtp=bool(mtp and len(model.mtp)), indexer_loss=indexer_loss,
             tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
     if own:
         del model, opt
@@ -297,18 +298,25 @@ def training(model):
         model.zero_grad(set_to_none=True)
 
 
-def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = True):
-    """One training step on random tokens: forward (+ MTP) + backward (+ optimizer step)."""
+def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = True, indexer_loss: bool = False):
+    """One training step on random tokens: forward (+ MTP) + backward (+ optimizer step), with the
+    lightning indexers' KL loss if asked (as ``sparseek train`` runs by default)."""
     ce = torch.nn.functional.cross_entropy
+    learners = [m for m in model.modules() if hasattr(m, "learn_indexer") and m.indexer is not None]
 
     def one():
         x = torch.randint(0, args.vocab_size, (batch, seq + 1), device=dev)
         x, y = x[:, :-1], x[:, 1:]
+        for a in learners:
+            a.learn_indexer, a.indexer_loss = indexer_loss, None
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
             logits, h = model(x, return_hidden=True)
             loss = ce(logits.flatten(0, 1).float(), y.flatten())
             if mtp and len(model.mtp):
                 loss = loss + 0.3 * ce(model.forward_mtp(h[:, :-1], x[:, 1:]).flatten(0, 1).float(), y[:, 1:].flatten())
+        loss = loss + sum(a.indexer_loss for a in learners if a.indexer_loss is not None)
+        for a in learners:
+            a.learn_indexer, a.indexer_loss = False, None
         loss.backward()
         if opt is not None:
             opt.step()
@@ -518,6 +526,9 @@ def main():
                 optimizer=None, mtp=False, model=model, need=60)
         v4.recompute_attention = True
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small", need=30)
+        # what `sparseek train` runs by default: the indexers' KL loss on top
+        rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small",
+                indexer_loss=True, need=30)
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small",
                 optimizer=None, mtp=False, need=30)
     if a.with_transformers:

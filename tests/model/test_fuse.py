@@ -49,18 +49,26 @@ def test_many_rows_keep_the_library_gemm():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_hot_paths_equal_eager(eager_hot_paths, dtype):
     """compile_hot_paths() (what `train --compile` and LLM(compile=True) use): same logits and
-    gradients as the eager functions, for two prompt lengths (the second makes T symbolic); in
+    gradients (the indexers' included) as the eager functions, for two prompt lengths (the second
+    makes T symbolic); in
     bf16 the routed experts' grouped GEMMs stay inside the compiled graph (fp32: outside)."""
     torch._dynamo.reset()
     model = randomize_(build_model(sparseek.preset("debug"), dtype=dtype), 3)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     g = torch.Generator().manual_seed(0)
 
-    def run(T):
+    learners = [b.attn for b in model.layers if b.attn.indexer is not None]
+
+    def run(T):  # with the indexers' KL loss, as `sparseek train` runs (T = 40: the indexer picks)
         ids = torch.randint(3, model.args.vocab_size, (2, T), generator=g)
         model.zero_grad()
+        for a in learners:
+            a.learn_indexer = True
         logits = model(ids)
-        logits.float().square().mean().backward()
+        kl = sum(a.indexer_loss for a in learners)
+        (logits.float().square().mean() + kl).backward()
+        for a in learners:
+            a.learn_indexer, a.indexer_loss = False, None
         return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     ref = [run(T) for T in (24, 40)]
