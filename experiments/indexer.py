@@ -87,7 +87,7 @@ def measure(trainer, batches: int, topk: int) -> dict:
     stats = {"indexer": 0.0, "random": 0.0, "best": 0.0, "rows": 0, "kl": 0.0, "kl_rows": 0}
     original = v4.Attention._indexer_kl
 
-    def spy(self, q, lse, comp, comp_mask, idx, qI, wI, keys_I, n_real):
+    def spy(self, q, lse, comp, comp_mask, idx, qI, wI, keys_I, n_real, picks=None):
         target, rows = self.attention_mass(q, lse, comp, comp_mask, idx, n_real)
         seen = comp_mask.expand(q.shape[0], -1, -1, -1)
         logits = v4.Indexer.scores(qI.flatten(1, 2), wI.flatten(1, 2), keys_I[:, :seen.shape[-1]]).view(seen.shape)
@@ -101,7 +101,7 @@ def measure(trainer, batches: int, topk: int) -> dict:
         stats["best"] += float(best[many].sum())
         stats["random"] += float((topk / n_vis[many].float()).sum())
         stats["rows"] += int(many.sum())
-        kl, n = original(self, q, lse, comp, comp_mask, idx, qI, wI, keys_I, n_real)
+        kl, n = original(self, q, lse, comp, comp_mask, idx, qI, wI, keys_I, n_real, picks)
         stats["kl"] += float(kl.detach())
         stats["kl_rows"] += int(n)
         return kl, n

@@ -510,7 +510,7 @@ class Attention(nn.Module):
         for g0 in range(0, nb, G):
             g1 = min(nb, g0 + G)
             i0, i1 = g0 * Qb, min(T, g1 * Qb)
-            comp_mask = idx = comp_blk = None
+            comp_mask = idx = comp_blk = picks = None
             if comp is not None:
                 # padded queries past T stand in for the last one (their rows are dropped)
                 qi = torch.arange(i0, g1 * Qb, device=x.device).clamp(max=T - 1)
@@ -525,7 +525,7 @@ class Attention(nn.Module):
                     n_max = (s + i1) // self.ratio  # = n_vis.max(), known without a device sync
                     comp_blk = comp[:, :n_max] if codec is None else codec.decode(comp[:, :n_max])
                     if select:  # the picked entries (all visible) as a mask
-                        comp_mask, idx = _picked(idx, n_max), None
+                        comp_mask, idx, picks = _picked(idx, n_max), None, idx.unflatten(1, (g1 - g0, Qb))
                     else:
                         comp_mask = (torch.arange(n_max, device=x.device) < n_vis[:, None])[None]
                     comp_mask = comp_mask.unflatten(1, (g1 - g0, Qb))
@@ -537,7 +537,7 @@ class Attention(nn.Module):
                 o, lse = o
                 if comp_blk.shape[1] > 0:
                     kl.append(self._indexer_kl(q_BNQHC[:, g0:g1], lse, comp_blk, comp_mask, idx,
-                                               qI[:, g0:g1], wI[:, g0:g1], idx_keys, i1 - i0))
+                                               qI[:, g0:g1], wI[:, g0:g1], idx_keys, i1 - i0, picks))
             out.append(o)
         if learn:
             zero = q.new_zeros((), dtype=torch.float32)
@@ -560,15 +560,19 @@ class Attention(nn.Module):
             real = torch.arange(G * Q, device=q.device).view(G, Q) < n_real  # padded queries excluded
             return mass / total.clamp(min=1e-30), (total.squeeze(-1) > 0) & real
 
-    def _indexer_kl(self, q, lse_BGQH, comp, comp_mask, idx, qI_BGQIC, wI_BGQI, keys_I, n_real: int):
+    def _indexer_kl(self, q, lse_BGQH, comp, comp_mask, idx, qI_BGQIC, wI_BGQI, keys_I, n_real: int,
+                    picks=None):
         """Sum over this call's queries of KL(target || softmax(indexer logits)) and the number of
         queries counted. The target is the main attention's mass on each compressed entry it
         attended (``attention_mass``), as DeepSeek trains its lightning indexer: over every visible
         entry while the indexer need not pick, over the picks once it does. Only the indexer's
         parameters get this gradient. The logits are recomputed in backward (activation
         checkpointing), so a call keeps its inputs, not its [queries, indexer heads, entries]
-        products: the memory of the loss stays that of the target."""
+        products: the memory of the loss stays that of the target. ``picks``: the indices behind a
+        mask of picks; the indexer then scores only them (top-k entries, not all visible ones)."""
         target, rows = self.attention_mass(q, lse_BGQH, comp, comp_mask, idx, n_real)
+        if picks is not None:
+            target, idx = target.gather(-1, picks.clamp(min=0)).masked_fill(picks < 0, 0.0), picks
         seen = (idx >= 0) if idx is not None else comp_mask.expand(q.shape[0], -1, -1, -1)
         kl = torch.utils.checkpoint.checkpoint(_indexer_kl_rows, qI_BGQIC, wI_BGQI, keys_I, idx, seen, target,
                                                use_reentrant=False)

@@ -209,3 +209,24 @@ def test_indexer_loss_keeps_no_products_for_backward(gathered, monkeypatch):
         grads[ckpt] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     assert grads[True].keys() == grads[False].keys() and grads[True]
     assert all(torch.allclose(grads[True][n], grads[False][n], rtol=1e-5, atol=1e-7) for n in grads[True])
+
+
+def test_indexer_loss_same_for_picks_gathered_or_masked(monkeypatch):
+    """The main attention over the picks is the same softmax gathered or as a mask, so the KL
+    and its gradients are too (with a mask the indexer still scores only its picks)."""
+    model = randomize_(build_model(sparseek.preset("debug")), 5).train()
+    attns = [b.attn for b in model.layers if b.attn.indexer is not None]
+    ids = torch.randint(0, model.args.vocab_size, (2, 120), generator=torch.Generator().manual_seed(3))
+    got = {}
+    for gathered in (False, True):
+        monkeypatch.setattr(v4.Attention, "_picks_as_mask", staticmethod(lambda *a: not gathered))
+        model.zero_grad()
+        for a in attns:
+            a.learn_indexer = True
+        model(ids)
+        kl = sum(a.indexer_loss for a in attns)
+        kl.backward()
+        got[gathered] = kl.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert torch.allclose(got[True][0], got[False][0], rtol=1e-5)
+    assert got[True][1].keys() == got[False][1].keys()
+    assert all(torch.allclose(got[True][1][n], got[False][1][n], rtol=1e-4, atol=1e-7) for n in got[True][1])
