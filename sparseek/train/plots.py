@@ -12,7 +12,8 @@ def read_log(path: str) -> list[dict]:
 
 
 def plot_run(run_dir: str) -> list[str]:
-    """Write ``loss.png`` and ``expert_load.png`` next to the log; returns the files written."""
+    """Write ``loss.png`` (losses, MaxVio, the indexers' KL when logged) and ``expert_load.png``
+    next to the log; returns the files written."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -23,7 +24,9 @@ def plot_run(run_dir: str) -> list[str]:
     if not recs:
         return []
     written = []
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    indexer = [(r["step"], r["indexer_loss"]) for r in recs if r.get("indexer_loss") is not None]
+    fig, axes = plt.subplots(1, 3 if indexer else 2, figsize=(16 if indexer else 11, 4))
+    ax1, ax2 = axes[:2]
     steps = [r["step"] for r in recs]
     ax1.plot(steps, [r["loss"] for r in recs], label="train loss", lw=1)
     if any(r.get("mtp_loss") is not None for r in recs):
@@ -42,6 +45,11 @@ def plot_run(run_dir: str) -> list[str]:
     ax2.set_ylabel("MaxVio")
     ax2.set_title("load imbalance (MaxVio)")
     ax2.legend()
+    if indexer:  # how far the lightning indexers' picks are from where the attention looks
+        axes[2].plot(*zip(*indexer), lw=1)
+        axes[2].set_xlabel("step")
+        axes[2].set_ylabel("KL, summed over CSA layers")
+        axes[2].set_title("lightning indexer loss")
     fig.tight_layout()
     p = os.path.join(run_dir, "loss.png")
     fig.savefig(p, dpi=110)
