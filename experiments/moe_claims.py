@@ -1,6 +1,6 @@
 """Reproduce the article's MoE claims at laptop scale, on the nano preset and the stdlib corpus.
 
-    python experiments/moe_claims.py --steps 200 --out docs/experiments
+    python experiments/moe_claims.py --steps 150 --seeds 0 1 2 --out docs/experiments
 
 Runs (same data order, same tokens, same seed; only the named setting changes):
   moe        the default: 16 routed experts top-2 + shared, aux-loss-free bias + sequence-wise loss,
@@ -31,12 +31,18 @@ RUNS = {
 }
 
 
-def run(name: str, steps: int, work: str, batch: int, seq: int, data_dir: str) -> dict:
+def seed_dir(work: str, seed: int) -> str:
+    """Seed 0's runs sit directly in ``work`` (where the first results were made), others in seedN/."""
+    return work if seed == 0 else os.path.join(work, f"seed{seed}")
+
+
+def run(name: str, steps: int, work: str, batch: int, seq: int, data_dir: str, seed: int = 0) -> dict:
     from sparseek.train.trainer import TrainConfig, Trainer
 
+    work = seed_dir(work, seed)
     cfg = TrainConfig(out=os.path.join(work, name), max_steps=steps, batch_size=batch, seq_len=seq,
                       eval_every=max(steps // 4, 1), eval_batches=40, ckpt_every=0, keep_last=1, log_load_every=5,
-                      warmup=max(steps // 20, 1), data_dir=data_dir, **RUNS[name])
+                      warmup=max(steps // 20, 1), data_dir=data_dir, seed=seed, **RUNS[name])
     t0 = time.time()
     Trainer(cfg).fit(progress=False)
     return summarize(name, work, time.time() - t0)
@@ -75,6 +81,20 @@ def summarize(name: str, work: str, seconds: float | None = None) -> dict:
     }
 
 
+def combine(per_seed: list[dict]) -> dict:
+    """One run's numbers over seeds: the first seed's record (curves, parameter counts) with mean and
+    standard deviation of the scalar results."""
+    import statistics
+
+    out = dict(per_seed[0], seeds=len(per_seed))
+    for k in ("val_loss", "val_ppl", "max_vio_final", "mean_vio_final", "dead_experts"):
+        xs = [r[k] for r in per_seed]
+        out[k] = statistics.fmean(xs)
+        out[k + "_sd"] = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        out[k + "_all"] = xs
+    return out
+
+
 def report(results: dict, out: str, command: str) -> None:
     import matplotlib
 
@@ -102,17 +122,35 @@ def report(results: dict, out: str, command: str) -> None:
     fig.savefig(os.path.join(out, "moe_claims.png"), dpi=110)
     plt.close(fig)
 
+    def pm(r, k, fmt):
+        return f"{r[k]:{fmt}}" + (f" ± {r[k + '_sd']:{fmt}}" if r.get("seeds", 1) > 1 else "")
+
+    def paired(name):
+        """val loss minus moe's of the same seed (same initialization seed and tokens): the seeds'
+        shared noise cancels."""
+        import statistics
+
+        if name == "moe" or "moe" not in results:
+            return "-"
+        d = [a - b for a, b in zip(results[name].get("val_loss_all", [results[name]["val_loss"]]),
+                                   results["moe"].get("val_loss_all", [results["moe"]["val_loss"]]))]
+        sd = f" ± {statistics.stdev(d):.3f}" if len(d) > 1 else ""
+        return f"{statistics.fmean(d):+.3f}{sd} ({', '.join(f'{x:+.3f}' for x in d)})" if len(d) > 1 else f"{d[0]:+.3f}"
+
     def row(name, extra=""):
         r = results[name]
-        return (f"| {name} | {r['params_total'] / 1e6:.1f}M | {r['params_active'] / 1e6:.2f}M | {r['val_loss']:.3f} | "
-                f"{r['val_ppl']:.1f} | {r['max_vio_final']:.2f} | {r['dead_experts']} / "
-                f"{r['learned_layers'] * r['experts_per_layer']} |{extra}")
+        return (f"| {name} | {r['params_total'] / 1e6:.1f}M | {r['params_active'] / 1e6:.2f}M | {pm(r, 'val_loss', '.3f')} | "
+                f"{paired(name)} | {r['val_ppl']:.1f} | {pm(r, 'max_vio_final', '.2f')} | "
+                f"{pm(r, 'dead_experts', '.1f')} / {r['learned_layers'] * r['experts_per_layer']} |{extra}")
 
-    head = ("| run | total params | active params | val loss | val ppl | MaxVio (last 20%) | dead experts |\n"
-            "|---|---|---|---|---|---|---|")
+    seeds = next(iter(results.values())).get("seeds", 1)
+    head = ("| run | total params | active params | val loss | vs moe, same seed | val ppl | MaxVio (last 20%) | "
+            "dead experts |\n|---|---|---|---|---|---|---|---|")
     lines = ["# MoE claims at laptop scale", "", f"Command: `{command}`", "",
-             f"Unigram baseline perplexity: {next(iter(results.values()))['unigram_ppl']:.1f}. All runs see the "
-             "same tokens in the same order; one setting changes per run.", "", "![curves](moe_claims.png)", ""]
+             f"Unigram baseline perplexity: {next(iter(results.values()))['unigram_ppl']:.1f}. Within a seed all "
+             "runs see the same tokens in the same order; one setting changes per run. "
+             + (f"{seeds} seeds (initialization and data order): mean ± standard deviation over them; the plot "
+                "shows seed 0." if seeds > 1 else ""), "", "![curves](moe_claims.png)", ""]
     for title, names in (("(a) MoE vs dense at equal active parameters", ("moe", "dense")),
                          ("(b) load balancing", ("moe", "aux_loss", "no_balance")),
                          ("(c) hash-routed first layers vs learned routing everywhere", ("moe", "learned"))):
@@ -120,10 +158,23 @@ def report(results: dict, out: str, command: str) -> None:
     lines += ["`moe` is the default nano configuration (aux-loss-free bias + sequence-wise loss, 2 hash layers). "
               "Dead experts: learned-layer experts that got under a tenth of their fair share of tokens over the "
               "last 50 steps. MaxVio = max expert load / mean load - 1, averaged over the last 20% of steps.", ""]
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write("\n".join(lines))
+    path = os.path.join(out, "results.md")
+    # the hand-written reading of the numbers below the tables survives a redraw
+    kept = open(path).read().partition("## Reading the numbers")[1:] if os.path.exists(path) else ("", "")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + ("\n" + "".join(kept) if kept[0] else ""))
     with open(os.path.join(out, "results.json"), "w") as f:
         json.dump({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in results.items()}, f, indent=2)
+
+
+def _finished(work: str, name: str, a) -> bool:
+    try:
+        cfg = json.load(open(os.path.join(work, name, "train_config.json")))
+        recs = [json.loads(line) for line in open(os.path.join(work, name, "log.jsonl"))]
+    except (OSError, ValueError):
+        return False
+    same = (cfg["max_steps"], cfg["batch_size"], cfg["seq_len"]) == (a.steps, a.batch, a.seq)
+    return same and any(r.get("step") == a.steps and "val_loss" in r for r in recs)
 
 
 def _smooth(xs, k=9):
@@ -142,6 +193,8 @@ def main():
     ap.add_argument("--out", default="docs/experiments", help="where the tables and plots go")
     ap.add_argument("--work", default="runs/experiments", help="run directories (data, logs, checkpoints)")
     ap.add_argument("--runs", nargs="+", default=list(RUNS))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="seeds to run (initialization and data order); the report combines every seed listed")
     ap.add_argument("--report-only", action="store_true", help="redraw tables and plots from finished runs")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
@@ -151,14 +204,18 @@ def main():
     data_dir = os.path.join(a.work, "data")
     if not a.report_only:
         prepare(["stdlib"], data_dir, tokenizer=preset("nano").vocab_size, val_fraction=0.01)
-    results = {}
+    per_seed: dict[str, list[dict]] = {name: [] for name in a.runs}
     path = os.path.join(a.out, "results.json")
-    for name in a.runs:
-        if a.report_only:
-            results[name] = summarize(name, a.work)
-            continue
-        results[name] = run(name, a.steps, a.work, a.batch, a.seq, data_dir)
-        print(json.dumps({k: v for k, v in results[name].items() if "curve" not in k}), flush=True)
+    for seed in a.seeds:
+        for name in a.runs:
+            # a finished run of the same settings is reused (more seeds can be added later)
+            if a.report_only or _finished(seed_dir(a.work, seed), name, a):
+                per_seed[name].append(summarize(name, seed_dir(a.work, seed)))
+                continue
+            per_seed[name].append(run(name, a.steps, a.work, a.batch, a.seq, data_dir, seed))
+            print(json.dumps({"seed": seed, **{k: v for k, v in per_seed[name][-1].items() if "curve" not in k}}),
+                  flush=True)
+    results = {name: combine(rs) for name, rs in per_seed.items()}
     report(results, a.out, " ".join(["python"] + sys.argv))
     print(open(os.path.join(a.out, "results.md")).read())
     assert os.path.exists(path)
