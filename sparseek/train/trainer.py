@@ -263,7 +263,7 @@ class Trainer:
             rec["expert_load"] = [(load / load.sum()).tolist() for load in loads]
         return rec
 
-    def _sync(self, loads, sums) -> torch.Tensor:
+    def _sync(self, loads, sums) -> None:
         """Across ranks: FSDP already averaged the dense gradients; expert gradients arrived summed
         over every rank's tokens (through the all-to-all), so they are divided by the world size;
         expert loads and the logged losses are summed / averaged."""
