@@ -77,8 +77,7 @@ def one(impl: str, ckpt: str, device: str, dtype_name: str, batch: int, T: int, 
                 v4.compile_hot_paths()
         model = _load(impl, ckpt, device, dtype).train()
         # the lightning indexers' own KL loss (sparseek train --indexer-loss): what it costs
-        learners = [m for m in model.modules() if getattr(m, "indexer", None) is not None
-                    and hasattr(m, "learn_indexer")] if impl == "sparseek-indexer-loss" else []
+        learners = v4.indexer_learners(model) if impl == "sparseek-indexer-loss" else []
         vocab = model.config.vocab_size if impl == "transformers" else model.args.vocab_size
         weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
         base = _peak_mb(device)

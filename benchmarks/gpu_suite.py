@@ -302,7 +302,9 @@ def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = 
     """One training step on random tokens: forward (+ MTP) + backward (+ optimizer step), with the
     lightning indexers' KL loss if asked (as ``sparseek train`` runs by default)."""
     ce = torch.nn.functional.cross_entropy
-    learners = [m for m in model.modules() if hasattr(m, "learn_indexer") and m.indexer is not None]
+    from sparseek.model.v4 import indexer_learners
+
+    learners = indexer_learners(model)
 
     def one():
         x = torch.randint(0, args.vocab_size, (batch, seq + 1), device=dev)

@@ -880,6 +880,12 @@ class DeepSeekV4(DecoderLM):
         return {"total": total, "active": total - mtp - idle - emb, "embedding": emb, "mtp": mtp}
 
 
+def indexer_learners(model: nn.Module) -> list["Attention"]:
+    """The attention layers of ``model`` whose lightning indexer can learn from its KL loss (set
+    ``learn_indexer``, read ``indexer_loss`` after the forward)."""
+    return [m for m in model.modules() if isinstance(m, Attention) and m.indexer is not None]
+
+
 def compile_hot_paths() -> None:
     """Swap the pure-tensor hot spots for torch.compile'd versions: the mHC input and output
     sides (with their Sinkhorn), whose many passes over the [T, S, D] streams fuse into a few

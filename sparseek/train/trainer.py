@@ -23,6 +23,7 @@ from torch import nn
 from sparseek.config import preset
 from sparseek.model import build_model
 from sparseek.model.common import MoE
+from sparseek.model.v4 import indexer_learners
 from sparseek.train import checkpoint as ckpt
 from sparseek.train.data import STDLIB, TokenDataset, prepare
 from sparseek.train.optim import apply_lr, build_optimizer, lr_schedule
@@ -128,8 +129,7 @@ class Trainer:
 
             compile_hot_paths()
         self.moes = [m for m in self.model.modules() if isinstance(m, MoE)]
-        self.indexed = [m for m in self.model.modules() if getattr(m, "indexer", None) is not None
-                        and hasattr(m, "learn_indexer")]
+        self.indexed = indexer_learners(self.model)
         indexer_params = {id(p) for a in self.indexed for p in a.indexer.parameters()}
         self.clip_groups = [[p for p in self.model.parameters() if id(p) not in indexer_params]]
         if cfg.indexer_loss and indexer_params:
