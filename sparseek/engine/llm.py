@@ -84,7 +84,8 @@ class LLM:
         ``max_batch_size`` rows, idle ones on a dummy token) with torch.compile; on a GPU the
         compiled step is also captured as a CUDA graph, on a CPU its matrix-vector products are
         fused reductions (``sparseek.engine.compile``). Prefill runs the mHC stream passes, the
-        attention softmax and the routed experts compiled (``sparseek.model.v4.compile_hot_paths``). Compiling takes minutes on a CPU. The
+        attention softmax, its projections and norms and the routed experts compiled
+        (``sparseek.model.v4.compile_hot_paths``). Compiling takes minutes on a CPU. The
         compiled step skips dynamo's guards after warm-up: change the model (dtype, device,
         parameter shapes) only before building the engine.
 

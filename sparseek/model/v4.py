@@ -886,6 +886,9 @@ def indexer_learners(model: nn.Module) -> list["Attention"]:
     return [m for m in model.modules() if isinstance(m, Attention) and m.indexer is not None]
 
 
+HOT_PATH_RECOMPILES = 64
+
+
 def compile_hot_paths() -> None:
     """Swap the pure-tensor hot spots for torch.compile'd versions: the mHC input and output
     sides (with their Sinkhorn), whose many passes over the [T, S, D] streams fuse into a few
@@ -893,15 +896,24 @@ def compile_hot_paths() -> None:
     batched library call); one call of sparse attention (masking, the softmax with its sink and
     the casts fuse around the score and value products) and, in training, its recomputing
     backward; the routed experts (sorting, gathers,
-    the SwiGLU chain between the grouped GEMMs, the weighted scatter back). Process-wide (module
-    and class attributes). The eager functions stay the reference the compiled ones are tested
-    against."""
+    the SwiGLU chain between the grouped GEMMs, the weighted scatter back); the attention's input
+    and output projections with their norms and rotations, the compressor's fp32 projections and
+    every RMSNorm (each a handful of elementwise passes between GEMMs when eager: ~5% of a
+    512-token CPU prefill, for ~2 s more compiling). Process-wide (module and class attributes).
+    The eager functions stay the reference the compiled ones are tested against."""
     if getattr(hc_pre, "_compiled", False):
         return
     from sparseek.model.fuse import fusing_backend
 
     for module, name, kwargs in hot_paths():
-        setattr(module, name, torch.compile(getattr(module, name), backend=fusing_backend(), **kwargs))
+        # an attention call has a dozen input structures (compressed entries or none, picked or
+        # all, one block or several, one row or many), each a graph of its own: dynamo's default
+        # of 8 per function would leave a long-running server on eager code after a few prompts
+        # emulate_precision_casts: bf16 intermediates rounded where the eager code rounds them,
+        # so a compiled model routes (experts, indexer picks) exactly as the eager one
+        backend = fusing_backend(emulate_precision_casts=True)
+        setattr(module, name, torch.compile(getattr(module, name), backend=backend,
+                                            recompile_limit=HOT_PATH_RECOMPILES, **kwargs))
     hc_pre._compiled = True
 
 
@@ -916,7 +928,9 @@ def hot_paths() -> tuple:
     this = sys.modules[__name__]
     return ((this, "hc_pre", {}), (this, "hc_post", {}), (this, "hc_head", {}),
             (this, "attend_lse", {"dynamic": True}),
-            (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "forward", {}))
+            (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "forward", {}),
+            (Attention, "project", {}), (Attention, "output", {}), (Compressor, "project", {}),
+            (common.RMSNorm, "forward", {}))
 
 
 def set_hash_table(gate, seed: int) -> None:

@@ -209,3 +209,23 @@ def test_bfloat16_engine_generates_and_batches(tok):
     assert [len(o.token_ids) for o in batched] == [10, 10, 10]
     assert all(lp is not None and len(lp) == 10 for lp in (o.logprobs for o in batched))
     assert batched[2].token_ids == alone.token_ids
+
+
+@pytest.mark.slow
+def test_compiled_engine_stays_compiled_across_prompt_shapes(model, monkeypatch, eager_hot_paths):
+    """Prompt lengths and batch mixes give the compiled attention a dozen input structures (no
+    compressed entries yet, few or many, picked or all, one block or several, one row or two):
+    none may exhaust dynamo's recompile limit, which would fall back to eager code for good (and
+    warn) in a server that has already run a few prompts."""
+    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    g = torch.Generator().manual_seed(1)
+    lengths = (3, 17, 40, 90, 150, 260, 420)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    llm = LLM(model, None, max_batch_size=2, max_seq_len=512, compile=True)
+    eager = LLM(model, None, max_batch_size=2, max_seq_len=512)
+    for batch in ([p] for p in prompts):
+        assert [o.token_ids for o in llm.generate(batch, params)] == [o.token_ids for o in eager.generate(batch, params)]
+    for pair in zip(prompts, reversed(prompts)):
+        assert [o.token_ids for o in llm.generate(list(pair), params)] == [
+            o.token_ids for o in eager.generate(list(pair), params)]
