@@ -889,6 +889,18 @@ def indexer_learners(model: nn.Module) -> list["Attention"]:
 HOT_PATH_RECOMPILES = 64
 
 
+def _recompile_limit() -> dict:
+    """torch.compile's own per-function limit where it has one (torch >= 2.12); before, the
+    process-wide one is raised (never lowered)."""
+    import inspect
+
+    if "recompile_limit" in inspect.signature(torch.compile).parameters:
+        return {"recompile_limit": HOT_PATH_RECOMPILES}
+    cfg = torch._dynamo.config
+    cfg.recompile_limit = max(cfg.recompile_limit, HOT_PATH_RECOMPILES)
+    return {}
+
+
 def compile_hot_paths() -> None:
     """Swap the pure-tensor hot spots for torch.compile'd versions: the mHC input and output
     sides (with their Sinkhorn), whose many passes over the [T, S, D] streams fuse into a few
@@ -912,8 +924,7 @@ def compile_hot_paths() -> None:
         # emulate_precision_casts: bf16 intermediates rounded where the eager code rounds them,
         # so a compiled model routes (experts, indexer picks) exactly as the eager one
         backend = fusing_backend(emulate_precision_casts=True)
-        setattr(module, name, torch.compile(getattr(module, name), backend=backend,
-                                            recompile_limit=HOT_PATH_RECOMPILES, **kwargs))
+        setattr(module, name, torch.compile(getattr(module, name), backend=backend, **_recompile_limit(), **kwargs))
     hc_pre._compiled = True
 
 
