@@ -212,12 +212,16 @@ def test_bfloat16_engine_generates_and_batches(tok):
 
 
 @pytest.mark.slow
-def test_compiled_engine_stays_compiled_across_prompt_shapes(model, monkeypatch, eager_hot_paths):
+def test_compiled_engine_stays_compiled_across_prompt_shapes(model, eager_hot_paths):
     """Prompt lengths and batch mixes give the compiled attention a dozen input structures (no
     compressed entries yet, few or many, picked or all, one block or several, one row or two):
     none may exhaust dynamo's recompile limit, which would fall back to eager code for good (and
     warn) in a server that has already run a few prompts."""
-    monkeypatch.setattr(torch._dynamo.config, "fail_on_recompile_limit_hit", True)
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        _prompt_shapes(model)
+
+
+def _prompt_shapes(model):
     g = torch.Generator().manual_seed(1)
     lengths = (3, 17, 40, 90, 150, 260, 420)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]

@@ -90,15 +90,19 @@ def test_compiled_hot_paths_equal_eager(eager_hot_paths, dtype):
 
 def test_recompile_limit_where_torch_compile_has_none(monkeypatch):
     """torch < 2.12 (the GPU image's 2.11) has no per-function ``recompile_limit``: passing it
-    would fail, so the process-wide limit is raised instead, and never lowered."""
+    would fail, so the process-wide limit is raised instead, and never lowered. (Config values
+    change under ``config.patch``: monkeypatch's undo deletes a config entry.)"""
     def old_compile(model=None, *, fullgraph=False, dynamic=None, backend="inductor", mode=None, options=None,
                     disable=False):
         raise AssertionError("not called")
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    assert v4._recompile_limit() == {"recompile_limit": v4.HOT_PATH_RECOMPILES}
-    assert torch._dynamo.config.recompile_limit == 8
-    monkeypatch.setattr(torch, "compile", old_compile)
-    assert v4._recompile_limit() == {} and torch._dynamo.config.recompile_limit == v4.HOT_PATH_RECOMPILES
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 500)
-    assert v4._recompile_limit() == {} and torch._dynamo.config.recompile_limit == 500
+    cfg = torch._dynamo.config
+    before = cfg.recompile_limit
+    with cfg.patch(recompile_limit=8):
+        assert v4._recompile_limit() == {"recompile_limit": v4.HOT_PATH_RECOMPILES}
+        assert cfg.recompile_limit == before
+        monkeypatch.setattr(torch, "compile", old_compile)
+        assert v4._recompile_limit() == {} and cfg.recompile_limit == v4.HOT_PATH_RECOMPILES
+    with cfg.patch(recompile_limit=500):
+        assert v4._recompile_limit() == {} and cfg.recompile_limit == 500
+    assert cfg.recompile_limit == before
