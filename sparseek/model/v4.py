@@ -917,14 +917,15 @@ def compile_hot_paths() -> None:
         return
     from sparseek.model.fuse import fusing_backend
 
+    # emulate_precision_casts: bf16 intermediates rounded where the eager code rounds them, so a
+    # compiled model routes (experts, indexer picks) exactly as the eager one
+    backend = fusing_backend(emulate_precision_casts=True)
+    # an attention call has a dozen input structures (compressed entries or none, picked or all,
+    # one block or several, one row or many), each a graph of its own: dynamo's default of 8 per
+    # function would leave a long-running server on eager code after a few prompts
+    limit = _recompile_limit()
     for module, name, kwargs in hot_paths():
-        # an attention call has a dozen input structures (compressed entries or none, picked or
-        # all, one block or several, one row or many), each a graph of its own: dynamo's default
-        # of 8 per function would leave a long-running server on eager code after a few prompts
-        # emulate_precision_casts: bf16 intermediates rounded where the eager code rounds them,
-        # so a compiled model routes (experts, indexer picks) exactly as the eager one
-        backend = fusing_backend(emulate_precision_casts=True)
-        setattr(module, name, torch.compile(getattr(module, name), backend=backend, **_recompile_limit(), **kwargs))
+        setattr(module, name, torch.compile(getattr(module, name), backend=backend, **limit, **kwargs))
     hc_pre._compiled = True
 
 
