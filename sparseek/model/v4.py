@@ -910,8 +910,8 @@ def compile_hot_paths() -> None:
     backward; the routed experts (sorting, gathers,
     the SwiGLU chain between the grouped GEMMs, the weighted scatter back); the attention's input
     and output projections with their norms and rotations, the compressor's fp32 projections and
-    every RMSNorm (each a handful of elementwise passes between GEMMs when eager: ~5% of a
-    512-token CPU prefill, for ~2 s more compiling). Process-wide (module and class attributes).
+    every RMSNorm (each a handful of elementwise passes between GEMMs when eager). Process-wide
+    (module and class attributes).
     The eager functions stay the reference the compiled ones are tested against."""
     if getattr(hc_pre, "_compiled", False):
         return

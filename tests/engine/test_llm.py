@@ -217,19 +217,14 @@ def test_compiled_engine_stays_compiled_across_prompt_shapes(model, eager_hot_pa
     compressed entries yet, few or many, picked or all, one block or several, one row or two):
     none may exhaust dynamo's recompile limit, which would fall back to eager code for good (and
     warn) in a server that has already run a few prompts."""
-    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
-        _prompt_shapes(model)
-
-
-def _prompt_shapes(model):
     g = torch.Generator().manual_seed(1)
     lengths = (3, 17, 40, 90, 150, 260, 420)
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    batches = [[p] for p in prompts] + [list(pair) for pair in zip(prompts, reversed(prompts))]
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
-    llm = LLM(model, None, max_batch_size=2, max_seq_len=512, compile=True)
     eager = LLM(model, None, max_batch_size=2, max_seq_len=512)
-    for batch in ([p] for p in prompts):
-        assert [o.token_ids for o in llm.generate(batch, params)] == [o.token_ids for o in eager.generate(batch, params)]
-    for pair in zip(prompts, reversed(prompts)):
-        assert [o.token_ids for o in llm.generate(list(pair), params)] == [
-            o.token_ids for o in eager.generate(list(pair), params)]
+    with torch._dynamo.config.patch(fail_on_recompile_limit_hit=True):
+        llm = LLM(model, None, max_batch_size=2, max_seq_len=512, compile=True)
+        for batch in batches:
+            assert [o.token_ids for o in llm.generate(batch, params)] == [
+                o.token_ids for o in eager.generate(batch, params)]

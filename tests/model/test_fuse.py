@@ -100,7 +100,7 @@ def test_recompile_limit_where_torch_compile_has_none(monkeypatch):
     before = cfg.recompile_limit
     with cfg.patch(recompile_limit=8):
         assert v4._recompile_limit() == {"recompile_limit": v4.HOT_PATH_RECOMPILES}
-        assert cfg.recompile_limit == before
+        assert cfg.recompile_limit == 8
         monkeypatch.setattr(torch, "compile", old_compile)
         assert v4._recompile_limit() == {} and cfg.recompile_limit == v4.HOT_PATH_RECOMPILES
     with cfg.patch(recompile_limit=500):
