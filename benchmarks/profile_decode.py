@@ -3,6 +3,7 @@
     python benchmarks/profile_decode.py --preset small --dtype bfloat16            # the engine's decode step
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --plain    # plain inductor, guarded
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 512 --hot-paths
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown
     python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
@@ -10,6 +11,12 @@ named), the weight-streaming rate of one token's routed experts in the decode st
 in the one-contraction form it replaced, and that of the LM-head GEMV alone, as a library call and
 as the fused reduction the compiled step uses (``sparseek.model.fuse``) -- the practical ceiling of
 batch-1 decode on a CPU, lower than the copy bandwidth bench_engine.py uses for its roofline.
+
+``--breakdown`` (prefill) replaces the operator table with wall time per model part (attention and
+its pieces, mHC, routed experts, shared expert, router) at each prompt length, and times the
+routed experts' GEMM as the prefill runs it (one library call per expert, ``torch._grouped_mm``)
+against one batched call over all experts (``bmm``, which needs equal row counts) at 8-128 rows
+per expert: what a short prompt's prefill costs where it has few rows per expert.
 """
 
 from __future__ import annotations
@@ -66,11 +73,78 @@ def expert_rates(model, dtype):
               f"{read / dt / 1e9:.1f} GB/s of weights streamed")
 
 
+# (owner, attribute, label): the parts ``prefill_breakdown`` times; indented labels lie inside the
+# one above them. Only functions called from eager code (a timer traced by dynamo would break the
+# graph: the wrapper steps aside while compiling).
+def _parts():
+    from sparseek.model import common, v4
+
+    return ((v4.Attention, "forward", "attention"), (v4.Attention, "project", "  q/kv projections, norms, rope"),
+            (v4.Compressor, "project", "  compressor projections"), (v4, "attend_lse", "  sparse attention core"),
+            (v4.Attention, "output", "  output projection"), (v4, "hc_pre", "mHC input side (mix, Sinkhorn)"),
+            (v4, "hc_post", "mHC output side"), (common.MoE, "forward", "MoE"),
+            (common.Gate, "forward", "  router"), (common.Experts, "forward", "  routed experts"),
+            (common.MLP, "forward", "  shared expert"))
+
+
+def prefill_breakdown(run, T: int, n: int = 5) -> list[tuple[str, float, int]]:
+    """(label, ms per prefill, calls per prefill) of each part in ``_parts`` and the total."""
+    acc, calls, saved = {}, {}, []
+    for owner, name, label in _parts():
+        f = getattr(owner, name)
+        saved.append((owner, name, f))
+
+        def timed(*a, _f=f, _label=label, **k):
+            if torch.compiler.is_compiling():
+                return _f(*a, **k)
+            t = time.perf_counter()
+            try:
+                return _f(*a, **k)
+            finally:
+                acc[_label] = acc.get(_label, 0.0) + time.perf_counter() - t
+                calls[_label] = calls.get(_label, 0) + 1
+        setattr(owner, name, timed)
+    try:
+        for _ in range(2):
+            run()
+        acc.clear()
+        calls.clear()
+        total = per_call(run, n)  # its 3 warm-up calls count too: divide by n + 3
+    finally:
+        for owner, name, f in saved:
+            setattr(owner, name, f)
+    rows = [("total", total * 1e3, 1)]
+    return rows + [(label, acc.get(label, 0.0) / (n + 3) * 1e3, calls.get(label, 0) // (n + 3))
+                   for _, _, label in _parts()]
+
+
+def expert_gemm_rates(model, dtype, rows=(8, 16, 32, 64, 128)):
+    """One routed-expert matrix (w1 of layer 0) for every expert, as the prefill multiplies it:
+    a library GEMM per expert (``torch._grouped_mm`` on a CPU) vs one batched call (``bmm``, equal
+    rows per expert). us per expert and GFLOP/s."""
+    w = model.layers[0].ffn.experts.w1.detach()
+    E, out_f, in_f = w.shape
+    print(f"routed-expert GEMM, [M, {in_f}] x [{in_f}, {out_f}] {str(dtype).split('.')[-1]} for each of {E} experts:")
+    for M in rows:
+        x = torch.randn(E * M, in_f, dtype=dtype)
+        offs = torch.arange(1, E + 1, dtype=torch.int32) * M
+        flop = 2 * M * in_f * out_f
+        line = []
+        for name, fn in (("one call per expert", lambda: torch._grouped_mm(x, w.transpose(1, 2), offs=offs)),
+                         ("one batched call", lambda: torch.bmm(x.view(E, M, in_f), w.transpose(1, 2)))):
+            dt = min(per_call(fn, 10) for _ in range(3)) / E
+            line.append(f"{name} {dt * 1e6:6.1f} us ({flop / dt / 1e9:4.0f} GFLOP/s)")
+        print(f"  M={M:4d}: " + ";  ".join(line))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--prefill", type=int, default=0, help="profile one prefill of this many tokens instead")
+    ap.add_argument("--prefill", type=int, nargs="+", default=[0],
+                    help="profile one prefill of this many tokens instead (several with --breakdown)")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="prefill: wall time per model part at each length, and the experts' GEMM by rows per expert")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--inductor", default="{}",
                     help='extra inductor options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')
@@ -86,17 +160,31 @@ def main():
     model, _ = sparseek.load(a.preset, dtype=dtype, tokenizer=False)
     V = model.args.vocab_size
     with torch.inference_mode():
-        if a.prefill:
-            ids = torch.randint(10, V, (1, a.prefill))
-            if a.hot_paths:
-                from sparseek.model.v4 import compile_hot_paths
+        if a.prefill[0] and a.hot_paths:
+            from sparseek.model.v4 import compile_hot_paths
 
-                compile_hot_paths()
+            compile_hot_paths()
+        if a.breakdown:
+            if not a.prefill[0]:
+                ap.error("--breakdown profiles a prefill: give --prefill N [N ...]")
+            tables = {}
+            for T in a.prefill:
+                ids = torch.randint(10, V, (1, T))
+                tables[T] = prefill_breakdown(lambda: model(ids, model.new_cache(1, T + 1), last_n=1), T)
+            print("ms per prefill (calls) | " + " | ".join(f"{T} tokens" for T in a.prefill))
+            for i, (label, _, _) in enumerate(tables[a.prefill[0]]):
+                print(f"{label:34s} | " + " | ".join(f"{tables[T][i][1]:7.1f} ({tables[T][i][2]:2d})" for T in a.prefill))
+            print("tokens/s".ljust(34) + " | " + " | ".join(f"{T / tables[T][0][1] * 1e3:12,.0f}" for T in a.prefill))
+            expert_gemm_rates(model, dtype)
+            return
+        if a.prefill[0]:
+            T = a.prefill[0]
+            ids = torch.randint(10, V, (1, T))
 
             def run():
-                return model(ids, model.new_cache(1, a.prefill + 1), last_n=1)
+                return model(ids, model.new_cache(1, T + 1), last_n=1)
             dt = per_call(run, 3)
-            print(f"prefill {a.prefill}: {dt * 1e3:.1f} ms ({a.prefill / dt:,.0f} tok/s)")
+            print(f"prefill {T}: {dt * 1e3:.1f} ms ({T / dt:,.0f} tok/s)")
         else:
             cache = model.new_cache(1, 512)
             model(torch.randint(10, V, (1, 64)), cache)
@@ -112,7 +200,7 @@ def main():
             dt = per_call(run, 30)
             print(f"compiled decode step: {dt * 1e3:.2f} ms/token ({1 / dt:.1f} tok/s)")
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
-            for _ in range(1 if a.prefill else 10):
+            for _ in range(1 if a.prefill[0] else 10):
                 run()
         print(p.key_averages(group_by_input_shape=True).table(
             sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60, max_shapes_column_width=60))
