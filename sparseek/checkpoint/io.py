@@ -173,7 +173,11 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     # Norms, compressors etc. compute in fp32 but are published in bf16: remember each tensor's
     # published dtype so that saving writes the checkpoint back bit for bit.
     model.checkpoint_dtypes = source_dtypes
-    return model.to(device)
+    model = model.to(device)
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.fuse_gate_up_()  # loaded as two tensors; inference then runs one GEMM fewer per expert
+    return model
 
 
 def stacked_params(model: nn.Module) -> set[str]:

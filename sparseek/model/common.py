@@ -214,10 +214,35 @@ def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.T
     return torch._grouped_mm(a, b, offs=offs)
 
 
+def gate_up_view(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor | None:
+    """w1 and w3 read as one [E, 2I, D] matrix without a copy, where they are the two halves of one
+    buffer (as ``Experts`` allocates them); None where they are not, under a compiler (which cannot
+    ask where a tensor's storage lies), or where autograd must see them apart.
+
+    Why: a small expert GEMM costs a fixed ~20-30 us in the CPU library (weight packing, setup)
+    besides its FLOPs, so one GEMM with twice the columns beats two -- ~5-7% of a 128-256-token
+    prefill of the ``small`` preset (``benchmarks/profile_decode.py --breakdown``)."""
+    if torch.compiler.is_compiling() or w1.shape != w3.shape or w1.dim() != 3 or w1.dtype != w3.dtype:
+        return None
+    if torch.is_grad_enabled() and (w1.requires_grad or w3.requires_grad):
+        return None
+    if type(w1.data) is not torch.Tensor or type(w3.data) is not torch.Tensor or w1.device.type == "meta":
+        return None  # DTensor shards, fake tensors
+    E, I, D = w1.shape
+    strides = (2 * I * D, D, 1)
+    if (w1.stride() != strides or w3.stride() != strides or w1.device != w3.device
+            or w1.untyped_storage().data_ptr() != w3.untyped_storage().data_ptr()
+            or w3.storage_offset() != w1.storage_offset() + I * D):
+        return None
+    return w1.detach().as_strided((E, 2 * I, D), strides)
+
+
 def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
-                limit: float | None, scale_M: torch.Tensor | None = None, pad: bool | None = None) -> torch.Tensor:
+                limit: float | None, scale_M: torch.Tensor | None = None, pad: bool | None = None,
+                w13: torch.Tensor | None = None) -> torch.Tensor:
     """Rows ``xs`` sorted by expert (``expert_M`` non-decreasing) through their experts' SwiGLU FFNs
-    (``w*`` stacked [E, out, in]; ``scale_M`` multiplies before w2), as three grouped GEMMs.
+    (``w*`` stacked [E, out, in]; ``scale_M`` multiplies before w2), as three grouped GEMMs, or two
+    given ``w13`` (``gate_up_view(w1, w3)``: w1 and w3 as one matrix).
 
     Nothing here waits for the host: with ``pad`` (default on any device but the CPU, whose
     kernel is a loop of GEMMs) each expert's rows are placed in a buffer of fixed size M + 7E
@@ -232,8 +257,10 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     if torch.is_autocast_enabled(dev.type):  # autocast does not know the grouped GEMM: cast as it would
         dt = torch.get_autocast_dtype(dev.type)
         xs_MD, w1, w2, w3 = (t.to(dt) for t in (xs_MD, w1, w2, w3))
+        w13 = None if w13 is None else w13.to(dt)
     else:
         w1, w2, w3 = (t.to(xs_MD.dtype) for t in (w1, w2, w3))
+        w13 = None if w13 is None else w13.to(xs_MD.dtype)
     counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
     if pad is None:
         pad = dev.type != "cpu"
@@ -253,8 +280,12 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
         scale_P1 = None
         if scale_M is not None:
             scale_P1 = torch.zeros(P, 1, dtype=torch.float32, device=dev).index_copy(0, dest, scale_M.float()[:, None])
-    h = swiglu(_grouped_mm(buf, w1.transpose(-2, -1), offs), _grouped_mm(buf, w3.transpose(-2, -1), offs),
-               limit, scale_P1, xs_MD.dtype)
+    if w13 is not None:
+        gate_up = _grouped_mm(buf, w13.transpose(-2, -1), offs)
+        gate, up = gate_up[:, :w1.shape[1]], gate_up[:, w1.shape[1]:]
+    else:
+        gate, up = _grouped_mm(buf, w1.transpose(-2, -1), offs), _grouped_mm(buf, w3.transpose(-2, -1), offs)
+    h = swiglu(gate, up, limit, scale_P1, xs_MD.dtype)
     out = _grouped_mm(h, w2.transpose(-2, -1), offs)
     return (out if dest is None else out[dest]).to(out_dtype)
 
@@ -270,23 +301,44 @@ class Experts(nn.Module):
     def __init__(self, n: int, dim: int, inter: int, limit: float | None, dtype=None):
         super().__init__()
         self.n = n
-        self.w1 = nn.Parameter(torch.empty(n, inter, dim, dtype=dtype))
+        gate_up = torch.empty(n, 2 * inter, dim, dtype=dtype)  # w1 and w3 as halves: see gate_up_view
+        self.w1 = nn.Parameter(gate_up[:, :inter])
         self.w2 = nn.Parameter(torch.empty(n, dim, inter, dtype=dtype))
-        self.w3 = nn.Parameter(torch.empty(n, inter, dim, dtype=dtype))
+        self.w3 = nn.Parameter(gate_up[:, inter:])
         self.limit = limit
+
+    def fuse_gate_up_(self) -> "Experts":
+        """Move w1 and w3 into the two halves of one buffer (in place; values unchanged), as
+        ``__init__`` allocates them: loading a checkpoint or casting the module makes them
+        separate tensors, and inference then runs one more GEMM per expert."""
+        w1, w3 = self.w1, self.w3
+        if w1.shape != w3.shape or w1.device.type == "meta" or type(w1.data) is not torch.Tensor:
+            return self
+        with torch.no_grad():
+            if gate_up_view(w1.detach(), w3.detach()) is None:
+                inter = w1.shape[1]
+                gate_up = torch.cat([w1, w3], dim=1)
+                w1.data, w3.data = gate_up[:, :inter], gate_up[:, inter:]
+        return self
 
     # one grouped GEMM per matrix instead of a Python loop over experts (torch >= 2.8); tests
     # switch it off to compare with the loop, which stays the reference and the LoRA path
     grouped = hasattr(torch, "_grouped_mm")
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        # where w1 and w3 lie is asked here, outside the compiled `compute` (a compiler cannot ask)
+        return self.compute(x_ND, weights_NK, idx_NK, gate_up_view(self.w1, self.w3))
+
+    def compute(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor,
+                w13: torch.Tensor | None = None) -> torch.Tensor:
         k = idx_NK.shape[1]
         flat_idx = idx_NK.reshape(-1)
         order = flat_idx.argsort(stable=True)
         token_of = order // k  # which token each sorted (token, slot) pair belongs to
         w_sorted = weights_NK.reshape(-1)[order]
         if self.grouped and type(self).proj is Experts.proj:
-            out = grouped_ffn(x_ND[token_of], flat_idx[order], self.w1, self.w2, self.w3, self.limit, w_sorted)
+            out = grouped_ffn(x_ND[token_of], flat_idx[order], self.w1, self.w2, self.w3, self.limit, w_sorted,
+                              w13=w13)
         else:
             out = self._forward_loop(x_ND[token_of], flat_idx, w_sorted.unsqueeze(-1))
         return torch.zeros_like(x_ND).index_add_(0, token_of, out)

@@ -940,7 +940,7 @@ def hot_paths() -> tuple:
     this = sys.modules[__name__]
     return ((this, "hc_pre", {}), (this, "hc_post", {}), (this, "hc_head", {}),
             (this, "attend_lse", {"dynamic": True}),
-            (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "forward", {}),
+            (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "compute", {}),
             (Attention, "project", {}), (Attention, "output", {}), (Compressor, "project", {}),
             (common.RMSNorm, "forward", {}))
 

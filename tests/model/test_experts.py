@@ -101,3 +101,49 @@ def test_grouped_under_autocast_matches_loop():
     torch.testing.assert_close(y1.float(), y2.float(), rtol=2e-2, atol=2e-2)
     for a, b in zip(g1, g2):
         assert (a - b).abs().max() / b.abs().max() < 2e-2
+
+
+@pytest.mark.parametrize("pad", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gate_up_read_as_one_matrix_without_a_copy(pad, dtype):
+    """Experts allocates w1 and w3 as the halves of one buffer, so inference reads them as one
+    [E, 2I, D] matrix (one grouped GEMM instead of two) with the same result; training keeps them
+    apart for autograd; separate tensors (a cast, a loaded checkpoint) take the two-GEMM path until
+    fuse_gate_up_() moves them back together, values unchanged."""
+    from sparseek.model.common import gate_up_view
+
+    ex = _experts(dtype)
+    w, idx = _routing(37, ex.n, 3)
+    x = torch.randn(37, 64, dtype=dtype)
+    with torch.no_grad():
+        w13 = gate_up_view(ex.w1, ex.w3)
+        assert w13 is not None and w13.shape == (8, 64, 64)
+        assert w13.data_ptr() == ex.w1.data_ptr() and torch.equal(w13[:, 32:], ex.w3)
+        e = idx.reshape(-1).sort(stable=True).values
+        xs = x[idx.reshape(-1).argsort(stable=True) // 3]
+        one = grouped_ffn(xs, e, ex.w1, ex.w2, ex.w3, ex.limit, pad=pad, w13=w13)
+        two = grouped_ffn(xs, e, ex.w1, ex.w2, ex.w3, ex.limit, pad=pad)
+        torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
+    assert gate_up_view(ex.w1, ex.w3) is None  # autograd on, weights require grad
+    ex.w3.data = ex.w3.data.clone()  # what a load or a cast leaves: two tensors
+    w1, w3 = ex.w1.detach().clone(), ex.w3.detach().clone()
+    with torch.no_grad():
+        assert gate_up_view(ex.w1, ex.w3) is None
+        ex.fuse_gate_up_()
+        assert gate_up_view(ex.w1, ex.w3) is not None
+    assert torch.equal(ex.w1, w1) and torch.equal(ex.w3, w3) and ex.w1.requires_grad
+
+
+def test_loaded_checkpoint_reads_gate_up_as_one(tmp_path):
+    import sparseek
+    from sparseek.model.common import Experts, gate_up_view
+
+    model, _ = sparseek.load("debug", tokenizer=False)
+    sparseek.save(model, tmp_path)
+    loaded, _ = sparseek.load(str(tmp_path), tokenizer=False)
+    experts = [m for m in loaded.modules() if isinstance(m, Experts)]
+    with torch.no_grad():
+        assert experts and all(gate_up_view(m.w1, m.w3) is not None for m in experts)
+    ids = torch.randint(0, model.args.vocab_size, (2, 9))
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
