@@ -917,8 +917,9 @@ def compile_hot_paths() -> None:
         return
     from sparseek.model.fuse import fusing_backend
 
-    # emulate_precision_casts: bf16 intermediates rounded where the eager code rounds them, so a
-    # compiled model routes (experts, indexer picks) exactly as the eager one
+    # emulate_precision_casts: bf16 intermediates rounded where the eager code rounds them (else a
+    # last-bit difference flips expert and indexer picks; fp32 reductions may still add in
+    # another order, docs/engine.md)
     backend = fusing_backend(emulate_precision_casts=True)
     # an attention call has a dozen input structures (compressed entries or none, picked or all,
     # one block or several, one row or many), each a graph of its own: dynamo's default of 8 per
