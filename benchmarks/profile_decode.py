@@ -122,7 +122,7 @@ def expert_gemm_rates(model, dtype, rows=(8, 16, 32, 64, 128)):
     """One routed-expert matrix (w1 of layer 0) for every expert, as the prefill multiplies it:
     a library GEMM per expert (``torch._grouped_mm`` on a CPU) vs one batched call (``bmm``, equal
     rows per expert). us per expert and GFLOP/s."""
-    w = model.layers[0].ffn.experts.w1.detach()
+    w = model.layers[0].ffn.experts.w1.detach().contiguous()  # a view of the gate|up buffer: bmm would copy it
     E, out_f, in_f = w.shape
     print(f"routed-expert GEMM, [M, {in_f}] x [{in_f}, {out_f}] {str(dtype).split('.')[-1]} for each of {E} experts:")
     for M in rows:
