@@ -220,8 +220,8 @@ def gate_up_view(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor | None:
     ask where a tensor's storage lies), or where autograd must see them apart.
 
     Why: a small expert GEMM costs a fixed ~20-30 us in the CPU library (weight packing, setup)
-    besides its FLOPs, so one GEMM with twice the columns beats two -- ~5-7% of a 128-256-token
-    prefill of the ``small`` preset (``benchmarks/profile_decode.py --breakdown``)."""
+    besides its FLOPs, so one GEMM with twice the columns beats two: 3-4% of a 128-256-token
+    prefill of the ``small`` preset, ~1.5% at 512 (``benchmarks/profile_decode.py --breakdown``)."""
     if torch.compiler.is_compiling() or w1.shape != w3.shape or w1.dim() != 3 or w1.dtype != w3.dtype:
         return None
     if torch.is_grad_enabled() and (w1.requires_grad or w3.requires_grad):
@@ -252,15 +252,12 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     read back; under autograd the last group runs to the end of the buffer anyway, so that no
     gradient ever meets an unwritten row.
     """
-    M, E = xs_MD.shape[0], w1.shape[0]
+    M, E, inter = xs_MD.shape[0], w1.shape[0], w1.shape[1]
     dev, out_dtype = xs_MD.device, xs_MD.dtype
     if torch.is_autocast_enabled(dev.type):  # autocast does not know the grouped GEMM: cast as it would
-        dt = torch.get_autocast_dtype(dev.type)
-        xs_MD, w1, w2, w3 = (t.to(dt) for t in (xs_MD, w1, w2, w3))
-        w13 = None if w13 is None else w13.to(dt)
-    else:
-        w1, w2, w3 = (t.to(xs_MD.dtype) for t in (w1, w2, w3))
-        w13 = None if w13 is None else w13.to(xs_MD.dtype)
+        xs_MD = xs_MD.to(torch.get_autocast_dtype(dev.type))
+    gate_up = [t.to(xs_MD.dtype) for t in ((w13,) if w13 is not None else (w1, w3))]
+    w2 = w2.to(xs_MD.dtype)
     counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
     if pad is None:
         pad = dev.type != "cpu"
@@ -280,11 +277,8 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
         scale_P1 = None
         if scale_M is not None:
             scale_P1 = torch.zeros(P, 1, dtype=torch.float32, device=dev).index_copy(0, dest, scale_M.float()[:, None])
-    if w13 is not None:
-        gate_up = _grouped_mm(buf, w13.transpose(-2, -1), offs)
-        gate, up = gate_up[:, :w1.shape[1]], gate_up[:, w1.shape[1]:]
-    else:
-        gate, up = _grouped_mm(buf, w1.transpose(-2, -1), offs), _grouped_mm(buf, w3.transpose(-2, -1), offs)
+    gate_up = [_grouped_mm(buf, w.transpose(-2, -1), offs) for w in gate_up]
+    gate, up = gate_up if len(gate_up) == 2 else (gate_up[0][:, :inter], gate_up[0][:, inter:])
     h = swiglu(gate, up, limit, scale_P1, xs_MD.dtype)
     out = _grouped_mm(h, w2.transpose(-2, -1), offs)
     return (out if dest is None else out[dest]).to(out_dtype)
