@@ -4,6 +4,7 @@
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --plain    # plain inductor, guarded
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 512 --hot-paths
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown --ab-gate-up
     python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
@@ -16,7 +17,9 @@ batch-1 decode on a CPU, lower than the copy bandwidth bench_engine.py uses for 
 its pieces, mHC, routed experts, shared expert, router) at each prompt length, and times the
 routed experts' GEMM as the prefill runs it (one library call per expert, ``torch._grouped_mm``)
 against one batched call over all experts (``bmm``, which needs equal row counts) at 8-128 rows
-per expert: what a short prompt's prefill costs where it has few rows per expert.
+per expert: what a short prompt's prefill costs where it has few rows per expert. It also prints
+the fewest and most rows any expert gets, and with ``--ab-gate-up`` times each prefill with the
+experts' gate and up projections as one GEMM and as two (``gate_up_view``), alternating.
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def _parts():
             (common.MLP, "forward", "  shared expert"))
 
 
-def prefill_breakdown(run, T: int, n: int = 5) -> list[tuple[str, float, int]]:
+def prefill_breakdown(run, n: int = 5) -> list[tuple[str, float, int]]:
     """(label, ms per prefill, calls per prefill) of each part in ``_parts`` and the total."""
     acc, calls, saved = {}, {}, []
     for owner, name, label in _parts():
@@ -118,6 +121,41 @@ def prefill_breakdown(run, T: int, n: int = 5) -> list[tuple[str, float, int]]:
                    for _, _, label in _parts()]
 
 
+def rows_per_expert(model, run) -> tuple[int, int]:
+    """Fewest and most (token, slot) rows any routed expert of any layer gets in one ``run``."""
+    from sparseek.model import common
+
+    seen, forward = [], common.Experts.forward
+
+    def spy(self, x_ND, weights_NK, idx_NK):
+        seen.append(torch.bincount(idx_NK.reshape(-1), minlength=self.n))
+        return forward(self, x_ND, weights_NK, idx_NK)
+    common.Experts.forward = spy
+    try:
+        run()
+    finally:
+        common.Experts.forward = forward
+    counts = torch.stack(seen)
+    return int(counts.min()), int(counts.max())
+
+
+def gate_up_ab(run, rounds: int = 5) -> dict[str, list[float]]:
+    """Seconds per prefill with the routed experts' gate and up projections as one grouped GEMM
+    (``gate_up_view``) and as two, in alternating rounds of one process (this VM drifts by more
+    than the difference between processes)."""
+    from sparseek.model import common
+
+    fused, res = common.gate_up_view, {"gate|up one GEMM": [], "gate, up two GEMMs": []}
+    try:
+        for _ in range(rounds):
+            for name, view in zip(res, (fused, lambda w1, w3: None)):
+                common.gate_up_view = view  # Experts.forward looks it up at each call
+                res[name].append(min(per_call(run, 1) for _ in range(2)))
+    finally:
+        common.gate_up_view = fused
+    return res
+
+
 def expert_gemm_rates(model, dtype, rows=(8, 16, 32, 64, 128)):
     """One routed-expert matrix (w1 of layer 0) for every expert, as the prefill multiplies it:
     a library GEMM per expert (``torch._grouped_mm`` on a CPU) vs one batched call (``bmm``, equal
@@ -145,6 +183,8 @@ def main():
                     help="profile one prefill of this many tokens instead (several with --breakdown)")
     ap.add_argument("--breakdown", action="store_true",
                     help="prefill: wall time per model part at each length, and the experts' GEMM by rows per expert")
+    ap.add_argument("--ab-gate-up", action="store_true",
+                    help="with --breakdown: each prefill with the experts' gate and up as one GEMM and as two, alternating")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--inductor", default="{}",
                     help='extra inductor options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')
@@ -167,14 +207,24 @@ def main():
         if a.breakdown:
             if not a.prefill[0]:
                 ap.error("--breakdown profiles a prefill: give --prefill N [N ...]")
-            tables = {}
+            tables, spread, ab = {}, {}, {}
             for T in a.prefill:
                 ids = torch.randint(10, V, (1, T))
-                tables[T] = prefill_breakdown(lambda: model(ids, model.new_cache(1, T + 1), last_n=1), T)
+
+                def run():
+                    return model(ids, model.new_cache(1, T + 1), last_n=1)
+                tables[T] = prefill_breakdown(run)
+                spread[T] = rows_per_expert(model, run)
+                if a.ab_gate_up:
+                    ab[T] = gate_up_ab(run)
             print("ms per prefill (calls) | " + " | ".join(f"{T} tokens" for T in a.prefill))
             for i, (label, _, _) in enumerate(tables[a.prefill[0]]):
                 print(f"{label:34s} | " + " | ".join(f"{tables[T][i][1]:7.1f} ({tables[T][i][2]:2d})" for T in a.prefill))
             print("tokens/s".ljust(34) + " | " + " | ".join(f"{T / tables[T][0][1] * 1e3:12,.0f}" for T in a.prefill))
+            print("rows per routed expert (min-max)   | " + " | ".join(f"{lo:5d}-{hi:<6d}" for lo, hi in spread.values()))
+            for name in next(iter(ab.values()), {}):
+                print(f"{name + ', ms best/median':34s} | " + " | ".join(
+                    f"{min(v[name]) * 1e3:5.1f}/{sorted(v[name])[len(v[name]) // 2] * 1e3:5.1f}" for v in ab.values()))
             expert_gemm_rates(model, dtype)
             return
         if a.prefill[0]:

@@ -220,8 +220,8 @@ def gate_up_view(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor | None:
     ask where a tensor's storage lies), or where autograd must see them apart.
 
     Why: a small expert GEMM costs a fixed ~20-30 us in the CPU library (weight packing, setup)
-    besides its FLOPs, so one GEMM with twice the columns beats two: 3-4% of a 128-256-token
-    prefill of the ``small`` preset, ~1.5% at 512 (``benchmarks/profile_decode.py --breakdown``)."""
+    besides its FLOPs, so one GEMM with twice the columns beats two: 4-7% of a 128-512-token
+    prefill of the ``small`` preset (``benchmarks/results/cpu-small-bf16-gate-up-ab.txt``)."""
     if torch.compiler.is_compiling() or w1.shape != w3.shape or w1.dim() != 3 or w1.dtype != w3.dtype:
         return None
     if torch.is_grad_enabled() and (w1.requires_grad or w3.requires_grad):
@@ -309,7 +309,7 @@ class Experts(nn.Module):
         if w1.shape != w3.shape or w1.device.type == "meta" or type(w1.data) is not torch.Tensor:
             return self
         with torch.no_grad():
-            if gate_up_view(w1.detach(), w3.detach()) is None:
+            if gate_up_view(w1, w3) is None:  # no_grad: autograd does not keep them apart here
                 inter = w1.shape[1]
                 gate_up = torch.cat([w1, w3], dim=1)
                 w1.data, w3.data = gate_up[:, :inter], gate_up[:, inter:]
