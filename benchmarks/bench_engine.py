@@ -165,7 +165,7 @@ def main():
     ap.add_argument("--preset", default="small")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--prefill", type=int, nargs="+", default=[512])
+    ap.add_argument("--prefill", type=int, nargs="*", default=[512], help="prompt lengths to prefill (none: decode only)")
     ap.add_argument("--prompt", type=int, default=64)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8], help="decode batch sizes (none: prefill only)")

@@ -5,6 +5,8 @@
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 512 --hot-paths
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown --ab-gate-up
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --expert-costs  # CPU expert op's cost model
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --batch 32 --ab-experts  # CPU expert op vs grouped GEMMs
     python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
@@ -175,6 +177,71 @@ def expert_gemm_rates(model, dtype, rows=(8, 16, 32, 64, 128)):
         print(f"  M={M:4d}: " + ";  ".join(line))
 
 
+def expert_op_costs(model, rows=(1, 4, 8, 16, 24, 32, 48, 64, 96, 128)):
+    """What the cost model of ``sparseek.model.common.batched_rows`` rests on: us per routed expert
+    for its gate|up and down products at M rows each, as one library GEMM call per expert
+    (``torch._grouped_mm``) and as its slice of one ``bmm`` over all experts (the transposed
+    W @ x^T that ``experts_batched`` runs). Each call takes the next layer's experts, so the
+    weights come from memory as in a forward, not from cache."""
+    from sparseek.model.common import Experts, gate_up_view
+
+    with torch.no_grad():
+        mats = [(gate_up_view(m.w1, m.w3), m.w2) for m in model.modules() if isinstance(m, Experts)]
+    E, two_i, D = mats[0][0].shape
+    print(f"routed experts' gate|up [{two_i}, {D}] and down [{D}, {two_i // 2}] products, us per expert, "
+          f"cycling over {len(mats)} layers' weights:")
+    for M in rows:
+        x, h = torch.randn(E * M, D, dtype=mats[0][0].dtype), torch.randn(E * M, two_i // 2, dtype=mats[0][0].dtype)
+        xT, hT = x.view(E, M, D).transpose(1, 2).contiguous(), h.view(E, M, -1).transpose(1, 2).contiguous()
+        offs = torch.arange(1, E + 1, dtype=torch.int32) * M
+        it = iter(range(1 << 30))
+
+        def calls():
+            w13, w2 = mats[next(it) % len(mats)]
+            torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+            torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
+
+        def batched():
+            w13, w2 = mats[next(it) % len(mats)]
+            torch.bmm(w13, xT)
+            torch.bmm(w2, hT)
+        t_calls = sorted(per_call(calls, 2 * len(mats)) for _ in range(3))[1] / E
+        t_bmm = sorted(per_call(batched, 2 * len(mats)) for _ in range(3))[1] / E
+        print(f"  M={M:4d}: one call per expert {t_calls * 1e6:6.1f} us;  one bmm {t_bmm * 1e6:6.1f} us")
+
+
+def experts_op_ab(model, batch: int, rounds: int = 5) -> None:
+    """The compiled decode step at ``batch`` rows with the CPU expert op (``experts_batched``) and
+    with the grouped GEMMs it replaced (``CPU_BATCHED_EXPERTS`` off while that step compiles), in
+    alternating rounds of one process; logits compared."""
+    from sparseek.model import common
+
+    V, steps = model.args.vocab_size, {}
+    cache = model.new_cache(batch, 512)
+    model(torch.randint(10, V, (batch, 64), generator=torch.Generator().manual_seed(0)), cache)
+    pos0, tok = cache.pos.clone(), torch.randint(10, V, (batch, 1), generator=torch.Generator().manual_seed(1))
+    for name, on in (("expert op (bmm)", True), ("grouped GEMMs", False)):
+        common.CPU_BATCHED_EXPERTS = on  # read while the step traces; guards are skipped after warm-up
+        step = CompiledStep(model.decode_step, "cpu")
+
+        def run(step=step):
+            cache.pos.copy_(pos0)
+            return step(tok, cache)
+        steps[name] = (run, [run() for _ in range(3)][-1])
+    common.CPU_BATCHED_EXPERTS = True
+    (a_name, (_, a)), (b_name, (_, b)) = steps.items()
+    print(f"batch {batch}: max |logits difference| {(a.float() - b.float()).abs().max().item():.3g}, "
+          f"same argmax {(a.argmax(-1) == b.argmax(-1)).float().mean().item():.0%}")
+    res = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, (run, _) in steps.items():
+            res[name].append(per_call(run, 5))
+    med = {name: sorted(v)[len(v) // 2] for name, v in res.items()}
+    for name, dt in med.items():
+        print(f"  {name:16s}: {dt * 1e3:6.1f} ms/step, {batch / dt:6.0f} tok/s (median of {rounds} alternating rounds)")
+    print(f"  speedup {med[b_name] / med[a_name]:.2f}x")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -185,6 +252,12 @@ def main():
                     help="prefill: wall time per model part at each length, and the experts' GEMM by rows per expert")
     ap.add_argument("--ab-gate-up", action="store_true",
                     help="with --breakdown: each prefill with the experts' gate and up as one GEMM and as two, alternating")
+    ap.add_argument("--expert-costs", action="store_true",
+                    help="us per routed expert as library GEMM calls vs one bmm, by rows per expert (the "
+                         "cost model of the CPU expert op)")
+    ap.add_argument("--batch", type=int, default=1, help="decode: rows per step")
+    ap.add_argument("--ab-experts", action="store_true",
+                    help="decode: the step with the CPU expert op and with the grouped GEMMs it replaced, alternating")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--inductor", default="{}",
                     help='extra inductor options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')
@@ -199,6 +272,14 @@ def main():
     inductor.cpp.enable_kernel_profile = True  # name inductor's kernels in the profile
     model, _ = sparseek.load(a.preset, dtype=dtype, tokenizer=False)
     V = model.args.vocab_size
+    if a.expert_costs:
+        with torch.inference_mode():
+            expert_op_costs(model)
+        return
+    if a.ab_experts:
+        with torch.inference_mode():
+            experts_op_ab(model, a.batch)
+        return
     with torch.inference_mode():
         if a.prefill[0] and a.hot_paths:
             from sparseek.model.v4 import compile_hot_paths
@@ -236,19 +317,20 @@ def main():
             dt = per_call(run, 3)
             print(f"prefill {T}: {dt * 1e3:.1f} ms ({T / dt:,.0f} tok/s)")
         else:
-            cache = model.new_cache(1, 512)
-            model(torch.randint(10, V, (1, 64)), cache)
+            cache = model.new_cache(a.batch, 512)
+            model(torch.randint(10, V, (a.batch, 64)), cache)
             opts = json.loads(a.inductor)
             if a.plain:
                 step = torch.compile(model.decode_step, dynamic=False, options=opts or None)
             else:
                 step = CompiledStep(model.decode_step, "cpu", options=opts)
-            tok = torch.randint(10, V, (1, 1))
+            tok, pos0 = torch.randint(10, V, (a.batch, 1)), cache.pos.clone()
 
             def run():
+                cache.pos.copy_(pos0)  # every step at the same position: room in the cache however many run
                 return step(tok, cache)
             dt = per_call(run, 30)
-            print(f"compiled decode step: {dt * 1e3:.2f} ms/token ({1 / dt:.1f} tok/s)")
+            print(f"compiled decode step, batch {a.batch}: {dt * 1e3:.2f} ms/step ({a.batch / dt:.1f} tok/s)")
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
             for _ in range(1 if a.prefill[0] else 10):
                 run()

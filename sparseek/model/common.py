@@ -184,6 +184,15 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None, scale: tor
     return h if dtype is None else h.to(dtype)
 
 
+def expert_ffn(mm, x: torch.Tensor, gate_up: list[torch.Tensor], w2: torch.Tensor, limit: float | None,
+               scale: torch.Tensor | None, dtype: torch.dtype, dim: int = -1) -> torch.Tensor:
+    """The routed experts' SwiGLU FFN with the products done by ``mm(x, w)``: ``gate_up`` is [w1, w3]
+    or their [E, 2I, D] concatenation, split along ``dim`` of its product."""
+    parts = [mm(x, w) for w in gate_up]
+    gate, up = parts if len(parts) == 2 else parts[0].split(w2.shape[-1], dim)
+    return mm(swiglu(gate, up, limit, scale, dtype), w2)
+
+
 class MLP(nn.Module):
     """Dense SwiGLU FFN (the shared expert, and V3's first dense layers)."""
 
@@ -239,7 +248,7 @@ def gate_up_view(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor | None:
 
 def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                 limit: float | None, scale_M: torch.Tensor | None = None, pad: bool | None = None,
-                w13: torch.Tensor | None = None) -> torch.Tensor:
+                w13: torch.Tensor | None = None, batched: bool | None = None) -> torch.Tensor:
     """Rows ``xs`` sorted by expert (``expert_M`` non-decreasing) through their experts' SwiGLU FFNs
     (``w*`` stacked [E, out, in]; ``scale_M`` multiplies before w2), as three grouped GEMMs, or two
     given ``w13`` (``gate_up_view(w1, w3)``: w1 and w3 as one matrix).
@@ -250,17 +259,24 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     padding rows are zero. So the same code serves prefill, training and a CUDA-graphed decode
     step. Rows past the last group are never written by the kernel and never
     read back; under autograd the last group runs to the end of the buffer anyway, so that no
-    gradient ever meets an unwritten row.
+    gradient ever meets an unwritten row. CPU inference (no padding, no autograd) runs
+    ``experts_batched`` instead, which may wait for the host: by default outside a compiled graph
+    only (inside one, the grouped GEMMs let the SwiGLU between them fuse, a few percent of a compiled
+    prefill), with ``batched`` also in a compiled decode step (1.57x faster at batch 32).
     """
-    M, E, inter = xs_MD.shape[0], w1.shape[0], w1.shape[1]
+    M, E = xs_MD.shape[0], w1.shape[0]
     dev, out_dtype = xs_MD.device, xs_MD.dtype
     if torch.is_autocast_enabled(dev.type):  # autocast does not know the grouped GEMM: cast as it would
         xs_MD = xs_MD.to(torch.get_autocast_dtype(dev.type))
     gate_up = [t.to(xs_MD.dtype) for t in ((w13,) if w13 is not None else (w1, w3))]
     w2 = w2.to(xs_MD.dtype)
-    counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
     if pad is None:
         pad = dev.type != "cpu"
+    if batched is None:
+        batched = not torch.compiler.is_compiling()
+    if batched and not pad and dev.type == "cpu" and not torch.is_grad_enabled() and CPU_BATCHED_EXPERTS:
+        return torch.ops.sparseek.experts_batched(xs_MD, expert_M, gate_up, w2, scale_M, limit).to(out_dtype)
+    counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
     if not pad:
         buf, offs, dest, scale_P1 = xs_MD, counts.cumsum(0).to(torch.int32), None, None
         if scale_M is not None:
@@ -277,11 +293,92 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
         scale_P1 = None
         if scale_M is not None:
             scale_P1 = torch.zeros(P, 1, dtype=torch.float32, device=dev).index_copy(0, dest, scale_M.float()[:, None])
-    gate_up = [_grouped_mm(buf, w.transpose(-2, -1), offs) for w in gate_up]
-    gate, up = gate_up if len(gate_up) == 2 else (gate_up[0][:, :inter], gate_up[0][:, inter:])
-    h = swiglu(gate, up, limit, scale_P1, xs_MD.dtype)
-    out = _grouped_mm(h, w2.transpose(-2, -1), offs)
+    out = expert_ffn(lambda a, w: _grouped_mm(a, w.transpose(-2, -1), offs), buf, gate_up, w2, limit, scale_P1,
+                     xs_MD.dtype)
     return (out if dest is None else out[dest]).to(out_dtype)
+
+
+# CPU inference runs `experts_batched` (benchmarks switch it off to time the grouped GEMMs it replaced)
+CPU_BATCHED_EXPERTS = True
+
+# The cost model of `experts_batched`, in microseconds for the `small` preset's experts (bf16,
+# 2 cores, weights read from memory as in a model, not from cache): one expert's gate/up and down
+# products cost ~170 us as library GEMM calls (oneDNN's per-call set-up and weight packing) + 1.1 us
+# per row; as its slice of a `bmm` ~55 us up to 32 rows + 0.8 us per row past 32, and each padded
+# slot ~2.5 us of copies and SwiGLU around it. Measured by `benchmarks/profile_decode.py
+# --expert-costs` (`benchmarks/results/cpu-small-bf16-expert-costs.txt`); other sizes and machines
+# shift the crossover, not which side a decode step (few rows per expert) falls on.
+_CALL_US, _CALL_ROW_US, _BMM_US, _BMM_FREE_ROWS, _BMM_ROW_US, _SLOT_US = 170, 1.1, 55, 32, 0.8, 2.5
+
+
+def batched_rows(counts: list[int]) -> int:
+    """How many rows of each expert ``experts_batched`` runs in its one ``bmm`` (0: none): the
+    cheapest split by the cost model above, between padding every expert to L rows and one GEMM
+    call per expert for the rows past L."""
+    E, best, best_cost = len(counts), 0, None
+    for L in sorted({0, *counts}):
+        cost = E * (_BMM_US + _BMM_ROW_US * max(0, L - _BMM_FREE_ROWS) + _SLOT_US * L) if L else 0
+        cost += sum(_CALL_US + _CALL_ROW_US * (c - L) for c in counts if c > L)
+        if best_cost is None or cost < best_cost:
+            best, best_cost = L, cost
+    return best
+
+
+@torch.library.custom_op("sparseek::experts_batched", mutates_args=())
+def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[torch.Tensor], w2: torch.Tensor,
+                    scale_M: torch.Tensor | None, limit: float | None) -> torch.Tensor:
+    """``grouped_ffn`` for CPU inference: up to L rows of every expert in one batched GEMM per
+    matrix (``bmm``, padding rows zero), the rows past L (crowded experts) one library GEMM per
+    expert (``batched_rows`` picks L).
+
+    Why: the CPU's grouped GEMM is a loop of library calls, each ~70 rows' worth of fixed cost, so
+    where experts see a handful of rows each (a batched decode step, a short prompt) the calls cost
+    more than the products; one ``bmm`` pays it once. An opaque op (the host reads the row counts),
+    so a compiled decode step calls it as one node; there it also finds w1 and w3 as one matrix,
+    which a compiler cannot (``gate_up_view``)."""
+    M, D = xs_MD.shape
+    E = w2.shape[0]
+    if len(gate_up) == 2 and (w13 := gate_up_view(*gate_up)) is not None:
+        gate_up = [w13]
+    counts = torch.bincount(expert_M, minlength=E)
+    L = batched_rows(counts.tolist())
+    scale_M1 = None if scale_M is None else scale_M.float()[:, None]
+    if L == 0:
+        return _grouped_rows(xs_MD, counts, gate_up, w2, scale_M1, limit)
+    rank_M = torch.arange(M) - (counts.cumsum(0) - counts)[expert_M]
+    rest = (rank_M >= L).nonzero().squeeze(1) if L < int(counts.max()) else None
+    batched = (rank_M < L).nonzero().squeeze(1) if rest is not None else None
+
+    def pick(t):
+        return t if batched is None else t[batched]
+    slot = pick(expert_M * L + rank_M)
+    # the transposed product W @ x^T (columns = rows of x): ~35% faster in oneDNN than x @ W^T at
+    # a few rows (the weight is read as it lies, not packed)
+    xT_EDL = xs_MD.new_zeros(E * L, D).index_copy_(0, slot, pick(xs_MD)).view(E, L, D).transpose(1, 2).contiguous()
+    scale_E1L = None
+    if scale_M1 is not None:
+        scale_E1L = scale_M1.new_zeros(E * L).index_copy_(0, slot, pick(scale_M1[:, 0])).view(E, 1, L)
+    outT_EDL = expert_ffn(lambda a, w: torch.bmm(w, a), xT_EDL, gate_up, w2, limit, scale_E1L, xs_MD.dtype, dim=1)
+    out_MD = outT_EDL.transpose(1, 2).reshape(E * L, D)[slot]
+    if rest is None:
+        return out_MD
+    full = torch.empty_like(xs_MD)
+    full[batched] = out_MD
+    full[rest] = _grouped_rows(xs_MD[rest], (counts - L).clamp(min=0), gate_up, w2,
+                               None if scale_M1 is None else scale_M1[rest], limit)
+    return full
+
+
+def _grouped_rows(xs_MD, counts, gate_up, w2, scale_M1, limit):
+    """Rows sorted by expert (``counts`` per expert) through one library GEMM per expert and matrix."""
+    offs = counts.cumsum(0).to(torch.int32)
+    return expert_ffn(lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), xs_MD, gate_up, w2, limit,
+                      scale_M1, xs_MD.dtype)
+
+
+@experts_batched.register_fake
+def _(xs_MD, expert_M, gate_up, w2, scale_M, limit):
+    return torch.empty_like(xs_MD)
 
 
 class Experts(nn.Module):
@@ -319,12 +416,14 @@ class Experts(nn.Module):
     # switch it off to compare with the loop, which stays the reference and the LoRA path
     grouped = hasattr(torch, "_grouped_mm")
 
-    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor,
+                batched: bool | None = None) -> torch.Tensor:
+        """``batched``: how CPU inference runs the experts (``grouped_ffn``)."""
         # where w1 and w3 lie is asked here, outside the compiled `compute` (a compiler cannot ask)
-        return self.compute(x_ND, weights_NK, idx_NK, gate_up_view(self.w1, self.w3))
+        return self.compute(x_ND, weights_NK, idx_NK, gate_up_view(self.w1, self.w3), batched)
 
     def compute(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor,
-                w13: torch.Tensor | None = None) -> torch.Tensor:
+                w13: torch.Tensor | None = None, batched: bool | None = None) -> torch.Tensor:
         k = idx_NK.shape[1]
         flat_idx = idx_NK.reshape(-1)
         order = flat_idx.argsort(stable=True)
@@ -332,7 +431,7 @@ class Experts(nn.Module):
         w_sorted = weights_NK.reshape(-1)[order]
         if self.grouped and type(self).proj is Experts.proj:
             out = grouped_ffn(x_ND[token_of], flat_idx[order], self.w1, self.w2, self.w3, self.limit, w_sorted,
-                              w13=w13)
+                              w13=w13, batched=batched)
         else:
             out = self._forward_loop(x_ND[token_of], flat_idx, w_sorted.unsqueeze(-1))
         return torch.zeros_like(x_ND).index_add_(0, token_of, out)
@@ -393,7 +492,7 @@ class MoE(nn.Module):
         copy of them, so on a GPU the grouped GEMM (which reads them in place) always wins where
         it has a fast bf16 kernel (elsewhere it would wait for the host, breaking the CUDA graph);
         on a CPU inductor fuses the gather into its GEMV, which wins while it reads fewer than all
-        experts."""
+        experts; past that, ``experts_batched`` (one ``bmm`` over all experts) does."""
         if not self.experts.grouped:
             return True
         if x.is_cuda:
@@ -408,7 +507,10 @@ class MoE(nn.Module):
         w, idx, scores = self.gate(x, ids)
         if self.record_routing:
             self.last_routing = (idx.view(*shape[:-1], -1), scores.view(*shape[:-1], -1))
-        y = self.experts.forward_static(x, w, idx) if static and self._gathers(x, idx) else self.experts(x, w, idx)
+        if static and self._gathers(x, idx):
+            y = self.experts.forward_static(x, w, idx)
+        else:
+            y = self.experts(x, w, idx, batched=True) if static else self.experts(x, w, idx)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

@@ -51,7 +51,8 @@ class EPExperts(nn.Module):
         for name in ("w1", "w2", "w3"):
             setattr(self, name, nn.Parameter(getattr(experts, name)[sl].detach().clone()))
 
-    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor,
+                batched: bool | None = None) -> torch.Tensor:
         import warnings
 
         with warnings.catch_warnings():  # the autograd-aware all-to-all; its successor is private API

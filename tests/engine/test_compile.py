@@ -19,13 +19,38 @@ def test_compiled_decode_step_equals_eager_as_the_cache_fills():
     ids = torch.randint(3, model.args.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1))
     step = CompiledStep(model.decode_step, "cpu")
     assert step.gemv and step.skip_guards
+    _decode_both(model, step, ids, 100, 256)
+    assert step._calls == step._warmup  # the rest ran without guards
+
+
+def _decode_both(model, step, ids, prompt: int, room: int) -> None:
+    """Prefill ``prompt`` tokens into two caches, then decode the rest of ``ids`` one token per row
+    with the eager step and with ``step``: every step's logits must agree."""
     with torch.inference_mode():
-        a, b = model.new_cache(1, 256), model.new_cache(1, 256)
-        model(ids[:, :100], a)
-        model(ids[:, :100], b)
-        for i in range(100, 200):
+        a, b = model.new_cache(ids.shape[0], room), model.new_cache(ids.shape[0], room)
+        model(ids[:, :prompt], a)
+        model(ids[:, :prompt], b)
+        for i in range(prompt, ids.shape[1]):
             ref = model.decode_step(ids[:, i:i + 1], a)
             got = step(ids[:, i:i + 1], b)
             assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), i
         assert torch.equal(a.pos, b.pos)
-    assert step._calls == step._warmup  # the rest ran without guards
+
+
+def test_compiled_batched_decode_step_runs_the_expert_op_in_graph(monkeypatch):
+    """A batch with more (token, expert) pairs than experts takes the CPU expert op (padded bmm)
+    inside the compiled step: no graph break, and every row's logits equal the eager step's."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = randomize_(build_model(sparseek.preset("debug")), 5).eval()
+    B = model.args.n_routed_experts  # k = 2 experts per token: twice as many pairs as experts
+    ids = torch.randint(3, model.args.vocab_size, (B, 60), generator=torch.Generator().manual_seed(2))
+    from sparseek.model import common
+
+    splits = []  # the op's eager body asks the cost model at every call
+    monkeypatch.setattr(common, "batched_rows", lambda counts: splits.append(max(counts)) or max(counts))
+    _decode_both(model, CompiledStep(model.decode_step, "cpu"), ids, 40, 128)
+    assert not counters["graph_break"]
+    assert len(splits) >= 20 * model.args.num_hidden_layers  # eager and compiled steps both ran it

@@ -147,3 +147,43 @@ def test_loaded_checkpoint_reads_gate_up_as_one(tmp_path):
     ids = torch.randint(0, model.args.vocab_size, (2, 9))
     with torch.inference_mode():
         torch.testing.assert_close(loaded(ids), model(ids), rtol=0, atol=0)
+
+
+def test_batched_rows_cost_model():
+    """Even, small groups run as one padded bmm (L = the largest group); one crowded expert keeps
+    its extra rows apart (0 < L < its count); a few experts with many rows each keep one GEMM
+    call per expert (L = 0)."""
+    from sparseek.model.common import batched_rows
+
+    assert batched_rows([4, 3, 5, 4] * 8) == 5
+    assert 0 < batched_rows([4] * 31 + [300]) < 300
+    assert batched_rows([0] * 28 + [400] * 4) == 0
+
+
+@pytest.mark.parametrize("sizes", [
+    [3, 1, 0, 2, 4, 1, 2, 3],          # all padded into one bmm
+    [2, 1, 1, 2, 1, 140, 2, 1],        # one crowded expert: its rows past L take a GEMM call
+    [0, 0, 0, 0, 0, 0, 150, 150],      # few experts, many rows: one call each
+])
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("scaled", [True, False])
+def test_experts_batched_equals_each_rows_expert(sizes, fused, scaled):
+    """CPU inference's expert op (bmm of padded groups + GEMM calls for the rest) gives every row
+    its own expert's FFN, in the input order, whichever split the cost model picks, with w1 and w3
+    as one matrix or two."""
+    from sparseek.model.common import batched_rows
+
+    ex = _experts(torch.float32)
+    e = torch.repeat_interleave(torch.arange(8), torch.tensor(sizes))
+    x = torch.randn(len(e), 64)
+    s = torch.rand(len(e)) if scaled else None
+    if not fused:
+        ex.w3.data = ex.w3.data.clone()
+    L = batched_rows(sizes)
+    assert (L == max(sizes)) == (sizes[0] == 3) and (L == 0) == (sizes[0] == 0)
+    with torch.inference_mode():
+        got = torch.ops.sparseek.experts_batched(x, e, [ex.w1, ex.w3], ex.w2, s, ex.limit)
+        h = torch.nn.functional.silu(torch.einsum("md,mid->mi", x, ex.w1[e]).clamp(max=7)) * \
+            torch.einsum("md,mid->mi", x, ex.w3[e]).clamp(-7, 7)
+        want = torch.einsum("mi,mdi->md", h if s is None else h * s[:, None], ex.w2[e])
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
