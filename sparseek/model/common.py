@@ -306,7 +306,7 @@ CPU_BATCHED_EXPERTS = True
 # products cost ~170 us as library GEMM calls (oneDNN's per-call set-up and weight packing) + 1.1 us
 # per row; as its slice of a `bmm` ~55 us up to 32 rows + 0.8 us per row past 32, and each padded
 # slot ~2.5 us of copies and SwiGLU around it. Measured by `benchmarks/profile_decode.py
-# --expert-costs` (`benchmarks/results/cpu-small-bf16-expert-costs.txt`); other sizes and machines
+# --expert-costs` (`benchmarks/results/cpu-small-bf16-experts-op.txt`); other sizes and machines
 # shift the crossover, not which side a decode step (few rows per expert) falls on.
 _CALL_US, _CALL_ROW_US, _BMM_US, _BMM_FREE_ROWS, _BMM_ROW_US, _SLOT_US = 170, 1.1, 55, 32, 0.8, 2.5
 
@@ -331,9 +331,9 @@ def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[t
     matrix (``bmm``, padding rows zero), the rows past L (crowded experts) one library GEMM per
     expert (``batched_rows`` picks L).
 
-    Why: the CPU's grouped GEMM is a loop of library calls, each ~70 rows' worth of fixed cost, so
-    where experts see a handful of rows each (a batched decode step, a short prompt) the calls cost
-    more than the products; one ``bmm`` pays it once. An opaque op (the host reads the row counts),
+    Why: the CPU's grouped GEMM is a loop of library calls with a fixed cost each (~170 us per
+    expert against ~55 us as its slice of one ``bmm``, cost model above), so where experts see a
+    handful of rows each (a batched decode step) the calls cost more than the products. An opaque op (the host reads the row counts),
     so a compiled decode step calls it as one node; there it also finds w1 and w3 as one matrix,
     which a compiler cannot (``gate_up_view``)."""
     M, D = xs_MD.shape
@@ -352,8 +352,8 @@ def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[t
     def pick(t):
         return t if batched is None else t[batched]
     slot = pick(expert_M * L + rank_M)
-    # the transposed product W @ x^T (columns = rows of x): ~35% faster in oneDNN than x @ W^T at
-    # a few rows (the weight is read as it lies, not packed)
+    # the transposed product W @ x^T (columns = rows of x): at a few rows oneDNN ran it faster than
+    # x @ W^T when this was built
     xT_EDL = xs_MD.new_zeros(E * L, D).index_copy_(0, slot, pick(xs_MD)).view(E, L, D).transpose(1, 2).contiguous()
     scale_E1L = None
     if scale_M1 is not None:
@@ -510,7 +510,7 @@ class MoE(nn.Module):
         if static and self._gathers(x, idx):
             y = self.experts.forward_static(x, w, idx)
         else:
-            y = self.experts(x, w, idx, batched=True) if static else self.experts(x, w, idx)
+            y = self.experts(x, w, idx, batched=True if static else None)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
