@@ -89,8 +89,9 @@ def test_fp8_cache_decode_follows_the_full_forward(model, ids):
         eager = model.new_cache(2, T + 8)
         model(ids[:, :37], static)
         model(ids[:, :37], eager)
-        for t in range(37, 80):
-            assert rel_err(model.decode_step(ids[:, t:t + 1], static), model(ids[:, t:t + 1], eager)[:, -1]) < 1e-5
+        for t in range(37, 80):  # the two steps run the experts through different kernels (gathered
+            # GEMVs vs a batched GEMM): equal to fp32 summation order, as in tests/engine/test_compile.py
+            assert rel_err(model.decode_step(ids[:, t:t + 1], static), model(ids[:, t:t + 1], eager)[:, -1]) < 1e-4
     err = (got - full).abs().amax(-1) / full.abs().amax(-1)
     # a moved entry stays in the cache, so its (chaotic) effect reaches later positions too: the
     # bound is the share of positions off by more than 1e-3 and one e4m3 step (2^-3) at worst
