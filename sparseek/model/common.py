@@ -304,9 +304,10 @@ CPU_BATCHED_EXPERTS = True
 # The cost model of `experts_batched`, in microseconds for the `small` preset's experts (bf16,
 # 2 cores, weights read from memory as in a model, not from cache): one expert's gate/up and down
 # products cost ~170 us as library GEMM calls (oneDNN's per-call set-up and weight packing) + 1.1 us
-# per row; as its slice of a `bmm` ~55 us up to 32 rows + 0.8 us per row past 32, and each padded
-# slot ~2.5 us of copies and SwiGLU around it. Measured by `benchmarks/profile_decode.py
-# --expert-costs` (`benchmarks/results/cpu-small-bf16-experts-op.txt`); other sizes and machines
+# per row; as its slice of a `bmm` ~55 us up to 32 rows + 0.8 us per row past 32 (measured by
+# `benchmarks/profile_decode.py --expert-costs`: `benchmarks/results/cpu-small-bf16-experts-op.txt`);
+# each padded slot ~2.5 us of copies and eager SwiGLU around it (an estimate from timing the op's
+# phases in a 128-512-token prefill, not in that table); other sizes and machines
 # shift the crossover, not which side a decode step (few rows per expert) falls on.
 _CALL_US, _CALL_ROW_US, _BMM_US, _BMM_FREE_ROWS, _BMM_ROW_US, _SLOT_US = 170, 1.1, 55, 32, 0.8, 2.5
 
