@@ -180,9 +180,12 @@ def expert_gemm_rates(model, dtype, rows=(8, 16, 32, 64, 128)):
 def expert_op_costs(model, rows=(1, 4, 8, 16, 24, 32, 48, 64, 96, 128)):
     """What the cost model of ``sparseek.model.common.batched_rows`` rests on: us per routed expert
     for its gate|up and down products at M rows each, as one library GEMM call per expert
-    (``torch._grouped_mm``) and as its slice of one ``bmm`` over all experts (the transposed
-    W @ x^T that ``experts_batched`` runs). Each call takes the next layer's experts, so the
-    weights come from memory as in a forward, not from cache."""
+    (``torch._grouped_mm``) and as its slice of one ``bmm`` over all experts, in both orientations
+    ``experts_batched`` runs (x @ W^T at few rows, the transposed W @ x^T at more). Each call takes
+    the next layer's experts, so the weights come from memory as in a forward, not from cache.
+    Last, the op itself with every row in its padded bmm (``batched_rows`` held at M): what it costs
+    beyond its bmm is the copies and the SwiGLU around it."""
+    from sparseek.model import common
     from sparseek.model.common import Experts, gate_up_view
 
     with torch.no_grad():
@@ -194,6 +197,7 @@ def expert_op_costs(model, rows=(1, 4, 8, 16, 24, 32, 48, 64, 96, 128)):
         x, h = torch.randn(E * M, D, dtype=mats[0][0].dtype), torch.randn(E * M, two_i // 2, dtype=mats[0][0].dtype)
         xT, hT = x.view(E, M, D).transpose(1, 2).contiguous(), h.view(E, M, -1).transpose(1, 2).contiguous()
         offs = torch.arange(1, E + 1, dtype=torch.int32) * M
+        expert, scale = torch.arange(E).repeat_interleave(M), torch.rand(E * M)
         it = iter(range(1 << 30))
 
         def calls():
@@ -201,45 +205,79 @@ def expert_op_costs(model, rows=(1, 4, 8, 16, 24, 32, 48, 64, 96, 128)):
             torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
             torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)
 
-        def batched():
+        def bmm_wx():
             w13, w2 = mats[next(it) % len(mats)]
             torch.bmm(w13, xT)
             torch.bmm(w2, hT)
-        t_calls = sorted(per_call(calls, 2 * len(mats)) for _ in range(3))[1] / E
-        t_bmm = sorted(per_call(batched, 2 * len(mats)) for _ in range(3))[1] / E
-        print(f"  M={M:4d}: one call per expert {t_calls * 1e6:6.1f} us;  one bmm {t_bmm * 1e6:6.1f} us")
+
+        def bmm_xw():
+            w13, w2 = mats[next(it) % len(mats)]
+            torch.bmm(x.view(E, M, D), w13.transpose(1, 2))
+            torch.bmm(h.view(E, M, -1), w2.transpose(1, 2))
+
+        def op_padded():  # the whole op, every expert's M rows padded into its bmm: what a slot adds
+            w13, w2 = mats[next(it) % len(mats)]
+            torch.ops.sparseek.experts_batched(x, expert, [w13], w2, scale, None)
+        ways = {"one call per expert": calls, "bmm x @ W^T": bmm_xw, "bmm W @ x^T": bmm_wx,
+                "the op, all in its bmm": op_padded}
+        us = {name: [] for name in ways}
+        picker = common.batched_rows
+        common.batched_rows = lambda counts: M
+        try:
+            for _ in range(3):  # alternating rounds, the median of each
+                for name, fn in ways.items():
+                    us[name].append(per_call(fn, 2 * len(mats)) / E * 1e6)
+        finally:
+            common.batched_rows = picker
+        print(f"  M={M:4d}: " + ";  ".join(f"{name} {sorted(v)[1]:6.1f} us" for name, v in us.items()))
 
 
-def experts_op_ab(model, batch: int, rounds: int = 5) -> None:
-    """The compiled decode step at ``batch`` rows with the CPU expert op (``experts_batched``) and
-    with the grouped GEMMs it replaced (``CPU_BATCHED_EXPERTS`` off while that step compiles), in
+def experts_op_ab(model, batch: int, rounds: int = 7) -> None:
+    """The compiled decode step at ``batch`` rows with the CPU expert op (``experts_batched``), with
+    the op's padded bmm held to the transposed W @ x^T (its only form before the twelfth session;
+    the op runs eagerly inside the graph, so the same compiled step serves both), and with the
+    grouped GEMMs it replaced (``CPU_BATCHED_EXPERTS`` off while that step compiles), in
     alternating rounds of one process; logits compared."""
     from sparseek.model import common
 
-    V, steps = model.args.vocab_size, {}
+    V, x_first = model.args.vocab_size, common._x_first
     cache = model.new_cache(batch, 512)
     model(torch.randint(10, V, (batch, 64), generator=torch.Generator().manual_seed(0)), cache)
     pos0, tok = cache.pos.clone(), torch.randint(10, V, (batch, 1), generator=torch.Generator().manual_seed(1))
-    for name, on in (("expert op (bmm)", True), ("grouped GEMMs", False)):
-        common.CPU_BATCHED_EXPERTS = on  # read while the step traces; guards are skipped after warm-up
-        step = CompiledStep(model.decode_step, "cpu")
 
-        def run(step=step):
+    def compiled(on: bool):
+        common.CPU_BATCHED_EXPERTS = on  # read while the step traces (its first calls); no guard after
+        step = CompiledStep(model.decode_step, "cpu")
+        for _ in range(3):
+            cache.pos.copy_(pos0)
+            step(tok, cache)
+        return step
+    with_op, without = compiled(True), compiled(False)
+    common.CPU_BATCHED_EXPERTS = True
+    variants = {"expert op": (with_op, x_first), "expert op, W @ x^T": (with_op, lambda L: False),
+                "grouped GEMMs": (without, x_first)}
+
+    def run(name):
+        step, common._x_first = variants[name]
+        try:
             cache.pos.copy_(pos0)
             return step(tok, cache)
-        steps[name] = (run, [run() for _ in range(3)][-1])
-    common.CPU_BATCHED_EXPERTS = True
-    (a_name, (_, a)), (b_name, (_, b)) = steps.items()
-    print(f"batch {batch}: max |logits difference| {(a.float() - b.float()).abs().max().item():.3g}, "
-          f"same argmax {(a.argmax(-1) == b.argmax(-1)).float().mean().item():.0%}")
-    res = {name: [] for name in steps}
+        finally:
+            common._x_first = x_first
+    logits = {name: [run(name) for _ in range(3)][-1] for name in variants}
+    ref_name, ref = next(iter(logits.items()))
+    for name, b in list(logits.items())[1:]:
+        print(f"batch {batch}, {ref_name} vs {name}: max |logits difference| "
+              f"{(ref.float() - b.float()).abs().max().item():.3g}, "
+              f"same argmax {(ref.argmax(-1) == b.argmax(-1)).float().mean().item():.0%}")
+    res = {name: [] for name in variants}
     for _ in range(rounds):
-        for name, (run, _) in steps.items():
-            res[name].append(per_call(run, 5))
+        for name in variants:
+            res[name].append(per_call(lambda: run(name), 10))
     med = {name: sorted(v)[len(v) // 2] for name, v in res.items()}
     for name, dt in med.items():
-        print(f"  {name:16s}: {dt * 1e3:6.1f} ms/step, {batch / dt:6.0f} tok/s (median of {rounds} alternating rounds)")
-    print(f"  speedup {med[b_name] / med[a_name]:.2f}x")
+        print(f"  {name:20s}: {dt * 1e3:6.1f} ms/step, {batch / dt:6.0f} tok/s, "
+              f"{med[ref_name] and dt / med[ref_name]:.2f}x the expert op's time (median of {rounds} alternating rounds)")
 
 
 def main():

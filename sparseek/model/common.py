@@ -262,7 +262,8 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     gradient ever meets an unwritten row. CPU inference (no padding, no autograd) runs
     ``experts_batched`` instead, which may wait for the host: by default outside a compiled graph
     only (inside one, the grouped GEMMs let the SwiGLU between them fuse, a few percent of a compiled
-    prefill), with ``batched`` also in a compiled decode step (1.57x faster at batch 32).
+    prefill), with ``batched`` also in a compiled decode step (1.28x faster at batch 32,
+    ``benchmarks/results/cpu-small-bf16-experts-op.txt``).
     """
     M, E = xs_MD.shape[0], w1.shape[0]
     dev, out_dtype = xs_MD.device, xs_MD.dtype
@@ -301,15 +302,27 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
 # CPU inference runs `experts_batched` (benchmarks switch it off to time the grouped GEMMs it replaced)
 CPU_BATCHED_EXPERTS = True
 
-# The cost model of `experts_batched`, in microseconds for the `small` preset's experts (bf16,
-# 2 cores, weights read from memory as in a model, not from cache): one expert's gate/up and down
-# products cost ~170 us as library GEMM calls (oneDNN's per-call set-up and weight packing) + 1.1 us
-# per row; as its slice of a `bmm` ~55 us up to 32 rows + 0.8 us per row past 32 (measured by
-# `benchmarks/profile_decode.py --expert-costs`: `benchmarks/results/cpu-small-bf16-experts-op.txt`);
-# each padded slot ~2.5 us of copies and eager SwiGLU around it (an estimate from timing the op's
-# phases in a 128-512-token prefill, not in that table); other sizes and machines
-# shift the crossover, not which side a decode step (few rows per expert) falls on.
-_CALL_US, _CALL_ROW_US, _BMM_US, _BMM_FREE_ROWS, _BMM_ROW_US, _SLOT_US = 170, 1.1, 55, 32, 0.8, 2.5
+# The cost model of `experts_batched`, in microseconds per expert for the `small` preset's experts
+# (bf16, 2 cores, weights read from memory as in a model, not from cache), fitted to
+# `benchmarks/profile_decode.py --expert-costs` (`benchmarks/results/cpu-small-bf16-experts-op.txt`):
+# one expert's gate/up and down products cost ~55 us as library GEMM calls (oneDNN's per-call
+# set-up) + 0.8 us per row; as its slice of a `bmm`, x @ W^T costs ~29 us + 0.8 us per row and the
+# transposed W @ x^T a flat ~55 us up to 32 rows + 0.7 us per row past them (oneDNN runs the first
+# twice as fast at a few rows, the second faster past ~32: the op takes the cheaper); each padded
+# slot adds ~0.8 us of copies and SwiGLU around the bmm (the table's last column). Other sizes and
+# machines shift the crossovers, not which side a decode step (few rows per expert) falls on.
+_CALL_US, _CALL_ROW_US, _SLOT_US = 55, 0.8, 0.8
+_XW_US, _XW_ROW_US, _WX_US, _WX_FREE_ROWS, _WX_ROW_US = 29, 0.8, 55, 32, 0.7
+
+
+def _bmm_us(L: int) -> float:
+    """One expert's slice of the padded bmm at L rows, in the cheaper orientation."""
+    return min(_XW_US + _XW_ROW_US * L, _WX_US + _WX_ROW_US * max(0, L - _WX_FREE_ROWS))
+
+
+def _x_first(L: int) -> bool:
+    """Whether the padded bmm runs as x @ W^T (else W @ x^T) at L rows per expert."""
+    return _XW_US + _XW_ROW_US * L <= _WX_US + _WX_ROW_US * max(0, L - _WX_FREE_ROWS)
 
 
 def batched_rows(counts: list[int]) -> int:
@@ -318,7 +331,7 @@ def batched_rows(counts: list[int]) -> int:
     call per expert for the rows past L."""
     E, best, best_cost = len(counts), 0, None
     for L in sorted({0, *counts}):
-        cost = E * (_BMM_US + _BMM_ROW_US * max(0, L - _BMM_FREE_ROWS) + _SLOT_US * L) if L else 0
+        cost = E * (_bmm_us(L) + _SLOT_US * L) if L else 0
         cost += sum(_CALL_US + _CALL_ROW_US * (c - L) for c in counts if c > L)
         if best_cost is None or cost < best_cost:
             best, best_cost = L, cost
@@ -332,9 +345,10 @@ def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[t
     matrix (``bmm``, padding rows zero), the rows past L (crowded experts) one library GEMM per
     expert (``batched_rows`` picks L).
 
-    Why: the CPU's grouped GEMM is a loop of library calls with a fixed cost each (~170 us per
-    expert against ~55 us as its slice of one ``bmm``, cost model above), so where experts see a
-    handful of rows each (a batched decode step) the calls cost more than the products. An opaque op (the host reads the row counts),
+    Why: the CPU's grouped GEMM is a loop of library calls with a fixed cost each (~55 us per
+    expert against ~30 us as its slice of one ``bmm`` at a few rows, cost model above), so where
+    experts see a handful of rows each (a batched decode step) the calls cost more than the
+    products. An opaque op (the host reads the row counts),
     so a compiled decode step calls it as one node; there it also finds w1 and w3 as one matrix,
     which a compiler cannot (``gate_up_view``)."""
     M, D = xs_MD.shape
@@ -353,14 +367,18 @@ def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[t
     def pick(t):
         return t if batched is None else t[batched]
     slot = pick(expert_M * L + rank_M)
-    # the transposed product W @ x^T (columns = rows of x): at a few rows oneDNN ran it faster than
-    # x @ W^T when this was built
-    xT_EDL = xs_MD.new_zeros(E * L, D).index_copy_(0, slot, pick(xs_MD)).view(E, L, D).transpose(1, 2).contiguous()
-    scale_E1L = None
+    x_ELD = xs_MD.new_zeros(E * L, D).index_copy_(0, slot, pick(xs_MD)).view(E, L, D)
+    scale_EL1 = None
     if scale_M1 is not None:
-        scale_E1L = scale_M1.new_zeros(E * L).index_copy_(0, slot, pick(scale_M1[:, 0])).view(E, 1, L)
-    outT_EDL = expert_ffn(lambda a, w: torch.bmm(w, a), xT_EDL, gate_up, w2, limit, scale_E1L, xs_MD.dtype, dim=1)
-    out_MD = outT_EDL.transpose(1, 2).reshape(E * L, D)[slot]
+        scale_EL1 = scale_M1.new_zeros(E * L).index_copy_(0, slot, pick(scale_M1[:, 0])).view(E, L, 1)
+    if _x_first(L):
+        out_ELD = expert_ffn(lambda a, w: torch.bmm(a, w.transpose(1, 2)), x_ELD, gate_up, w2, limit, scale_EL1,
+                             xs_MD.dtype)
+    else:  # the transposed product W @ x^T (columns = rows of x)
+        scale_E1L = None if scale_EL1 is None else scale_EL1.transpose(1, 2)
+        out_ELD = expert_ffn(lambda a, w: torch.bmm(w, a), x_ELD.transpose(1, 2).contiguous(), gate_up, w2, limit,
+                             scale_E1L, xs_MD.dtype, dim=1).transpose(1, 2)
+    out_MD = out_ELD.reshape(E * L, D)[slot]
     if rest is None:
         return out_MD
     full = torch.empty_like(xs_MD)

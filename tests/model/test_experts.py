@@ -160,6 +160,15 @@ def test_batched_rows_cost_model():
     assert batched_rows([0] * 28 + [400] * 4) == 0
 
 
+def test_padded_bmm_orientation():
+    """The cost model runs the padded bmm as x @ W^T at a few rows per expert (a decode step),
+    as the transposed W @ x^T at many, and always prices the cheaper of the two."""
+    from sparseek.model.common import _bmm_us, _x_first
+
+    assert _x_first(1) and _x_first(8) and not _x_first(128)
+    assert all(_bmm_us(L) <= _bmm_us(L + 1) for L in range(256))
+
+
 @pytest.mark.parametrize("sizes", [
     [3, 1, 0, 2, 4, 1, 2, 3],          # all padded into one bmm
     [2, 1, 1, 2, 1, 140, 2, 1],        # one crowded expert: its rows past L take a GEMM call
@@ -167,11 +176,15 @@ def test_batched_rows_cost_model():
 ])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("scaled", [True, False])
-def test_experts_batched_equals_each_rows_expert(sizes, fused, scaled):
+@pytest.mark.parametrize("x_first", [True, False])
+def test_experts_batched_equals_each_rows_expert(sizes, fused, scaled, x_first, monkeypatch):
     """CPU inference's expert op (bmm of padded groups + GEMM calls for the rest) gives every row
     its own expert's FFN, in the input order, whichever split the cost model picks, with w1 and w3
-    as one matrix or two."""
+    as one matrix or two, the bmm as x @ W^T or as W @ x^T."""
+    from sparseek.model import common
     from sparseek.model.common import batched_rows
+
+    monkeypatch.setattr(common, "_x_first", lambda L: x_first)
 
     ex = _experts(torch.float32)
     e = torch.repeat_interleave(torch.arange(8), torch.tensor(sizes))
