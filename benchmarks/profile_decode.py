@@ -129,9 +129,9 @@ def rows_per_expert(model, run) -> tuple[int, int]:
 
     seen, forward = [], common.Experts.forward
 
-    def spy(self, x_ND, weights_NK, idx_NK):
+    def spy(self, x_ND, weights_NK, idx_NK, *args, **kwargs):
         seen.append(torch.bincount(idx_NK.reshape(-1), minlength=self.n))
-        return forward(self, x_ND, weights_NK, idx_NK)
+        return forward(self, x_ND, weights_NK, idx_NK, *args, **kwargs)
     common.Experts.forward = spy
     try:
         run()
