@@ -71,10 +71,24 @@ class _Seq:
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
 
 
+def _shared_prefill(lens: list[int], budget: int) -> list[tuple[int, int]]:
+    """The forwards that prefill prompts of ``lens`` (longest first) together: (m, c) = the first m
+    rows read their next c tokens, at most ``budget`` tokens over all rows (one per row where rows
+    outnumber it), a forward ending wherever a row's prompt does."""
+    plan, p = [], 0
+    while p < lens[0]:
+        m = sum(n > p for n in lens)
+        c = min(lens[m - 1] - p, max(1, budget // m))
+        plan.append((m, c))
+        p += c
+    return plan
+
+
 class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
-                 speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None):
+                 speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
+                 batch_prefill: bool = True):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). Each sequence is verified on its own, so it helps latency, not batch
@@ -88,6 +102,11 @@ class LLM:
         (``sparseek.model.v4.compile_hot_paths``). Compiling takes minutes on a CPU. The
         compiled step skips dynamo's guards after warm-up: change the model (dtype, device,
         parameter shapes) only before building the engine.
+
+        Prompts waiting for a free slot prefill together, several rows per forward and at most
+        ``prefill_chunk`` tokens in each (``batch_prefill=False``: one prompt at a time); a prompt
+        that asks for prompt log-probabilities, and every prompt under speculative decoding,
+        prefills alone.
 
         ``kv_fp8=True`` (with a path or preset) rounds the cached KV to FP8 and stores it so, as
         DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``)."""
@@ -106,6 +125,7 @@ class LLM:
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len, self.args.max_position_embeddings)
         self.prefill_chunk = prefill_chunk
+        self.batch_prefill = batch_prefill
         self.add_bos = add_bos
         self._cache = None
         from sparseek.model.cache import Cache
@@ -286,18 +306,21 @@ class LLM:
         running: list[_Seq] = []
         while waiting or running:
             while waiting and len(running) < self.max_batch_size:
-                seq = waiting.popleft()
-                slot = len(running)
-                cache.reset([slot])
-                view = cache.select(slot)
-                logits, hidden = self._prefill(seq, view)
-                seq.new_ids, seq.new_logprobs = [], []
-                self._accept([seq], logits[None])
-                if self.speculative and seq.out.finish_reason is None:
-                    self._draft(seq, view, hidden, [seq.last_token])
-                yield seq
-                if seq.out.finish_reason is None:
-                    running.append(seq)
+                if self.speculative or waiting[0].params.prompt_logprobs is not None:
+                    seq = waiting.popleft()
+                    slot = len(running)
+                    cache.reset([slot])
+                    view = cache.select(slot)
+                    logits, hidden = self._prefill(seq, view)
+                    seq.new_ids, seq.new_logprobs = [], []
+                    self._accept([seq], logits[None])
+                    if self.speculative and seq.out.finish_reason is None:
+                        self._draft(seq, view, hidden, [seq.last_token])
+                    yield seq
+                    if seq.out.finish_reason is None:
+                        running.append(seq)
+                    continue
+                yield from self._admit(waiting, running, cache)
             if not running:
                 continue
             n = len(running)
@@ -320,6 +343,56 @@ class LLM:
                         cache.copy_row(last, i)
                         running[i] = running[last]
                     running.pop()
+
+    def _admit(self, waiting: deque, running: list[_Seq], cache) -> Iterator[_Seq]:
+        """Prefill the waiting prompts that fit (those without prompt log-probabilities, up to the
+        first that wants them), sharing forwards where that takes fewer of them, and give each its
+        first token.
+
+        Prompts of different lengths share each forward while they last: sorted longest first
+        into consecutive slots, the rows still reading their prompt at any position are a prefix
+        of them, so every forward runs rows at one position, exactly as a single sequence's
+        chunked prefill does (no padding ever enters a cache). A forward takes at most
+        ``prefill_chunk`` tokens over all its rows. Each forward also costs a fixed time (on a CPU
+        ~25 ms for ``small``, about what 100 more tokens cost), and every distinct prompt length
+        ends one of them: prompts of many different lengths, each long enough to fill its own
+        forwards, prefill one at a time instead. Rows whose first token ends them hand their slot
+        to the next live row."""
+        batch = []
+        while (waiting and len(running) + len(batch) < self.max_batch_size
+               and waiting[0].params.prompt_logprobs is None and (self.batch_prefill or not batch)):
+            batch.append(waiting.popleft())
+        batch.sort(key=lambda q: -len(q.out.prompt_token_ids))
+        n0, k = len(running), len(batch)
+        cache.reset(list(range(n0, n0 + k)))
+        lens = [len(q.out.prompt_token_ids) for q in batch]
+        ids = torch.zeros(k, lens[0], dtype=torch.long, device=cache.device)
+        for i, q in enumerate(batch):
+            ids[i, :lens[i]] = torch.tensor(q.out.prompt_token_ids, device=cache.device)
+        shared = _shared_prefill(lens, self.prefill_chunk)
+        alone = [_shared_prefill([n], self.prefill_chunk) for n in lens]
+        groups = [(0, k, shared)] if len(shared) <= sum(map(len, alone)) else [
+            (i, i + 1, plan) for i, plan in enumerate(alone)]
+        last: list[torch.Tensor | None] = [None] * k
+        for a, b, plan in groups:
+            p = 0
+            for m, c in plan:  # rows [a, a + m) read positions [p, p + c)
+                logits = self.model(ids[a:a + m, p:p + c], cache.view(n0 + a, n0 + a + m), last_n=1)[:, -1]
+                p += c
+                for i in range(m):
+                    if lens[a + i] == p:
+                        last[a + i] = logits[i]
+        for q in batch:
+            q.new_ids, q.new_logprobs = [], []
+        self._accept(batch, torch.stack(last))
+        slot = n0
+        for i, q in enumerate(batch):
+            yield q
+            if q.out.finish_reason is None:
+                if n0 + i != slot:
+                    cache.copy_row(n0 + i, slot)
+                running.append(q)
+                slot += 1
 
     def _decode(self, running: list[_Seq], cache) -> torch.Tensor:
         """Next-token logits [n, V] for the live sequences (slots [0, n))."""

@@ -43,6 +43,52 @@ def test_continuous_batching_gives_each_sequence_its_own_result(model, tok, para
         assert len(out.token_ids) == sp.max_tokens and out.finish_reason == "length"
 
 
+@pytest.mark.parametrize("v3", [False, True])
+def test_prompts_prefill_together_as_each_alone(model, tok, v3, monkeypatch):
+    """Waiting prompts of different lengths prefill in shared forwards (several rows each, at
+    most ``prefill_chunk`` tokens, crossing window, CSA and HCA boundaries), with the same first
+    tokens and log-probabilities as each prompt alone. Sequences that end at their first token
+    hand their slot on; one that wants prompt log-probabilities waits for its own prefill; the
+    rest decode on as if alone."""
+    if v3:
+        model = randomize_(build_model(sparseek.preset("debug-v3")), 5).eval()
+    g = torch.Generator().manual_seed(4)
+    lengths = (5, 40, 23, 40, 150, 12, 131, 9)
+    prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
+    per = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2) for n in (6, 1, 6, 6, 1, 6, 6, 6)]
+    per[6] = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    rows = []
+    forward = type(model).forward
+
+    def spy(self, ids, *a, **kw):
+        rows.append(ids.shape)
+        return forward(self, ids, *a, **kw)
+    monkeypatch.setattr(type(model), "forward", spy)
+    outs = LLM(model, tok, max_batch_size=6, max_seq_len=512, prefill_chunk=48).generate(prompts, per)
+    assert any(b > 2 and t > 1 for b, t in rows) and all(b * t <= 48 or b == 1 for b, t in rows)
+    monkeypatch.setattr(type(model), "forward", forward)
+    for p, sp, out in zip(prompts, per, outs):
+        alone = LLM(model, tok, max_batch_size=1, max_seq_len=512).generate([p], sp)[0]
+        assert out.token_ids == alone.token_ids and out.finish_reason == alone.finish_reason == "length"
+        for got, want in zip(out.logprobs, alone.logprobs):
+            assert got.keys() == want.keys()
+            torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())),
+                                       rtol=0, atol=1e-4)
+    assert outs[6].prompt_logprobs is not None and len(outs[6].prompt_logprobs) == lengths[6]
+
+
+def test_shared_prefill_plan():
+    """Each row reads exactly its prompt, the rows of a forward are a prefix (longest first), no
+    forward passes the token budget, and equal prompts share every forward."""
+    from sparseek.engine.llm import _shared_prefill
+
+    assert _shared_prefill([64] * 32, 512) == [(32, 16)] * 4
+    for lens, budget in (([150, 131, 40, 40, 23, 12, 9, 5], 48), ([7, 3, 3, 1], 4), ([600], 512)):
+        plan = _shared_prefill(lens, budget)
+        assert all(m * c <= budget for m, c in plan)
+        assert [sum(c for m, c in plan if m > i) for i in range(len(lens))] == lens
+
+
 def test_greedy_matches_the_uncached_model(model, tok):
     out = _solo(model, tok, PROMPTS[1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     ids = list(PROMPTS[1])
