@@ -6,7 +6,7 @@
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown --ab-gate-up
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --expert-costs  # CPU expert op's cost model
-    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --batch 32 --ab-experts  # CPU expert op vs grouped GEMMs
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --batch 32 --ab-experts  # the decode step's experts four ways
     python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
@@ -232,52 +232,60 @@ def expert_op_costs(model, rows=(1, 4, 8, 16, 24, 32, 48, 64, 96, 128)):
         print(f"  M={M:4d}: " + ";  ".join(f"{name} {sorted(v)[1]:6.1f} us" for name, v in us.items()))
 
 
-def experts_op_ab(model, batch: int, rounds: int = 7) -> None:
-    """The compiled decode step at ``batch`` rows with the CPU expert op (``experts_batched``), with
-    the op's padded bmm held to the transposed W @ x^T (its only form before the twelfth session;
-    the op runs eagerly inside the graph, so the same compiled step serves both), and with the
-    grouped GEMMs it replaced (``CPU_BATCHED_EXPERTS`` off while that step compiles), in
-    alternating rounds of one process; logits compared."""
+def experts_op_ab(model, batch: int, rounds: int = 5) -> None:
+    """The compiled decode step at ``batch`` rows, its routed experts run four ways, in alternating
+    rounds of one process, logits compared: the CPU expert op (``experts_batched``); the op with
+    its padded bmm held to the transposed W @ x^T (its only form before the twelfth session; the op
+    runs eagerly inside the graph, so the same compiled step serves both); the grouped GEMMs it
+    replaced; and inductor's fused gather + GEMV per (token, expert) slot, which the step uses up
+    to ``CPU_GATHER_SLOTS_PER_EXPERT`` slots per expert. Settings of ``sparseek.model.common`` are
+    read while a step traces (its first calls); the compiled step has no guards after that."""
     from sparseek.model import common
 
-    V, x_first = model.args.vocab_size, common._x_first
+    op = {"CPU_GATHER_SLOTS_PER_EXPERT": 0}
+    setups = {"expert op": (op, {}), "expert op, W @ x^T": (op, {"_x_first": lambda L: False}),
+              "grouped GEMMs": ({**op, "CPU_BATCHED_EXPERTS": False}, {}),
+              "fused gathers": ({"CPU_GATHER_SLOTS_PER_EXPERT": 1 << 30}, {})}
+    V = model.args.vocab_size
     cache = model.new_cache(batch, 512)
     model(torch.randint(10, V, (batch, 64), generator=torch.Generator().manual_seed(0)), cache)
     pos0, tok = cache.pos.clone(), torch.randint(10, V, (batch, 1), generator=torch.Generator().manual_seed(1))
 
-    def compiled(on: bool):
-        common.CPU_BATCHED_EXPERTS = on  # read while the step traces (its first calls); no guard after
-        step = CompiledStep(model.decode_step, "cpu")
-        for _ in range(3):
-            cache.pos.copy_(pos0)
-            step(tok, cache)
-        return step
-    with_op, without = compiled(True), compiled(False)
-    common.CPU_BATCHED_EXPERTS = True
-    variants = {"expert op": (with_op, x_first), "expert op, W @ x^T": (with_op, lambda L: False),
-                "grouped GEMMs": (without, x_first)}
-
-    def run(name):
-        step, common._x_first = variants[name]
+    def patched(settings: dict, fn):
+        saved = {k: getattr(common, k) for k in settings}
+        for k, v in settings.items():
+            setattr(common, k, v)
         try:
             cache.pos.copy_(pos0)
-            return step(tok, cache)
+            return fn()
         finally:
-            common._x_first = x_first
-    logits = {name: [run(name) for _ in range(3)][-1] for name in variants}
+            for k, v in saved.items():
+                setattr(common, k, v)
+    steps = {}
+    for traced, _ in setups.values():
+        key = tuple(sorted(traced.items()))
+        if key not in steps:
+            steps[key] = CompiledStep(model.decode_step, "cpu")
+            for _ in range(3):
+                patched(traced, lambda: steps[key](tok, cache))
+
+    def run(name):
+        traced, runtime = setups[name]
+        return patched(runtime, lambda: steps[tuple(sorted(traced.items()))](tok, cache))
+    logits = {name: [run(name) for _ in range(3)][-1] for name in setups}
     ref_name, ref = next(iter(logits.items()))
     for name, b in list(logits.items())[1:]:
         print(f"batch {batch}, {ref_name} vs {name}: max |logits difference| "
               f"{(ref.float() - b.float()).abs().max().item():.3g}, "
               f"same argmax {(ref.argmax(-1) == b.argmax(-1)).float().mean().item():.0%}")
-    res = {name: [] for name in variants}
+    res = {name: [] for name in setups}
     for _ in range(rounds):
-        for name in variants:
+        for name in setups:
             res[name].append(per_call(lambda: run(name), 10))
     med = {name: sorted(v)[len(v) // 2] for name, v in res.items()}
     for name, dt in med.items():
         print(f"  {name:20s}: {dt * 1e3:6.1f} ms/step, {batch / dt:6.0f} tok/s, "
-              f"{med[ref_name] and dt / med[ref_name]:.2f}x the expert op's time (median of {rounds} alternating rounds)")
+              f"{dt / med[ref_name]:.2f}x the expert op's time (median of {rounds} alternating rounds)")
 
 
 def main():
@@ -295,7 +303,8 @@ def main():
                          "cost model of the CPU expert op)")
     ap.add_argument("--batch", type=int, default=1, help="decode: rows per step")
     ap.add_argument("--ab-experts", action="store_true",
-                    help="decode: the step with the CPU expert op and with the grouped GEMMs it replaced, alternating")
+                    help="decode: the step's routed experts as the CPU expert op (x @ W^T, W @ x^T), grouped GEMMs "
+                         "and fused gathers, alternating")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--inductor", default="{}",
                     help='extra inductor options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')

@@ -301,6 +301,13 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
 
 # CPU inference runs `experts_batched` (benchmarks switch it off to time the grouped GEMMs it replaced)
 CPU_BATCHED_EXPERTS = True
+# A CPU decode step gathers each slot's expert matrices into fused GEMVs up to this many (token,
+# expert) slots per expert, then runs `experts_batched`. Compiled `small` bf16 steps, alternating
+# in one process (`--ab-experts` in `benchmarks/results/cpu-small-bf16-experts-op.txt`): the
+# gathers take 0.63x the op's time at batch 8 (1 slot per expert), 1.02x at 32 (4 per expert),
+# 1.09x at 64. A layer's experts (25 MB there) fit in this CPU's 32 MB L3, so slots that share an
+# expert read it from cache after the first; experts too big for it move the crossover down.
+CPU_GATHER_SLOTS_PER_EXPERT = 2
 
 # The cost model of `experts_batched`, in microseconds per expert for the `small` preset's experts
 # (bf16, 2 cores, weights read from memory as in a model, not from cache), fitted to
@@ -509,14 +516,16 @@ class MoE(nn.Module):
     def _gathers(self, x: torch.Tensor, idx: torch.Tensor) -> bool:
         """How a fixed-shape step runs its experts: gathering each (token, slot)'s matrices costs a
         copy of them, so on a GPU the grouped GEMM (which reads them in place) always wins where
-        it has a fast bf16 kernel (elsewhere it would wait for the host, breaking the CUDA graph);
-        on a CPU inductor fuses the gather into its GEMV, which wins while it reads fewer than all
-        experts; past that, ``experts_batched`` (one ``bmm`` over all experts) does."""
+        it has a fast bf16 kernel (elsewhere it would wait for the host, breaking the CUDA graph).
+        On a CPU, inductor fuses the gather into its GEMV, which streams weights faster than a
+        library GEMM and reads an expert that several slots share from cache after the first: it
+        wins at a few slots per expert, ``experts_batched`` (one ``bmm`` over all experts) from
+        ~4 (``CPU_GATHER_SLOTS_PER_EXPERT``)."""
         if not self.experts.grouped:
             return True
         if x.is_cuda:
             return x.dtype != torch.bfloat16
-        return idx.numel() <= self.experts.n
+        return idx.numel() <= CPU_GATHER_SLOTS_PER_EXPERT * self.experts.n
 
     def forward(self, x_BTD: torch.Tensor, input_ids_BT: torch.Tensor | None = None, static: bool = False
                 ) -> torch.Tensor:

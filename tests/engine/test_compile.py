@@ -7,7 +7,7 @@ import torch
 
 import sparseek
 from sparseek.engine.compile import CompiledStep
-from sparseek.model import build_model
+from sparseek.model import build_model, common
 from tests.conftest import randomize_
 
 
@@ -38,16 +38,18 @@ def _decode_both(model, step, ids, prompt: int, room: int) -> None:
 
 
 def test_compiled_batched_decode_step_runs_the_expert_op_in_graph(monkeypatch):
-    """A batch with more (token, expert) pairs than experts takes the CPU expert op (padded bmm)
-    inside the compiled step: no graph break, and every row's logits equal the eager step's."""
+    """A batch with more (token, expert) pairs than the gathers serve takes the CPU expert op
+    (padded bmm) inside the compiled step: no graph break, and every row's logits equal the eager
+    step's."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
     counters.clear()
     model = randomize_(build_model(sparseek.preset("debug")), 5).eval()
-    B = model.args.n_routed_experts  # k = 2 experts per token: twice as many pairs as experts
+    # k = 2 experts per token: 6 pairs per expert, past what the gathers take
+    B = 3 * model.args.n_routed_experts
+    assert B * model.args.num_experts_per_tok > common.CPU_GATHER_SLOTS_PER_EXPERT * model.args.n_routed_experts
     ids = torch.randint(3, model.args.vocab_size, (B, 60), generator=torch.Generator().manual_seed(2))
-    from sparseek.model import common
 
     splits = []  # the op's eager body asks the cost model at every call
     monkeypatch.setattr(common, "batched_rows", lambda counts: splits.append(max(counts)) or max(counts))
