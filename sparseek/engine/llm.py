@@ -353,11 +353,10 @@ class LLM:
         into consecutive slots, the rows still reading their prompt at any position are a prefix
         of them, so every forward runs rows at one position, exactly as a single sequence's
         chunked prefill does (no padding ever enters a cache). A forward takes at most
-        ``prefill_chunk`` tokens over all its rows. Each forward also costs a fixed time (on a CPU
-        ~25 ms for ``small``, about what 100 more tokens cost), and every distinct prompt length
-        ends one of them: prompts of many different lengths, each long enough to fill its own
-        forwards, prefill one at a time instead. Rows whose first token ends them hand their slot
-        to the next live row."""
+        ``prefill_chunk`` tokens over all its rows. Each forward also costs a fixed time, and
+        every distinct prompt length ends one of them: so prompts of many different lengths, each
+        long enough to fill its own forwards, prefill one at a time instead (the plan with fewer
+        forwards wins). Rows whose first token ends them hand their slot to the next live row."""
         batch = []
         while (waiting and len(running) + len(batch) < self.max_batch_size
                and waiting[0].params.prompt_logprobs is None and (self.batch_prefill or not batch)):
@@ -374,7 +373,7 @@ class LLM:
         groups = [(0, k, shared)] if len(shared) <= sum(map(len, alone)) else [
             (i, i + 1, plan) for i, plan in enumerate(alone)]
         last: list[torch.Tensor | None] = [None] * k
-        for a, b, plan in groups:
+        for a, _, plan in groups:
             p = 0
             for m, c in plan:  # rows [a, a + m) read positions [p, p + c)
                 logits = self.model(ids[a:a + m, p:p + c], cache.view(n0 + a, n0 + a + m), last_n=1)[:, -1]

@@ -262,7 +262,7 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     gradient ever meets an unwritten row. CPU inference (no padding, no autograd) runs
     ``experts_batched`` instead, which may wait for the host: by default outside a compiled graph
     only (inside one, the grouped GEMMs let the SwiGLU between them fuse, a few percent of a compiled
-    prefill), with ``batched`` also in a compiled decode step (1.28x faster at batch 32,
+    prefill), with ``batched`` also in a compiled decode step (1.25x faster at batch 32,
     ``benchmarks/results/cpu-small-bf16-experts-op.txt``).
     """
     M, E = xs_MD.shape[0], w1.shape[0]
@@ -322,14 +322,19 @@ _CALL_US, _CALL_ROW_US, _SLOT_US = 55, 0.8, 0.8
 _XW_US, _XW_ROW_US, _WX_US, _WX_FREE_ROWS, _WX_ROW_US = 29, 0.8, 55, 32, 0.7
 
 
+def _bmm_costs(L: int) -> tuple[float, float]:
+    """One expert's slice of the padded bmm at L rows: (as x @ W^T, as W @ x^T)."""
+    return _XW_US + _XW_ROW_US * L, _WX_US + _WX_ROW_US * max(0, L - _WX_FREE_ROWS)
+
+
 def _bmm_us(L: int) -> float:
-    """One expert's slice of the padded bmm at L rows, in the cheaper orientation."""
-    return min(_XW_US + _XW_ROW_US * L, _WX_US + _WX_ROW_US * max(0, L - _WX_FREE_ROWS))
+    return min(_bmm_costs(L))
 
 
 def _x_first(L: int) -> bool:
     """Whether the padded bmm runs as x @ W^T (else W @ x^T) at L rows per expert."""
-    return _XW_US + _XW_ROW_US * L <= _WX_US + _WX_ROW_US * max(0, L - _WX_FREE_ROWS)
+    xw, wx = _bmm_costs(L)
+    return xw <= wx
 
 
 def batched_rows(counts: list[int]) -> int:
