@@ -261,17 +261,17 @@ def experts_op_ab(model, batch: int, rounds: int = 5) -> None:
         finally:
             for k, v in saved.items():
                 setattr(common, k, v)
-    steps = {}
+    compiled = {}  # one step per distinct set of traced settings
     for traced, _ in setups.values():
         key = tuple(sorted(traced.items()))
-        if key not in steps:
-            steps[key] = CompiledStep(model.decode_step, "cpu")
+        if key not in compiled:
+            compiled[key] = step = CompiledStep(model.decode_step, "cpu")
             for _ in range(3):
-                patched(traced, lambda: steps[key](tok, cache))
+                patched(traced, lambda: step(tok, cache))
+    steps = {name: compiled[tuple(sorted(traced.items()))] for name, (traced, _) in setups.items()}
 
     def run(name):
-        traced, runtime = setups[name]
-        return patched(runtime, lambda: steps[tuple(sorted(traced.items()))](tok, cache))
+        return patched(setups[name][1], lambda: steps[name](tok, cache))
     logits = {name: [run(name) for _ in range(3)][-1] for name in setups}
     ref_name, ref = next(iter(logits.items()))
     for name, b in list(logits.items())[1:]:
