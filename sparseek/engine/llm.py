@@ -104,9 +104,9 @@ class LLM:
         parameter shapes) only before building the engine.
 
         Prompts waiting for a free slot prefill together, several rows per forward and at most
-        ``prefill_chunk`` tokens in each (``batch_prefill=False``: one prompt at a time); a prompt
-        that asks for prompt log-probabilities, and every prompt under speculative decoding,
-        prefills alone.
+        ``prefill_chunk`` tokens in each (``batch_prefill=False``: one prompt at a time), the MTP
+        block reading them too under speculative decoding; a prompt that asks for prompt
+        log-probabilities prefills alone.
 
         ``kv_fp8=True`` (with a path or preset) rounds the cached KV to FP8 and stores it so, as
         DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``)."""
@@ -306,7 +306,7 @@ class LLM:
         running: list[_Seq] = []
         while waiting or running:
             while waiting and len(running) < self.max_batch_size:
-                if self.speculative or waiting[0].params.prompt_logprobs is not None:
+                if waiting[0].params.prompt_logprobs is not None:
                     seq = waiting.popleft()
                     slot = len(running)
                     cache.reset([slot])
@@ -314,8 +314,8 @@ class LLM:
                     logits, hidden = self._prefill(seq, view)
                     seq.new_ids, seq.new_logprobs = [], []
                     self._accept([seq], logits[None])
-                    if self.speculative and seq.out.finish_reason is None:
-                        self._draft(seq, view, hidden, [seq.last_token])
+                    if self.speculative:
+                        self._first_drafts([seq], view, hidden)
                     yield seq
                     if seq.out.finish_reason is None:
                         running.append(seq)
@@ -327,8 +327,7 @@ class LLM:
             for s in running:
                 s.new_ids, s.new_logprobs = [], []
             if self.speculative:
-                for i, s in enumerate(running):
-                    self._spec_step(s, cache.select(i))
+                self._spec_step(running, cache.view(0, n))
             else:
                 self._accept(running, self._decode(running, cache))
             full = (cache.pos[:n] + 1 + self.speculative >= self.max_seq_len).tolist()
@@ -373,17 +372,24 @@ class LLM:
         groups = [(0, k, shared)] if len(shared) <= sum(map(len, alone)) else [
             (i, i + 1, plan) for i, plan in enumerate(alone)]
         last: list[torch.Tensor | None] = [None] * k
+        hidden: list[torch.Tensor | None] = [None] * k  # speculative: main streams at the last position read
         for a, _, plan in groups:
             p = 0
             for m, c in plan:  # rows [a, a + m) read positions [p, p + c)
-                logits = self.model(ids[a:a + m, p:p + c], cache.view(n0 + a, n0 + a + m), last_n=1)[:, -1]
+                view = cache.view(n0 + a, n0 + a + m)
+                logits, h = self.model(ids[a:a + m, p:p + c], view, last_n=1, return_hidden=True)
+                if self.speculative:
+                    h = self._prefill_mtp(ids[a:a + m, p:p + c], h, torch.cat(hidden[a:a + m]) if p else None, view)
+                    hidden[a:a + m] = h.split(1)
                 p += c
                 for i in range(m):
                     if lens[a + i] == p:
-                        last[a + i] = logits[i]
+                        last[a + i] = logits[i, -1]
         for q in batch:
             q.new_ids, q.new_logprobs = [], []
         self._accept(batch, torch.stack(last))
+        if self.speculative:
+            self._first_drafts(batch, cache.view(n0, n0 + k), torch.cat(hidden))
         slot = n0
         for i, q in enumerate(batch):
             yield q
@@ -416,17 +422,11 @@ class LLM:
         logits = hidden = None
         for s in range(0, ids.shape[1], self.prefill_chunk):
             chunk = ids[:, s:s + self.prefill_chunk]
-            keep = None if (want is not None or self.speculative) else 1
+            keep = None if want is not None else 1  # the streams come back whole either way
             logits, h = self.model(chunk, cache, last_n=keep, return_hidden=True)
             logits = logits[0]
             if self.speculative:
-                # MTP input at position t is (streams at t, token t+1); the last position waits for
-                # its next token (the next chunk's first, or the first generated one)
-                h = h if hidden is None else torch.cat([hidden, h], dim=1)
-                nxt = ids[:, s + 1:s + chunk.shape[1]]
-                if nxt.shape[1]:
-                    self.model.forward_mtp(h[:, :nxt.shape[1]], nxt, cache, last_n=1)
-                hidden = h[:, -1:]
+                hidden = self._prefill_mtp(chunk, h, hidden, cache)
             if want is not None:
                 nxt = ids[0, s + 1:s + 1 + chunk.shape[1]]
                 lp = torch.log_softmax(logits[:len(nxt)].float(), dim=-1)
@@ -477,18 +477,46 @@ class LLM:
         s.out.text = s.stops.text
 
     # ------------------------------------------------------------------ speculative decoding
-    def _draft(self, s: _Seq, cache, hidden_BTSD: torch.Tensor, next_ids: list[int]) -> None:
-        """Run the MTP block on the accepted positions, then chain it for the remaining drafts."""
-        ids = torch.tensor([next_ids], device=cache.device)
-        logits, h = self.model.forward_mtp(hidden_BTSD, ids, cache, last_n=1, return_hidden=True)
-        s.drafts, s.draft_probs = [], []
+    def _draft(self, seqs: list[_Seq], cache, logits_NV: torch.Tensor, h_N1SD: torch.Tensor) -> None:
+        """k drafts per sequence (rows of ``cache``) from the MTP block's first logits, chained on
+        its own output: its streams stand in for the main model's at the drafted positions."""
+        for s in seqs:
+            s.drafts, s.draft_probs = [], []
         for j in range(self.speculative):
-            d, q = self._propose(s, logits[0, -1])
-            s.drafts.append(d)
-            s.draft_probs.append(q)
-            if j + 1 < self.speculative:  # chain: the MTP block's own output stands in for the main model's
-                logits, h = self.model.forward_mtp(h[:, -1:], torch.tensor([[d]], device=cache.device), cache,
-                                                   return_hidden=True)
+            for s, logits_V in zip(seqs, logits_NV):
+                d, q = self._propose(s, logits_V)
+                s.drafts.append(d)
+                s.draft_probs.append(q)
+            if j + 1 < self.speculative:
+                ids = torch.tensor([[s.drafts[-1]] for s in seqs], device=cache.device)
+                logits, h_N1SD = self.model.forward_mtp(h_N1SD, ids, cache, return_hidden=True)
+                logits_NV = logits[:, -1]
+
+    def _prefill_mtp(self, ids_BC, h_BCSD, prev_B1SD, cache) -> torch.Tensor:
+        """Feed the MTP block what a prefill forward over tokens [p, p + c) gave. Its input at
+        position t is (the main model's streams at t, token t + 1), so it runs one position
+        behind: over [p - 1, p + c - 1), the previous forward's last streams (``prev``, None at p = 0)
+        in front. Returns the streams at the last position, which wait for their next token."""
+        if prev_B1SD is not None:
+            h_BCSD, nxt = torch.cat([prev_B1SD, h_BCSD], dim=1), ids_BC
+        else:
+            nxt = ids_BC[:, 1:]
+        if nxt.shape[1]:
+            self.model.forward_mtp(h_BCSD[:, :nxt.shape[1]], nxt, cache, last_n=1)
+        return h_BCSD[:, -1:]
+
+    def _first_drafts(self, seqs: list[_Seq], cache, hidden_N1SD: torch.Tensor) -> None:
+        """After prefill (rows of ``cache``, streams at each prompt's last position): sequences
+        without room to verify k drafts end; the MTP block reads each row's last prompt position
+        with its first token, and drafts."""
+        for i, s in enumerate(seqs):
+            if s.out.finish_reason is None and int(cache.pos[i]) + 1 + self.speculative > self.max_seq_len:
+                self._finish(s, "length")
+        if all(s.out.finish_reason is not None for s in seqs):
+            return
+        ids = torch.tensor([[s.last_token] for s in seqs], device=cache.device)
+        logits, h = self.model.forward_mtp(hidden_N1SD, ids, cache, return_hidden=True)
+        self._draft(seqs, cache, logits[:, -1], h)
 
     def _propose(self, s: _Seq, logits_V: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         if s.params.greedy:
@@ -496,47 +524,56 @@ class LLM:
         q = probs(logits_V, s.params)
         return int(torch.multinomial(q.cpu(), 1, generator=s.generator)), q
 
-    def _spec_step(self, s: _Seq, cache) -> None:
-        k, P = len(s.drafts), int(cache.pos[0])
-        if P + k + 1 > self.max_seq_len:
-            return
-        cache.rollback(0, int(cache.mtp_pos[0]) - P, mtp=True)  # forget chained draft positions
-        tokens = torch.tensor([[s.last_token] + s.drafts], device=cache.device)
+    def _spec_step(self, seqs: list[_Seq], cache) -> None:
+        """Verify every sequence's drafts in one forward (rows at their own positions, k + 1 tokens
+        each), keep what each accepts, and draft again -- the MTP block too runs once for all rows.
+        The engine admits a sequence only with room for k + 1 more tokens and ends it when that runs
+        out, so every row fits."""
+        k = self.speculative
+        cache.mtp_pos.copy_(cache.pos)  # forget the chained drafts' MTP positions
+        tokens = torch.tensor([[s.last_token] + s.drafts for s in seqs], device=cache.device)
         logits, hidden = self.model(tokens, cache, return_hidden=True)
-        logits = logits[0]
-        lp = torch.log_softmax(logits.float(), dim=-1) if s.params.logprobs is not None else None
-        accepted = 0
+        need_lp = any(s.params.logprobs is not None for s in seqs)
+        lp = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
+        accepted, next_ids = [], []
+        for i, s in enumerate(seqs):
+            a, emitted = self._verify(s, logits[i])
+            s.out.drafted += k
+            s.out.accepted += a
+            cache.rollback(i, k - a)
+            accepted.append(a)
+            next_ids.append(emitted + [emitted[-1]] * (k - a))  # padded: positions past a are rolled back
+            for j, t in enumerate(emitted):
+                if not self._push(s, t, lp[i, j] if lp is not None else None):
+                    break
+        if all(s.out.finish_reason is not None for s in seqs):
+            return
+        # MTP input at position P + j is (streams at P + j, token P + j + 1): the emitted tokens
+        mtp_logits, h = self.model.forward_mtp(hidden, torch.tensor(next_ids, device=cache.device), cache,
+                                               return_hidden=True)
+        for i, a in enumerate(accepted):
+            cache.rollback(i, k - a, mtp=True)
+        rows, at = torch.arange(len(seqs)), torch.tensor(accepted)
+        self._draft(seqs, cache, mtp_logits[rows, at], h[rows, at][:, None])
+
+    def _verify(self, s: _Seq, logits_TV: torch.Tensor) -> tuple[int, list[int]]:
+        """Accept a prefix of the drafts (greedy: while they equal the argmax; sampling: speculative
+        sampling's accept / resample from max(0, p - q)) -> (accepted, tokens to emit: the accepted
+        drafts, then the correction or, after all k, the bonus token)."""
         emitted = []
         for i, d in enumerate(s.drafts):
             if s.params.greedy:
-                ok = int(logits[i].argmax()) == d
-                fallback = None
+                if int(logits_TV[i].argmax()) != d:
+                    return i, emitted + [int(logits_TV[i].argmax())]
             else:
-                p = probs(logits[i], s.params)
-                q = s.draft_probs[i]
+                p, q = probs(logits_TV[i], s.params), s.draft_probs[i]
                 r = float(torch.rand(1, generator=s.generator))
-                ok = r < min(1.0, float(p[d] / q[d].clamp(min=1e-20)))
-                fallback = p, q
-            if not ok:
-                if fallback is None:
-                    emitted.append(int(logits[i].argmax()))
-                else:  # resample from the residual distribution max(0, p - q)
-                    p, q = fallback
+                if not r < min(1.0, float(p[d] / q[d].clamp(min=1e-20))):
                     res = (p - q).clamp(min=0)
                     res = res / res.sum() if float(res.sum()) > 0 else p
-                    emitted.append(int(torch.multinomial(res.cpu(), 1, generator=s.generator)))
-                break
-            accepted += 1
+                    return i, emitted + [int(torch.multinomial(res.cpu(), 1, generator=s.generator))]
             emitted.append(d)
-        if accepted == k:  # every draft matched: the last position gives one more token
-            emitted.append(self._bonus(s, logits[k]))
-        s.out.drafted += k
-        s.out.accepted += accepted
-        cache.rollback(0, k - accepted)
-        for i, t in enumerate(emitted):
-            if not self._push(s, t, lp[i] if lp is not None else None):
-                return
-        self._draft(s, cache, hidden[:, :accepted + 1], emitted)
+        return len(s.drafts), emitted + [self._bonus(s, logits_TV[len(s.drafts)])]
 
     def _bonus(self, s: _Seq, logits_V: torch.Tensor) -> int:
         return int(sample(logits_V[None], [s.params], [s.generator])[0])

@@ -33,21 +33,13 @@ class DecoderLM(nn.Module):
                      fp8_storage=fp8_storage)
 
     def _begin(self, input_ids: torch.Tensor, cache: Cache | None) -> tuple[int, int, bool]:
-        """Validate a forward's inputs -> (B, T, rows_apart): rows at different positions with
-        several tokens each take the row-by-row path."""
+        """Validate a forward's inputs -> (B, T, rows_apart: several tokens per row, rows at
+        different positions)."""
         B, T = _check_ids(input_ids, self.args.vocab_size)
         if cache is None:
             return B, T, False
         _check_cache(cache, B, T)
         return B, T, T > 1 and not bool((cache.pos == cache.pos[0]).all())
-
-    def _rowwise(self, input_ids, cache, last_n, return_hidden):
-        """Rows at different positions with several tokens each: run them one by one."""
-        outs = [self(input_ids[r:r + 1], cache.select(r), last_n=last_n, return_hidden=return_hidden)
-                for r in range(input_ids.shape[0])]
-        if return_hidden:
-            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-        return torch.cat(outs)
 
 
 def init_params(model: nn.Module, std: float, seed: int) -> None:

@@ -167,9 +167,7 @@ class DeepSeekV3(DecoderLM):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
                 return_hidden: bool = False):
-        B, T, rows_apart = self._begin(input_ids, cache)
-        if rows_apart:
-            return self._rowwise(input_ids, cache, last_n, return_hidden)
+        B, T, _ = self._begin(input_ids, cache)  # MLA writes and masks by each row's own positions
         if cache is not None:
             pos = cache.pos
         else:

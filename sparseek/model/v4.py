@@ -32,6 +32,10 @@ from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_p
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
+# Rows at different positions take the per-row path with up to this many tokens each (decode steps,
+# speculative drafts): the rings' spare slots let that many be written before any is attended.
+PER_ROW_TOKENS = Cache.SPARE + 1
+
 
 
 @dataclass
@@ -40,14 +44,14 @@ class Step:
 
     pos: torch.Tensor  # [B] start position of each row
     positions: torch.Tensor  # [B, T] absolute positions
-    start: int | None  # common start of all rows (chunk path); None on the per-row decode path
+    start: int | None  # common start of all rows (chunk path); None on the per-row path (decode, drafts)
     rotary: dict[str, Rotary]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # cos/sin at `positions`, by rope kind
     static: bool = False  # decode with fixed shapes and no host syncs (for torch.compile / CUDA graphs)
     memo: dict = field(default_factory=dict)  # what the layers of this forward share (attention masks)
 
     @property
-    def decode(self) -> bool:
+    def per_row(self) -> bool:
         return self.start is None
 
 
@@ -263,14 +267,15 @@ class Compressor(nn.Module):
         return (kv_BWLC * sc_BWLC.softmax(dim=2)).sum(dim=2)
 
     def _history(self, state: CompressorState | None, first: torch.Tensor, n: int, B: int, width: int, device):
-        """Raw (kv, score) of positions first..first+n-1 per row; positions < 0 weigh nothing."""
-        pos = first[:, None] + torch.arange(n, device=device)  # [B, n]
+        """Raw (kv, score) of positions first..first+n-1 ([B, n, width], or [B, T, n, width] for
+        ``first`` [B, T]); positions < 0 weigh nothing."""
+        pos = first[..., None] + torch.arange(n, device=device)  # [B, (T,) n]
         if state is None or n == 0:
-            kv = torch.zeros(B, n, width, device=device)
-            sc = torch.full((B, n, width), float("-inf"), device=device)
+            kv = torch.zeros(*pos.shape, width, device=device)
+            sc = torch.full((*pos.shape, width), float("-inf"), device=device)
             return kv, sc
         slot = pos % state.kv.shape[1]
-        rows = torch.arange(B, device=device)[:, None]
+        rows = torch.arange(B, device=device).view(B, *[1] * (pos.dim() - 1))
         kv, sc = state.kv[rows, slot], state.score[rows, slot]
         before = (pos < 0)[..., None]
         return kv.masked_fill(before, 0.0), sc.masked_fill(before, float("-inf"))
@@ -308,21 +313,24 @@ class Compressor(nn.Module):
         first_pos = (start // m + torch.arange(n, device=kv.device)) * m
         return self._finish(self._pool(win_kv, win_sc), first_pos, rotary, x_BTD.dtype)
 
-    def step(self, x_B1D, pos_B: torch.Tensor, state: CompressorState, rotary: Rotary, static: bool = False):
-        """One token per row (rows at any positions) -> (entry [B, c] or None, closes [B] bool).
+    def step(self, x_BTD, pos_BT: torch.Tensor, state: CompressorState, rotary: Rotary, static: bool = False):
+        """A few tokens per row (rows at any positions, T <= PER_ROW_TOKENS) -> (the entry each
+        token closes [B, T, c] (garbage where it closes none) or None, closes [B, T] bool).
 
-        Eager decoding skips the pooling when no row closes a window (3 steps in 4 for CSA, 127 in
-        128 for HCA); the static path always pools, for fixed shapes."""
+        All T tokens are remembered first: the ring's spare slots keep a token's history intact
+        while the later tokens of the same call are written. Eager decoding skips the pooling when
+        no token closes a window (3 steps in 4 for CSA, 127 in 128 for HCA); the static path
+        always pools, for fixed shapes."""
         m = self.ratio
-        kv, score = self.project(x_B1D, pos_B[:, None])
-        self._remember(state, kv, score, pos_B[:, None])
+        kv, score = self.project(x_BTD, pos_BT)
+        self._remember(state, kv, score, pos_BT)
         span = (2 if self.overlap else 1) * m
-        closes = (pos_B + 1) % m == 0
+        closes = (pos_BT + 1) % m == 0
         if not static and not bool(closes.any()):
             return None, closes
-        h_kv, h_sc = self._history(state, pos_B + 1 - span, span, kv.shape[0], kv.shape[-1], kv.device)
-        pooled = self._pool(h_kv[:, None], h_sc[:, None])[:, 0]  # garbage on rows that do not close
-        entry = self._finish(torch.nan_to_num(pooled), (pos_B // m) * m, rotary, x_B1D.dtype)
+        h_kv, h_sc = self._history(state, pos_BT + 1 - span, span, kv.shape[0], kv.shape[-1], kv.device)
+        pooled = self._pool(h_kv, h_sc)  # [B, T, c]
+        entry = self._finish(torch.nan_to_num(pooled), (pos_BT // m) * m, rotary, x_BTD.dtype)
         return entry, closes
 
 
@@ -415,8 +423,8 @@ class Attention(nn.Module):
     def forward(self, x_BTD: torch.Tensor, step: Step, lc: LayerCache | None) -> torch.Tensor:
         cos, sin = step.rope[self.rope_kind]
         qr, q, kv = self.project(x_BTD, cos, sin)
-        if step.decode:
-            o = self._decode(x_BTD, qr, q, kv, step, lc)
+        if step.per_row:
+            o = self._per_row(x_BTD, qr, q, kv, step, lc)
         else:
             o = self._chunk(x_BTD, qr, q, kv, step, lc)
         return self.output(o, cos, sin)
@@ -625,51 +633,54 @@ class Attention(nn.Module):
             buf[:, lo:hi] = new
         return buf[:, :hi]
 
-    # -- one token per row, rows at arbitrary positions ------------------------------------
-    def _decode(self, x, qr, q, kv, step: Step, lc: LayerCache):
-        B = q.shape[0]
-        pos, win = step.pos, self.window
-        rows = torch.arange(B, device=x.device)
+    # -- a few tokens per row, rows at arbitrary positions ---------------------------------
+    def _per_row(self, x, qr, q, kv, step: Step, lc: LayerCache):
+        """Decode steps and speculative drafts: T <= PER_ROW_TOKENS tokens per row, every row at
+        its own position. Each query is a block of one (its own window and compressed entries)."""
+        B, T = q.shape[:2]
+        pos_BT, win = step.positions, self.window
+        rows = torch.arange(B, device=x.device)[:, None]
         R = lc.window.shape[1]
-        lc.window[rows, pos % R] = lc.encode(kv[:, 0])
-        # slot j holds the latest position <= pos congruent to j (mod R)
-        held = pos[:, None] - (pos[:, None] - torch.arange(R, device=x.device)[None, :]) % R
-        win_mask = ((held >= 0) & (held > pos[:, None] - win))[:, None, :]
+        # the ring keeps SPARE slots past the window: writing T <= SPARE + 1 tokens at once leaves
+        # the first query's window intact
+        lc.window[rows, pos_BT % R] = lc.encode(kv)
+        # slot j holds the latest position <= the query's congruent to j (mod R); a slot a later
+        # token of this call overwrote reads as a position a whole ring back, outside the window
+        p = pos_BT[..., None]
+        held = p - (p - torch.arange(R, device=x.device)) % R
+        win_mask = (held >= 0) & (held > p - win)  # [B, T, R]
         comp = comp_mask = idx = None
         if self.compressor is not None:
             m, rot = self.ratio, step.rotary["compress"]
-            n_vis = (pos + 1) // m
+            n_vis = (pos_BT + 1) // m
             # eager: attend over the filled prefix only; static: over the whole buffer, masked
             n = lc.comp.shape[1] if step.static else int(n_vis.max())
-            entry, closes = self.compressor.step(x, pos, lc.comp_state, rot, step.static)
-            self._write_entry(lc.comp, None if entry is None else lc.encode(entry), pos // m, closes, step.static)
+            entry, closes = self.compressor.step(x, pos_BT, lc.comp_state, rot, step.static)
+            self._write_entry(lc.comp, None if entry is None else lc.encode(entry), pos_BT // m, closes, step.static)
             comp = lc.comp[:, :n]
             if self._keeps_index_keys(lc):
-                k_entry, _ = self.indexer.compressor.step(x, pos, lc.index_state, rot, step.static)
-                self._write_entry(lc.index_keys, k_entry, pos // m, closes, step.static)
+                k_entry, _ = self.indexer.compressor.step(x, pos_BT, lc.index_state, rot, step.static)
+                self._write_entry(lc.index_keys, k_entry, pos_BT // m, closes, step.static)
             if self._selects(n):
                 q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
-                idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n], n_vis[:, None])
+                idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n], n_vis)[:, None]
             else:
-                comp_mask = (torch.arange(n, device=x.device)[None, :] < n_vis[:, None])[:, None, :]
+                comp_mask = (torch.arange(n, device=x.device) < n_vis[..., None])[:, None]
                 comp = lc.decode(comp)
-        def one_block(t):  # each row's query is a block of one
-            return None if t is None else t[:, None]
-
-        return attend(q[:, None], lc.decode(lc.window)[:, None], win_mask[:, None], comp, one_block(comp_mask),
-                      one_block(idx), self.attn_sink, self.scale, lc.codec)[:, 0]
+        return attend(q[:, None], lc.decode(lc.window)[:, None], win_mask[:, None], comp, comp_mask,
+                      idx, self.attn_sink, self.scale, lc.codec)[:, 0]
 
     @staticmethod
-    def _write_entry(buf, entry, index, closes, static: bool) -> None:
-        """Store the entries of the rows whose window just closed."""
-        rows = torch.arange(buf.shape[0], device=buf.device)
-        if entry is None or buf.shape[1] == 0:  # nothing closed, or the cache is shorter than a window
+    def _write_entry(buf, entry_BTC, index_BT, closes_BT, static: bool) -> None:
+        """Store the entries of the tokens that just closed a window."""
+        if entry_BTC is None or buf.shape[1] == 0:  # nothing closed, or the cache is shorter than a window
             return
+        rows = torch.arange(buf.shape[0], device=buf.device)[:, None].expand_as(index_BT)
         if static:  # same shapes whatever closes: write every row, keeping the old value where none closed
-            index = index.clamp(max=buf.shape[1] - 1)
-            buf[rows, index] = torch.where(closes[:, None], entry, buf[rows, index])
+            index_BT = index_BT.clamp(max=buf.shape[1] - 1)
+            buf[rows, index_BT] = torch.where(closes_BT[..., None], entry_BTC, buf[rows, index_BT])
         else:
-            buf[rows[closes], index[closes]] = entry[closes]
+            buf[rows[closes_BT], index_BT[closes_BT]] = entry_BTC[closes_BT]
 
 
 # ---------------------------------------------------------------------------- mHC
@@ -793,7 +804,7 @@ class DeepSeekV4(DecoderLM):
                 return_hidden: bool = False):
         """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence."""
         B, T, rows_apart = self._begin(input_ids, cache)
-        if rows_apart:
+        if rows_apart and T > PER_ROW_TOKENS:
             return self._rowwise(input_ids, cache, last_n, return_hidden)
         step = self._step(B, T, cache.pos if cache is not None else None, input_ids.device, cache is not None)
         x = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
@@ -837,8 +848,9 @@ class DeepSeekV4(DecoderLM):
         if cache is not None:
             pos = cache.mtp_pos
             lc = cache.layers[self.args.num_hidden_layers]
-            if T > 1 and not bool((pos == pos[0]).all()):
-                raise ValueError("MTP chunks need all rows at the same position")
+            if T > PER_ROW_TOKENS and not bool((pos == pos[0]).all()):
+                raise ValueError(f"MTP chunks of rows at different positions take at most {PER_ROW_TOKENS} "
+                                 f"tokens, got {T}")
         else:
             pos = torch.full((B,), int(start), dtype=torch.long, device=next_ids.device)
         step = self._step(B, T, pos, next_ids.device, cache is not None)
@@ -849,6 +861,15 @@ class DeepSeekV4(DecoderLM):
         return (logits, x) if return_hidden else logits
 
     # ------------------------------------------------------------------ internals
+    def _rowwise(self, input_ids, cache, last_n, return_hidden):
+        """More than PER_ROW_TOKENS tokens per row, rows at different positions: one row at a time
+        (each a chunk from its own start)."""
+        outs = [self(input_ids[r:r + 1], cache.select(r), last_n=last_n, return_hidden=return_hidden)
+                for r in range(input_ids.shape[0])]
+        if return_hidden:
+            return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+        return torch.cat(outs)
+
     def _logits(self, x_BTSD, fn, scale, base, norm):
         h = hc_head(x_BTSD, fn, scale, base, self.args.rms_norm_eps, self.args.hc_eps)
         return self.head(norm(h)).float()
@@ -856,9 +877,12 @@ class DeepSeekV4(DecoderLM):
     def _step(self, B, T, pos, device, has_cache: bool) -> Step:
         if pos is None:
             pos = torch.zeros(B, dtype=torch.long, device=device)
-        # one token per row against a cache: the per-row path (rows may sit at different positions)
-        decode = T == 1 and has_cache
-        start = None if decode else int(pos[0])
+        # a few tokens per row against a cache (decode steps, speculative verification and drafts):
+        # the per-row path, whether or not the rows sit apart, so that verifying drafts computes
+        # what decoding them one by one would (a bf16 chunk would round differently); many tokens
+        # from one start: the chunk path
+        per_row = has_cache and T <= PER_ROW_TOKENS
+        start = None if per_row else int(pos[0])
         positions = pos[:, None] + torch.arange(T, device=device)[None, :]
         rope = {k: r(positions) for k, r in self.rotary.items()}
         return Step(pos=pos, positions=positions, start=start, rotary=dict(self.rotary.items()), rope=rope)

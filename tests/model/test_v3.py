@@ -94,3 +94,14 @@ def test_v3_rows_at_different_positions(v3):
         got = v3(torch.stack([ids[0, 20:21], ids[1, 50:51]]), cache)
         assert rel_err(got[0, 0], v3(ids[0:1, :21])[0, -1]) < 1e-4
         assert rel_err(got[1, 0], v3(ids[1:2, :51])[0, -1]) < 1e-4
+        # several tokens per row, rows apart (speculative verification): one batched forward, MLA
+        # writing and masking each row at its own positions
+        for impl in ("absorb", "naive"):
+            v3.attn_impl = impl
+            c = v3.new_cache(2, 100)
+            v3(ids[0:1, :21], c.select(0))
+            v3(ids[1:2, :51], c.select(1))
+            got = v3(torch.stack([ids[0, 21:26], ids[1, 51:56]]), c)
+            assert rel_err(got[0], v3(ids[0:1, :26])[0, 21:]) < 1e-4, impl
+            assert rel_err(got[1], v3(ids[1:2, :56])[0, 51:]) < 1e-4, impl
+        v3.attn_impl = "auto"

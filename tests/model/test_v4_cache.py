@@ -7,6 +7,7 @@ import torch
 
 import sparseek
 from sparseek.model import build_model
+from sparseek.model.v4 import PER_ROW_TOKENS
 from tests.conftest import randomize_, rel_err
 
 T = 300  # > 2 HCA windows of 128, 75 CSA windows, many 16-token sliding windows
@@ -83,6 +84,40 @@ def test_multi_token_chunk_with_rows_apart(model, ids):
         ref0 = model(ids[0:1, :30])[0, 10:]
         ref1 = model(ids[1:2, :40])[0, 20:]
     assert rel_err(got[0], ref0) < 1e-4 and rel_err(got[1], ref1) < 1e-4
+
+
+@pytest.mark.parametrize("n", [2, 5, PER_ROW_TOKENS])
+def test_few_tokens_per_row_with_rows_apart(model, ids, n, monkeypatch):
+    """Batched speculative verification: rows at different positions feed n tokens each in one
+    forward (the per-row path, not row by row), keep some, roll back the rest (junk drafts); the MTP
+    block does the same. Each row gets what the one-shot forward gives it."""
+    monkeypatch.setattr(type(model), "_rowwise", lambda *a, **k: pytest.fail("ran row by row"))
+    lens = [123, 29]  # next to the HCA window's end (128) and inside CSA / sliding windows
+    junk = torch.randint(0, model.args.vocab_size, (n,), generator=torch.Generator().manual_seed(9))
+    got, got_mtp, pos = [[], []], [[], []], list(lens)
+    with torch.no_grad():
+        cache = model.new_cache(2, T + 8)
+        for r, L in enumerate(lens):
+            _, h = model(ids[r:r + 1, :L], cache.select(r), return_hidden=True)
+            model.forward_mtp(h, ids[r:r + 1, 1:L + 1], cache.select(r))  # MTP in step with the model
+        for step in range(12):
+            keep = [(step + r) % n + 1 for r in range(2)]
+            chunk = torch.stack([torch.cat([ids[r, pos[r]:pos[r] + keep[r]], junk[:n - keep[r]]]) for r in range(2)])
+            logits, h = model(chunk, cache, return_hidden=True)
+            nxt = torch.stack([ids[r, pos[r] + 1:pos[r] + 1 + n] for r in range(2)])
+            mtp = model.forward_mtp(h, nxt, cache)
+            for r in range(2):
+                got[r].append(logits[r, :keep[r]])
+                got_mtp[r].append(mtp[r, :keep[r]])
+                cache.rollback(r, n - keep[r])
+                cache.rollback(r, n - keep[r], mtp=True)
+                pos[r] += keep[r]
+        for r, L in enumerate(lens):
+            full, h = model(ids[r:r + 1, :pos[r] + 1], return_hidden=True)
+            full_mtp = model.forward_mtp(h[:, :-1], ids[r:r + 1, 1:pos[r] + 1])
+            assert rel_err(torch.cat(got[r]), full[0, L:pos[r]]) < 1e-4, f"row {r}"
+            assert rel_err(torch.cat(got_mtp[r]), full_mtp[0, L:pos[r]]) < 1e-4, f"row {r}, MTP"
+    assert min(pos) > 40 and max(pos) > 128 + n  # windows closed and attended while rows sat apart
 
 
 def test_mtp_incremental_equals_full(model, ids):
