@@ -9,7 +9,7 @@ import sparseek
 from sparseek.engine import LLM, SamplingParams
 from sparseek.model import build_model
 from sparseek.tokenizer import default_tokenizer
-from tests.conftest import randomize_
+from tests.conftest import randomize_, rel_err
 
 
 @pytest.fixture(scope="module")
@@ -207,25 +207,87 @@ def test_mtp_speculative_greedy_equals_plain(model, tok, k):
         assert b.drafted > 0
 
 
-@pytest.mark.parametrize("k", [1, 2, 4])
-def test_speculative_accepts_good_drafts(model, tok, k, monkeypatch):
-    """Drafts from an oracle that is right except at every fifth position: the output is still the
-    plain greedy output, and exactly the right drafts are accepted (acceptance path + rollback)."""
+@pytest.mark.parametrize("k,batch", [(1, 1), (2, 3), (4, 3)])
+def test_speculative_accepts_good_drafts(model, tok, k, batch, monkeypatch):
+    """Drafts from an oracle that is right except at every fourth, fifth or sixth position (by
+    prompt, so the rows of a batch accept different counts and drift apart): each output is still
+    its plain greedy output, exactly the right drafts are accepted (acceptance path + rollback),
+    and a batch verifies all its rows in one forward."""
+    prompts = PROMPTS[1:1 + batch]
     params = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
-    ref = LLM(model, tok, max_batch_size=1, max_seq_len=512).generate([PROMPTS[1]], params)[0].token_ids
+    refs = [_solo(model, tok, p, params).token_ids for p in prompts]
 
     def oracle(self, s, logits):
         i = len(s.out.token_ids) + len(s.drafts)
-        good = ref[i] if i < len(ref) else 0
-        return (good if i % 5 != 2 else (good + 1) % 512), None
+        good = refs[s.out.index][i] if i < len(refs[s.out.index]) else 0
+        return (good if i % (4 + s.out.index) != 1 else (good + 1) % 512), None
+
+    shapes = []
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda m, ids, *a, **kw: shapes.append(tuple(ids.shape))
+                        or forward(m, ids, *a, **kw))
+    monkeypatch.setattr(LLM, "_propose", oracle)
+    outs = LLM(model, tok, max_batch_size=batch, max_seq_len=512, speculative_tokens=k).generate(prompts, params)
+    for out, ref in zip(outs, refs):
+        assert out.token_ids == ref
+        assert 0 < out.accepted < out.drafted
+        steps = out.drafted // k
+        assert steps < len(out.token_ids) - 1  # fewer forward passes than generated tokens
+        assert len(out.token_ids) <= 1 + out.accepted + steps
+    assert (batch, k + 1) in shapes and len({o.accepted for o in outs}) == batch  # rows advanced apart
+
+
+@pytest.mark.parametrize("prefill_chunk", [512, 16])
+def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, prefill_chunk):
+    """Every draft is the MTP block's prediction as a one-shot run of the sequence gives it: the
+    first from the main model's streams at the newest position, the second chained on the MTP
+    block's own output -- whatever each row of the batch accepted (an oracle makes most drafts
+    right and some wrong, so the rows accept different counts), after prompts prefilled together
+    or (asking for prompt log-probabilities) alone, in one chunk or many."""
+    params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
+    refs = [_solo(model, tok, p, params).token_ids for p in PROMPTS[:3]]
+    params = [params, SamplingParams(**{**params.__dict__, "prompt_logprobs": 1}), params]
+    seen = []
+
+    def oracle(self, s, logits_V):
+        seen.append((s.out.index, len(s.out.token_ids), list(s.drafts), logits_V.clone()))
+        i = len(s.out.token_ids) + len(s.drafts)
+        good = refs[s.out.index][i] if i < len(refs[s.out.index]) else 0
+        return (good if i % (3 + s.out.index) != 1 else (good + 1) % 512), None
 
     monkeypatch.setattr(LLM, "_propose", oracle)
-    out = LLM(model, tok, max_batch_size=1, max_seq_len=512, speculative_tokens=k).generate([PROMPTS[1]], params)[0]
-    assert out.token_ids == ref
-    assert 0 < out.accepted < out.drafted
-    steps = out.drafted // k
-    assert steps < len(out.token_ids) - 1  # fewer forward passes than generated tokens
-    assert len(out.token_ids) <= 1 + out.accepted + steps
+    outs = LLM(model, tok, max_batch_size=3, max_seq_len=512, speculative_tokens=2,
+               prefill_chunk=prefill_chunk).generate(PROMPTS[:3], params)
+    assert len({o.accepted for o in outs}) > 1 and len(outs[1].prompt_logprobs) == len(PROMPTS[1])
+    with torch.no_grad():
+        for out in outs:
+            assert out.token_ids == refs[out.index]
+            rounds = [r for r in seen if r[0] == out.index]
+            assert sum(not r[2] for r in rounds) > 2
+            for _, g, drafts, logits in rounds:
+                if g == len(out.token_ids):
+                    continue  # drafted in the step that ended the sequence (the batch drafts for all rows)
+                # the newest token sits at position P = L + g - 1; the MTP block has seen P positions
+                ids = torch.tensor([out.prompt_token_ids + out.token_ids])
+                P = len(out.prompt_token_ids) + g - 1
+                _, h = model(ids[:, :P], return_hidden=True)
+                mtp_cache = model.new_cache(1, 64 + P)
+                want, hm = model.forward_mtp(h, ids[:, 1:P + 1], mtp_cache, return_hidden=True)
+                for d in drafts:  # chained: the MTP block's own streams and the previous draft
+                    want, hm = model.forward_mtp(hm[:, -1:], torch.tensor([[d]]), mtp_cache, return_hidden=True)
+                assert rel_err(logits, want[0, -1]) < 1e-4, (out.index, g, drafts)
+
+
+def test_speculative_decoding_stops_at_the_end_of_the_cache(model, tok):
+    """Rows reach the cache's end at different steps (one is admitted without room for a draft):
+    each ends with "length" on a prefix of its plain greedy output, nothing writes past the cache."""
+    prompts = [list(range(1, 30)), list(range(3, 38)), [9] * 37, [4, 5, 6]]
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    plain = LLM(model, tok, max_batch_size=4, max_seq_len=40).generate(prompts, params)
+    spec = LLM(model, tok, max_batch_size=4, max_seq_len=40, speculative_tokens=3).generate(prompts, params)
+    for p, s in zip(plain, spec):
+        assert s.finish_reason == "length" and 0 < len(s.token_ids) <= len(p.token_ids)
+        assert s.token_ids == p.token_ids[:len(s.token_ids)]
 
 
 def test_speculative_sampling_is_seeded(model, tok):
