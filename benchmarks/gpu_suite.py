@@ -19,7 +19,9 @@ finishes (a run cut short keeps what it measured), then summarized in ``OUT.md``
    6-layer model's forward+backward, tokens/s and MFU on active-parameter FLOPs (the latter also
    with plain autograd through the attention instead of its recomputing backward, and last once
    more with the hot paths compiled, as ``sparseek train --compile`` runs);
-6. ``profile``: torch.profiler tables of one training step, one 16K prefill and eager decode steps
+6. ``speculative``: eager decoding with MTP speculation (k = 1, 2, 3 drafts, right 80% of the time)
+   against plain eager decoding at batch 1 and 32;
+7. ``profile``: torch.profiler tables of one training step, one 16K prefill and eager decode steps
    (``OUT-profile-*.txt``), to see what to fix next without another lease.
 
 ``--only SECTION...`` reruns a subset (section names: see ``--help``).
@@ -225,6 +227,43 @@ def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float,
     roof = batch * bw / per_step
     rep.add("decode", impl="sparseek", batch=batch, compiled="gemv" if gemv else compiled, context=prompt, tokens_per_s=rate,
             roofline_tokens_per_s=roof, roofline_fraction=rate / roof)
+
+
+def decode_speculative(rep: Report, model, dev, batch: int, ks=(1, 2, 3), accept: float = 0.8, prompt: int = 128,
+                       new: int = 64):
+    """Eager decoding with MTP speculation against plain eager decoding, end to end (prompts of
+    ``prompt`` tokens, ``new`` generated): the drafts come from an oracle right with probability
+    ``accept`` (random weights' own MTP block agrees with their head almost never)."""
+    from sparseek.engine import LLM, SamplingParams
+    from engine_speculative import oracle_drafter
+
+    prompts = [torch.randint(10, model.args.vocab_size, (prompt,)).tolist() for _ in range(batch)]
+    params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    plain = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32)
+    refs = [o.token_ids for o in plain.generate(prompts, params)]
+
+    def timed(llm):
+        sync(dev)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        sync(dev)
+        return outs, time.perf_counter() - t
+
+    _, base = timed(plain)
+    propose = LLM._propose
+    LLM._propose = oracle_drafter(refs, accept, model.args.vocab_size)
+    try:
+        for k in ks:
+            llm = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32, speculative_tokens=k)
+            llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+            outs, dt = timed(llm)
+            drafted = sum(o.drafted for o in outs)
+            rep.add("decode speculative", batch=batch, k=k, oracle_accept=accept, tokens_per_s=batch * new / dt,
+                    plain_tokens_per_s=batch * new / base, speedup=base / dt,
+                    acceptance=sum(o.accepted for o in outs) / max(drafted, 1),
+                    same_as_plain=sum(o.token_ids == r for o, r in zip(outs, refs)))
+    finally:
+        LLM._propose = propose
 
 
 def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 32):
@@ -458,7 +497,7 @@ def transformers_side(rep: Report, args, dev, peak_flops: float, name: str, infe
         torch.cuda.empty_cache()
 
 
-SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer", "profile"]
+SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer", "profile", "speculative"]
 KEYS = ("model", "tokens", "batch", "context", "compiled", "chunk", "seq_len", "optimizer")
 
 
@@ -550,6 +589,8 @@ def main():
         for tag in (" (compiled hot paths, first: compiles)", " (compiled hot paths)"):
             rep.run("prefill", prefill, rep, model, dev, short_T, short_T, tag, need=60)
         rep.run("prefill", prefill, rep, model, dev, lengths[0], chunk, " (compiled hot paths)", need=60)
+    for batch in batches if "speculative" in want else ():
+        rep.run("decode speculative", decode_speculative, rep, model, dev, batch, need=60)
     for ctx in ((4096,) if a.smoke else (1 << 20, 131072)) if "decode-long" in want else ():
         rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=90)
     torch._dynamo.reset()  # drop the compiled steps and their graph pools before training again

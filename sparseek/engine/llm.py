@@ -549,12 +549,11 @@ class LLM:
         if all(s.out.finish_reason is not None for s in seqs):
             return
         # MTP input at position P + j is (streams at P + j, token P + j + 1): the emitted tokens
-        mtp_logits, h = self.model.forward_mtp(hidden, torch.tensor(next_ids, device=cache.device), cache,
-                                               return_hidden=True)
+        logits, h = self.model.forward_mtp(hidden, torch.tensor(next_ids, device=cache.device), cache,
+                                           at=torch.tensor(accepted, device=cache.device), return_hidden=True)
         for i, a in enumerate(accepted):
             cache.rollback(i, k - a, mtp=True)
-        rows, at = torch.arange(len(seqs)), torch.tensor(accepted)
-        self._draft(seqs, cache, mtp_logits[rows, at], h[rows, at][:, None])
+        self._draft(seqs, cache, logits[:, -1], h)
 
     def _verify(self, s: _Seq, logits_TV: torch.Tensor) -> tuple[int, list[int]]:
         """Accept a prefix of the drafts (greedy: while they equal the argmax; sampling: speculative

@@ -834,11 +834,15 @@ class DeepSeekV4(DecoderLM):
         return self._logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)[:, -1]
 
     def forward_mtp(self, hidden_BTSD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
-                    start: int | torch.Tensor = 0, *, last_n: int | None = None, return_hidden: bool = False):
+                    start: int | torch.Tensor = 0, *, last_n: int | None = None, at: torch.Tensor | None = None,
+                    return_hidden: bool = False):
         """MTP logits predicting token t+2 from the main streams at t and token t+1 (``next_ids``).
 
         ``start`` is the position of the first row entry (the MTP block keeps its own window cache in
-        ``cache.layers[-1]`` and its own position counter ``cache.mtp_pos``).
+        ``cache.layers[-1]`` and its own position counter ``cache.mtp_pos``). ``last_n``: logits of
+        the last n positions only; ``at`` ([B] indices): of one position per row ([B, 1, V], with
+        the streams of that position alone), as speculative decoding drafts from each row's last
+        accepted position.
         """
         if not len(self.mtp):
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
@@ -857,6 +861,9 @@ class DeepSeekV4(DecoderLM):
         x, h = mtp(hidden_BTSD, self.embed(next_ids), step, lc, next_ids)
         if cache is not None:
             cache.mtp_pos += T
+        if at is not None:
+            rows = torch.arange(B, device=next_ids.device)
+            x, h = x[rows, at][:, None], h[rows, at][:, None]
         logits = self.head(h if last_n is None else h[:, -last_n:]).float()
         return (logits, x) if return_hidden else logits
 

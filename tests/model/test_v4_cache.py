@@ -131,6 +131,9 @@ def test_mtp_incremental_equals_full(model, ids):
             steps.append(model.forward_mtp(ht, ids[:, t + 1:t + 2], cache))
     assert full.shape == (2, T - 1, model.args.vocab_size)
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-4
+    with torch.no_grad():  # one position per row (speculative decoding's drafts)
+        picked = model.forward_mtp(h[:, :-1], ids[:, 1:], at=torch.tensor([3, 250]))
+    assert picked.shape == (2, 1, model.args.vocab_size) and rel_err(picked, full[[0, 1], [3, 250]][:, None]) < 1e-5
 
 
 def test_last_n_logits(model, ids):
