@@ -18,6 +18,8 @@ import torch
 
 from sparseek.engine.sampling import SamplingParams, probs, sample
 from sparseek.engine.stops import StopChecker
+from sparseek.model.base import logit_positions
+from sparseek.model.cache import Cache
 
 log = logging.getLogger("sparseek")
 
@@ -71,14 +73,17 @@ class _Seq:
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
 
 
-def _shared_prefill(lens: list[int], budget: int) -> list[tuple[int, int]]:
+def _shared_prefill(lens: list[int], budget: int, pad: int = 0) -> list[tuple[int, int]]:
     """The forwards that prefill prompts of ``lens`` (longest first) together: (m, c) = the first m
     rows read their next c tokens, at most ``budget`` tokens over all rows (one per row where rows
-    outnumber it), a forward ending wherever a row's prompt does."""
+    outnumber it). A forward runs on past the end of its shortest rows by up to ``pad`` tokens,
+    which those rows read as junk and roll back (``Cache.rollback``), so that prompts whose lengths
+    differ by at most ``pad`` end in the same forward."""
     plan, p = [], 0
     while p < lens[0]:
         m = sum(n > p for n in lens)
-        c = min(lens[m - 1] - p, max(1, budget // m))
+        c = min(lens[m - 1] + pad, lens[0]) - p
+        c = min(c, max(1, budget // m))
         plan.append((m, c))
         p += c
     return plan
@@ -128,7 +133,6 @@ class LLM:
         self.batch_prefill = batch_prefill
         self.add_bos = add_bos
         self._cache = None
-        from sparseek.model.cache import Cache
 
         if not 0 <= speculative_tokens <= Cache.SPARE:
             raise ValueError(f"speculative_tokens must be in [0, {Cache.SPARE}], got {speculative_tokens}")
@@ -351,11 +355,13 @@ class LLM:
         Prompts of different lengths share each forward while they last: sorted longest first
         into consecutive slots, the rows still reading their prompt at any position are a prefix
         of them, so every forward runs rows at one position, exactly as a single sequence's
-        chunked prefill does (no padding ever enters a cache). A forward takes at most
-        ``prefill_chunk`` tokens over all its rows. Each forward also costs a fixed time, and
-        every distinct prompt length ends one of them: so prompts of many different lengths, each
-        long enough to fill its own forwards, prefill one at a time instead (the plan with fewer
-        forwards wins). Rows whose first token ends them hand their slot to the next live row."""
+        chunked prefill does. A forward runs on past its shortest prompts' end by up to
+        ``Cache.SPARE`` tokens: those rows read junk there and roll it back (nothing of it stays
+        in a cache), so prompts within 8 tokens of each other end in one forward. A forward takes
+        at most ``prefill_chunk`` tokens over all its rows. Each forward also costs a fixed time:
+        prompts of many different lengths, each long enough to fill its own forwards, prefill one
+        at a time instead (the plan with fewer forwards wins). Rows whose first token ends them
+        hand their slot to the next live row."""
         batch = []
         while (waiting and len(running) + len(batch) < self.max_batch_size
                and waiting[0].params.prompt_logprobs is None and (self.batch_prefill or not batch)):
@@ -367,7 +373,7 @@ class LLM:
         ids = torch.zeros(k, lens[0], dtype=torch.long, device=cache.device)
         for i, q in enumerate(batch):
             ids[i, :lens[i]] = torch.tensor(q.out.prompt_token_ids, device=cache.device)
-        shared = _shared_prefill(lens, self.prefill_chunk)
+        shared = _shared_prefill(lens, self.prefill_chunk, Cache.SPARE)
         alone = [_shared_prefill([n], self.prefill_chunk) for n in lens]
         groups = [(0, k, shared)] if len(shared) <= sum(map(len, alone)) else [
             (i, i + 1, plan) for i, plan in enumerate(alone)]
@@ -377,14 +383,19 @@ class LLM:
             p = 0
             for m, c in plan:  # rows [a, a + m) read positions [p, p + c)
                 view = cache.view(n0 + a, n0 + a + m)
-                logits, h = self.model(ids[a:a + m, p:p + c], view, last_n=1, return_hidden=True)
+                over = [p + c - n for n in lens[a:a + m]]  # > 0: junk read past the prompt's end
+                at = torch.tensor([c - 1 - max(o, 0) for o in over], device=cache.device)
+                logits, h = self.model(ids[a:a + m, p:p + c], view, at=at, return_hidden=True)
                 if self.speculative:
-                    h = self._prefill_mtp(ids[a:a + m, p:p + c], h, torch.cat(hidden[a:a + m]) if p else None, view)
-                    hidden[a:a + m] = h.split(1)
-                p += c
-                for i in range(m):
-                    if lens[a + i] == p:
+                    self._prefill_mtp(ids[a:a + m, p:p + c], h, torch.cat(hidden[a:a + m]) if p else None, view)
+                    hidden[a:a + m] = logit_positions(h, None, at).split(1)
+                for i, o in enumerate(over):
+                    if o >= 0:  # the prompt ends in this forward
                         last[a + i] = logits[i, -1]
+                        view.rollback(i, o)
+                        if self.speculative:
+                            view.rollback(i, o, mtp=True)
+                p += c
         for q in batch:
             q.new_ids, q.new_logprobs = [], []
         self._accept(batch, torch.stack(last))
@@ -426,7 +437,8 @@ class LLM:
             logits, h = self.model(chunk, cache, last_n=keep, return_hidden=True)
             logits = logits[0]
             if self.speculative:
-                hidden = self._prefill_mtp(chunk, h, hidden, cache)
+                self._prefill_mtp(chunk, h, hidden, cache)
+                hidden = h[:, -1:]
             if want is not None:
                 nxt = ids[0, s + 1:s + 1 + chunk.shape[1]]
                 lp = torch.log_softmax(logits[:len(nxt)].float(), dim=-1)
@@ -492,18 +504,17 @@ class LLM:
                 logits, h_N1SD = self.model.forward_mtp(h_N1SD, ids, cache, return_hidden=True)
                 logits_NV = logits[:, -1]
 
-    def _prefill_mtp(self, ids_BC, h_BCSD, prev_B1SD, cache) -> torch.Tensor:
+    def _prefill_mtp(self, ids_BC, h_BCSD, prev_B1SD, cache) -> None:
         """Feed the MTP block what a prefill forward over tokens [p, p + c) gave. Its input at
         position t is (the main model's streams at t, token t + 1), so it runs one position
-        behind: over [p - 1, p + c - 1), the previous forward's last streams (``prev``, None at p = 0)
-        in front. Returns the streams at the last position, which wait for their next token."""
+        behind: over [p - 1, p + c - 1), the streams of the previous forward's last position
+        (``prev``, None at p = 0) in front; the last position waits for its next token."""
         if prev_B1SD is not None:
             h_BCSD, nxt = torch.cat([prev_B1SD, h_BCSD], dim=1), ids_BC
         else:
             nxt = ids_BC[:, 1:]
         if nxt.shape[1]:
             self.model.forward_mtp(h_BCSD[:, :nxt.shape[1]], nxt, cache, last_n=1)
-        return h_BCSD[:, -1:]
 
     def _first_drafts(self, seqs: list[_Seq], cache, hidden_N1SD: torch.Tensor) -> None:
         """After prefill (rows of ``cache``, streams at each prompt's last position): sequences

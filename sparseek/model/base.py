@@ -42,6 +42,14 @@ class DecoderLM(nn.Module):
         return B, T, T > 1 and not bool((cache.pos == cache.pos[0]).all())
 
 
+def logit_positions(x_BT: torch.Tensor, last_n: int | None, at: torch.Tensor | None) -> torch.Tensor:
+    """The positions a forward computes logits for: all, the last ``last_n``, or one per row
+    (``at`` [B] indices -> [B, 1, ...])."""
+    if at is not None:
+        return x_BT[torch.arange(x_BT.shape[0], device=x_BT.device), at][:, None]
+    return x_BT if last_n is None else x_BT[:, -last_n:]
+
+
 def init_params(model: nn.Module, std: float, seed: int) -> None:
     """Matrices ~ N(0, std); norm weights and gating factors 1; biases, sinks and ape 0."""
     # one generator per device, drawn where the parameter lives: a CPU-drawn init of a

@@ -20,7 +20,7 @@ from torch import nn
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
 from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, yarn_mscale
-from sparseek.model.base import DecoderLM, attn_block_budget, init_params
+from sparseek.model.base import DecoderLM, attn_block_budget, init_params, logit_positions
 
 
 def _rope_layout(args: ModelArgs) -> bool:
@@ -166,7 +166,7 @@ class DeepSeekV3(DecoderLM):
             layer.attn.attn_impl = impl
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
-                return_hidden: bool = False):
+                at: torch.Tensor | None = None, return_hidden: bool = False):
         B, T, _ = self._begin(input_ids, cache)  # MLA writes and masks by each row's own positions
         if cache is not None:
             pos = cache.pos
@@ -180,8 +180,7 @@ class DeepSeekV3(DecoderLM):
             x = layer(x, cos, sin, cache.layers[i].latent if cache is not None else None, pos, decode)
         if cache is not None:
             cache.pos += T
-        h = x if last_n is None else x[:, -last_n:]
-        logits = self.head(self.norm(h)).float()
+        logits = self.head(self.norm(logit_positions(x, last_n, at))).float()
         return (logits, x) if return_hidden else logits
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:

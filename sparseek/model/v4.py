@@ -28,7 +28,7 @@ from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model import common, kernels
-from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, query_block
+from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions, query_block
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
@@ -801,18 +801,20 @@ class DeepSeekV4(DecoderLM):
 
     # ------------------------------------------------------------------ public
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
-                return_hidden: bool = False):
-        """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence."""
+                at: torch.Tensor | None = None, return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence.
+        ``last_n``: logits of the last n positions only; ``at`` ([B] indices): of one position per
+        row ([B, 1, V]). The streams (``return_hidden``) come back for every position."""
         B, T, rows_apart = self._begin(input_ids, cache)
         if rows_apart and T > PER_ROW_TOKENS:
-            return self._rowwise(input_ids, cache, last_n, return_hidden)
+            return self._rowwise(input_ids, cache, last_n, at, return_hidden)
         step = self._step(B, T, cache.pos if cache is not None else None, input_ids.device, cache is not None)
         x = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
             x = layer(x, step, cache.layers[i] if cache is not None else None, input_ids)
         if cache is not None:
             cache.pos += T
-        logits = self._logits(x if last_n is None else x[:, -last_n:], self.hc_head_fn, self.hc_head_scale,
+        logits = self._logits(logit_positions(x, last_n, at), self.hc_head_fn, self.hc_head_scale,
                               self.hc_head_base, self.norm)
         return (logits, x) if return_hidden else logits
 
@@ -862,17 +864,16 @@ class DeepSeekV4(DecoderLM):
         if cache is not None:
             cache.mtp_pos += T
         if at is not None:
-            rows = torch.arange(B, device=next_ids.device)
-            x, h = x[rows, at][:, None], h[rows, at][:, None]
-        logits = self.head(h if last_n is None else h[:, -last_n:]).float()
+            x = logit_positions(x, None, at)
+        logits = self.head(logit_positions(h, last_n, at)).float()
         return (logits, x) if return_hidden else logits
 
     # ------------------------------------------------------------------ internals
-    def _rowwise(self, input_ids, cache, last_n, return_hidden):
+    def _rowwise(self, input_ids, cache, last_n, at, return_hidden):
         """More than PER_ROW_TOKENS tokens per row, rows at different positions: one row at a time
         (each a chunk from its own start)."""
-        outs = [self(input_ids[r:r + 1], cache.select(r), last_n=last_n, return_hidden=return_hidden)
-                for r in range(input_ids.shape[0])]
+        outs = [self(input_ids[r:r + 1], cache.select(r), last_n=last_n, at=None if at is None else at[r:r + 1],
+                     return_hidden=return_hidden) for r in range(input_ids.shape[0])]
         if return_hidden:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         return torch.cat(outs)

@@ -8,6 +8,7 @@ import torch
 import sparseek
 from sparseek.engine import LLM, SamplingParams
 from sparseek.model import build_model
+from sparseek.model.cache import Cache
 from sparseek.tokenizer import default_tokenizer
 from tests.conftest import randomize_, rel_err
 
@@ -47,7 +48,8 @@ def test_continuous_batching_gives_each_sequence_its_own_result(model, tok, para
 def test_prompts_prefill_together_as_each_alone(model, tok, v3, monkeypatch):
     """Waiting prompts of different lengths prefill in shared forwards (several rows each, at
     most ``prefill_chunk`` tokens, crossing window, CSA and HCA boundaries), with the same first
-    tokens and log-probabilities as each prompt alone. Sequences that end at their first token
+    tokens and log-probabilities as each prompt alone, also where a shorter prompt reads junk to the
+    end of a shared forward and rolls it back. Sequences that end at their first token
     hand their slot on; one that wants prompt log-probabilities waits for its own prefill; the
     rest decode on as if alone."""
     if v3:
@@ -57,15 +59,17 @@ def test_prompts_prefill_together_as_each_alone(model, tok, v3, monkeypatch):
     prompts = [torch.randint(3, 500, (n,), generator=g).tolist() for n in lengths]
     per = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True, logprobs=2) for n in (6, 1, 6, 6, 1, 6, 6, 6)]
     per[6] = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, logprobs=2, prompt_logprobs=1)
-    rows = []
-    forward = type(model).forward
+    rows, junk = [], []
+    forward, rollback = type(model).forward, Cache.rollback
 
     def spy(self, ids, *a, **kw):
         rows.append(ids.shape)
         return forward(self, ids, *a, **kw)
     monkeypatch.setattr(type(model), "forward", spy)
+    monkeypatch.setattr(Cache, "rollback", lambda c, row, n, mtp=False: junk.append(n) or rollback(c, row, n, mtp))
     outs = LLM(model, tok, max_batch_size=6, max_seq_len=512, prefill_chunk=48).generate(prompts, per)
     assert any(b > 2 and t > 1 for b, t in rows) and all(b * t <= 48 or b == 1 for b, t in rows)
+    assert any(n > 0 for n in junk)  # some prompts ended inside a forward and forgot the junk after them
     monkeypatch.setattr(type(model), "forward", forward)
     for p, sp, out in zip(prompts, per, outs):
         alone = LLM(model, tok, max_batch_size=1, max_seq_len=512).generate([p], sp)[0]
@@ -78,15 +82,23 @@ def test_prompts_prefill_together_as_each_alone(model, tok, v3, monkeypatch):
 
 
 def test_shared_prefill_plan():
-    """Each row reads exactly its prompt, the rows of a forward are a prefix (longest first), no
-    forward passes the token budget, and equal prompts share every forward."""
+    """Each row reads its prompt (and, with a pad, at most that much junk in its last forward), the
+    rows of a forward are a prefix (longest first), no forward passes the token budget, and equal
+    prompts share every forward."""
     from sparseek.engine.llm import _shared_prefill
 
     assert _shared_prefill([64] * 32, 512) == [(32, 16)] * 4
     for lens, budget in (([150, 131, 40, 40, 23, 12, 9, 5], 48), ([7, 3, 3, 1], 4), ([600], 512)):
-        plan = _shared_prefill(lens, budget)
-        assert all(m * c <= budget for m, c in plan)
-        assert [sum(c for m, c in plan if m > i) for i in range(len(lens))] == lens
+        for pad in (0, 8):
+            plan = _shared_prefill(lens, budget, pad)
+            assert all(m * c <= budget for m, c in plan)
+            for i, n in enumerate(lens):  # junk (at most pad tokens) only in a row's last forward
+                reads = [c for m, c in plan if m > i]
+                assert sum(reads[:-1]) < n <= sum(reads) <= n + pad
+            if not pad:
+                assert [sum(c for m, c in plan if m > i) for i in range(len(lens))] == lens
+    # lengths within the pad of each other end in one forward
+    assert _shared_prefill([60, 57, 55, 53], 512, 8) == [(4, 60)] and len(_shared_prefill([60, 57, 55, 53], 512)) == 4
 
 
 def test_greedy_matches_the_uncached_model(model, tok):
@@ -246,7 +258,7 @@ def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, pre
     or (asking for prompt log-probabilities) alone, in one chunk or many."""
     params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
     refs = [_solo(model, tok, p, params).token_ids for p in PROMPTS[:3]]
-    params = [params, SamplingParams(**{**params.__dict__, "prompt_logprobs": 1}), params]
+    params = [params, params, SamplingParams(**{**params.__dict__, "prompt_logprobs": 1})]
     seen = []
 
     def oracle(self, s, logits_V):
@@ -258,7 +270,7 @@ def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, pre
     monkeypatch.setattr(LLM, "_propose", oracle)
     outs = LLM(model, tok, max_batch_size=3, max_seq_len=512, speculative_tokens=2,
                prefill_chunk=prefill_chunk).generate(PROMPTS[:3], params)
-    assert len({o.accepted for o in outs}) > 1 and len(outs[1].prompt_logprobs) == len(PROMPTS[1])
+    assert len({o.accepted for o in outs}) > 1 and len(outs[2].prompt_logprobs) == len(PROMPTS[2])
     with torch.no_grad():
         for out in outs:
             assert out.token_ids == refs[out.index]
