@@ -32,8 +32,9 @@ from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_p
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
 
-# Rows at different positions take the per-row path with up to this many tokens each (decode steps,
-# speculative drafts): the rings' spare slots let that many be written before any is attended.
+# Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
+# speculative verification and drafts; rows at any positions): the rings' spare slots let that many
+# be written before any is attended. Past it, rows at different positions run one at a time.
 PER_ROW_TOKENS = Cache.SPARE + 1
 
 
