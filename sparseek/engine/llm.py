@@ -73,6 +73,11 @@ class _Seq:
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
 
 
+def _logprobs_if_asked(seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor | None:
+    """Log-probabilities over the vocabulary, computed only when some sequence reports them."""
+    return torch.log_softmax(logits.float(), dim=-1) if any(s.params.logprobs is not None for s in seqs) else None
+
+
 def _shared_prefill(lens: list[int], budget: int, pad: int = 0) -> list[tuple[int, int]]:
     """The forwards that prefill prompts of ``lens`` (longest first) together: (m, c) = the first m
     rows read their next c tokens, at most ``budget`` tokens over all rows (one per row where rows
@@ -448,8 +453,7 @@ class LLM:
     def _accept(self, seqs: list[_Seq], logits_NV: torch.Tensor) -> None:
         """Sample one token per sequence from its logits and record it."""
         toks = sample(logits_NV, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        need_lp = any(s.params.logprobs is not None for s in seqs)
-        lp = torch.log_softmax(logits_NV.float(), dim=-1) if need_lp else None
+        lp = _logprobs_if_asked(seqs, logits_NV)
         for j, (s, t) in enumerate(zip(seqs, toks)):
             self._push(s, t, lp[j] if lp is not None else None)
 
@@ -544,8 +548,7 @@ class LLM:
         cache.mtp_pos.copy_(cache.pos)  # forget the chained drafts' MTP positions
         tokens = torch.tensor([[s.last_token] + s.drafts for s in seqs], device=cache.device)
         logits, hidden = self.model(tokens, cache, return_hidden=True)
-        need_lp = any(s.params.logprobs is not None for s in seqs)
-        lp = torch.log_softmax(logits.float(), dim=-1) if need_lp else None
+        lp = _logprobs_if_asked(seqs, logits)
         accepted, next_ids = [], []
         for i, s in enumerate(seqs):
             a, emitted = self._verify(s, logits[i])
@@ -573,8 +576,9 @@ class LLM:
         emitted = []
         for i, d in enumerate(s.drafts):
             if s.params.greedy:
-                if int(logits_TV[i].argmax()) != d:
-                    return i, emitted + [int(logits_TV[i].argmax())]
+                best = int(logits_TV[i].argmax())
+                if best != d:
+                    return i, emitted + [best]
             else:
                 p, q = probs(logits_TV[i], s.params), s.draft_probs[i]
                 r = float(torch.rand(1, generator=s.generator))
