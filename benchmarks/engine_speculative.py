@@ -2,6 +2,7 @@
 
     python benchmarks/engine_speculative.py --model /tmp/nano_run/checkpoint --batch 1 4 8 --k 1 2
     python benchmarks/engine_speculative.py --model small --dtype bfloat16 --drafter oracle --accept 0.8
+    python benchmarks/engine_speculative.py --model small --compile --drafter oracle --batch 1 8 --k 1 2 3
 
 Greedy generation of ``--max-tokens`` tokens for ``--batch`` prompts at once, timed end to end
 (prompts are short, so decoding dominates), in alternating rounds of one process (this VM drifts
@@ -17,6 +18,10 @@ Greedy generation of ``--max-tokens`` tokens for ``--batch`` prompts at once, ti
 acceptance rate; a random preset accepts next to nothing). ``--drafter oracle`` drafts the plain
 greedy token with probability ``--accept`` and a wrong one otherwise (seeded): speed at a chosen
 acceptance rate. Every speculative output must equal the plain greedy output (checked).
+
+``--compile``: every engine compiled (``LLM(compile=True)``: plain decoding's step, and the
+verification and MTP draft steps), each warmed up by one untimed run; the forward line then times
+the compiled steps. Row-by-row verification has no compiled form and is skipped.
 """
 
 from __future__ import annotations
@@ -95,6 +100,34 @@ def _forward_ms(model, prompts: list[list[int]], ks: list[int], reps: int = 10) 
     return "forward ms (tokens per row): " + ", ".join(parts)
 
 
+@torch.inference_mode()
+def _compiled_ms(model, plain: LLM, spec: dict[int, LLM], reps: int = 20) -> str:
+    """What the compiled engines' steps cost (all ``max_batch_size`` rows, as the engine runs them)."""
+    B = plain.max_batch_size
+
+    def ms(f, T, mtp=False):
+        def call():
+            f(T)
+            (cache.mtp_pos if mtp else cache.pos).sub_(T)
+        call()
+        t = time.perf_counter()
+        for _ in range(reps):
+            call()
+        return (time.perf_counter() - t) / reps * 1e3
+
+    cache = plain._cache
+    parts = [f"decode x1 {ms(lambda T: plain._decode_fn(torch.zeros(B, 1, dtype=torch.long), cache), 1):.1f}"]
+    h = torch.zeros(B, max(spec) + 1, model.args.hc_mult, model.args.hidden_size, dtype=model.embed.weight.dtype)
+    at = torch.zeros(B, dtype=torch.long)
+    for k, llm in spec.items():
+        cache = llm._cache
+        parts.append(f"verify x{k + 1} {ms(lambda T: llm._verify_fn(torch.zeros(B, T, dtype=torch.long), cache), k + 1):.1f}")
+        parts.append(f"MTP x{k + 1} {ms(lambda T: llm._mtp_fn(h[:, :T], torch.zeros(B, T, dtype=torch.long), cache, at), k + 1, True):.1f}")
+    if spec:
+        parts.append(f"MTP x1 {ms(lambda T: llm._mtp_fn(h[:, :T], torch.zeros(B, T, dtype=torch.long), cache, at), 1, True):.1f}")
+    return "compiled step ms (tokens per row): " + ", ".join(parts)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="small", help="preset or checkpoint directory")
@@ -107,10 +140,13 @@ def main() -> None:
     ap.add_argument("--accept", type=float, default=0.8, help="oracle drafter: share of right drafts")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--no-rowwise", action="store_true", help="skip the row-by-row rows")
+    ap.add_argument("--compile", action="store_true", help="compiled engines (see the module docstring)")
     a = ap.parse_args()
+    a.no_rowwise = a.no_rowwise or a.compile
     model, tok = sparseek.load(a.model, dtype=getattr(torch, a.dtype))
     params = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True)
     print(f"{a.model} {a.dtype}, drafter {a.drafter}" + (f" (accept {a.accept})" if a.drafter == "oracle" else "")
+          + (", compiled" if a.compile else "")
           + f", {a.max_tokens} new tokens per prompt of {a.prompt_len}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, median of {a.rounds} alternating rounds")
 
@@ -123,16 +159,20 @@ def main() -> None:
     for B in a.batch:
         prompts = _prompts(model.args, tok, B, a.prompt_len)
         max_len = a.prompt_len + a.max_tokens + 16
-        plain_llm = LLM(model, tok, max_batch_size=B, max_seq_len=max_len)
-        ref = [o.token_ids for o in plain_llm.generate(prompts, params)]
-        modes = {"plain": (plain_llm, None)}
+        plain_llm = LLM(model, tok, max_batch_size=B, max_seq_len=max_len, compile=a.compile)
+        ref = [o.token_ids for o in plain_llm.generate(prompts, params)]  # (compiles the plain engine)
+        modes, spec = {"plain": (plain_llm, None)}, {}
         for k in a.k:
-            llm = LLM(model, tok, max_batch_size=B, max_seq_len=max_len, speculative_tokens=k)
+            llm = spec[k] = LLM(model, tok, max_batch_size=B, max_seq_len=max_len, speculative_tokens=k,
+                                compile=a.compile)
             modes[f"k={k} batched"] = (llm, batched_step)
             if not a.no_rowwise and B > 1:
                 modes[f"k={k} row by row"] = (llm, row_by_row)
         if a.drafter == "oracle":
             LLM._propose = oracle_drafter(ref, a.accept, model.args.vocab_size)
+        if a.compile:
+            for llm in spec.values():
+                llm.generate(prompts, params)  # compiles (minutes)
         secs = {m: [] for m in modes}
         stats = {}
         for _ in range(a.rounds):
@@ -146,7 +186,8 @@ def main() -> None:
                 same = sum(o.token_ids == r for o, r in zip(outs, ref))
                 drafted, accepted = sum(o.drafted for o in outs), sum(o.accepted for o in outs)
                 stats[m] = (same, drafted, accepted)
-        print(f"\nbatch {B}: {_forward_ms(model, prompts, a.k)}")
+        line = _compiled_ms(model, plain_llm, spec) if a.compile else _forward_ms(model, prompts, a.k)
+        print(f"\nbatch {B}: {line}")
         base = sorted(secs["plain"])[a.rounds // 2]
         for m, v in secs.items():
             dt = sorted(v)[a.rounds // 2]

@@ -101,13 +101,14 @@ class LLM:
                  batch_prefill: bool = True):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
-        identical tokens). Each sequence is verified on its own, so it helps latency, not batch
-        throughput.
+        identical tokens). All running sequences verify their drafts in one forward and draft in
+        one MTP forward per token.
 
         ``compile=True`` compiles the decode step (fixed shapes: every decode step runs all
         ``max_batch_size`` rows, idle ones on a dummy token) with torch.compile; on a GPU the
         compiled step is also captured as a CUDA graph, on a CPU its matrix-vector products are
-        fused reductions (``sparseek.engine.compile``). Prefill runs the mHC stream passes, the
+        fused reductions (``sparseek.engine.compile``). Under speculative decoding the
+        verification forward and the MTP block's draft steps are compiled the same way. Prefill runs the mHC stream passes, the
         attention softmax, its projections and norms and the routed experts compiled
         (``sparseek.model.v4.compile_hot_paths``). Compiling takes minutes on a CPU. The
         compiled step skips dynamo's guards after warm-up: change the model (dtype, device,
@@ -144,14 +145,19 @@ class LLM:
         if speculative_tokens and not len(getattr(model, "mtp", ())):
             raise ValueError("speculative decoding drafts with the MTP block, and this model has none")
         self.speculative = speculative_tokens
-        self._decode_fn = None
+        self._decode_fn = self._verify_fn = self._mtp_fn = None
         if compile:
             if not hasattr(model, "decode_step"):
                 raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
             from sparseek.engine.compile import CompiledStep
             from sparseek.model.v4 import compile_hot_paths
 
-            self._decode_fn = CompiledStep(model.decode_step, next(model.parameters()).device)
+            device = next(model.parameters()).device
+            self._decode_fn = CompiledStep(model.decode_step, device)
+            if self.speculative:
+                self._verify_fn = CompiledStep(model.verify_step, device)
+                # two shapes (k + 1 tokens after verification, 1 per chained draft): four guarded calls
+                self._mtp_fn = CompiledStep(model.mtp_step, device, warmup=4)
             compile_hot_paths()  # prefill: the mHC passes over the streams fuse (process-wide swap)
 
     # ------------------------------------------------------------------ public API
@@ -336,7 +342,7 @@ class LLM:
             for s in running:
                 s.new_ids, s.new_logprobs = [], []
             if self.speculative:
-                self._spec_step(running, cache.view(0, n))
+                self._spec_step(running, cache)
             else:
                 self._accept(running, self._decode(running, cache))
             full = (cache.pos[:n] + 1 + self.speculative >= self.max_seq_len).tolist()
@@ -505,8 +511,22 @@ class LLM:
                 s.draft_probs.append(q)
             if j + 1 < self.speculative:
                 ids = torch.tensor([[s.drafts[-1]] for s in seqs], device=cache.device)
-                logits, h_N1SD = self.model.forward_mtp(h_N1SD, ids, cache, return_hidden=True)
-                logits_NV = logits[:, -1]
+                logits_NV, h_N1SD = self._mtp(h_N1SD, ids, cache)
+
+    def _mtp(self, h_NTSD, ids_NT, cache, at_N: torch.Tensor | None = None):
+        """The MTP block over rows [0, N) of ``cache`` -> (logits [N, V], streams [N, 1, S, D]) at
+        ``at`` (default: the last position). The compiled engine runs it on the whole cache
+        (fixed shapes: idle rows on dummy inputs)."""
+        n, T = ids_NT.shape
+        if at_N is None:
+            at_N = torch.full((n,), T - 1, dtype=torch.long, device=ids_NT.device)
+        if self._mtp_fn is None or cache is not self._cache:
+            logits, h = self.model.forward_mtp(h_NTSD, ids_NT, cache, at=at_N, return_hidden=True)
+            return logits[:, -1], h
+        # idle rows' MTP positions move a few steps at most: each step starts them from ``pos`` again
+        logits, h = self._mtp_fn(_rows(h_NTSD, self.max_batch_size), _rows(ids_NT, self.max_batch_size),
+                                 cache, _rows(at_N, self.max_batch_size))
+        return logits[:n], h[:n]
 
     def _prefill_mtp(self, ids_BC, h_BCSD, prev_B1SD, cache) -> None:
         """Feed the MTP block what a prefill forward over tokens [p, p + c) gave. Its input at
@@ -530,8 +550,7 @@ class LLM:
         if all(s.out.finish_reason is not None for s in seqs):
             return
         ids = torch.tensor([[s.last_token] for s in seqs], device=cache.device)
-        logits, h = self.model.forward_mtp(hidden_N1SD, ids, cache, return_hidden=True)
-        self._draft(seqs, cache, logits[:, -1], h)
+        self._draft(seqs, cache, *self._mtp(hidden_N1SD, ids, cache))
 
     def _propose(self, s: _Seq, logits_V: torch.Tensor) -> tuple[int, torch.Tensor | None]:
         if s.params.greedy:
@@ -540,14 +559,20 @@ class LLM:
         return int(torch.multinomial(q.cpu(), 1, generator=s.generator)), q
 
     def _spec_step(self, seqs: list[_Seq], cache) -> None:
-        """Verify every sequence's drafts in one forward (rows at their own positions, k + 1 tokens
-        each), keep what each accepts, and draft again -- the MTP block too runs once for all rows.
-        The engine admits a sequence only with room for k + 1 more tokens and ends it when that runs
-        out, so every row fits."""
-        k = self.speculative
+        """Verify every sequence's drafts in one forward (rows [0, n) of ``cache``, each at its own
+        position, k + 1 tokens each), keep what each accepts, and draft again -- the MTP block too
+        runs once for all rows. The engine admits a sequence only with room for k + 1 more tokens
+        and ends it when that runs out, so every row fits."""
+        k, n = self.speculative, len(seqs)
         cache.mtp_pos.copy_(cache.pos)  # forget the chained drafts' MTP positions
         tokens = torch.tensor([[s.last_token] + s.drafts for s in seqs], device=cache.device)
-        logits, hidden = self.model(tokens, cache, return_hidden=True)
+        if self._verify_fn is not None:  # fixed shapes: all slots, idle ones on dummy tokens
+            logits, hidden = self._verify_fn(_rows(tokens, self.max_batch_size), cache)
+            cache.pos[n:] = 0
+            logits, hidden = logits[:n], hidden[:n]
+        else:
+            cache = cache.view(0, n)
+            logits, hidden = self.model(tokens, cache, return_hidden=True)
         lp = _logprobs_if_asked(seqs, logits)
         accepted, next_ids = [], []
         for i, s in enumerate(seqs):
@@ -563,11 +588,11 @@ class LLM:
         if all(s.out.finish_reason is not None for s in seqs):
             return
         # MTP input at position P + j is (streams at P + j, token P + j + 1): the emitted tokens
-        logits, h = self.model.forward_mtp(hidden, torch.tensor(next_ids, device=cache.device), cache,
-                                           at=torch.tensor(accepted, device=cache.device), return_hidden=True)
+        logits, h = self._mtp(hidden, torch.tensor(next_ids, device=cache.device), cache,
+                              torch.tensor(accepted, device=cache.device))
         for i, a in enumerate(accepted):
             cache.rollback(i, k - a, mtp=True)
-        self._draft(seqs, cache, logits[:, -1], h)
+        self._draft(seqs, cache, logits, h)
 
     def _verify(self, s: _Seq, logits_TV: torch.Tensor) -> tuple[int, list[int]]:
         """Accept a prefix of the drafts (greedy: while they equal the argmax; sampling: speculative
@@ -591,6 +616,13 @@ class LLM:
 
     def _bonus(self, s: _Seq, logits_V: torch.Tensor) -> int:
         return int(sample(logits_V[None], [s.params], [s.generator])[0])
+
+
+def _rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``x`` with its rows padded with zeros to ``n`` (a compiled step's fixed batch)."""
+    if x.shape[0] == n:
+        return x
+    return torch.cat([x, x.new_zeros(n - x.shape[0], *x.shape[1:])])
 
 
 def _top(lp_V: torch.Tensor, chosen: int, n: int) -> dict[int, float]:

@@ -827,14 +827,26 @@ class DeepSeekV4(DecoderLM):
         whole buffer under a mask, experts are gathered per token. Inputs are not validated here;
         the engine checks token ids and room in the cache.
         """
-        positions = cache.pos[:, None]
-        step = Step(pos=cache.pos, positions=positions, start=None, rotary=dict(self.rotary.items()),
-                    rope={k: r(positions) for k, r in self.rotary.items()}, static=True)
-        x = self.embed(input_ids_B1).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
-        for i, layer in enumerate(self.layers):
-            x = layer(x, step, cache.layers[i], input_ids_B1)
-        cache.pos += 1
-        return self._logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)[:, -1]
+        x = self._static(input_ids_B1, cache)
+        return self._logits(x[:, -1:], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)[:, -1]
+
+    def verify_step(self, input_ids_BT: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """``decode_step`` for T <= PER_ROW_TOKENS tokens per row (a token and its drafts, each row
+        at its own position) -> (logits [B, T, V], streams [B, T, S, D]): what speculative decoding
+        verifies, compiled as the decode step is."""
+        x = self._static(input_ids_BT, cache)
+        return self._logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm), x
+
+    def mtp_step(self, hidden_BTSD: torch.Tensor, next_ids_BT: torch.Tensor, cache: Cache, at_B: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward_mtp(..., cache, at=at_B, return_hidden=True)`` with fixed shapes (T <=
+        PER_ROW_TOKENS) -> (draft logits [B, V] at each row's ``at``, the block's streams there
+        [B, 1, S, D])."""
+        positions = cache.mtp_pos[:, None] + torch.arange(next_ids_BT.shape[1], device=next_ids_BT.device)
+        x, h = self.mtp[0](hidden_BTSD, self.embed(next_ids_BT), self._static_step(cache.mtp_pos, positions),
+                           cache.layers[self.args.num_hidden_layers], next_ids_BT)
+        cache.mtp_pos += next_ids_BT.shape[1]
+        return self.head(logit_positions(h, None, at_B)[:, 0]).float(), logit_positions(x, None, at_B)
 
     def forward_mtp(self, hidden_BTSD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
                     start: int | torch.Tensor = 0, *, last_n: int | None = None, at: torch.Tensor | None = None,
@@ -878,6 +890,20 @@ class DeepSeekV4(DecoderLM):
         if return_hidden:
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         return torch.cat(outs)
+
+    def _static(self, input_ids_BT, cache):
+        """The main layers on the fixed-shape per-row path -> the streams [B, T, S, D]."""
+        positions = cache.pos[:, None] + torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
+        step = self._static_step(cache.pos, positions)
+        x = self.embed(input_ids_BT).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
+        for i, layer in enumerate(self.layers):
+            x = layer(x, step, cache.layers[i], input_ids_BT)
+        cache.pos += input_ids_BT.shape[1]
+        return x
+
+    def _static_step(self, pos_B, positions_BT) -> Step:
+        return Step(pos=pos_B, positions=positions_BT, start=None, rotary=dict(self.rotary.items()),
+                    rope={k: r(positions_BT) for k, r in self.rotary.items()}, static=True)
 
     def _logits(self, x_BTSD, fn, scale, base, norm):
         h = hc_head(x_BTSD, fn, scale, base, self.args.rms_norm_eps, self.args.hc_eps)

@@ -249,17 +249,28 @@ def test_speculative_accepts_good_drafts(model, tok, k, batch, monkeypatch):
     assert (batch, k + 1) in shapes and len({o.accepted for o in outs}) == batch  # rows advanced apart
 
 
-@pytest.mark.parametrize("prefill_chunk", [512, 16])
-def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, prefill_chunk):
+def _static_steps(monkeypatch):
+    """LLM(compile=True) with its fixed-shape steps run uncompiled: the engine's padding to the
+    whole batch and its resets of idle rows, tested in seconds (compiled: the slow tests)."""
+    from sparseek.engine import compile as engine_compile
+    from sparseek.model import v4
+
+    monkeypatch.setattr(engine_compile, "CompiledStep", lambda fn, device, **kw: fn)
+    monkeypatch.setattr(v4, "compile_hot_paths", lambda: None)
+
+
+@pytest.mark.parametrize("prefill_chunk,static", [(512, False), (16, False), (512, True)])
+def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, prefill_chunk, static):
     """Every draft is the MTP block's prediction as a one-shot run of the sequence gives it: the
     first from the main model's streams at the newest position, the second chained on the MTP
     block's own output -- whatever each row of the batch accepted (an oracle makes most drafts
     right and some wrong, so the rows accept different counts), after prompts prefilled together
-    or (asking for prompt log-probabilities) alone, in one chunk or many."""
+    or (asking for prompt log-probabilities) alone, in one chunk or many, and through the
+    fixed-shape steps a compiled engine verifies and drafts with (``static``)."""
     params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
     refs = [_solo(model, tok, p, params).token_ids for p in PROMPTS[:3]]
     params = [params, params, SamplingParams(**{**params.__dict__, "prompt_logprobs": 1})]
-    seen = []
+    seen, calls = [], []
 
     def oracle(self, s, logits_V):
         seen.append((s.out.index, len(s.out.token_ids), list(s.drafts), logits_V.clone()))
@@ -268,8 +279,16 @@ def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, pre
         return (good if i % (3 + s.out.index) != 1 else (good + 1) % 512), None
 
     monkeypatch.setattr(LLM, "_propose", oracle)
-    outs = LLM(model, tok, max_batch_size=3, max_seq_len=512, speculative_tokens=2,
+    if static:
+        _static_steps(monkeypatch)
+        for name in ("verify_step", "mtp_step"):
+            fn = getattr(type(model), name)
+            monkeypatch.setattr(type(model), name, lambda *a, _f=fn, _n=name: calls.append(_n) or _f(*a))
+    outs = LLM(model, tok, max_batch_size=3, max_seq_len=512, speculative_tokens=2, compile=static,
                prefill_chunk=prefill_chunk).generate(PROMPTS[:3], params)
+    monkeypatch.undo()
+    # the fixed-shape steps verify and draft (prompts still prefill and draft first eagerly)
+    assert calls.count("verify_step") > 5 and calls.count("mtp_step") > 10 if static else not calls
     assert len({o.accepted for o in outs}) > 1 and len(outs[2].prompt_logprobs) == len(PROMPTS[2])
     with torch.no_grad():
         for out in outs:
@@ -290,16 +309,23 @@ def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, pre
                 assert rel_err(logits, want[0, -1]) < 1e-4, (out.index, g, drafts)
 
 
-def test_speculative_decoding_stops_at_the_end_of_the_cache(model, tok):
+@pytest.mark.parametrize("static", [False, True])
+def test_speculative_decoding_stops_at_the_end_of_the_cache(model, tok, static, monkeypatch):
     """Rows reach the cache's end at different steps (one is admitted without room for a draft):
-    each ends with "length" on a prefix of its plain greedy output, nothing writes past the cache."""
+    each ends with "length" on a prefix of its plain greedy output, nothing writes past the cache.
+    ``static``: the compiled engine's fixed-shape steps, rows going idle one by one."""
     prompts = [list(range(1, 30)), list(range(3, 38)), [9] * 37, [4, 5, 6]]
     params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
     plain = LLM(model, tok, max_batch_size=4, max_seq_len=40).generate(prompts, params)
-    spec = LLM(model, tok, max_batch_size=4, max_seq_len=40, speculative_tokens=3).generate(prompts, params)
+    if static:
+        _static_steps(monkeypatch)
+    llm = LLM(model, tok, max_batch_size=4, max_seq_len=40, speculative_tokens=3, compile=static)
+    spec = llm.generate(prompts, params)
     for p, s in zip(plain, spec):
         assert s.finish_reason == "length" and 0 < len(s.token_ids) <= len(p.token_ids)
         assert s.token_ids == p.token_ids[:len(s.token_ids)]
+    # rows that ended early sat idle under the fixed-shape steps without drifting past the cache
+    assert int(llm._cache.pos.max()) <= 40 and int(llm._cache.mtp_pos.max()) <= 40
 
 
 def test_speculative_sampling_is_seeded(model, tok):
@@ -315,6 +341,19 @@ def test_compiled_decode_gives_the_same_tokens(model, tok, eager_hot_paths):
     eager = LLM(model, tok, max_batch_size=2, max_seq_len=256).generate(PROMPTS[:3], params)
     compiled = LLM(model, tok, max_batch_size=2, max_seq_len=256, compile=True).generate(PROMPTS[:3], params)
     assert [o.token_ids for o in eager] == [o.token_ids for o in compiled]
+
+
+@pytest.mark.slow
+def test_compiled_speculative_decoding_gives_plain_tokens(model, tok, eager_hot_paths):
+    """The compiled verification and draft steps (and, on a GPU, their CUDA graphs): greedy tokens
+    equal plain decoding's, rows finishing at different steps, a later prompt taking a freed slot."""
+    params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (14, 6, 10)]
+    plain = LLM(model, tok, max_batch_size=2, max_seq_len=256).generate(PROMPTS[:3], params)
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=256, speculative_tokens=2, compile=True)
+    spec = llm.generate(PROMPTS[:3], params)
+    assert [o.token_ids for o in spec] == [o.token_ids for o in plain] and all(o.drafted for o in spec)
+    # both steps ran their guarded warm-up calls (and more, guards skipped: they are not counted)
+    assert (llm._verify_fn._calls, llm._mtp_fn._calls) == (llm._verify_fn._warmup, llm._mtp_fn._warmup)
 
 
 def test_bfloat16_engine_generates_and_batches(tok):

@@ -86,15 +86,17 @@ def test_multi_token_chunk_with_rows_apart(model, ids):
     assert rel_err(got[0], ref0) < 1e-4 and rel_err(got[1], ref1) < 1e-4
 
 
-@pytest.mark.parametrize("n", [2, 5, PER_ROW_TOKENS])
-def test_few_tokens_per_row_with_rows_apart(model, ids, n, monkeypatch):
+@pytest.mark.parametrize("n,static", [(2, False), (5, False), (PER_ROW_TOKENS, False), (3, True), (PER_ROW_TOKENS, True)])
+def test_few_tokens_per_row_with_rows_apart(model, ids, n, static, monkeypatch):
     """Batched speculative verification: rows at different positions feed n tokens each in one
     forward (the per-row path, not row by row), keep some, roll back the rest (junk drafts); the MTP
-    block does the same. Each row gets what the one-shot forward gives it."""
+    block does the same. Each row gets what the one-shot forward gives it. ``static``: the same
+    through the fixed-shape steps a compiled engine runs (``verify_step``, ``mtp_step``, whose
+    drafts come from one position per row)."""
     monkeypatch.setattr(type(model), "_rowwise", lambda *a, **k: pytest.fail("ran row by row"))
     lens = [123, 29]  # next to the HCA window's end (128) and inside CSA / sliding windows
     junk = torch.randint(0, model.args.vocab_size, (n,), generator=torch.Generator().manual_seed(9))
-    got, got_mtp, pos = [[], []], [[], []], list(lens)
+    got, got_mtp, pos, keeps = [[], []], [[], []], list(lens), [[], []]
     with torch.no_grad():
         cache = model.new_cache(2, T + 8)
         for r, L in enumerate(lens):
@@ -103,20 +105,30 @@ def test_few_tokens_per_row_with_rows_apart(model, ids, n, monkeypatch):
         for step in range(12):
             keep = [(step + r) % n + 1 for r in range(2)]
             chunk = torch.stack([torch.cat([ids[r, pos[r]:pos[r] + keep[r]], junk[:n - keep[r]]]) for r in range(2)])
-            logits, h = model(chunk, cache, return_hidden=True)
             nxt = torch.stack([ids[r, pos[r] + 1:pos[r] + 1 + n] for r in range(2)])
-            mtp = model.forward_mtp(h, nxt, cache)
+            if static:
+                logits, h = model.verify_step(chunk, cache)
+                at = torch.tensor(keep) - 1
+                mtp, x = model.mtp_step(h, nxt, cache, at)
+                assert x.shape == (2, 1, *h.shape[2:])
+            else:
+                logits, h = model(chunk, cache, return_hidden=True)
+                mtp = model.forward_mtp(h, nxt, cache)
             for r in range(2):
                 got[r].append(logits[r, :keep[r]])
-                got_mtp[r].append(mtp[r, :keep[r]])
+                got_mtp[r].append(mtp[r, None] if static else mtp[r, :keep[r]])
                 cache.rollback(r, n - keep[r])
                 cache.rollback(r, n - keep[r], mtp=True)
                 pos[r] += keep[r]
+                keeps[r].append(keep[r])
         for r, L in enumerate(lens):
             full, h = model(ids[r:r + 1, :pos[r] + 1], return_hidden=True)
             full_mtp = model.forward_mtp(h[:, :-1], ids[r:r + 1, 1:pos[r] + 1])
             assert rel_err(torch.cat(got[r]), full[0, L:pos[r]]) < 1e-4, f"row {r}"
-            assert rel_err(torch.cat(got_mtp[r]), full_mtp[0, L:pos[r]]) < 1e-4, f"row {r}, MTP"
+            want_mtp = full_mtp[0, L:pos[r]]
+            if static:  # each step's last kept position
+                want_mtp = want_mtp[torch.tensor(keeps[r]).cumsum(0) - 1]
+            assert rel_err(torch.cat(got_mtp[r]), want_mtp) < 1e-4, f"row {r}, MTP"
     assert min(pos) > 40 and max(pos) > 128 + n  # windows closed and attended while rows sat apart
 
 
