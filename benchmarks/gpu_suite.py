@@ -20,7 +20,8 @@ finishes (a run cut short keeps what it measured), then summarized in ``OUT.md``
    with plain autograd through the attention instead of its recomputing backward, and last once
    more with the hot paths compiled, as ``sparseek train --compile`` runs);
 6. ``speculative``: eager decoding with MTP speculation (k = 1, 2, 3 drafts, right 80% of the time)
-   against plain eager decoding at batch 1 and 32;
+   against plain eager decoding at batch 1 and 32; ``speculative-compiled``: the same with k = 2,
+   both sides ``LLM(compile=True)`` (decode, verify and MTP steps compiled as CUDA graphs);
 7. ``profile``: torch.profiler tables of one training step, one 16K prefill and eager decode steps
    (``OUT-profile-*.txt``), to see what to fix next without another lease.
 
@@ -230,17 +231,18 @@ def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float,
 
 
 def decode_speculative(rep: Report, model, dev, batch: int, ks=(1, 2, 3), accept: float = 0.8, prompt: int = 128,
-                       new: int = 64):
-    """Eager decoding with MTP speculation against plain eager decoding, end to end (prompts of
-    ``prompt`` tokens, ``new`` generated): the drafts come from an oracle right with probability
+                       new: int = 64, compiled: bool = False):
+    """Decoding with MTP speculation against plain decoding, both eager or both compiled
+    (``LLM(compile=True)``: the decode, verify and MTP steps as CUDA graphs), end to end (prompts
+    of ``prompt`` tokens, ``new`` generated): the drafts come from an oracle right with probability
     ``accept`` (random weights' own MTP block agrees with their head almost never)."""
     from sparseek.engine import LLM, SamplingParams
     from engine_speculative import oracle_drafter
 
     prompts = [torch.randint(10, model.args.vocab_size, (prompt,)).tolist() for _ in range(batch)]
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
-    plain = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32)
-    refs = [o.token_ids for o in plain.generate(prompts, params)]
+    plain = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32, compile=compiled)
+    refs = [o.token_ids for o in plain.generate(prompts, params)]  # compiled: also the warm-up
 
     def timed(llm):
         sync(dev)
@@ -254,11 +256,12 @@ def decode_speculative(rep: Report, model, dev, batch: int, ks=(1, 2, 3), accept
     LLM._propose = oracle_drafter(refs, accept, model.args.vocab_size)
     try:
         for k in ks:
-            llm = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32, speculative_tokens=k)
-            llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))  # warm-up
+            llm = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32, speculative_tokens=k,
+                      compile=compiled)
+            llm.generate(prompts, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))  # warm-up
             outs, dt = timed(llm)
             drafted = sum(o.drafted for o in outs)
-            rep.add("decode speculative", batch=batch, k=k, oracle_accept=accept, tokens_per_s=batch * new / dt,
+            rep.add("decode speculative", batch=batch, k=k, compiled=compiled, oracle_accept=accept, tokens_per_s=batch * new / dt,
                     plain_tokens_per_s=batch * new / base, speedup=base / dt,
                     acceptance=sum(o.accepted for o in outs) / max(drafted, 1),
                     same_as_plain=sum(o.token_ids == r for o, r in zip(outs, refs)))
@@ -497,7 +500,8 @@ def transformers_side(rep: Report, args, dev, peak_flops: float, name: str, infe
         torch.cuda.empty_cache()
 
 
-SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer", "profile", "speculative"]
+SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer", "profile", "speculative",
+            "speculative-compiled"]
 KEYS = ("model", "tokens", "batch", "context", "compiled", "chunk", "seq_len", "optimizer")
 
 
@@ -591,6 +595,8 @@ def main():
         rep.run("prefill", prefill, rep, model, dev, lengths[0], chunk, " (compiled hot paths)", need=60)
     for batch in batches if "speculative" in want else ():
         rep.run("decode speculative", decode_speculative, rep, model, dev, batch, need=60)
+    for batch in batches if "speculative-compiled" in want else ():  # k = 2: three compiled steps
+        rep.run("decode speculative", decode_speculative, rep, model, dev, batch, (2,), compiled=True, need=120)
     for ctx in ((4096,) if a.smoke else (1 << 20, 131072)) if "decode-long" in want else ():
         rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=90)
     torch._dynamo.reset()  # drop the compiled steps and their graph pools before training again

@@ -6,7 +6,9 @@ streams make, that is the wrong call on a CPU:
 * a **single-row** ``mm`` (batch-1 decode: every projection, the experts, the LM head) goes to
   oneDNN, which streams a bf16 weight at ~12 GB/s and spends tens of microseconds on a small
   one. As ``(x * W).sum(-1)`` it is a reduction along the contiguous weight rows that inductor
-  vectorises and fuses with the norms and activations around it (~2x the rate on the LM head: `benchmarks/profile_decode.py`);
+  vectorises and fuses with the norms and activations around it (~2x the rate on the LM head: `benchmarks/profile_decode.py`).
+  A product of a few rows (``rows``: a batch of up to 8, a speculative step's k + 1 tokens) fuses as
+  well, measured faster than oneDNN's small-M GEMM (`benchmarks/fused_rows.py`);
 * a **tiny contraction** (the 4 x 4 mHC stream mixing over [T, 4, D], attention over a short
   window) costs more as a batched library call than the elementwise pass it is.
 
@@ -33,10 +35,10 @@ def _is(cond) -> bool:
     return statically_known_true(cond)
 
 
-def fusing_decompositions(gpu: bool = False) -> dict:
-    """Inductor's decomposition table with single-row ``mm``/``addmm`` and small or short ``bmm``
-    rewritten as multiply + sum. Only on CPU tensors unless ``gpu`` (where Triton's reductions
-    need coordinate-descent tuning to compete with cuBLAS)."""
+def fusing_decompositions(gpu: bool = False, rows: int = 1) -> dict:
+    """Inductor's decomposition table with ``mm``/``addmm`` of up to ``rows`` rows and small or
+    short ``bmm`` rewritten as multiply + sum. Only on CPU tensors unless ``gpu`` (where Triton's
+    reductions need coordinate-descent tuning to compete with cuBLAS)."""
     from torch._inductor.decomposition import select_decomp_table
 
     aten = torch.ops.aten
@@ -54,12 +56,12 @@ def fusing_decompositions(gpu: bool = False) -> dict:
         return (a_1K.float().unsqueeze(2) * b_KN.float().unsqueeze(0)).sum(1)
 
     def mm(a, b, *args, **kwargs):
-        if not args and not kwargs and here(a) and _is(a.shape[0] == 1):
+        if not args and not kwargs and here(a) and _is(a.shape[0] <= rows):
             return row_times(a, b).to(a.dtype)
         return defer(aten.mm.default, a, b, *args, **kwargs)
 
     def addmm(c, a, b, *args, beta=1, alpha=1, **kwargs):
-        if not args and not kwargs and beta == 1 and alpha == 1 and here(a) and _is(a.shape[0] == 1):
+        if not args and not kwargs and beta == 1 and alpha == 1 and here(a) and _is(a.shape[0] <= rows):
             return (c.float() + row_times(a, b)).to(a.dtype)
         return defer(aten.addmm.default, c, a, b, *args, beta=beta, alpha=alpha, **kwargs)
 
@@ -74,12 +76,12 @@ def fusing_decompositions(gpu: bool = False) -> dict:
     return table
 
 
-def fusing_backend(gpu: bool = False, **config_patches) -> Callable:
-    """A ``torch.compile`` backend: inductor with ``fusing_decompositions(gpu)``. A backend callable
-    takes no ``mode``: CUDA graphs come as ``**{"triton.cudagraphs": True}``."""
+def fusing_backend(gpu: bool = False, rows: int = 1, **config_patches) -> Callable:
+    """A ``torch.compile`` backend: inductor with ``fusing_decompositions(gpu, rows)``. A backend
+    callable takes no ``mode``: CUDA graphs come as ``**{"triton.cudagraphs": True}``."""
     from torch._inductor.compile_fx import compile_fx
 
     def backend(gm, example_inputs):
-        return compile_fx(gm, example_inputs, decompositions=fusing_decompositions(gpu),
+        return compile_fx(gm, example_inputs, decompositions=fusing_decompositions(gpu, rows),
                           config_patches=config_patches or None)
     return backend

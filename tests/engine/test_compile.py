@@ -3,20 +3,23 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import sparseek
-from sparseek.engine.compile import CompiledStep
+from sparseek.engine.compile import FUSED_ROWS, CompiledStep
 from sparseek.model import build_model, common
 from tests.conftest import randomize_
 
 
-def test_compiled_decode_step_equals_eager_as_the_cache_fills():
-    """Batch-1 decode (the GEMV path) with guards skipped after warm-up: every step's logits equal
-    the eager step's while positions cross window, CSA and HCA boundaries."""
+@pytest.mark.parametrize("batch", [1, FUSED_ROWS])
+def test_compiled_decode_step_equals_eager_as_the_cache_fills(batch):
+    """Decode on the GEMV path (batch 1, and the most rows that still fuse) with guards skipped
+    after warm-up: every step's logits equal the eager step's while positions cross window, CSA
+    and HCA boundaries."""
     torch._dynamo.reset()
     model = randomize_(build_model(sparseek.preset("debug")), 5).eval()
-    ids = torch.randint(3, model.args.vocab_size, (1, 200), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(3, model.args.vocab_size, (batch, 200), generator=torch.Generator().manual_seed(1))
     step = CompiledStep(model.decode_step, "cpu")
     assert step.gemv and step.skip_guards
     _decode_both(model, step, ids, 100, 256)

@@ -46,6 +46,24 @@ def test_many_rows_keep_the_library_gemm():
     torch.testing.assert_close(z, torch.bmm(a, b))
 
 
+@pytest.mark.parametrize("rows", [1, 4])
+def test_few_row_products_fuse_up_to_rows(rows):
+    """``rows``: the most rows an ``mm``/``addmm`` may have to become a reduction (a speculative
+    verify step's k + 1 tokens); one more row keeps the library GEMM. Same values either way."""
+    g = torch.Generator().manual_seed(1)
+    w, bias = torch.randn(80, 96, generator=g).bfloat16(), torch.randn(80, generator=g).bfloat16()
+    for m in (rows, rows + 1):
+        x = torch.randn(m, 96, generator=g).bfloat16()
+        torch._dynamo.reset()
+        fn = torch.compile(lambda x, w, b: (F.linear(x, w), F.linear(x, w, b)), dynamic=False,
+                           backend=fusing_backend(rows=rows))
+        got, code = run_and_get_code(fn, x, w, bias)
+        code = "\n".join(code)
+        assert ("extern_kernels.mm" in code or "extern_kernels.addmm" in code) == (m > rows), m
+        for y, r in zip(got, (F.linear(x.double(), w.double()), F.linear(x.double(), w.double(), bias.double()))):
+            assert y.dtype == torch.bfloat16 and rel_err(y, r) <= 1e-2
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_compiled_hot_paths_equal_eager(eager_hot_paths, dtype):
     """compile_hot_paths() (what `train --compile` and LLM(compile=True) use): same logits and
