@@ -239,8 +239,6 @@ def decode_speculative(rep: Report, model, dev, batch: int, ks=(1, 2, 3), accept
     from sparseek.engine import LLM, SamplingParams
     from engine_speculative import oracle_drafter
 
-    if compiled:  # engines on one model share its steps' code objects, so their compiled entries
-        torch._dynamo.reset()  # (the CPU smoke: batch 4 after batch 1 ran 0.03x plain, alone 0.64x)
     prompts = [torch.randint(10, model.args.vocab_size, (prompt,)).tolist() for _ in range(batch)]
     params = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
     plain = LLM(model, None, max_batch_size=batch, max_seq_len=prompt + new + 32, compile=compiled)

@@ -21,6 +21,7 @@ measured to beat cuBLAS's GEMV.
 
 from __future__ import annotations
 
+import types
 from collections.abc import Callable
 
 import torch
@@ -33,6 +34,19 @@ __all__ = ["CompiledStep", "FUSED_ROWS"]
 FUSED_ROWS = 8
 
 
+def _own_copy(fn: Callable) -> Callable:
+    """``fn`` with a code object of its own. Dynamo keeps compiled code per code object, so two
+    steps over one model's method (two engines of other batch sizes) would share entries: the
+    second recompiles the first's, and with guards skipped a call may pick the other's entry."""
+    f = getattr(fn, "__func__", fn)
+    if not isinstance(f, types.FunctionType):
+        return fn
+    g = types.FunctionType(f.__code__.replace(), f.__globals__, f.__name__, f.__defaults__, f.__closure__)
+    g.__kwdefaults__, g.__qualname__ = f.__kwdefaults__, f.__qualname__
+    owner = getattr(fn, "__self__", None)
+    return g if owner is None else types.MethodType(g, owner)
+
+
 class CompiledStep:
     """``fn`` compiled for calls of one fixed shape; guards run on the first ``warmup`` calls only."""
 
@@ -41,6 +55,7 @@ class CompiledStep:
                  options: dict | None = None):
         """``gemv``: small products as fused reductions (default: on a CPU), those of up to
         ``fused_rows`` rows; ``options``: extra inductor config (``torch.compile(options=...)``)."""
+        fn = _own_copy(fn)
         device = torch.device(device)
         cuda = device.type == "cuda"
         self.gemv = device.type == "cpu" if gemv is None else gemv

@@ -52,8 +52,8 @@ def fusing_decompositions(gpu: bool = False, rows: int = 1) -> dict:
     def here(t):
         return gpu or t.device.type == "cpu"
 
-    def row_times(a_1K, b_KN):
-        return (a_1K.float().unsqueeze(2) * b_KN.float().unsqueeze(0)).sum(1)
+    def row_times(a_MK, b_KN):
+        return (a_MK.float().unsqueeze(2) * b_KN.float().unsqueeze(0)).sum(1)
 
     def mm(a, b, *args, **kwargs):
         if not args and not kwargs and here(a) and _is(a.shape[0] <= rows):

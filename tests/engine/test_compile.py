@@ -59,3 +59,24 @@ def test_compiled_batched_decode_step_runs_the_expert_op_in_graph(monkeypatch):
     _decode_both(model, CompiledStep(model.decode_step, "cpu"), ids, 40, 128)
     assert not counters["graph_break"]
     assert len(splits) >= 20 * model.args.num_hidden_layers  # eager and compiled steps both ran it
+
+
+def test_two_steps_over_one_model_compile_apart():
+    """Two engines on one model (batch 1 and batch 2) each compile their own copy of the step:
+    neither recompiles the other's entry (dynamo keeps entries per code object; shared, the second
+    step's first call would be a recompile, an error here), and both equal the eager step."""
+    torch._dynamo.reset()
+    model = randomize_(build_model(sparseek.preset("debug")), 5).eval()
+    ids = torch.randint(3, model.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))
+    steps = {B: CompiledStep(model.decode_step, "cpu") for B in (1, 2)}
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        caches = {B: (model.new_cache(B, 64), model.new_cache(B, 64)) for B in steps}
+        for B, (a, b) in caches.items():
+            model(ids[:B, :32], a)
+            model(ids[:B, :32], b)
+        for i in range(32, 37):  # alternating, past both warm-ups
+            for B, step in steps.items():
+                a, b = caches[B]
+                ref = model.decode_step(ids[:B, i:i + 1], a)
+                got = step(ids[:B, i:i + 1], b)
+                assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (B, i)
