@@ -45,6 +45,24 @@ def resolve_dtype(dtype) -> torch.dtype | None:
     return _DTYPES[dtype]
 
 
+def resolve_device(device) -> torch.device:
+    """``device`` as a torch.device, refused with a message naming it when this machine or this torch
+    build cannot use it (rather than an assertion from deep inside the first tensor moved there)."""
+    try:
+        dev = torch.device(device if device is not None else "cpu")
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"unknown device {device!r}: {e}") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA device is visible"
+            raise ValueError(f"device {str(dev)!r} is not available: {why} (torch {torch.__version__}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(dev)!r} is not available: {torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(dev)!r} is not available on this machine")
+    return dev
+
+
 def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True, **overrides):
     """Load a checkpoint directory, or build a named preset with random weights.
 
@@ -54,6 +72,7 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     shapes, e.g. ``kv_fp8=True`` (DeepSeek's FP8 KV cache) or ``clamp_shared_expert=True``.
     """
     dtype = resolve_dtype(dtype)
+    device = resolve_device(device)
     if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
         from sparseek.checkpoint import load_model
 

@@ -25,6 +25,19 @@ def test_bad_model_is_one_line(capsys):
     assert "neither a checkpoint directory nor a preset" in err and "Traceback" not in err
 
 
+def test_unusable_device_is_one_line(monkeypatch, capsys):
+    """A device this machine cannot use is refused by name before any tensor is moved there."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["generate", "--model", "debug", "--prompt", "x", "--device", "cuda"]) == 2
+    assert main(["train", "--preset", "debug", "--device", "cuda:1", "--max-steps", "1", "--out", "unused"]) == 2
+    assert main(["generate", "--model", "debug", "--prompt", "x", "--device", "gpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("'cuda") == 2 and "not available" in err and "unknown device 'gpu'" in err
+    assert "Traceback" not in err
+
+
 def test_engine_flags_reach_the_engine(monkeypatch, capsys):
     """--compile and --kv-fp8 are passed to LLM (compiling itself is tested in tests/engine)."""
     import sparseek.engine

@@ -86,7 +86,9 @@ class Trainer:
         if cfg.indexer_warmup and not cfg.indexer_loss:
             raise ValueError("indexer_warmup trains the indexer densely: it needs indexer_loss")
         self.cfg, self.rank, self.world = cfg, rank, world_size
-        self.device = torch.device(cfg.device)
+        from sparseek import resolve_device
+
+        self.device = resolve_device(cfg.device)
         if self.device.type == "cpu":
             from sparseek.utils import tune_malloc
 
