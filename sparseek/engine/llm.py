@@ -9,6 +9,7 @@ long requests flow through together instead of waiting for the slowest one.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -16,7 +17,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from sparseek.engine.sampling import SamplingParams, probs, sample
+from sparseek.engine.prefix import PrefixCache, prefix_hashes
+from sparseek.engine.sampling import SamplingParams, adjust, probs, sample
 from sparseek.engine.stops import StopChecker
 from sparseek.model.base import logit_positions
 from sparseek.model.cache import Cache
@@ -26,7 +28,8 @@ log = logging.getLogger("sparseek")
 
 @dataclass
 class RequestOutput:
-    """Result for one prompt (vLLM's shape; ``.outputs[0]`` is the output itself)."""
+    """Result for one prompt (vLLM's shape): the completion itself, and with ``SamplingParams.n`` > 1
+    all of them in ``.outputs`` (``.outputs[0]`` is this one; each has its ``sample`` number)."""
 
     index: int
     prompt: str | None
@@ -40,10 +43,12 @@ class RequestOutput:
     cumulative_logprob: float = 0.0
     drafted: int = 0  # speculative decoding: MTP draft tokens proposed / accepted
     accepted: int = 0
+    sample: int = 0  # which of the prompt's n completions
+    samples: list["RequestOutput"] | None = field(default=None, repr=False, compare=False)
 
     @property
     def outputs(self) -> list["RequestOutput"]:
-        return [self]
+        return self.samples or [self]
 
 
 @dataclass
@@ -55,6 +60,7 @@ class StreamDelta:
     token_ids: list[int]
     logprobs: list[dict[int, float]] | None = None
     finish_reason: str | None = None
+    sample: int = 0  # which of the prompt's n completions
 
 
 @dataclass
@@ -71,6 +77,14 @@ class _Seq:
     # speculative decoding: draft tokens from the MTP block and their draft distributions
     drafts: list[int] = field(default_factory=list)
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
+
+
+def _adjusted(s: _Seq, logits_V: torch.Tensor, drafted: Sequence[int] = ()) -> torch.Tensor:
+    """The logits ``s`` samples from at the position after its output and ``drafted`` (penalties,
+    logit bias, stop tokens masked before min_tokens); ``logits_V`` itself if it adjusts nothing."""
+    if not s.params.adjusts:
+        return logits_V
+    return adjust(logits_V, s.params, s.out.prompt_token_ids, s.out.token_ids + list(drafted), s.stop_ids)
 
 
 def _logprobs_if_asked(seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor | None:
@@ -98,7 +112,7 @@ class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
-                 batch_prefill: bool = True):
+                 batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). All running sequences verify their drafts in one forward and draft in
@@ -118,6 +132,11 @@ class LLM:
         ``prefill_chunk`` tokens in each (``batch_prefill=False``: one prompt at a time), the MTP
         block reading them too under speculative decoding; a prompt that asks for prompt
         log-probabilities prefills alone.
+
+        Prefix caching (``sparseek.engine.prefix``): a prompt that begins as a kept one does (or
+        as another waiting prompt does, by at least 32 tokens) restores the cache row of that
+        beginning and prefills only the rest; snapshots are kept up to ``prefix_cache_bytes``
+        (0: off). ``llm.prefix_cache.hits`` / ``.tokens_saved`` count what it saved.
 
         ``kv_fp8=True`` (with a path or preset) rounds the cached KV to FP8 and stores it so, as
         DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``)."""
@@ -139,6 +158,7 @@ class LLM:
         self.batch_prefill = batch_prefill
         self.add_bos = add_bos
         self._cache = None
+        self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
 
         if not 0 <= speculative_tokens <= Cache.SPARE:
             raise ValueError(f"speculative_tokens must be in [0, {Cache.SPARE}], got {speculative_tokens}")
@@ -163,32 +183,42 @@ class LLM:
     # ------------------------------------------------------------------ public API
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
-        """Complete every prompt (a string, a list of token ids, or a list of either)."""
-        outputs: dict[int, RequestOutput] = {}
+        """Complete every prompt (a string, a list of token ids, or a list of either): one output per
+        prompt, its ``n`` completions in ``.outputs``."""
+        outputs: dict[tuple[int, int], RequestOutput] = {}
         reqs = self._requests(prompts, params)
         bar = None
         if use_tqdm:
             from tqdm import tqdm
 
-            bar = tqdm(total=len(reqs), desc="generate", unit="req")
+            bar = tqdm(total=len(reqs), desc="generate", unit="seq")
         for seq in self._run(reqs):
-            if seq.out.finish_reason is not None and seq.out.index not in outputs:
-                outputs[seq.out.index] = seq.out
+            key = (seq.out.index, seq.out.sample)
+            if seq.out.finish_reason is not None and key not in outputs:
+                outputs[key] = seq.out
                 if bar:
                     bar.update()
         if bar:
             bar.close()
-        return [outputs[i] for i in range(len(reqs))]
+        result = []
+        for seq in reqs:
+            if seq.out.sample == 0:
+                first = outputs[seq.out.index, 0]
+                if seq.params.n > 1:
+                    first.samples = [outputs[seq.out.index, j] for j in range(seq.params.n)]
+                result.append(first)
+        return result
 
     def stream(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None
                ) -> Iterator[StreamDelta]:
-        """Yield text deltas as they are produced (interleaved across prompts, tagged by ``index``)."""
+        """Yield text deltas as they are produced (interleaved across prompts, tagged by ``index`` and,
+        with ``n`` > 1, ``sample``)."""
         for seq in self._run(self._requests(prompts, params)):
             text = seq.stops.take_ready(final=seq.out.finish_reason is not None)
             if text or seq.new_ids or seq.out.finish_reason:
                 yield StreamDelta(seq.out.index, text, list(seq.new_ids),
                                   list(seq.new_logprobs) if seq.params.logprobs is not None else None,
-                                  seq.out.finish_reason)
+                                  seq.out.finish_reason, seq.out.sample)
 
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple], batch_size: int = 16, use_tqdm: bool = False
@@ -294,19 +324,25 @@ class LLM:
             bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside [0, {self.args.vocab_size}): {bad[:5]}")
+            for name, toks in (("logit_bias", sp.logit_bias or ()), ("stop_token_ids", sp.stop_token_ids)):
+                if any(not 0 <= t < self.args.vocab_size for t in toks):
+                    raise ValueError(f"prompt {i}: SamplingParams.{name} has token ids outside "
+                                     f"[0, {self.args.vocab_size})")
             if len(ids) >= self.max_seq_len:
                 raise ValueError(f"prompt {i} is too long: {len(ids)} tokens, the engine's max_seq_len is "
                                  f"{self.max_seq_len}")
-            gen = None
-            if not sp.greedy:
-                gen = torch.Generator(device="cpu")
-                gen.manual_seed(sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,))))
             stop_ids = set(sp.stop_token_ids)
             if not sp.ignore_eos and eos is not None:
                 stop_ids.add(eos)
-            decoder = self.tokenizer.stream_decoder(sp.skip_special_tokens) if self.tokenizer else None
-            out = RequestOutput(i, text, ids, logprobs=[] if sp.logprobs is not None else None)
-            seqs.append(_Seq(out, sp, gen, StopChecker(sp.stop), stop_ids, decoder))
+            for j in range(sp.n):  # n completions: n sequences (equal lengths: they prefill in shared forwards)
+                gen = None
+                if not sp.greedy:
+                    gen = torch.Generator(device="cpu")
+                    seed = sp.seed if sp.seed is not None else int(torch.randint(0, 2**62, (1,)))
+                    gen.manual_seed(seed if j == 0 else hash((seed, j)) % 2**62)
+                decoder = self.tokenizer.stream_decoder(sp.skip_special_tokens) if self.tokenizer else None
+                out = RequestOutput(i, text, ids, logprobs=[] if sp.logprobs is not None else None, sample=j)
+                seqs.append(_Seq(out, sp, gen, StopChecker(sp.stop), stop_ids, decoder))
         return seqs
 
     # ------------------------------------------------------------------ the loop
@@ -372,41 +408,57 @@ class LLM:
         at most ``prefill_chunk`` tokens over all its rows. Each forward also costs a fixed time:
         prompts of many different lengths, each long enough to fill its own forwards, prefill one
         at a time instead (the plan with fewer forwards wins). Rows whose first token ends them
-        hand their slot to the next live row."""
+        hand their slot to the next live row.
+
+        Before that, a prompt waiting twice is set aside to copy its twin's rows afterwards, and
+        with prefix caching each prompt restores the snapshot of its longest kept beginning
+        (``_find_prefixes``): the rows then go on from their own start positions, rows starting
+        at one position sharing forwards as above; each prompt's end is kept for later."""
         batch = []
         while (waiting and len(running) + len(batch) < self.max_batch_size
                and waiting[0].params.prompt_logprobs is None and (self.batch_prefill or not batch)):
             batch.append(waiting.popleft())
-        batch.sort(key=lambda q: -len(q.out.prompt_token_ids))
-        n0, k = len(running), len(batch)
+        # a prompt met again (n > 1 completions, a repeated prompt) is read once: the rows of its
+        # first copy go to the others' slots (after the distinct prompts) once the prefill is done
+        seen: set[tuple[int, ...]] = set()
+        uniq, dups = [], []
+        for q in batch:
+            key = tuple(q.out.prompt_token_ids)
+            (dups if key in seen else uniq).append(q)
+            seen.add(key)
+        found, built = self._find_prefixes(uniq, cache, len(running))
+        # by start position, longest rest first
+        order = sorted(range(len(uniq)), key=lambda i: (found[i][0], found[i][0] - len(uniq[i].out.prompt_token_ids)))
+        uniq, found = [uniq[i] for i in order], [found[i] for i in order]
+        row_of = {tuple(q.out.prompt_token_ids): i for i, q in enumerate(uniq)}
+        batch = uniq + dups
+        n0, k, u = len(running), len(batch), len(uniq)
         cache.reset(list(range(n0, n0 + k)))
-        lens = [len(q.out.prompt_token_ids) for q in batch]
-        ids = torch.zeros(k, lens[0], dtype=torch.long, device=cache.device)
-        for i, q in enumerate(batch):
-            ids[i, :lens[i]] = torch.tensor(q.out.prompt_token_ids, device=cache.device)
-        shared = _shared_prefill(lens, self.prefill_chunk, Cache.SPARE)
-        alone = [_shared_prefill([n], self.prefill_chunk) for n in lens]
-        groups = [(0, k, shared)] if len(shared) <= sum(map(len, alone)) else [
-            (i, i + 1, plan) for i, plan in enumerate(alone)]
-        last: list[torch.Tensor | None] = [None] * k
-        hidden: list[torch.Tensor | None] = [None] * k  # speculative: main streams at the last position read
-        for a, _, plan in groups:
-            p = 0
-            for m, c in plan:  # rows [a, a + m) read positions [p, p + c)
-                view = cache.view(n0 + a, n0 + a + m)
-                over = [p + c - n for n in lens[a:a + m]]  # > 0: junk read past the prompt's end
-                at = torch.tensor([c - 1 - max(o, 0) for o in over], device=cache.device)
-                logits, h = self.model(ids[a:a + m, p:p + c], view, at=at, return_hidden=True)
-                if self.speculative:
-                    self._prefill_mtp(ids[a:a + m, p:p + c], h, torch.cat(hidden[a:a + m]) if p else None, view)
-                    hidden[a:a + m] = logit_positions(h, None, at).split(1)
-                for i, o in enumerate(over):
-                    if o >= 0:  # the prompt ends in this forward
-                        last[a + i] = logits[i, -1]
-                        view.rollback(i, o)
-                        if self.speculative:
-                            view.rollback(i, o, mtp=True)
-                p += c
+        starts = [f[0] for f in found]
+        last: list[torch.Tensor | None] = [None] * u
+        hidden: list[torch.Tensor | None] = [None] * u  # speculative: main streams at the last position read
+        for i, (_, snap, _) in enumerate(found):
+            if snap is not None:
+                cache.restore(snap.state, n0 + i)
+                self.prefix_cache.touch(snap, reused=id(uniq[i]) not in built)
+                hidden[i] = snap.hidden
+                if starts[i] == len(uniq[i].out.prompt_token_ids):  # the whole prompt: no forward
+                    last[i] = snap.logits
+        a = 0
+        for st, rows in itertools.groupby(starts):  # rows going on from one position share forwards
+            b = a + len(list(rows))
+            self._prefill_rows(uniq[a:b], st, cache, n0 + a, last, hidden, a)
+            a = b
+        if self.prefix_cache is not None:  # each prompt's end, for prompts that extend it
+            for i, (q, (st, _, hs)) in enumerate(zip(uniq, found)):
+                n = len(q.out.prompt_token_ids)
+                if hs is not None and st < n:
+                    self.prefix_cache.put(q.out.prompt_token_ids, cache.snapshot(n0 + i), last[i], hidden[i], hs)
+        for j, q in enumerate(dups):
+            src = row_of[tuple(q.out.prompt_token_ids)]
+            cache.copy_row(n0 + src, n0 + u + j)  # the cache, the MTP block's and both positions
+            last.append(last[src])
+            hidden.append(hidden[src])
         for q in batch:
             q.new_ids, q.new_logprobs = [], []
         self._accept(batch, torch.stack(last))
@@ -420,6 +472,88 @@ class LLM:
                     cache.copy_row(n0 + i, slot)
                 running.append(q)
                 slot += 1
+
+    def _prefill_rows(self, seqs: list[_Seq], start: int, cache, r0: int, last: list, hidden: list, o: int) -> None:
+        """Prefill rows [r0, r0 + len(seqs)) of ``cache``, all at position ``start``, to their
+        prompts' ends, in shared forwards where that takes fewer of them (rows sorted longest rest
+        first); each row's last logits and streams land in ``last`` / ``hidden`` at ``o + i``."""
+        lens = [len(q.out.prompt_token_ids) - start for q in seqs]
+        if not lens[0]:
+            return
+        ids = torch.zeros(len(seqs), lens[0], dtype=torch.long, device=cache.device)
+        for i, q in enumerate(seqs):
+            ids[i, :lens[i]] = torch.tensor(q.out.prompt_token_ids[start:], device=cache.device)
+        shared = _shared_prefill(lens, self.prefill_chunk, Cache.SPARE)
+        alone = [_shared_prefill([n], self.prefill_chunk) for n in lens]
+        groups = [(0, shared)] if len(shared) <= sum(map(len, alone)) else list(enumerate(alone))
+        for a, plan in groups:
+            p = 0
+            for m, c in plan:  # rows [a, a + m) read positions [start + p, start + p + c)
+                view = cache.view(r0 + a, r0 + a + m)
+                over = [p + c - n for n in lens[a:a + m]]  # > 0: junk read past the prompt's end
+                at = torch.tensor([c - 1 - max(x, 0) for x in over], device=cache.device)
+                logits, h = self.model(ids[a:a + m, p:p + c], view, at=at, return_hidden=True)
+                if self.speculative:
+                    prev = hidden[o + a:o + a + m]
+                    self._prefill_mtp(ids[a:a + m, p:p + c], h, torch.cat(prev) if prev[0] is not None else None, view)
+                    hidden[o + a:o + a + m] = logit_positions(h, None, at).split(1)
+                for i, x in enumerate(over):
+                    if x >= 0:  # the prompt ends in this forward
+                        last[o + a + i] = logits[i, -1]
+                        view.rollback(i, x)
+                        if self.speculative:
+                            view.rollback(i, x, mtp=True)
+                p += c
+
+    def _find_prefixes(self, seqs: list[_Seq], cache, scratch: int) -> tuple[list[tuple], set[int]]:
+        """For each prompt: (tokens it can skip, the snapshot to restore, its prefix hashes). A
+        common beginning with another waiting prompt or a kept one that no snapshot covers yet is
+        read once here, in row ``scratch`` of ``cache`` (free until the prompts are placed), and
+        kept; the ids of the prompts that read one so come second."""
+        pc, built = self.prefix_cache, set()
+        if pc is None:
+            return [(0, None, None)] * len(seqs), built
+        hashes = [prefix_hashes(q.out.prompt_token_ids) if len(q.out.prompt_token_ids) >= pc.min_tokens else None
+                  for q in seqs]
+        others: dict[int, int] = {}
+        for hs in hashes:
+            for bh in set(pc.block_hashes(hs or [])):
+                others[bh] = others.get(bh, 0) + 1
+        found = []
+        for q, hs in zip(seqs, hashes):
+            if hs is None:
+                found.append((0, None, None))
+                continue
+            ids = q.out.prompt_token_ids
+            snap = pc.longest(ids, hs)
+            n = pc.shared(ids, hs, others)
+            if n > (len(snap.key) if snap else 0):
+                view = cache.select(scratch)
+                view.reset()
+                prev = None
+                if snap is not None:
+                    view.restore(snap.state, 0)
+                    prev = snap.hidden
+                logits, h = self._feed(ids[len(snap.key) if snap else 0:n], view, prev)
+                new = pc.put(ids[:n], view.snapshot(0), logits, h, hs)
+                if new is not None:
+                    snap = new
+                    built.add(id(q))
+            found.append((len(snap.key) if snap else 0, snap, hs))
+        return found, built
+
+    def _feed(self, ids: list[int], view, prev):
+        """Prefill ``ids`` into the one-row ``view`` in chunks, the MTP block one position behind
+        (``prev``: the main streams at the position before, None at 0) -> (the last logits [V], the
+        streams at the last position [1, 1, S, D] under speculative decoding, else None)."""
+        x = torch.tensor(ids, device=view.device)[None]
+        for s in range(0, x.shape[1], self.prefill_chunk):
+            chunk = x[:, s:s + self.prefill_chunk]
+            logits, h = self.model(chunk, view, last_n=1, return_hidden=True)
+            if self.speculative:
+                self._prefill_mtp(chunk, h, prev, view)
+                prev = h[:, -1:]
+        return logits[0, -1], prev
 
     def _decode(self, running: list[_Seq], cache) -> torch.Tensor:
         """Next-token logits [n, V] for the live sequences (slots [0, n))."""
@@ -458,8 +592,10 @@ class LLM:
 
     def _accept(self, seqs: list[_Seq], logits_NV: torch.Tensor) -> None:
         """Sample one token per sequence from its logits and record it."""
+        lp = _logprobs_if_asked(seqs, logits_NV)  # the model's distribution, before penalties
+        if any(s.params.adjusts for s in seqs):
+            logits_NV = torch.stack([_adjusted(s, x).float() for s, x in zip(seqs, logits_NV)])
         toks = sample(logits_NV, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
-        lp = _logprobs_if_asked(seqs, logits_NV)
         for j, (s, t) in enumerate(zip(seqs, toks)):
             self._push(s, t, lp[j] if lp is not None else None)
 
@@ -477,7 +613,7 @@ class LLM:
         if t in s.stop_ids:
             self._finish(s, "stop", t)
             return False
-        hit = s.stops.add(s.decoder.push(t)) if s.decoder else None
+        hit = s.stops.add(s.decoder.push(t), check=len(out.token_ids) >= s.params.min_tokens) if s.decoder else None
         if hit is not None:
             out.finish_reason, out.stop_reason = "stop", hit
             out.text = s.stops.text
@@ -553,6 +689,7 @@ class LLM:
         self._draft(seqs, cache, *self._mtp(hidden_N1SD, ids, cache))
 
     def _propose(self, s: _Seq, logits_V: torch.Tensor) -> tuple[int, torch.Tensor | None]:
+        logits_V = _adjusted(s, logits_V, s.drafts)  # the drafts so far count as output
         if s.params.greedy:
             return int(logits_V.argmax()), None
         q = probs(logits_V, s.params)
@@ -600,12 +737,13 @@ class LLM:
         drafts, then the correction or, after all k, the bonus token)."""
         emitted = []
         for i, d in enumerate(s.drafts):
+            logits_V = _adjusted(s, logits_TV[i], s.drafts[:i])
             if s.params.greedy:
-                best = int(logits_TV[i].argmax())
+                best = int(logits_V.argmax())
                 if best != d:
                     return i, emitted + [best]
             else:
-                p, q = probs(logits_TV[i], s.params), s.draft_probs[i]
+                p, q = probs(logits_V, s.params), s.draft_probs[i]
                 r = float(torch.rand(1, generator=s.generator))
                 if not r < min(1.0, float(p[d] / q[d].clamp(min=1e-20))):
                     res = (p - q).clamp(min=0)
@@ -615,7 +753,7 @@ class LLM:
         return len(s.drafts), emitted + [self._bonus(s, logits_TV[len(s.drafts)])]
 
     def _bonus(self, s: _Seq, logits_V: torch.Tensor) -> int:
-        return int(sample(logits_V[None], [s.params], [s.generator])[0])
+        return int(sample(_adjusted(s, logits_V, s.drafts)[None], [s.params], [s.generator])[0])
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:

@@ -1,7 +1,11 @@
-"""Sampling parameters and token selection (greedy, temperature, top-k, top-p, seeded)."""
+"""Sampling parameters and token selection (greedy, temperature, top-k, top-p, min-p, seeded), and the
+logit adjustments that depend on the text so far (repetition / presence / frequency penalties, logit
+bias, min_tokens)."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -12,18 +16,34 @@ class SamplingParams:
     """How to continue one prompt; the fields and defaults users know from vLLM.
 
     temperature 0 is greedy. ``seed`` makes sampling reproducible whatever else is batched with
-    the request. ``logprobs=N`` returns the chosen token's log-probability and the N most likely
-    alternatives at each step; ``prompt_logprobs=N`` does the same for the prompt tokens.
+    the request. ``n`` completions of each prompt, sampled apart (the first with ``seed`` itself). ``logprobs=N`` returns the chosen token's log-probability and the N most likely
+    alternatives at each step; ``prompt_logprobs=N`` does the same for the prompt tokens (both of
+    the model's own distribution, before penalties and filters).
+
+    Filters (applied after temperature): ``top_k`` most likely tokens, the smallest set of mass
+    ``top_p``, tokens at least ``min_p`` times as likely as the most likely one. Adjustments from
+    the text so far (greedy decoding sees them too): ``repetition_penalty`` divides the positive
+    logits of tokens in the prompt or the output and multiplies the negative ones (CTRL / HF);
+    ``presence_penalty`` and ``frequency_penalty`` subtract a constant and a per-occurrence amount
+    from tokens of the output (OpenAI); ``logit_bias`` adds to chosen tokens' logits; no stop
+    token and no stop string ends the output before ``min_tokens`` tokens.
     """
 
     max_tokens: int = 64
+    n: int = 1
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop: list[str] | str | None = None
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    min_tokens: int = 0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] | None = None
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -32,11 +52,24 @@ class SamplingParams:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = [s for s in (self.stop or []) if s]
+        if self.logit_bias is not None:
+            try:  # JSON objects (the OpenAI API) key tokens by strings
+                self.logit_bias = {int(t): float(b) for t, b in dict(self.logit_bias).items()}
+            except (TypeError, ValueError):
+                raise ValueError(f"SamplingParams.logit_bias must map token ids to numbers, got {self.logit_bias!r}")
         checks = [
             (isinstance(self.max_tokens, int) and self.max_tokens >= 1, "max_tokens", "an integer >= 1"),
+            (isinstance(self.n, int) and self.n >= 1, "n", "an integer >= 1"),
             (self.temperature >= 0, "temperature", ">= 0"),
             (0 < self.top_p <= 1, "top_p", "in (0, 1]"),
             (isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "an integer >= 0 (0 = off)"),
+            (0 <= self.min_p <= 1, "min_p", "in [0, 1]"),
+            (isinstance(self.min_tokens, int) and 0 <= self.min_tokens <= self.max_tokens, "min_tokens",
+             "an integer in [0, max_tokens]"),
+            (self.repetition_penalty > 0, "repetition_penalty", "> 0 (1 = off)"),
+            (-2 <= self.presence_penalty <= 2, "presence_penalty", "in [-2, 2]"),
+            (-2 <= self.frequency_penalty <= 2, "frequency_penalty", "in [-2, 2]"),
+            (all(math.isfinite(b) for b in (self.logit_bias or {}).values()), "logit_bias", "finite"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "None or >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "None or >= 0"),
         ]
@@ -48,18 +81,57 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0
 
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits depend on the text so far (penalties, biases, min_tokens)."""
+        return bool(self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty
+                    or self.logit_bias or self.min_tokens)
+
+
+def adjust(logits_V: torch.Tensor, p: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int],
+           stop_ids: Iterable[int] = ()) -> torch.Tensor:
+    """The logits ``p``'s penalties and biases make of ``logits_V`` after ``output_ids`` (fp32; the
+    input itself when ``p`` adjusts nothing). ``stop_ids`` are masked while the output is shorter
+    than ``min_tokens``."""
+    if not p.adjusts:
+        return logits_V
+    x = logits_V.float().clone()
+    dev = x.device
+    if p.repetition_penalty != 1:
+        seen = torch.tensor(sorted(set(prompt_ids).union(output_ids)), dtype=torch.long, device=dev)
+        v = x[seen]
+        x[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and len(output_ids):
+        ids, counts = torch.tensor(list(output_ids), dtype=torch.long, device=dev).unique(return_counts=True)
+        x[ids] -= p.presence_penalty + p.frequency_penalty * counts.float()
+    if p.logit_bias:
+        x[torch.tensor(list(p.logit_bias), device=dev)] += torch.tensor(list(p.logit_bias.values()), device=dev)
+    if len(output_ids) < p.min_tokens:
+        stop = list(stop_ids)
+        if stop:
+            x[torch.tensor(stop, dtype=torch.long, device=dev)] = float("-inf")
+    return x
+
+
+def _filter(x_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Tempered logits with the tokens top-k, top-p and min-p drop set to -inf (in place; transformers'
+    order)."""
+    if p.top_k and p.top_k < x_V.shape[-1]:
+        x_V.masked_fill_(x_V < x_V.topk(p.top_k).values[-1], float("-inf"))
+    if p.top_p < 1.0:
+        sorted_x, order = x_V.sort(descending=True)
+        pr = sorted_x.softmax(-1)
+        # drop a token once the mass of the tokens before it already reaches top_p
+        x_V[order[pr.cumsum(-1) - pr >= p.top_p]] = float("-inf")
+    if p.min_p > 0:
+        # p_i >= min_p * p_max  <=>  x_i >= x_max + log(min_p)
+        x_V.masked_fill_(x_V < x_V.max() + math.log(p.min_p), float("-inf"))
+    return x_V
+
 
 def probs(logits_V: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """The distribution ``sample`` draws from (temperature, top-k, top-p applied), fp32."""
-    x = logits_V.float() / max(p.temperature, 1e-6)
-    if p.top_k and p.top_k < x.shape[-1]:
-        x = x.masked_fill(x < x.topk(p.top_k).values[-1], float("-inf"))
-    if p.top_p < 1.0:
-        sorted_x, order = x.sort(descending=True)
-        pr = sorted_x.softmax(-1)
-        x = x.clone()
-        x[order[pr.cumsum(-1) - pr >= p.top_p]] = float("-inf")
-    return x.softmax(-1)
+    """The distribution ``sample`` draws from (temperature, top-k, top-p, min-p applied), fp32."""
+    return _filter(logits_V.float() / max(p.temperature, 1e-6), p).softmax(-1)
 
 
 def sample(logits_NV: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
@@ -73,16 +145,7 @@ def sample(logits_NV: torch.Tensor, params: list[SamplingParams], generators: li
         return out
     x = logits[rows] / torch.tensor([params[i].temperature for i in rows], device=logits.device)[:, None]
     for j, i in enumerate(rows):
-        p = params[i]
-        if p.top_k and p.top_k < x.shape[-1]:
-            kth = x[j].topk(p.top_k).values[-1]
-            x[j] = x[j].masked_fill(x[j] < kth, float("-inf"))
-        if p.top_p < 1.0:
-            sorted_x, order = x[j].sort(descending=True)
-            probs = sorted_x.softmax(-1)
-            # drop a token once the mass of the tokens before it already reaches top_p
-            drop = probs.cumsum(-1) - probs >= p.top_p
-            x[j, order[drop]] = float("-inf")
+        _filter(x[j], params[i])
     u = torch.stack([torch.rand(x.shape[-1], generator=generators[i], device="cpu") for i in rows]).to(x.device)
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
     out[rows] = (x + gumbel).argmax(dim=-1)

@@ -13,12 +13,16 @@ class StopChecker:
         self.text = ""
         self.emitted = 0
 
-    def add(self, delta: str) -> str | None:
-        """Append text; return the stop string if one now occurs (the text is cut before it)."""
+    def add(self, delta: str, check: bool = True) -> str | None:
+        """Append text; return the stop string if one now occurs (the text is cut before it).
+        ``check=False`` (before ``min_tokens``) only appends: later checks search from the last
+        ``len(stop) - 1`` characters of it on, so no stop string lying wholly inside it counts."""
         if not delta:
             return None
         start = max(0, len(self.text) - self.hold)
         self.text += delta
+        if not check:
+            return None
         best = None
         for s in self.stops:
             j = self.text.find(s, start)

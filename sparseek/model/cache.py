@@ -233,6 +233,35 @@ class Cache:
         for t in [self.pos, self.mtp_pos] + [t for lc in self.layers for t in lc.tensors()]:
             t[dst] = t[src]
 
+    def snapshot(self, row: int) -> list[torch.Tensor]:
+        """A copy of one row's state that ``restore`` puts back into any row of a cache of this
+        model: rings whole, position-indexed stores (compressed entries, indexer keys, latents)
+        only up to what the row has written, so a snapshot's size grows with its length."""
+        used = int(max(self.pos[row], self.mtp_pos[row]))
+        out = [self.pos[row].clone(), self.mtp_pos[row].clone()]
+        for t, per in self._row_stores():
+            out.append((t[row] if per is None else t[row, :-(-used // per)]).clone())
+        return out
+
+    def restore(self, snap: list[torch.Tensor], row: int) -> None:
+        self.pos[row], self.mtp_pos[row] = snap[0], snap[1]
+        for (t, per), saved in zip(self._row_stores(), snap[2:]):
+            t[row, :saved.shape[0]] = saved
+
+    def _row_stores(self) -> list[tuple[torch.Tensor, int | None]]:
+        """Every buffer with the positions one of its slots stands for (None: a ring, kept whole)."""
+        out = []
+        for i, lc in enumerate(self.layers):
+            states = [st for st in (lc.comp_state, lc.index_state) if st is not None]
+            out += [(t, None) for t in [lc.window] + [x for st in states for x in (st.kv, st.score)] if t is not None]
+            m = self.args.compress_ratio(i) if self.args.is_v4 else 1
+            out += [(t, m) for t in (lc.comp, lc.index_keys, lc.latent) if t is not None]
+        return out
+
+    @staticmethod
+    def snapshot_bytes(snap: list[torch.Tensor]) -> int:
+        return sum(t.numel() * t.element_size() for t in snap)
+
     def check_room(self, n_new: int) -> None:
         end = int(self.pos.max()) + n_new
         if end > self.max_seq_len:

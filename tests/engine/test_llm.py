@@ -9,18 +9,7 @@ import sparseek
 from sparseek.engine import LLM, SamplingParams
 from sparseek.model import build_model
 from sparseek.model.cache import Cache
-from sparseek.tokenizer import default_tokenizer
 from tests.conftest import randomize_, rel_err
-
-
-@pytest.fixture(scope="module")
-def model():
-    return randomize_(build_model(sparseek.preset("debug")), 21).eval()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer(512)
 
 
 PROMPTS = [[5, 9, 200], list(range(1, 40)), [7] * 70, [300, 2, 3, 4, 5, 6], list(range(100, 230))]
