@@ -68,7 +68,9 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
 
     Returns ``(model, tokenizer)``; the tokenizer is None when a checkpoint ships none.
     dtype defaults to the checkpoint's ``torch_dtype`` (FP8 checkpoints load as bfloat16) and to
-    float32 for presets. ``overrides`` replace config fields that do not change the weights'
+    float32 for presets; on a CPU without native bfloat16 / float16 matrix products (no
+    AVX512-BF16 / AMX: torch runs them in scalar loops, ~100x slower) a half-precision default
+    becomes float32, with a warning, and an explicit half dtype is kept, with a warning. ``overrides`` replace config fields that do not change the weights'
     shapes, e.g. ``kv_fp8=True`` (DeepSeek's FP8 KV cache) or ``clamp_shared_expert=True``.
     """
     dtype = resolve_dtype(dtype)
@@ -82,6 +84,13 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
             args = args.replace(**overrides)
         if dtype is None:
             dtype = _DTYPES.get(str(args.extra.get("torch_dtype", args.extra.get("dtype", "bfloat16"))), torch.bfloat16)
+            if _slow_half(dtype, device):
+                log.warning("this CPU (%s) has no native %s matrix products (torch runs them ~100x slower): "
+                            "loading in float32; pass dtype=%r to keep it", _cpu(), _name(dtype), _name(dtype))
+                dtype = torch.float32
+        elif _slow_half(dtype, device):
+            log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
+                        "float32 here", _cpu(), _name(dtype))
         model = load_model(path_or_preset, dtype=dtype, device=device, args=args)
         tok = None
         if tokenizer:
@@ -93,6 +102,9 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
                 log.warning("no tokenizer.json in %s: returning tokenizer=None", root)
         return model.eval(), tok
     if path_or_preset in PRESETS:
+        if _slow_half(dtype, device):
+            log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
+                        "float32 here", _cpu(), _name(dtype))
         args = preset(path_or_preset, **overrides)
         with torch.device(device):
             model = build_model(args, dtype=dtype or torch.float32)
@@ -101,6 +113,20 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
         return model.eval(), tok
     raise FileNotFoundError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset "
                             f"({', '.join(sorted(PRESETS))})")
+
+
+def _slow_half(dtype, device: torch.device) -> bool:
+    from sparseek.utils import cpu_has_fast_half
+
+    return device.type == "cpu" and dtype in (torch.bfloat16, torch.float16) and not cpu_has_fast_half(dtype)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _cpu() -> str:
+    return f"{torch.backends.cpu.get_cpu_capability()} capability"
 
 
 def _preset_tokenizer(args: ModelArgs):

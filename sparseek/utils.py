@@ -6,6 +6,8 @@ import ctypes
 import ctypes.util
 import sys
 
+import torch
+
 _TUNED = False
 
 
@@ -29,3 +31,17 @@ def tune_malloc() -> bool:
     except (OSError, AttributeError):
         _TUNED = False
     return _TUNED
+
+
+def cpu_has_fast_half(dtype: torch.dtype) -> bool:
+    """Whether this CPU multiplies ``dtype`` (bfloat16 / float16) matrices natively. Without
+    AVX512-BF16 / AMX (e.g. an AVX2-only AMD EPYC) torch falls back to scalar loops: measured
+    0.6 GFLOP/s for a bf16 512 x 512 x 2048 GEMM against 139 in float32 on one such 2-core VM."""
+    try:
+        if dtype == torch.bfloat16:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        if dtype == torch.float16:
+            return bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+    return True

@@ -282,6 +282,7 @@ def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes
             with open(os.path.join(tmp, INDEX_FILE), "w", encoding="utf-8") as f:
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         model.args.save(tmp)
+        _record_dtype(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         os.makedirs(directory, exist_ok=True)
@@ -293,6 +294,26 @@ def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes
             os.replace(os.path.join(tmp, f), os.path.join(directory, f))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _record_dtype(model: nn.Module, directory: str) -> None:
+    """For a model built here (a preset, a trained one), config.json's ``torch_dtype`` names the
+    dtype its weights were saved in (the embedding's: never quantized), so that loading without a
+    dtype gives the model back as it was. A loaded checkpoint is saved in its own dtypes, and its
+    config as it was read."""
+    if getattr(model, "checkpoint_dtypes", None):
+        return
+    emb = getattr(model, "embed", None)
+    dtype = getattr(getattr(emb, "weight", None), "dtype", None)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return
+    path = os.path.join(directory, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
 
 
 def _natural_key(name: str):

@@ -195,3 +195,27 @@ def test_missing_mtp_is_dropped_with_a_warning(v4, tmp_path, caplog):
     assert len(m.mtp) == 0 and "MTP" in caplog.text
     with torch.no_grad():
         assert torch.equal(m(_ids()), v4(_ids()))
+
+
+def test_half_checkpoints_on_cpus_without_half_products(tmp_path, monkeypatch, caplog):
+    """A built bf16 model's checkpoint says bfloat16; loading it without a dtype keeps bf16 where
+    the CPU multiplies bf16 natively and falls back to float32, with a warning naming why, where
+    it does not (torch's scalar loops there run ~100x slower); an explicit dtype is kept."""
+    import logging
+
+    import sparseek.utils
+
+    m, _ = sparseek.load("debug", dtype="bfloat16")
+    sparseek.save(m, tmp_path)
+    assert json.load(open(tmp_path / "config.json"))["torch_dtype"] == "bfloat16"
+    monkeypatch.setattr(sparseek.utils, "cpu_has_fast_half", lambda dtype: True)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="sparseek"):
+        assert sparseek.load(str(tmp_path), tokenizer=False)[0].embed.weight.dtype == torch.bfloat16
+        assert "matrix products" not in caplog.text
+        monkeypatch.setattr(sparseek.utils, "cpu_has_fast_half", lambda dtype: False)
+        assert sparseek.load(str(tmp_path), tokenizer=False)[0].embed.weight.dtype == torch.float32
+        assert "no native bfloat16 matrix products" in caplog.text and "loading in float32" in caplog.text
+        caplog.clear()
+        kept = sparseek.load(str(tmp_path), dtype="bfloat16", tokenizer=False)[0]
+        assert kept.embed.weight.dtype == torch.bfloat16 and "~100x slower" in caplog.text
