@@ -1,6 +1,7 @@
-"""Prefix caching on a few-shot eval: GSM8K's 8-shot prompts share a ~900-token preamble.
+"""Prefix caching on few-shot evals: GSM8K's 8-shot prompts share a ~700-token preamble (generation),
+an MMLU subject's 5-shot contexts a ~400-token one (log-likelihood scoring).
 
-    python benchmarks/engine_prefix.py --model small --dtype bfloat16 --prompts 32 --max-tokens 1 16
+    python benchmarks/engine_prefix.py --model small --dtype float32 --prompts 32 --max-tokens 1 16 --mmlu 64
 
 Each round builds a fresh engine (a cold prefix cache, as an eval run starts) and generates greedily
 for the first ``--prompts`` GSM8K test questions behind the task's own 8 exemplars
@@ -10,6 +11,11 @@ caching off (``prefix_cache_bytes=0``) and on, in alternating rounds of one proc
 ratio; ``--max-tokens 1`` times the prefill alone (time to every first token), larger values add
 decoding, which prefix caching leaves as it is. Outputs must be equal (checked; fp32 or bf16 --
 the prefill cuts at other positions with caching on, so bf16 may round a near-tie differently).
+
+``--mmlu N``: the first N MMLU test questions (4 requests each, the task's own 5-shot contexts)
+scored by ``EngineModel.loglikelihood``, with contexts that begin alike read once
+(``sparseek.evals.model.PREFIX_MIN`` = 64) and without (set past any length), alternating;
+scores must agree within 1e-4.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8, help="the engine's max_batch_size")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--data", default=None, help="folder with gsm8k_test.jsonl and gsm8k_fewshot_cot8.jsonl")
+    ap.add_argument("--mmlu", type=int, default=0, help="also score this many MMLU questions")
     a = ap.parse_args()
 
     torch.set_num_threads(torch.get_num_threads())
@@ -76,6 +83,40 @@ def main() -> None:
         print(f"  prefix cache off: {off:7.2f} s  {tokens['off']:7d} tokens fed")
         print(f"  prefix cache on : {on:7.2f} s  {tokens['on']:7d} tokens fed  {off / on:.2f}x faster, "
               f"{tokens['off'] / tokens['on']:.2f}x fewer tokens; same tokens as off {same}/{len(prompts)}")
+
+    if a.mmlu:
+        mmlu(model, tok, a, fed)
+
+
+def mmlu(model, tok, a, fed) -> None:
+    from sparseek.evals import model as evals_model
+    from sparseek.evals.mmlu import MMLU
+
+    task = MMLU()
+    task.load(DataSource(a.data))
+    docs = task.docs[:a.mmlu]
+    reqs = [(task.context(d), task.target_delimiter + c) for d in docs for c in task.choices(d)]
+    subjects = len({d["subject"] for d in docs})
+    print(f"\nMMLU: {len(docs)} questions of {subjects} subject(s), {len(reqs)} requests, 5-shot")
+    llm = LLM(model, tok, max_seq_len=2048)
+    scorer = evals_model.EngineModel(llm, batch_size=16, progress=False)
+    default = evals_model.PREFIX_MIN
+    times: dict[str, list[float]] = {"off": [], "on": []}
+    tokens, scores = {}, {}
+    for _ in range(a.rounds):
+        for name, minimum in (("off", 1 << 30), ("on", default)):
+            evals_model.PREFIX_MIN = minimum
+            fed[0] = 0
+            t0 = time.perf_counter()
+            scores[name] = scorer.loglikelihood(reqs)
+            times[name].append(time.perf_counter() - t0)
+            tokens[name] = fed[0]
+    evals_model.PREFIX_MIN = default
+    worst = max(abs(x[0] - y[0]) for x, y in zip(scores["off"], scores["on"]))
+    off, on = statistics.median(times["off"]), statistics.median(times["on"])
+    print(f"  shared beginnings off: {off:7.2f} s  {tokens['off']:7d} tokens fed")
+    print(f"  shared beginnings on : {on:7.2f} s  {tokens['on']:7d} tokens fed  {off / on:.2f}x faster, "
+          f"{tokens['off'] / tokens['on']:.2f}x fewer tokens; largest score difference {worst:.2e}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ Generation prompts are truncated on the left so that prompt + ``max_tokens`` fit
 
 Scoring: requests whose model input is identical (the 4 answer letters of an MMLU question) share
 one forward, and inputs of different lengths share a batch, right-padded: the model is causal, so
-padding after a row changes none of its logits. ``scorer="engine"`` uses ``LLM.loglikelihood``
+padding after a row changes none of its logits. Inputs that begin alike by 64 tokens or more (a
+subject's 5-shot preamble) are scored in batches of their own, the common beginning read once into
+a cache whose snapshot each row restores (``Cache.snapshot``), the forward reading only the rest. ``scorer="engine"`` uses ``LLM.loglikelihood``
 instead (no sharing, equal lengths per batch), e.g. to cross-check.
 """
 
@@ -22,6 +24,42 @@ from collections.abc import Sequence
 import torch
 
 LOGIT_BUDGET = 1 << 28  # floats of log-probabilities held at once (1 GiB)
+PREFIX_MIN = 64  # tokens a family of contexts must share for them to be read once (few-shot preambles)
+
+
+def _common(a: tuple, b: tuple) -> int:
+    """Length of the common beginning (binary search over C-level slice comparisons)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _families(groups) -> list[tuple[list[tuple], int]]:
+    """Model inputs in families that begin alike by >= PREFIX_MIN tokens (sorted, neighbours
+    compared), each with what all its members share, then the rest as one family sharing 0."""
+    keys = sorted(groups)
+    fams, rest, run, shared = [], [], [keys[0]], len(keys[0])
+    for a, b in zip(keys, keys[1:]):
+        n = _common(a, b)
+        if n >= PREFIX_MIN:
+            run.append(b)
+            shared = min(shared, n)
+            continue
+        if len(run) > 1:
+            fams.append((run, shared))
+        else:
+            rest += run
+        run, shared = [b], len(b)
+    if len(run) > 1:
+        fams.append((run, shared))
+    else:
+        rest += run
+    return fams + ([(rest, 0)] if rest else [])
 
 
 class EngineModel:
@@ -86,8 +124,6 @@ class EngineModel:
 
     @torch.inference_mode()
     def _score_shared(self, pairs, show: bool) -> list[tuple[float, bool]]:
-        model, V = self.llm.model, self.llm.args.vocab_size
-        device = model.embed.weight.device
         groups: dict[tuple, list[tuple[int, list[int], int]]] = {}
         for i, (ctx, cont) in enumerate(pairs):
             if not cont:
@@ -95,13 +131,26 @@ class EngineModel:
             full = (list(ctx) + list(cont))[-(self.max_len + 1):]  # keep the end: the continuation is scored
             n = min(len(cont), len(full) - 1)
             groups.setdefault(tuple(full[:-1]), []).append((i, full[-n:], n))
-        keys = sorted(groups, key=len, reverse=True)  # long first: the padding stays small
         results: list[tuple[float, bool] | None] = [None] * len(pairs)
         bar = None
         if show:
             from tqdm import tqdm
 
             bar = tqdm(total=len(pairs), desc="loglikelihood", unit="req")
+        self._prefix = None
+        for keys, shared in _families(groups):
+            for batch, first in self._pack(keys, groups):
+                self._score_batch(batch, first, min(shared, first), groups, results, bar)
+        self._prefix = None
+        if bar:
+            bar.close()
+        return results
+
+    def _pack(self, keys: list[tuple], groups):
+        """Batches of ``keys`` (long first: the padding stays small) within ``batch_size`` rows and
+        the log-probability budget -> (batch, the first position any of its requests scores)."""
+        keys = sorted(keys, key=len, reverse=True)
+        V = self.llm.args.vocab_size
         i = 0
         while i < len(keys):
             L_max = len(keys[i])
@@ -112,25 +161,42 @@ class EngineModel:
                 if (L_max - f) * (j - i + 1) * V > LOGIT_BUDGET:
                     break
                 first, j = f, j + 1
-            batch = keys[i:j]
-            ids = torch.zeros(len(batch), L_max, dtype=torch.long, device=device)
-            for r, k in enumerate(batch):
-                ids[r, :len(k)] = torch.tensor(k, device=device)
-            W = L_max - first
-            lp = torch.log_softmax(model(ids, last_n=W).float(), dim=-1)  # window: positions [first, L_max)
-            for r, k in enumerate(batch):
-                for idx, target, n in groups[k]:
-                    a = len(k) - n - first
-                    rows = lp[r, a:a + n]
-                    t = torch.tensor(target, device=device)
-                    score = float(rows.gather(-1, t[:, None]).sum())
-                    results[idx] = (score, bool((rows.argmax(-1) == t).all()))
-                    if bar:
-                        bar.update()
+            yield keys[i:j], first
             i = j
-        if bar:
-            bar.close()
-        return results
+
+    def _score_batch(self, batch, first: int, shared: int, groups, results, bar) -> None:
+        """One forward over ``batch`` (right-padded), log-probabilities at positions [first, L_max).
+        With ``shared`` >= PREFIX_MIN tokens in common, those are read once into a cache row whose
+        snapshot every row restores, and the forward reads only the rest."""
+        model = self.llm.model
+        device = model.embed.weight.device
+        L_max = len(batch[0])
+        ids = torch.zeros(len(batch), L_max, dtype=torch.long, device=device)
+        for r, k in enumerate(batch):
+            ids[r, :len(k)] = torch.tensor(k, device=device)
+        W = L_max - first
+        if shared >= PREFIX_MIN:
+            key = batch[0][:shared]
+            if self._prefix is None or self._prefix[0] != key:
+                one = model.new_cache(1, shared)
+                model(ids[:1, :shared], one, last_n=1)
+                self._prefix = (key, one.snapshot(0))
+            cache = model.new_cache(len(batch), L_max)
+            for r in range(len(batch)):
+                cache.restore(self._prefix[1], r)
+            logits = model(ids[:, shared:], cache, last_n=W)
+        else:
+            logits = model(ids, last_n=W)
+        lp = torch.log_softmax(logits.float(), dim=-1)  # window: positions [first, L_max)
+        for r, k in enumerate(batch):
+            for idx, target, n in groups[k]:
+                a = len(k) - n - first
+                rows = lp[r, a:a + n]
+                t = torch.tensor(target, device=device)
+                score = float(rows.gather(-1, t[:, None]).sum())
+                results[idx] = (score, bool((rows.argmax(-1) == t).all()))
+                if bar:
+                    bar.update()
 
     def loglikelihood_rolling(self, texts: Sequence[str], progress: bool | None = None) -> list[float]:
         """Total log-likelihood of each text, in windows of the engine's length: every token is

@@ -108,3 +108,29 @@ def test_generation_truncates_long_prompts_on_the_left():
     em = EngineModel(llm, progress=False)
     out = em.generate(["word " * 200, "short"], sparseek.SamplingParams(max_tokens=3, temperature=0, ignore_eos=True))
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
+
+
+def test_contexts_that_begin_alike_read_their_beginning_once(monkeypatch):
+    """Few-shot contexts (a 120-token preamble, then questions; 4 one-token answers and a
+    multi-token one each) score as the engine scores them one by one, while the model reads the
+    preamble once; contexts without it are scored as before, in the same call."""
+    llm = sparseek.LLM("debug", max_seq_len=512)
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randint(3, 500, (120,), generator=g).tolist()
+    pairs = []
+    for q in range(5):
+        ctx = pre + torch.randint(3, 500, (10 + 3 * q,), generator=g).tolist()
+        pairs += [(ctx, [t]) for t in (7, 8, 9, 10)] + [(ctx, [11, 12, 13])]
+    pairs += [(torch.randint(3, 500, (40,), generator=g).tolist(), [5, 6]) for _ in range(3)]
+    fed = [0]
+    forward = type(llm.model).forward
+    monkeypatch.setattr(type(llm.model), "forward", lambda m, ids, *a, **kw: fed.__setitem__(0, fed[0] + ids.numel())
+                        or forward(m, ids, *a, **kw))
+    shared = EngineModel(llm, progress=False).score_ids(pairs)
+    read = fed[0]
+    engine = EngineModel(llm, progress=False, scorer="engine").score_ids(pairs)
+    for (sa, ga), (sb, gb) in zip(shared, engine):
+        assert sa == pytest.approx(sb, abs=1e-4) and ga == gb
+    # the preamble once, then the 10 distinct inputs' rests padded to the longest (144 - 120), and
+    # the 3 others whole; scored one by one, the engine reads every input whole
+    assert read == 120 + 10 * 24 + 3 * 41 and fed[0] - read > 5 * 130 * 5
