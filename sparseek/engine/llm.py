@@ -159,6 +159,7 @@ class LLM:
         self.add_bos = add_bos
         self._cache = None
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
+        self._weights = None  # what the kept snapshots were computed with
 
         if not 0 <= speculative_tokens <= Cache.SPARE:
             raise ValueError(f"speculative_tokens must be in [0, {Cache.SPARE}], got {speculative_tokens}")
@@ -513,6 +514,10 @@ class LLM:
         pc, built = self.prefix_cache, set()
         if pc is None:
             return [(0, None, None)] * len(seqs), built
+        weights = hash(tuple((p._version, p.data_ptr()) for p in self.model.parameters()))
+        if weights != self._weights:  # snapshots of other weights would be silently wrong
+            pc.clear()
+            self._weights = weights
         hashes = [prefix_hashes(q.out.prompt_token_ids) if len(q.out.prompt_token_ids) >= pc.min_tokens else None
                   for q in seqs]
         others: dict[int, int] = {}

@@ -12,7 +12,9 @@ extends it -- the next turn of a chat -- goes on from there; the same prompt aga
 at all, its last logits are kept) and at the longest common beginning, in whole ``block``-token
 steps, of a prompt with another waiting prompt or a kept one (a few-shot preamble, a system
 prompt). Kept within a byte budget; least recently used first out, snapshots never reused before
-snapshots reused.
+snapshots reused. All of them are dropped when the model's weights change (an optimizer step, a
+``load_state_dict``: parameters' version counters or storage move), so a snapshot never outlives
+the weights that computed it.
 
 Lookup walks a prompt once: a rolling hash of every prefix (Python's tuple hash, deterministic for
 ints), checked against the kept snapshots' hashes (exact keys compared on a hit) and, at block
@@ -57,6 +59,11 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self.snaps)
+
+    def clear(self) -> None:
+        self.snaps.clear()
+        self.blocks.clear()
+        self.nbytes = 0
 
     def longest(self, ids, hashes: list[int] | None = None) -> Snapshot | None:
         """The kept snapshot of the longest prefix of ``ids`` (all of it included)."""

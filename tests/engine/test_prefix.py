@@ -144,3 +144,19 @@ def test_eviction_keeps_reused_snapshots():
     assert pc.longest([1, 2, 3]) is a  # outlives every snapshot never reused
     assert pc.shared([1, 2, 3, 4, 5], prefix_hashes([1, 2, 3, 4, 5]), {}) == 2
     assert pc.shared([4, 5, 6, 7], prefix_hashes([4, 5, 6, 7]), {}) == 0
+
+
+def test_snapshots_do_not_outlive_the_weights(tok):
+    """After the weights change in place (an optimizer step, load_state_dict), a kept prompt is read
+    again with the new weights: the output equals a fresh engine's, not the old weights' one."""
+    model = randomize_(build_model(sparseek.preset("debug")), 8).eval()
+    prompt = _tokens(6, 70)
+    llm = LLM(model, tok, max_batch_size=1, max_seq_len=256)
+    before = llm.generate([prompt], GREEDY)[0].token_ids
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(1.7)
+    fresh = LLM(model, tok, max_batch_size=1, max_seq_len=256, prefix_cache_bytes=0).generate([prompt], GREEDY)[0]
+    assert fresh.token_ids != before
+    assert llm.generate([prompt], GREEDY)[0].token_ids == fresh.token_ids
