@@ -72,6 +72,7 @@ class _Seq:
     stop_ids: set[int]
     decoder: object
     last_token: int = -1
+    last_logits: torch.Tensor | None = None  # the model's logits that gave last_token (prefix caching)
     new_ids: list[int] = field(default_factory=list)
     new_logprobs: list[dict[int, float]] = field(default_factory=list)
     # speculative decoding: draft tokens from the MTP block and their draft distributions
@@ -389,6 +390,7 @@ class LLM:
                 yield s
             for i in range(n - 1, -1, -1):  # keep live sequences in slots [0, n)
                 if running[i].out.finish_reason is not None:
+                    self._keep_completion(running[i], cache, i)
                     last = len(running) - 1
                     if i != last:
                         cache.copy_row(last, i)
@@ -560,6 +562,17 @@ class LLM:
                 prev = h[:, -1:]
         return logits[0, -1], prev
 
+    def _keep_completion(self, s: _Seq, cache, row: int) -> None:
+        """Keep a finished sequence's row (prompt and output but its last token, which no forward
+        read): a chat's next turn repeats both. Plain decoding only: under speculative decoding the
+        row may have read accepted drafts past a stop, and the MTP block's input is not kept."""
+        pc = self.prefix_cache
+        fed = s.out.prompt_token_ids + s.out.token_ids[:-1]
+        if (pc is None or self.speculative or s.last_logits is None or len(fed) < pc.min_tokens
+                or int(cache.pos[row]) != len(fed)):
+            return
+        pc.put(fed, cache.snapshot(row), s.last_logits, None, prefix_hashes(fed))
+
     def _decode(self, running: list[_Seq], cache) -> torch.Tensor:
         """Next-token logits [n, V] for the live sequences (slots [0, n))."""
         n = len(running)
@@ -598,10 +611,12 @@ class LLM:
     def _accept(self, seqs: list[_Seq], logits_NV: torch.Tensor) -> None:
         """Sample one token per sequence from its logits and record it."""
         lp = _logprobs_if_asked(seqs, logits_NV)  # the model's distribution, before penalties
+        raw = logits_NV
         if any(s.params.adjusts for s in seqs):
             logits_NV = torch.stack([_adjusted(s, x).float() for s, x in zip(seqs, logits_NV)])
         toks = sample(logits_NV, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         for j, (s, t) in enumerate(zip(seqs, toks)):
+            s.last_logits = raw[j]
             self._push(s, t, lp[j] if lp is not None else None)
 
     def _push(self, s: _Seq, t: int, lp_V: torch.Tensor | None) -> bool:

@@ -160,3 +160,16 @@ def test_snapshots_do_not_outlive_the_weights(tok):
     fresh = LLM(model, tok, max_batch_size=1, max_seq_len=256, prefix_cache_bytes=0).generate([prompt], GREEDY)[0]
     assert fresh.token_ids != before
     assert llm.generate([prompt], GREEDY)[0].token_ids == fresh.token_ids
+
+
+def test_the_next_turn_reuses_the_reply(model, tok, monkeypatch):
+    """A finished sequence's row is kept (prompt and reply but its last token): a next turn that
+    repeats both reads only the reply's last token and what is new, and decodes as if alone."""
+    turn1 = _tokens(7, 50)
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=512)
+    reply = llm.generate([turn1], SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))[0].token_ids
+    turn2 = turn1 + reply + _tokens(8, 20)
+    ref = _alone(model, tok, [turn2])
+    count = _Counter(model, monkeypatch)
+    _same(llm.generate([turn2], GREEDY), ref)
+    assert count.fed == 1 + 20 + 5
