@@ -173,3 +173,20 @@ def test_the_next_turn_reuses_the_reply(model, tok, monkeypatch):
     count = _Counter(model, monkeypatch)
     _same(llm.generate([turn2], GREEDY), ref)
     assert count.fed == 1 + 20 + 5
+
+
+def test_requests_one_at_a_time_share_a_system_prompt(model, tok, monkeypatch):
+    """A server's pattern: requests arrive alone, behind one 100-token system prompt. The first is
+    read whole; the second finds the first's kept prompt sharing 96 tokens (whole blocks) with it
+    and reads those once more into a snapshot; from the third on only the question is read."""
+    system = _tokens(9, 100)
+    qs = [system + _tokens(30 + i, 12) for i in range(4)]
+    refs = _alone(model, tok, qs)
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=512)
+    count = _Counter(model, monkeypatch)
+    fed = []
+    for q, ref in zip(qs, refs):
+        count.fed = 0
+        _same(llm.generate([q], GREEDY), [ref])
+        fed.append(count.fed - 5)  # less the 5 decode steps
+    assert fed == [112, 96 + 16, 16, 16]
