@@ -269,6 +269,30 @@ def decode_speculative(rep: Report, model, dev, batch: int, ks=(1, 2, 3), accept
         LLM._propose = propose
 
 
+def prefix_sharing(rep: Report, model, dev, preamble: int, rest: int, n: int):
+    """``n`` prompts behind one ``preamble``-token beginning (a long system prompt or few-shot
+    block), each with ``rest`` tokens of its own, to their first tokens: a fresh engine without
+    and with prefix caching (the beginning read once, its cache row snapshotted into each row)."""
+    from sparseek.engine import LLM, SamplingParams
+
+    g = torch.Generator().manual_seed(0)
+    common = torch.randint(10, model.args.vocab_size, (preamble,), generator=g).tolist()
+    prompts = [common + torch.randint(10, model.args.vocab_size, (rest,), generator=g).tolist() for _ in range(n)]
+    params = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
+    seconds, firsts = {}, {}
+    for name, budget in (("off", 0), ("on", 1 << 32), ("off", 0), ("on", 1 << 32)):  # the first pair warms up
+        llm = LLM(model, None, max_batch_size=n, max_seq_len=preamble + rest + 64, prefill_chunk=8192,
+                  prefix_cache_bytes=budget)
+        sync(dev)
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params)
+        sync(dev)
+        seconds[name], firsts[name] = time.perf_counter() - t, [o.token_ids for o in outs]
+    rep.add("prefix cache", prompts=n, preamble=preamble, rest=rest, seconds_off=seconds["off"],
+            seconds_on=seconds["on"], speedup=seconds["off"] / seconds["on"],
+            same_first_tokens=sum(a == b for a, b in zip(firsts["off"], firsts["on"])))
+
+
 def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 32):
     """Batch-1 decode after ``context`` tokens: a cache of that length with synthetic entries."""
     from sparseek.engine.compile import CompiledStep
@@ -501,7 +525,7 @@ def transformers_side(rep: Report, args, dev, peak_flops: float, name: str, infe
 
 
 SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer", "profile", "speculative",
-            "speculative-compiled"]
+            "speculative-compiled", "prefix"]
 KEYS = ("model", "tokens", "batch", "context", "compiled", "chunk", "seq_len", "optimizer")
 
 
@@ -599,6 +623,9 @@ def main():
         rep.run("decode speculative", decode_speculative, rep, model, dev, batch, (2,), compiled=True, need=120)
     for ctx in ((4096,) if a.smoke else (1 << 20, 131072)) if "decode-long" in want else ():
         rep.run("decode long context", decode_long, rep, model, dev, ctx, bw, need=90)
+    if "prefix" in want:  # no issue target: after those; 8 prompts behind a 16K-token preamble: 131K tokens read without caching
+        pre, rest, n = (300, 20, 4) if a.smoke else (16384, 256, 8)
+        rep.run("prefix cache", prefix_sharing, rep, model, dev, pre, rest, n, need=60)
     torch._dynamo.reset()  # drop the compiled steps and their graph pools before training again
     if dev.type == "cuda":
         torch.cuda.empty_cache()
