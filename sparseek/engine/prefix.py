@@ -44,6 +44,7 @@ class Snapshot:
     logits: torch.Tensor  # [V] at the last position
     hidden: torch.Tensor | None  # [1, 1, S, D] main streams at the last position (speculative decoding)
     nbytes: int
+    blocks: list[int]  # hashes of its whole-block prefixes, as ``PrefixCache.blocks`` counts them
     hits: int = 0
     used: int = 0
 
@@ -109,14 +110,15 @@ class PrefixCache:
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         if nbytes > self.capacity:
             return None
-        while self.nbytes + nbytes > self.capacity:
-            self._evict()
         if old is not None:  # a hash collision: the newer key wins the slot
             self._drop(h)
-        s = Snapshot(key, state, logits.clone(), hidden.clone() if hidden is not None else None, nbytes)
+        while self.nbytes + nbytes > self.capacity:
+            self._evict()
+        s = Snapshot(key, state, logits.clone(), hidden.clone() if hidden is not None else None, nbytes,
+                     self.block_hashes(hashes[:len(key)]))
         self.snaps[h] = s
         self.nbytes += nbytes
-        for bh in self.block_hashes(hashes[:len(key)]):
+        for bh in s.blocks:
             self.blocks[bh] = self.blocks.get(bh, 0) + 1
         self.touch(s, reused=False)
         return s
@@ -128,7 +130,7 @@ class PrefixCache:
     def _drop(self, h: int) -> None:
         s = self.snaps.pop(h)
         self.nbytes -= s.nbytes
-        for bh in self.block_hashes(prefix_hashes(s.key)):
+        for bh in s.blocks:
             self.blocks[bh] -= 1
             if not self.blocks[bh]:
                 del self.blocks[bh]

@@ -190,3 +190,13 @@ def test_requests_one_at_a_time_share_a_system_prompt(model, tok, monkeypatch):
         _same(llm.generate([q], GREEDY), [ref])
         fed.append(count.fed - 5)  # less the 5 decode steps
     assert fed == [112, 96 + 16, 16, 16]
+
+
+def test_a_hash_collision_never_restores_the_wrong_prefix():
+    pc = PrefixCache(capacity_bytes=1000, min_tokens=2, block=2)
+    fake = [7, 8, 9]  # both keys hash alike
+    t = torch.zeros(10)
+    pc.put([1, 2, 3], [t], t, None, fake)
+    pc.put([4, 5, 6], [t], t, None, fake)
+    assert len(pc) == 1 and pc.nbytes == 80
+    assert pc.longest([1, 2, 3], fake) is None and pc.longest([4, 5, 6], fake).key == (4, 5, 6)
