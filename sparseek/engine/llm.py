@@ -549,17 +549,23 @@ class LLM:
             found.append((len(snap.key) if snap else 0, snap, hs))
         return found, built
 
-    def _feed(self, ids: list[int], view, prev):
+    def _feed(self, ids: list[int], view, prev, scored: _Seq | None = None):
         """Prefill ``ids`` into the one-row ``view`` in chunks, the MTP block one position behind
         (``prev``: the main streams at the position before, None at 0) -> (the last logits [V], the
-        streams at the last position [1, 1, S, D] under speculative decoding, else None)."""
+        streams at the last position [1, 1, S, D] under speculative decoding, else None).
+        ``scored``: the request whose prompt log-probabilities these tokens give (``ids`` from 0)."""
         x = torch.tensor(ids, device=view.device)[None]
         for s in range(0, x.shape[1], self.prefill_chunk):
             chunk = x[:, s:s + self.prefill_chunk]
-            logits, h = self.model(chunk, view, last_n=1, return_hidden=True)
+            # every position's logits only for prompt log-probabilities (the streams come back whole)
+            logits, h = self.model(chunk, view, last_n=None if scored else 1, return_hidden=True)
             if self.speculative:
                 self._prefill_mtp(chunk, h, prev, view)
                 prev = h[:, -1:]
+            if scored is not None:
+                want, nxt = scored.params.prompt_logprobs, x[0, s + 1:s + 1 + chunk.shape[1]]
+                lp = torch.log_softmax(logits[0, :len(nxt)].float(), dim=-1)
+                scored.out.prompt_logprobs += [_top(lp[j], int(nxt[j]), want) for j in range(len(nxt))]
         return logits[0, -1], prev
 
     def _keep_completion(self, s: _Seq, cache, row: int) -> None:
@@ -587,26 +593,11 @@ class LLM:
         return self.model(tokens, cache.view(0, n))[:, -1]
 
     def _prefill(self, seq: _Seq, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed the prompt in chunks; returns the last logits (and, for speculative decoding, the
-        main model's streams at the last position, with the MTP block fed all earlier ones)."""
-        ids = torch.tensor(seq.out.prompt_token_ids, device=cache.device)[None]
+        """Feed a prompt alone, with its prompt log-probabilities if it asks for them."""
         want = seq.params.prompt_logprobs
         if want is not None:
             seq.out.prompt_logprobs = [None]
-        logits = hidden = None
-        for s in range(0, ids.shape[1], self.prefill_chunk):
-            chunk = ids[:, s:s + self.prefill_chunk]
-            keep = None if want is not None else 1  # the streams come back whole either way
-            logits, h = self.model(chunk, cache, last_n=keep, return_hidden=True)
-            logits = logits[0]
-            if self.speculative:
-                self._prefill_mtp(chunk, h, hidden, cache)
-                hidden = h[:, -1:]
-            if want is not None:
-                nxt = ids[0, s + 1:s + 1 + chunk.shape[1]]
-                lp = torch.log_softmax(logits[:len(nxt)].float(), dim=-1)
-                seq.out.prompt_logprobs += [_top(lp[j], int(nxt[j]), want) for j in range(len(nxt))]
-        return logits[-1], hidden
+        return self._feed(seq.out.prompt_token_ids, cache, None, seq if want is not None else None)
 
     def _accept(self, seqs: list[_Seq], logits_NV: torch.Tensor) -> None:
         """Sample one token per sequence from its logits and record it."""

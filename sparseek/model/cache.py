@@ -258,10 +258,6 @@ class Cache:
             out += [(t, m) for t in (lc.comp, lc.index_keys, lc.latent) if t is not None]
         return out
 
-    @staticmethod
-    def snapshot_bytes(snap: list[torch.Tensor]) -> int:
-        return sum(t.numel() * t.element_size() for t in snap)
-
     def check_room(self, n_new: int) -> None:
         end = int(self.pos.max()) + n_new
         if end > self.max_seq_len:
