@@ -126,6 +126,28 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def cmd_serve(a) -> int:
+    import os
+
+    from sparseek.engine import LLM
+    from sparseek.serve import serve
+
+    key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
+    llm = LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=a.kv_fp8,
+              compile=a.compile, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens)
+    if llm.tokenizer is None:
+        raise ValueError(f"{a.model} has no tokenizer.json: the server takes text, so it needs one")
+    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    if not key and a.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"sparseek serve: warning: listening on {a.host} without an API key (--api-key or SPARSEEK_API_KEY)",
+              file=sys.stderr)
+    print(f"serving {name} at http://{a.host}:{a.port}/v1 (OpenAI API; batch {a.max_batch_size}, context "
+          f"{llm.max_seq_len} tokens{', API key required' if key else ''})", file=sys.stderr)
+    serve(llm, host=a.host, port=a.port, model_name=name, api_key=key or None, max_waiting=a.max_waiting,
+          thinking=a.thinking)
+    return 0
+
+
 def cmd_prepare(a) -> int:
     from sparseek.train.data import prepare
 
@@ -226,6 +248,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions)")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPARSEEK_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the batch before 503s")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
+    p.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: drafts per step")
+    p.add_argument("--thinking", action="store_true",
+                   help="chat requests think by default (they can say otherwise: chat_template_kwargs.thinking)")
+    p.set_defaults(fn=cmd_serve)
 
     from sparseek.evals.cli import add_eval_parser
 

@@ -79,3 +79,24 @@ def test_train_indexer_flags_reach_the_trainer(monkeypatch):
         except SystemExit:
             pass
     assert [(c.indexer_loss, c.indexer_warmup) for c in seen] == [(True, 0), (False, 0), (True, 7)]
+
+
+def test_serve_builds_the_server_from_flags(monkeypatch, capsys):
+    """``sparseek serve``: the engine from the model flags, the key from the flag or the environment,
+    the name from the model; a missing model is one line."""
+    import sparseek.serve
+
+    seen = {}
+    monkeypatch.setattr(sparseek.serve, "serve", lambda llm, **kw: seen.update(llm=llm, **kw))
+    assert main(["serve", "--model", "debug", "--port", "9123", "--max-batch-size", "3", "--max-seq-len", "300",
+                 "--thinking"]) == 0
+    assert seen["model_name"] == "debug" and seen["port"] == 9123 and seen["api_key"] is None and seen["thinking"]
+    assert seen["llm"].max_batch_size == 3 and seen["llm"].max_seq_len == 300 and seen["llm"].tokenizer is not None
+    monkeypatch.setenv("SPARSEEK_API_KEY", "from-env")
+    assert main(["serve", "--model", "debug", "--served-model-name", "tiny"]) == 0
+    assert seen["api_key"] == "from-env" and seen["model_name"] == "tiny"
+    assert main(["serve", "--model", "debug", "--api-key", "flag", "--host", "0.0.0.0"]) == 0
+    assert seen["api_key"] == "flag" and seen["host"] == "0.0.0.0"
+    assert main(["serve", "--model", "/no/such/dir"]) == 2
+    err = capsys.readouterr().err
+    assert "neither a checkpoint directory nor a preset" in err and "Traceback" not in err

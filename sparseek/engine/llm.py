@@ -38,7 +38,7 @@ class RequestOutput:
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[int, float]] | None = None
     prompt_logprobs: list[dict[int, float] | None] | None = None
-    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token or stop string), "length" or "abort"
     stop_reason: str | int | None = None
     cumulative_logprob: float = 0.0
     drafted: int = 0  # speculative decoding: MTP draft tokens proposed / accepted
@@ -78,6 +78,20 @@ class _Seq:
     # speculative decoding: draft tokens from the MTP block and their draft distributions
     drafts: list[int] = field(default_factory=list)
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
+    # set from another thread (a server whose client went away): the loop ends it at its next step
+    aborted: bool = False
+    sink: object = None  # whoever consumes this sequence's deltas (``sparseek.engine.async_engine``)
+
+
+def _delta(seq: _Seq) -> StreamDelta | None:
+    """What ``seq`` produced since its last delta (None if nothing): text held back for a stop
+    string that may still match is released only once it cannot."""
+    text = seq.stops.take_ready(final=seq.out.finish_reason is not None)
+    if not (text or seq.new_ids or seq.out.finish_reason):
+        return None
+    return StreamDelta(seq.out.index, text, list(seq.new_ids),
+                       list(seq.new_logprobs) if seq.params.logprobs is not None else None,
+                       seq.out.finish_reason, seq.out.sample)
 
 
 def _adjusted(s: _Seq, logits_V: torch.Tensor, drafted: Sequence[int] = ()) -> torch.Tensor:
@@ -216,11 +230,9 @@ class LLM:
         """Yield text deltas as they are produced (interleaved across prompts, tagged by ``index`` and,
         with ``n`` > 1, ``sample``)."""
         for seq in self._run(self._requests(prompts, params)):
-            text = seq.stops.take_ready(final=seq.out.finish_reason is not None)
-            if text or seq.new_ids or seq.out.finish_reason:
-                yield StreamDelta(seq.out.index, text, list(seq.new_ids),
-                                  list(seq.new_logprobs) if seq.params.logprobs is not None else None,
-                                  seq.out.finish_reason, seq.out.sample)
+            delta = _delta(seq)
+            if delta is not None:
+                yield delta
 
     @torch.inference_mode()
     def loglikelihood(self, requests: Sequence[tuple], batch_size: int = 16, use_tqdm: bool = False
@@ -349,7 +361,14 @@ class LLM:
 
     # ------------------------------------------------------------------ the loop
     @torch.inference_mode()
-    def _run(self, requests: list[_Seq]) -> Iterator[_Seq]:
+    def _run(self, requests: list[_Seq], feed=None) -> Iterator[_Seq]:
+        """Run ``requests`` to the end, yielding each sequence whenever it has produced something.
+
+        ``feed(idle)``, if given, is asked for more requests before every step (a server's
+        queue): it returns a list to add (``idle``: nothing is waiting or running, so it may
+        block until something comes) or None to end the loop once nothing is left. A sequence
+        whose ``aborted`` flag is set (from any thread) ends at the next step with
+        finish_reason "abort" and frees its slot."""
         if self._cache is None:
             self._cache = self.model.new_cache(self.max_batch_size, self.max_seq_len)
             if self._decode_fn is not None and self._cache.device.type == "cuda":
@@ -357,7 +376,22 @@ class LLM:
         cache = self._cache
         waiting = deque(requests)
         running: list[_Seq] = []
-        while waiting or running:
+        while True:
+            if feed is not None:
+                more = feed(not (waiting or running))
+                if more is None and not (waiting or running):
+                    return
+                waiting.extend(more or ())
+            elif not (waiting or running):
+                return
+            for s in [s for s in waiting if s.aborted] + [s for s in running if s.aborted]:
+                if s.out.finish_reason is None:
+                    s.new_ids, s.new_logprobs = [], []
+                    self._finish(s, "abort")
+                    yield s
+            if any(s.aborted for s in waiting):
+                waiting = deque(s for s in waiting if not s.aborted)
+            self._retire(running, cache)
             while waiting and len(running) < self.max_batch_size:
                 if waiting[0].params.prompt_logprobs is not None:
                     seq = waiting.popleft()
@@ -388,14 +422,18 @@ class LLM:
                 if s.out.finish_reason is None and no_room:
                     self._finish(s, "length")
                 yield s
-            for i in range(n - 1, -1, -1):  # keep live sequences in slots [0, n)
-                if running[i].out.finish_reason is not None:
-                    self._keep_completion(running[i], cache, i)
-                    last = len(running) - 1
-                    if i != last:
-                        cache.copy_row(last, i)
-                        running[i] = running[last]
-                    running.pop()
+            self._retire(running, cache)
+
+    def _retire(self, running: list[_Seq], cache) -> None:
+        """Drop finished sequences, keeping the live ones in slots [0, n)."""
+        for i in range(len(running) - 1, -1, -1):
+            if running[i].out.finish_reason is not None:
+                self._keep_completion(running[i], cache, i)
+                last = len(running) - 1
+                if i != last:
+                    cache.copy_row(last, i)
+                    running[i] = running[last]
+                running.pop()
 
     def _admit(self, waiting: deque, running: list[_Seq], cache) -> Iterator[_Seq]:
         """Prefill the waiting prompts that fit (those without prompt log-probabilities, up to the

@@ -526,6 +526,16 @@ class StreamingChatParser:
         self._finished = True
         return events
 
+    @property
+    def consumed(self) -> int:
+        """Characters of the completion turned into events so far (the rest is held back)."""
+        return self._offset
+
+    @property
+    def state(self) -> str:
+        """What the parser is reading: "reasoning", "content", a "tool_calls..." state or "done"."""
+        return self._state
+
     def message(self) -> Message:
         """The parsed assistant message; only available after ``finish``."""
         if not self._finished:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from collections.abc import Iterable, Iterator
@@ -83,6 +84,20 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self.tk.token_to_id(token)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for (a byte-level BPE token may hold part of a UTF-8
+        character, which no text decoding of it alone can show): what the OpenAI API reports
+        beside each log-probability."""
+        piece = self.tk.id_to_token(token_id)
+        if piece is None:
+            raise ValueError(f"token id {token_id} is outside the vocabulary ({self.vocab_size})")
+        table = _byte_decoder()
+        if not isinstance(self.tk.decoder, decoders.ByteLevel):
+            return self.tk.decode([token_id], skip_special_tokens=False).encode("utf-8")
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return piece.encode("utf-8")  # an added token (BOS, <think>, ...) is its own text
+
     def apply_chat(self, messages: list[dict], thinking_mode: str = "chat", **kw) -> list[int]:
         """The V4 chat prompt (BOS included) as token ids."""
         return self.encode(encode_messages(messages, thinking_mode=thinking_mode, **kw))
@@ -123,6 +138,20 @@ class IncrementalDecoder:
         delta = text[self.emitted:]
         self.prefix_start, self.emitted = len(self.ids), 0
         return delta
+
+
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet (``tokenizers``' ByteLevel): printable stand-ins for all 256 bytes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
 
 
 def _token_str(value, default: str | None) -> str | None:

@@ -376,3 +376,33 @@ def test_compiled_engine_stays_compiled_across_prompt_shapes(model, eager_hot_pa
         for batch in batches:
             assert [o.token_ids for o in llm.generate(batch, params)] == [
                 o.token_ids for o in eager.generate(batch, params)]
+
+
+def test_requests_fed_while_running_and_aborted_ones(model, tok):
+    """A server's loop: requests arrive between steps (``feed``) and join the running batch; one
+    is aborted from outside mid-generation and ends with finish_reason "abort", freeing its slot;
+    every other sequence gets the tokens it gets alone."""
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=512)
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    first = llm._requests([PROMPTS[0]], params)
+    later = [llm._requests([p], params) for p in PROMPTS[1:4]]
+    steps, seen = [0], {}
+
+    def feed(idle):
+        steps[0] += 1
+        if steps[0] == 3:
+            return later[0] + later[1]  # one must wait for a slot
+        if steps[0] == 5:
+            later[0][0].aborted = True
+        if steps[0] == 6:
+            return later[2]
+        return None
+
+    for s in llm._run(first, feed=feed):
+        seen.setdefault(id(s), s)
+    outs = [first[0]] + [r[0] for r in later]
+    aborted = later[0][0].out
+    assert aborted.finish_reason == "abort" and 0 < len(aborted.token_ids) < 12
+    for p, s in zip([PROMPTS[0], PROMPTS[2], PROMPTS[3]], [outs[0], outs[2], outs[3]]):
+        assert s.out.token_ids == _solo(model, tok, p, params).token_ids and s.out.finish_reason == "length"
+    assert len(seen) == 4

@@ -1,0 +1,376 @@
+"""An OpenAI-compatible HTTP server over the engine (``sparseek serve``).
+
+Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST
+/v1/chat/completions`` (streaming as server-sent events, ``n``, log-probabilities, stop
+sequences, penalties, seeds, tools and reasoning in DeepSeek-V4's chat format). Every request
+joins the engine's running batch between decode steps; a client that disconnects frees its slot
+at the next step. With an API key set, ``/v1/*`` answers 401 without ``Authorization: Bearer
+<key>``. Errors come back in the API's shape (``{"error": {"message", "type", "param",
+"code"}}``): 400 for bad requests (naming the field), 404 for an unknown model, 503 when the
+queue is full, 500 if the engine fails a step (the server itself keeps running).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from sparseek.engine.async_engine import AsyncEngine, EngineBusy, EngineError
+from sparseek.engine.llm import LLM, StreamDelta
+from sparseek.serve.protocol import (ChatRequest, ChatText, CompletionRequest, RequestError, TokenText, error_body,
+                                     new_id, now, usage)
+from sparseek.tokenizer.chat import encode_messages
+
+log = logging.getLogger("sparseek")
+
+
+def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None, max_waiting: int = 256,
+              thinking: bool = False) -> FastAPI:
+    """The FastAPI app serving ``llm`` as ``model_name``; ``thinking``: chat requests think unless
+    they say otherwise (``chat_template_kwargs``, ``reasoning_effort``)."""
+    if llm.tokenizer is None:
+        raise ValueError("serving needs a tokenizer: the model has no tokenizer.json")
+    engine = AsyncEngine(llm, max_waiting=max_waiting)
+    tokens = TokenText(llm.tokenizer)
+    created = now()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        engine.shutdown()
+
+    app = FastAPI(title="sparseek", lifespan=lifespan)
+    app.state.engine = engine
+
+    def check_key(request: Request):
+        if api_key:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {api_key}".encode()):
+                raise RequestError("Incorrect API key provided: send 'Authorization: Bearer <key>'", status=401,
+                                   code="invalid_api_key")
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(check_key)])
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, e: RequestError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(Exception)
+    async def _bug(request, e: Exception):  # still an answer in the API's shape, and logged
+        log.exception("unhandled error serving %s", request.url.path)
+        return JSONResponse(error_body(f"internal error: {type(e).__name__}: {e}", "server_error"), status_code=500)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_name, **engine.load, "steps_failed": engine.steps_failed}
+
+    @v1.get("/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
+                                            "owned_by": "sparseek", "max_model_len": llm.max_seq_len}]}
+
+    @v1.post("/completions")
+    async def completions(request: Request):
+        body = _parse(await _json(request), CompletionRequest)
+        body.check()
+        prompts = [_prompt_ids(llm, p, i) for i, p in enumerate(body.prompts())]
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens
+        want = body.logprobs
+        params = [body.sampling(_room(llm, len(ids), max_tokens, "max_tokens"), want,
+                                prompt_logprobs=want if body.echo and want is not None else None) for ids in prompts]
+        reqs = _submit(engine, prompts, params)
+        texts = [p if isinstance(p, str) else llm.tokenizer.decode(ids) for p, ids in zip(body.prompts(), prompts)]
+        rid, n = new_id("cmpl"), body.n
+
+        def chunk(choices, use=None):
+            c = {"id": rid, "object": "text_completion", "created": now(), "model": model_name, "choices": choices}
+            if use is not None:
+                c["usage"] = use
+            return c
+
+        if body.stream:
+            async def events():
+                done = 0
+                echoed = set()
+                async for i, d in _merged(reqs):
+                    k = i * n + d.sample
+                    text = d.text
+                    if body.echo and k not in echoed:
+                        echoed.add(k)
+                        text = texts[i] + text
+                    lp = (tokens.completion(d.token_ids, d.logprobs, 0, want) if want is not None else None)
+                    done += d.finish_reason is not None
+                    yield chunk([{"index": k, "text": text, "logprobs": lp,
+                                  "finish_reason": _reason(d.finish_reason)}])
+                if body.include_usage:
+                    yield chunk([], _usage(reqs, prompts))
+            return _sse(events(), reqs)
+
+        outs = await _collect(reqs, request)
+        choices = []
+        for i, per in enumerate(outs):
+            for j, o in enumerate(per):
+                text, lp = o["text"], None
+                if want is not None:
+                    ids, entries = o["ids"], o["logprobs"]
+                    if body.echo:
+                        ids = prompts[i] + ids
+                        entries = list(reqs[i]._seqs[j].out.prompt_logprobs or [None] * len(prompts[i])) + entries
+                    lp = tokens.completion(ids, entries, 0, want)
+                if body.echo:
+                    text = texts[i] + text
+                choices.append({"index": i * n + j, "text": text, "logprobs": lp,
+                                "finish_reason": _reason(o["finish_reason"])})
+        return chunk(choices, _usage(reqs, prompts))
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request):
+        body = _parse(await _json(request), ChatRequest)
+        think, effort = body.thinking(default=thinking)
+        try:
+            text = encode_messages(body.conversation(), thinking_mode="thinking" if think else "chat",
+                                   reasoning_effort=effort)
+        except ValueError as e:
+            raise RequestError(str(e), "messages") from None
+        ids = llm.tokenizer.encode(text)
+        limit = body.max_completion_tokens or body.max_tokens
+        max_tokens = _room(llm, len(ids), limit, "max_tokens") if limit else llm.max_seq_len - len(ids)
+        if max_tokens < 1:
+            raise RequestError(f"the prompt fills the context: {len(ids)} tokens, the server's max_seq_len is "
+                               f"{llm.max_seq_len}", "messages", code="context_length_exceeded")
+        want = (body.top_logprobs or 0) if body.logprobs else None
+        # the parser needs </think> and the tool-call markup, which are special tokens
+        params = body.sampling(max_tokens, want, skip_special_tokens=False)
+        [req] = _submit(engine, [ids], [params])
+        rid, n = new_id("chatcmpl"), body.n
+
+        def chunk(choices, use=None):
+            c = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": model_name,
+                 "choices": choices}
+            if use is not None:
+                c["usage"] = use
+            return c
+
+        if body.stream:
+            async def events():
+                parsers = [ChatText(think) for _ in range(n)]
+                for j in range(n):
+                    yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                                  "finish_reason": None}])
+                async for _, d in _merged([req]):
+                    p = parsers[d.sample]
+                    seen = len(p.tool_calls)
+                    evs = p.feed(d.text, d.finish_reason is not None)
+                    delta = ChatText.delta(evs, p.tool_calls[seen:])
+                    lp = {"content": tokens.chat(d.token_ids, d.logprobs, want)} if want is not None else None
+                    reason = _reason(d.finish_reason, bool(p.tool_calls))
+                    if delta or lp or reason:
+                        yield chunk([{"index": d.sample, "delta": delta, "logprobs": lp, "finish_reason": reason}])
+                if body.include_usage:
+                    yield chunk([], _usage([req], [ids]))
+            return _sse(events(), [req])
+
+        [outs] = await _collect([req], request)
+        choices = []
+        for j, o in enumerate(outs):
+            p = ChatText(think)
+            p.feed(o["text"], True)
+            message = {"role": "assistant", "content": p.content or (None if p.tool_calls else ""),
+                       "reasoning_content": p.reasoning or None}
+            if p.tool_calls:
+                message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in p.tool_calls]
+            lp = {"content": tokens.chat(o["ids"], o["logprobs"], want)} if want is not None else None
+            choices.append({"index": j, "message": message, "logprobs": lp,
+                            "finish_reason": _reason(o["finish_reason"], bool(p.tool_calls))})
+        return {"id": rid, "object": "chat.completion", "created": now(), "model": model_name,
+                "choices": choices, "usage": _usage([req], [ids])}
+
+    def _check_model(name):
+        if name not in (None, "", model_name):
+            raise RequestError(f"The model `{name}` does not exist (this server serves `{model_name}`)", "model",
+                               status=404, code="model_not_found")
+
+    def _parse(data, cls):
+        if not isinstance(data, dict):
+            raise RequestError("the request body must be a JSON object")
+        try:
+            body = cls.model_validate(data)
+        except ValidationError as e:
+            raise RequestError(_validation_message(e), _first_field(e)) from None
+        _check_model(body.model)
+        return body
+
+    app.include_router(v1)
+    return app
+
+
+# ---------------------------------------------------------------------- helpers
+async def _json(request: Request):
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise RequestError(f"the request body is not valid JSON: {e}") from None
+
+
+def _validation_message(e: ValidationError) -> str:
+    parts = []
+    for err in e.errors()[:5]:
+        where = ".".join(str(x) for x in err["loc"] if not (isinstance(x, str) and "[" in x)) or "body"
+        msg = "unknown field (not part of the API)" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{where}: {msg}")
+    return "; ".join(parts)
+
+
+def _first_field(e: ValidationError) -> str | None:
+    errs = e.errors()
+    return str(errs[0]["loc"][0]) if errs and errs[0]["loc"] else None
+
+
+def _prompt_ids(llm: LLM, p, i: int) -> list[int]:
+    try:
+        if isinstance(p, str):
+            ids = llm.tokenizer.encode(p, add_bos=llm.add_bos)
+        else:
+            ids = llm._ids(p, bos=False, what=f"prompt {i}")
+    except ValueError as e:
+        raise RequestError(str(e), "prompt") from None
+    if not ids:
+        raise RequestError(f"prompt {i} is empty", "prompt")
+    return ids
+
+
+def _room(llm: LLM, n_prompt: int, max_tokens: int, field: str) -> int:
+    """``max_tokens`` if the prompt and the completion fit the context, else a 400 saying so."""
+    if n_prompt + max_tokens > llm.max_seq_len:
+        raise RequestError(f"This model's maximum context length is {llm.max_seq_len} tokens. However, you requested "
+                           f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} in the completion). "
+                           f"Please reduce the prompt or {field}.", field, code="context_length_exceeded")
+    return max_tokens
+
+
+def _submit(engine: AsyncEngine, prompts: list[list[int]], params) -> list:
+    reqs = []
+    try:
+        for ids, sp in zip(prompts, params):
+            reqs.append(engine.submit(ids, sp))
+    except EngineBusy as e:
+        for r in reqs:
+            r.abort()
+        raise RequestError(str(e), status=503, kind="server_error", code="overloaded") from None
+    except ValueError as e:
+        for r in reqs:
+            r.abort()
+        raise RequestError(str(e)) from None
+    return reqs
+
+
+def _reason(finish: str | None, tool_calls: bool = False) -> str | None:
+    if finish is None:
+        return None
+    return "tool_calls" if tool_calls and finish == "stop" else finish
+
+
+def _usage(reqs, prompts) -> dict:
+    done = sum(len(s.out.token_ids) for r in reqs for s in r._seqs)
+    return usage(sum(map(len, prompts)), done)
+
+
+async def _merged(reqs) -> AsyncIterator[tuple[int, StreamDelta]]:
+    """The deltas of several requests as they come: (request index, delta)."""
+    if len(reqs) == 1:
+        async for d in reqs[0]:
+            yield 0, d
+        return
+    q: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i, r):
+        try:
+            async for d in r:
+                await q.put((i, d))
+        except Exception as e:
+            await q.put((i, e))
+        finally:
+            await q.put((i, None))
+
+    tasks = [asyncio.create_task(pump(i, r)) for i, r in enumerate(reqs)]
+    try:
+        left = len(reqs)
+        while left:
+            i, d = await q.get()
+            if d is None:
+                left -= 1
+            elif isinstance(d, Exception):
+                raise d
+            else:
+                yield i, d
+    finally:
+        for t in tasks:
+            t.cancel()
+        for r in reqs:
+            r.abort()
+
+
+async def _collect(reqs, request: Request) -> list[list[dict]]:
+    """Every completion of every request, whole; aborted if the client disconnects meanwhile."""
+    outs = [[{"text": "", "ids": [], "logprobs": [], "finish_reason": None} for _ in r._seqs] for r in reqs]
+
+    async def gather():
+        async for i, d in _merged(reqs):
+            o = outs[i][d.sample]
+            o["text"] += d.text
+            o["ids"] += d.token_ids
+            o["logprobs"] += d.logprobs or []
+            o["finish_reason"] = d.finish_reason or o["finish_reason"]
+
+    async def watch():
+        while not await request.is_disconnected():
+            await asyncio.sleep(0.25)
+
+    work, watcher = asyncio.create_task(gather()), asyncio.create_task(watch())
+    try:
+        await asyncio.wait({work, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not work.done():  # the client went away: nobody will read the answer
+            work.cancel()
+            for r in reqs:
+                r.abort()
+    if work.cancelled():
+        raise RequestError("client disconnected", status=499)
+    try:
+        work.result()
+    except EngineError as e:
+        raise RequestError(f"the engine failed: {e}", status=500, kind="server_error") from None
+    return outs
+
+
+def _sse(events: AsyncIterator[dict], reqs) -> StreamingResponse:
+    async def body():
+        try:
+            async for c in events:
+                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+        except EngineError as e:
+            yield f"data: {json.dumps(error_body(f'the engine failed: {e}', 'server_error'))}\n\n"
+        finally:  # also when the client disconnects (the generator is closed)
+            for r in reqs:
+                r.abort()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream")
+
+
+def serve(llm: LLM, host: str = "127.0.0.1", port: int = 8000, **kw) -> None:
+    """Serve ``llm`` until interrupted (``build_app``'s keywords: model_name, api_key, ...)."""
+    import uvicorn
+
+    uvicorn.run(build_app(llm, **kw), host=host, port=port, log_level="info")

@@ -1,0 +1,342 @@
+"""The OpenAI-compatible server: answers equal the engine's, streams equal whole answers, bad
+requests get 400s that name the problem, the server survives a failed step, and the official
+OpenAI client talks to it (with concurrent requests batched together)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import pytest
+
+import sparseek
+from sparseek.engine import LLM, SamplingParams
+from sparseek.engine.async_engine import AsyncEngine, EngineBusy
+from sparseek.model import build_model
+from sparseek.serve import build_app
+from sparseek.serve.protocol import ChatText
+from sparseek.tokenizer import default_tokenizer
+from tests.conftest import randomize_
+
+fastapi = pytest.importorskip("fastapi")
+from fastapi.testclient import TestClient  # noqa: E402
+
+KEY = "sk-test"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomize_(build_model(sparseek.preset("debug")), 21).eval()
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer(512)
+
+
+@pytest.fixture(scope="module")
+def specials(tok):
+    """logit_bias that bans the special tokens (a random model emits them anywhere)."""
+    return {str(i): -100 for i in range(16)}
+
+
+def _llm(model, tok, **kw):
+    return LLM(model, tok, **{"max_batch_size": 4, "max_seq_len": 256, **kw})
+
+
+@pytest.fixture(scope="module")
+def client(model, tok):
+    with TestClient(build_app(_llm(model, tok), "dbg", api_key=KEY)) as c:
+        yield c
+
+
+def _events(text: str) -> list:
+    """The JSON chunks of a server-sent-event stream, which must end with [DONE]."""
+    lines = [ln[len("data: "):] for ln in text.split("\n\n") if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_completion_equals_the_engine(client, model, tok):
+    prompts = ["def main(", "import os\n"]
+    params = SamplingParams(max_tokens=12, temperature=0, logprobs=3)
+    want = _llm(model, tok).generate(prompts, params)
+    r = client.post("/v1/completions", headers=AUTH,
+                    json={"prompt": prompts, "max_tokens": 12, "temperature": 0, "logprobs": 3})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    for c, w in zip(body["choices"], want):
+        assert c["text"] == w.text and c["finish_reason"] == w.finish_reason
+        lp = c["logprobs"]
+        assert lp["token_logprobs"] == pytest.approx([e[t] for t, e in zip(w.token_ids, w.logprobs)])
+        assert lp["tokens"] == [tok.token_bytes(t).decode("utf-8", "replace") for t in w.token_ids]
+        assert all(len(t) <= 3 for t in lp["top_logprobs"])
+    n_prompt = sum(len(w.prompt_token_ids) for w in want)
+    assert body["usage"] == {"prompt_tokens": n_prompt, "completion_tokens": 24, "total_tokens": n_prompt + 24}
+
+
+def test_stream_equals_whole_answer(client):
+    req = {"prompt": "class A:", "max_tokens": 10, "temperature": 0.8, "seed": 5, "n": 2, "stop": ["\n\n"]}
+    whole = client.post("/v1/completions", headers=AUTH, json=req).json()
+    r = client.post("/v1/completions", headers=AUTH,
+                    json={**req, "stream": True, "stream_options": {"include_usage": True}})
+    chunks = _events(r.text)
+    text, reasons = {0: "", 1: ""}, {}
+    for c in chunks[:-1]:
+        for ch in c["choices"]:
+            text[ch["index"]] += ch["text"]
+            if ch["finish_reason"]:
+                reasons[ch["index"]] = ch["finish_reason"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    for ch in whole["choices"]:
+        assert text[ch["index"]] == ch["text"] and reasons[ch["index"]] == ch["finish_reason"]
+    assert whole["choices"][0]["text"] != whole["choices"][1]["text"]  # n samples, sampled apart
+
+
+def test_echo_with_prompt_logprobs(client, model, tok):
+    r = client.post("/v1/completions", headers=AUTH,
+                    json={"prompt": "x = 1\n", "max_tokens": 3, "temperature": 0, "echo": True, "logprobs": 1})
+    c = r.json()["choices"][0]
+    ids = tok.encode("x = 1\n", add_bos=True)
+    assert c["text"].startswith("x = 1\n")
+    lp = c["logprobs"]["token_logprobs"]
+    assert len(lp) == len(ids) + 3 and lp[0] is None and all(v is not None for v in lp[1:])
+    want = _llm(model, tok).generate([ids], SamplingParams(max_tokens=3, temperature=0, prompt_logprobs=1))[0]
+    assert lp[1:len(ids)] == pytest.approx([e[t] for t, e in zip(ids[1:], want.prompt_logprobs[1:])])
+
+
+def test_chat_equals_the_engine(client, model, tok, specials):
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    bias = {int(k): v for k, v in specials.items()}
+    llm = _llm(model, tok)
+    want = llm.chat(messages, SamplingParams(max_tokens=10, temperature=0, logit_bias=bias))
+    r = client.post("/v1/chat/completions", headers=AUTH,
+                    json={"messages": messages, "max_tokens": 10, "temperature": 0, "logit_bias": specials,
+                          "logprobs": True, "top_logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    [c] = body["choices"]
+    assert c["message"]["content"] == want.message["content"] and c["message"]["role"] == "assistant"
+    assert [e["bytes"] for e in c["logprobs"]["content"]] == [list(tok.token_bytes(t)) for t in want.token_ids]
+    assert all(len(e["top_logprobs"]) == 2 for e in c["logprobs"]["content"])
+    assert body["usage"]["prompt_tokens"] == len(want.prompt_token_ids)
+    # streamed: the same content, the role first
+    r = client.post("/v1/chat/completions", headers=AUTH,
+                    json={"messages": messages, "max_tokens": 10, "temperature": 0, "logit_bias": specials,
+                          "stream": True})
+    chunks = _events(r.text)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert "".join(c["choices"][0]["delta"].get("content", "") for c in chunks) == want.message["content"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_chat_thinking_reports_reasoning(client, tok, specials):
+    bias = {**specials, str(tok.token_to_id("</think>")): 0}  # the model may end its reasoning
+    r = client.post("/v1/chat/completions", headers=AUTH,
+                    json={"messages": [{"role": "user", "content": "2+2?"}], "max_tokens": 6, "temperature": 0,
+                          "logit_bias": bias, "chat_template_kwargs": {"thinking": True}})
+    msg = r.json()["choices"][0]["message"]
+    # a reply cut inside the reasoning keeps its text as reasoning, not as the answer
+    assert msg["reasoning_content"] and not msg["content"]
+
+
+def test_chat_text_parses_tool_calls_as_streamed_or_whole():
+    completion = ("Let me check.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+                  "<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n"
+                  "<｜DSML｜parameter name=\"days\" string=\"false\">3</｜DSML｜parameter>\n"
+                  "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
+    whole = ChatText(False)
+    evs = whole.feed(completion, True)
+    streamed, parts = ChatText(False), []
+    for i in range(0, len(completion), 7):
+        chunk = completion[i:i + 7]
+        parts += streamed.feed(chunk, i + 7 >= len(completion))
+    assert ChatText.delta(parts, []) == ChatText.delta(evs, []) == {"content": "Let me check."}
+    for t in (whole, streamed):
+        [call] = t.tool_calls
+        assert call["function"] == {"name": "get_weather", "arguments": json.dumps({"city": "Paris", "days": 3})}
+        assert call["id"].startswith("call-") and call["type"] == "function"
+    broken = ChatText(False)  # </think> where an answer is: the text is kept as content
+    evs = broken.feed("ok </think> then", False) + broken.feed(" more", True)
+    assert broken.broken and ChatText.delta(evs, []) == {"content": "ok </think> then more"}
+
+
+@pytest.mark.parametrize("body, status, param, words", [
+    ({"prompt": "x", "foo": 1}, 400, "foo", "unknown field"),
+    ({"prompt": "x", "temperature": "hot"}, 400, "temperature", "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p", "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens", "max_tokens"),
+    ({"prompt": "x " * 400, "max_tokens": 4}, 400, "max_tokens", "maximum context length is 256"),
+    ({"prompt": [1, 2, 99999]}, 400, "prompt", "outside"),
+    ({"prompt": []}, 400, "prompt", "empty"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model", "does not exist"),
+    ({"prompt": "x", "logit_bias": {"7": 500}}, 400, "logit_bias", "[-100, 100]"),
+    ({"prompt": "x", "suffix": "y"}, 400, "suffix", "not supported"),
+    ([1, 2], 400, None, "JSON object"),
+])
+def test_bad_completion_requests_name_the_problem(client, body, status, param, words):
+    r = client.post("/v1/completions", headers=AUTH, json=body)
+    assert r.status_code == status
+    err = r.json()["error"]
+    assert words in err["message"] and err["param"] == param and err["type"]
+
+
+@pytest.mark.parametrize("body, words", [
+    ({"messages": [{"role": "wizard", "content": "x"}]}, "unknown role"),
+    ({"messages": []}, "messages"),
+    ({"messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}, "tool_choice"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}, "text parts"),
+    ({"messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"thinkin": True}}, "thinkin"),
+])
+def test_bad_chat_requests_name_the_problem(client, body, words):
+    r = client.post("/v1/chat/completions", headers=AUTH, json=body)
+    assert r.status_code == 400 and words in r.json()["error"]["message"]
+
+
+def test_api_key_and_open_endpoints(client):
+    assert client.post("/v1/completions", json={"prompt": "x"}).status_code == 401
+    r = client.get("/v1/models", headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/v1/models", headers=AUTH).json()["data"][0]["id"] == "dbg"
+    assert client.get("/health").json()["status"] == "ok"  # no key: load balancers probe it
+    r = client.post("/v1/completions", headers=AUTH, content=b"{not json")
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_a_failed_step_fails_its_request_and_the_server_lives(model, tok):
+    llm = _llm(model, tok)
+    real, calls = llm._decode, []
+
+    def flaky(running, cache):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated device error")
+        return real(running, cache)
+
+    llm._decode = flaky
+    with TestClient(build_app(llm, "dbg")) as c:
+        req = {"prompt": "abc", "max_tokens": 5, "temperature": 0}
+        r = c.post("/v1/completions", json=req)
+        assert r.status_code == 500 and "simulated device error" in r.json()["error"]["message"]
+        r = c.post("/v1/completions", json=req)
+        assert r.status_code == 200
+        assert r.json()["choices"][0]["text"] == _llm(model, tok).generate(["abc"], SamplingParams(
+            max_tokens=5, temperature=0))[0].text
+        assert c.get("/health").json()["steps_failed"] == 1
+
+
+def test_abort_frees_the_slot_and_spares_the_others(model, tok):
+    """A reader that stops (a client that went away) aborts its request at the next step; the
+    request batched with it goes on to the same tokens as alone."""
+    llm = _llm(model, tok, max_batch_size=2)
+    keep = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    alone = _llm(model, tok).generate(["hello world"], keep)[0]
+    engine = AsyncEngine(llm).start()
+
+    async def run():
+        a = engine.submit("x = [", SamplingParams(max_tokens=200, temperature=0, ignore_eos=True))
+        b = engine.submit("hello world", keep)
+        got_a = []
+        async for d in a:
+            got_a.append(d)
+            if len(got_a) == 3:
+                break  # the reader goes away
+        ids = [t async for d in b for t in d.token_ids]
+        return got_a, ids
+
+    try:
+        got_a, ids = asyncio.run(run())
+        assert ids == alone.token_ids
+        deadline = time.time() + 10
+        while engine.load["in_flight"] and time.time() < deadline:
+            time.sleep(0.05)
+        assert engine.load == {"in_flight": 0, "queued": 0}
+        assert len(got_a) == 3
+    finally:
+        engine.shutdown()
+
+
+def test_busy_engine_refuses_past_its_queue(model, tok):
+    engine = AsyncEngine(_llm(model, tok, max_batch_size=1), max_waiting=1)  # not started: nothing drains
+
+    async def run():
+        engine.submit([1, 2, 3])
+        engine.submit([1, 2, 3])
+        with pytest.raises(EngineBusy, match="too many requests"):
+            engine.submit([1, 2, 3])
+        with pytest.raises(ValueError, match="outside"):
+            engine.submit([1, 2, 10**6])
+
+    asyncio.run(run())
+    assert engine.load["queued"] == 2
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_openai_client_with_concurrent_requests(model, tok, specials):
+    """The official client against a real uvicorn server: concurrent requests share the batch
+    and each gets what it gets alone; streaming through the client yields the same text."""
+    openai = pytest.importorskip("openai")
+    import uvicorn
+
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(_llm(model, tok), "dbg", api_key=KEY), host="127.0.0.1",
+                                           port=port, log_level="warning"))
+    th = threading.Thread(target=server.run, daemon=True)
+    th.start()
+    try:
+        deadline = time.time() + 30
+        while not server.started and time.time() < deadline:
+            time.sleep(0.05)
+        cli = openai.OpenAI(api_key=KEY, base_url=f"http://127.0.0.1:{port}/v1", max_retries=0)
+        prompts = ["def f(x):", "import sys", "for i in range(", "while True:", "# a comment", "print("]
+        lengths = [12, 5, 9, 16, 3, 7]
+        alone = [_llm(model, tok).generate([p], SamplingParams(max_tokens=n, temperature=0))[0].text
+                 for p, n in zip(prompts, lengths)]
+        results = [None] * len(prompts)
+
+        def ask(i):
+            r = cli.completions.create(model="dbg", prompt=prompts[i], max_tokens=lengths[i], temperature=0)
+            results[i] = r.choices[0].text
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(prompts))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == alone
+        msgs = [{"role": "user", "content": "hi"}]
+        whole = cli.chat.completions.create(model="dbg", messages=msgs, max_tokens=8, temperature=0,
+                                            logit_bias=specials)
+        parts = [c.choices[0].delta.content or "" for c in cli.chat.completions.create(
+            model="dbg", messages=msgs, max_tokens=8, temperature=0, logit_bias=specials, stream=True) if c.choices]
+        assert "".join(parts) == whole.choices[0].message.content and whole.usage.completion_tokens == 8
+        with pytest.raises(openai.BadRequestError, match="unknown field"):
+            cli.completions.create(model="dbg", prompt="x", extra_body={"nonsense": 1})
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(api_key="bad", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0).models.list()
+    finally:
+        server.should_exit = True
+        th.join(10)
+
+
+def test_a_server_bug_is_a_500_in_the_api_shape(model, tok, monkeypatch):
+    from sparseek.serve import protocol
+
+    def broken(*a, **k):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(protocol.TokenText, "completion", broken)
+    with TestClient(build_app(_llm(model, tok), "dbg"), raise_server_exceptions=False) as c:
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "logprobs": 1})
+        assert r.status_code == 500 and "KeyError" in r.json()["error"]["message"]
+        assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
