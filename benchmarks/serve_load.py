@@ -55,7 +55,8 @@ def main() -> None:
     rng = random.Random(a.seed)
     V = model.args.vocab_size
     prompts = [[rng.randrange(16, V) for _ in range(rng.randint(16, 256))] for _ in range(a.requests)]
-    params = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True)
+    # log-probabilities on both paths: the server's stream reports token by token through them
+    params = SamplingParams(max_tokens=a.max_tokens, temperature=0, ignore_eos=True, logprobs=0)
     llm = LLM(model, tok, max_batch_size=a.batch, max_seq_len=512, prefix_cache_bytes=0)
     print(f"{a.model} {a.dtype}, {a.requests} requests of {min(map(len, prompts))}-{max(map(len, prompts))} prompt "
           f"tokens, {a.max_tokens} output tokens each, max_batch_size {a.batch}, {a.concurrency} concurrent "
