@@ -99,8 +99,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
 
         if body.stream:
             async def events():
-                done = 0
-                echoed = set()
+                echoed, produced = set(), 0
                 async for i, d in _merged(reqs):
                     k = i * n + d.sample
                     text = d.text
@@ -108,9 +107,9 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                         echoed.add(k)
                         text = texts[i] + text
                     lp = (tokens.completion(d.token_ids, d.logprobs, 0, want) if want is not None else None)
-                    done += d.finish_reason is not None
-                    yield chunk([{"index": k, "text": text, "logprobs": lp,
-                                  "finish_reason": _reason(d.finish_reason)}])
+                    produced += len(d.token_ids)
+                    yield chunk([{"index": k, "text": text, "logprobs": lp, "finish_reason": _reason(d.finish_reason)}],
+                                usage(sum(map(len, prompts)), produced) if body.continuous_usage else None)
                 if body.include_usage:
                     yield chunk([], _usage(reqs, prompts))
             return _sse(events(), reqs)
@@ -162,7 +161,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
 
         if body.stream:
             async def events():
-                parsers = [ChatText(think) for _ in range(n)]
+                parsers, produced = [ChatText(think) for _ in range(n)], 0
                 for j in range(n):
                     yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
@@ -173,8 +172,10 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                     delta = ChatText.delta(evs, p.tool_calls[seen:])
                     lp = {"content": tokens.chat(d.token_ids, d.logprobs, want)} if want is not None else None
                     reason = _reason(d.finish_reason, bool(p.tool_calls))
+                    produced += len(d.token_ids)
                     if delta or lp or reason:
-                        yield chunk([{"index": d.sample, "delta": delta, "logprobs": lp, "finish_reason": reason}])
+                        yield chunk([{"index": d.sample, "delta": delta, "logprobs": lp, "finish_reason": reason}],
+                                    usage(len(ids), produced) if body.continuous_usage else None)
                 if body.include_usage:
                     yield chunk([], _usage([req], [ids]))
             return _sse(events(), [req])

@@ -93,6 +93,11 @@ def test_stream_equals_whole_answer(client):
             if ch["finish_reason"]:
                 reasons[ch["index"]] = ch["finish_reason"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
+    assert all("usage" not in c for c in chunks[:-1])
+    r = client.post("/v1/completions", headers=AUTH,
+                    json={**req, "stream": True, "stream_options": {"continuous_usage_stats": True}})
+    counts = [c["usage"]["completion_tokens"] for c in _events(r.text)]
+    assert counts == sorted(counts) and counts[-1] == whole["usage"]["completion_tokens"]
     for ch in whole["choices"]:
         assert text[ch["index"]] == ch["text"] and reasons[ch["index"]] == ch["finish_reason"]
     assert whole["choices"][0]["text"] != whole["choices"][1]["text"]  # n samples, sampled apart
