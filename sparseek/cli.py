@@ -137,6 +137,11 @@ def cmd_serve(a) -> int:
               compile=a.compile, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens)
     if llm.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json: the server takes text, so it needs one")
+    if a.compile:  # compile before the first client waits for it
+        from sparseek.engine import SamplingParams
+
+        print("compiling the decode step (minutes on a CPU)...", file=sys.stderr)
+        llm.generate([[llm.tokenizer.bos_id or 0] * 2], SamplingParams(max_tokens=4, ignore_eos=True))
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     if not key and a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sparseek serve: warning: listening on {a.host} without an API key (--api-key or SPARSEEK_API_KEY)",

@@ -78,6 +78,43 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
                                             "owned_by": "sparseek", "max_model_len": llm.max_seq_len}]}
 
+    @app.post("/tokenize", dependencies=[Depends(check_key)])
+    async def tokenize(request: Request):
+        """vLLM's: ``{"prompt": text}`` or ``{"messages": [...]}`` (the chat prompt, as
+        ``/v1/chat/completions`` builds it) -> the token ids and the context left."""
+        data = await _json(request)
+        if not isinstance(data, dict) or ("prompt" in data) == ("messages" in data):
+            raise RequestError('give either "prompt" (text) or "messages" (a chat)')
+        if "prompt" in data:
+            if not isinstance(data["prompt"], str):
+                raise RequestError("prompt must be a string", "prompt")
+            ids = _prompt_ids(llm, data["prompt"], 0) if data["prompt"] else []
+        else:
+            body = _parse(data, ChatRequest)
+            ids = llm.tokenizer.encode(_chat_prompt(body)[0])
+        return {"tokens": ids, "count": len(ids), "max_model_len": llm.max_seq_len}
+
+    @app.post("/detokenize", dependencies=[Depends(check_key)])
+    async def detokenize(request: Request):
+        data = await _json(request)
+        ids = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
+            raise RequestError("tokens must be a list of token ids", "tokens")
+        try:
+            ids = llm._ids(ids, bos=False, what="tokens")
+        except ValueError as e:
+            raise RequestError(str(e), "tokens") from None
+        return {"prompt": llm.tokenizer.decode(ids)}
+
+    def _chat_prompt(body: ChatRequest) -> tuple[str, bool]:
+        """The chat prompt's text and whether it opens with thinking."""
+        think, effort = body.thinking(default=thinking)
+        try:
+            return encode_messages(body.conversation(), thinking_mode="thinking" if think else "chat",
+                                   reasoning_effort=effort), think
+        except ValueError as e:
+            raise RequestError(str(e), "messages") from None
+
     @v1.post("/completions")
     async def completions(request: Request):
         body = _parse(await _json(request), CompletionRequest)
@@ -134,12 +171,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = _parse(await _json(request), ChatRequest)
-        think, effort = body.thinking(default=thinking)
-        try:
-            text = encode_messages(body.conversation(), thinking_mode="thinking" if think else "chat",
-                                   reasoning_effort=effort)
-        except ValueError as e:
-            raise RequestError(str(e), "messages") from None
+        text, think = _chat_prompt(body)
         ids = llm.tokenizer.encode(text)
         limit = body.max_completion_tokens or body.max_tokens
         max_tokens = _room(llm, len(ids), limit, "max_tokens") if limit else llm.max_seq_len - len(ids)

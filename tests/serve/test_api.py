@@ -345,3 +345,22 @@ def test_a_server_bug_is_a_500_in_the_api_shape(model, tok, monkeypatch):
         r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2, "logprobs": 1})
         assert r.status_code == 500 and "KeyError" in r.json()["error"]["message"]
         assert c.post("/v1/completions", json={"prompt": "a", "max_tokens": 2}).status_code == 200
+
+
+def test_tokenize_counts_what_the_endpoints_count(client, tok, specials):
+    r = client.post("/tokenize", headers=AUTH, json={"prompt": "def f(x): return x"}).json()
+    use = client.post("/v1/completions", headers=AUTH, json={"prompt": "def f(x): return x", "max_tokens": 1}).json()
+    assert r["count"] == len(r["tokens"]) == use["usage"]["prompt_tokens"] and r["max_model_len"] == 256
+    back = client.post("/detokenize", headers=AUTH, json={"tokens": r["tokens"]}).json()["prompt"]
+    assert back == tok.decode(tok.encode("def f(x): return x", add_bos=True))
+    msgs = [{"role": "user", "content": "hi there"}]
+    r = client.post("/tokenize", headers=AUTH, json={"messages": msgs, "chat_template_kwargs": {"thinking": True}})
+    use = client.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": msgs, "chat_template_kwargs": {"thinking": True}, "max_tokens": 1}).json()["usage"]
+    assert r.json()["count"] == use["prompt_tokens"]
+    assert r.json()["tokens"][-1] == tok.token_to_id("<think>")
+    assert client.post("/tokenize", json={"prompt": "x"}).status_code == 401
+    for bad in ({"prompt": "x", "messages": msgs}, {}, {"prompt": 3}):
+        assert client.post("/tokenize", headers=AUTH, json=bad).status_code == 400
+    r = client.post("/detokenize", headers=AUTH, json={"tokens": [1, 10**6]})
+    assert r.status_code == 400 and "outside" in r.json()["error"]["message"]
