@@ -92,6 +92,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread = threading.Thread(target=self._main, name="sparseek-engine", daemon=True)
         self.steps_failed = 0
+        self.aborted = 0  # sequences ended by an abort (readers gone)
 
     # ------------------------------------------------------------------ public
     def start(self) -> "AsyncEngine":
@@ -113,7 +114,7 @@ class AsyncEngine:
     def load(self) -> dict:
         """Requests running or queued (for a health endpoint)."""
         with self._lock:
-            return {"in_flight": len(self._live), "queued": self._pending}
+            return {"in_flight": len(self._live), "queued": self._pending, "aborted": self.aborted}
 
     def submit(self, prompt, params: SamplingParams | None = None) -> Request:
         """Queue one prompt (text or token ids); call from the event loop that will read it."""
@@ -180,6 +181,7 @@ class AsyncEngine:
         delta = _delta(seq)
         if delta is None:
             return
+        self.aborted += delta.finish_reason == "abort"
         if delta.finish_reason is not None and all(s.out.finish_reason is not None for s in req._seqs):
             with self._lock:
                 self._live.discard(req)

@@ -260,7 +260,7 @@ def test_abort_frees_the_slot_and_spares_the_others(model, tok):
         deadline = time.time() + 10
         while engine.load["in_flight"] and time.time() < deadline:
             time.sleep(0.05)
-        assert engine.load == {"in_flight": 0, "queued": 0}
+        assert engine.load == {"in_flight": 0, "queued": 0, "aborted": 1}
         assert len(got_a) == 3
     finally:
         engine.shutdown()
@@ -327,6 +327,19 @@ def test_openai_client_with_concurrent_requests(model, tok, specials):
         assert "".join(parts) == whole.choices[0].message.content and whole.usage.completion_tokens == 8
         with pytest.raises(openai.BadRequestError, match="unknown field"):
             cli.completions.create(model="dbg", prompt="x", extra_body={"nonsense": 1})
+        # a streaming client that goes away mid-answer frees its slot
+        import httpx
+
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30) as h:
+            with h.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 250, "temperature": 0,
+                                                           "ignore_eos": True, "stream": True}) as r:
+                lines = [ln for _, ln in zip(range(8), r.iter_lines()) if ln]
+                assert len(lines) == 4 and h.get("/health").json()["in_flight"] == 1
+            deadline = time.time() + 20
+            while h.get("/health").json()["in_flight"] and time.time() < deadline:
+                time.sleep(0.05)
+            health = h.get("/health").json()
+            assert health["in_flight"] == 0 and health["aborted"] == 1
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(api_key="bad", base_url=f"http://127.0.0.1:{port}/v1", max_retries=0).models.list()
     finally:
