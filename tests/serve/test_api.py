@@ -12,30 +12,16 @@ import time
 
 import pytest
 
-import sparseek
 from sparseek.engine import LLM, SamplingParams
 from sparseek.engine.async_engine import AsyncEngine, EngineBusy
-from sparseek.model import build_model
 from sparseek.serve import build_app
 from sparseek.serve.protocol import ChatText
-from sparseek.tokenizer import default_tokenizer
-from tests.conftest import randomize_
 
 fastapi = pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-@pytest.fixture(scope="module")
-def model():
-    return randomize_(build_model(sparseek.preset("debug")), 21).eval()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return default_tokenizer(512)
 
 
 @pytest.fixture(scope="module")
