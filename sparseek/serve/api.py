@@ -136,14 +136,17 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
 
         if body.stream:
             async def events():
-                echoed, produced = set(), 0
+                echoed, produced, offset = set(), 0, {}
                 async for i, d in _merged(reqs):
                     k = i * n + d.sample
                     text = d.text
                     if body.echo and k not in echoed:
                         echoed.add(k)
                         text = texts[i] + text
-                    lp = (tokens.completion(d.token_ids, d.logprobs, 0, want) if want is not None else None)
+                    lp = None
+                    if want is not None:  # text_offset: where each token starts in this choice's text
+                        lp = tokens.completion(d.token_ids, d.logprobs, offset.get(k, 0), want)
+                        offset[k] = offset.get(k, 0) + sum(map(len, lp["tokens"]))
                     produced += len(d.token_ids)
                     yield chunk([{"index": k, "text": text, "logprobs": lp, "finish_reason": _reason(d.finish_reason)}],
                                 usage(sum(map(len, prompts)), produced) if body.continuous_usage else None)

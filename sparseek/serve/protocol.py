@@ -82,7 +82,7 @@ class _Sampling(BaseModel):
             raise RequestError("logit_bias keys must be token ids", "logit_bias") from None
         if any(not -100 <= v <= 100 for v in bias.values()):
             raise RequestError("logit_bias values must be in [-100, 100]", "logit_bias")
-        return SamplingParams(
+        kw = dict(
             max_tokens=max_tokens, n=self.n,
             temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,
@@ -92,6 +92,10 @@ class _Sampling(BaseModel):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
+        try:
+            return SamplingParams(**kw)
+        except ValueError as e:  # "SamplingParams.x must be ...": name the request's field
+            raise RequestError(str(e).replace("SamplingParams.", ""), str(e).split(".")[1].split(" ")[0]) from None
 
     @property
     def include_usage(self) -> bool:

@@ -67,15 +67,17 @@ def test_completion_equals_the_engine(client, model, tok):
 
 
 def test_stream_equals_whole_answer(client):
-    req = {"prompt": "class A:", "max_tokens": 10, "temperature": 0.8, "seed": 5, "n": 2, "stop": ["\n\n"]}
+    req = {"prompt": "class A:", "max_tokens": 10, "temperature": 0.8, "seed": 5, "n": 2, "stop": ["\n\n"],
+           "logprobs": 1}
     whole = client.post("/v1/completions", headers=AUTH, json=req).json()
     r = client.post("/v1/completions", headers=AUTH,
                     json={**req, "stream": True, "stream_options": {"include_usage": True}})
     chunks = _events(r.text)
-    text, reasons = {0: "", 1: ""}, {}
+    text, reasons, offsets = {0: "", 1: ""}, {}, {0: [], 1: []}
     for c in chunks[:-1]:
         for ch in c["choices"]:
             text[ch["index"]] += ch["text"]
+            offsets[ch["index"]] += ch["logprobs"]["text_offset"]
             if ch["finish_reason"]:
                 reasons[ch["index"]] = ch["finish_reason"]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == whole["usage"]
@@ -86,6 +88,7 @@ def test_stream_equals_whole_answer(client):
     assert counts == sorted(counts) and counts[-1] == whole["usage"]["completion_tokens"]
     for ch in whole["choices"]:
         assert text[ch["index"]] == ch["text"] and reasons[ch["index"]] == ch["finish_reason"]
+        assert offsets[ch["index"]] == ch["logprobs"]["text_offset"]
     assert whole["choices"][0]["text"] != whole["choices"][1]["text"]  # n samples, sampled apart
 
 
