@@ -366,3 +366,66 @@ def test_tokenize_counts_what_the_endpoints_count(client, tok, specials):
         assert client.post("/tokenize", headers=AUTH, json=bad).status_code == 400
     r = client.post("/detokenize", headers=AUTH, json={"tokens": [1, 10**6]})
     assert r.status_code == 400 and "outside" in r.json()["error"]["message"]
+
+
+TOOL_REPLY = ("Let me check.\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name=\"get_weather\">\n"
+              "<｜DSML｜parameter name=\"city\" string=\"true\">Paris</｜DSML｜parameter>\n"
+              "<｜DSML｜parameter name=\"days\" string=\"false\">3</｜DSML｜parameter>\n"
+              "</｜DSML｜invoke>\n</｜DSML｜tool_calls>")
+
+
+def _scripted(monkeypatch, tok, text: str):
+    """Make the engine "sample" ``text`` then EOS, token by token (one request at a time)."""
+    import torch
+
+    from sparseek.engine import llm as engine_llm
+
+    script = tok.encode(text) + [tok.eos_id]
+    pos = [0]
+
+    def sample(logits, params, generators):
+        pos[0] += 1
+        return torch.tensor([script[min(pos[0] - 1, len(script) - 1)]] * logits.shape[0])
+
+    monkeypatch.setattr(engine_llm, "sample", sample)
+    return pos
+
+
+@pytest.fixture(scope="module")
+def long_client(model, tok):
+    """Room for DeepSeek's tool-use instructions (~670 tokens with the test tokenizer)."""
+    with TestClient(build_app(_llm(model, tok, max_seq_len=1024), "dbg", api_key=KEY)) as c:
+        yield c
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_tool_calls_and_reasoning_through_the_server(long_client, tok, monkeypatch, stream):
+    """A reply in DeepSeek-V4's format, token by token through the whole server: reasoning apart
+    from the answer, the tool call whole with its JSON arguments, finish_reason "tool_calls"."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}, "days": {"type": "integer"}}}}}]
+    pos = _scripted(monkeypatch, tok, "The user wants weather.</think>" + TOOL_REPLY)
+    req = {"messages": [{"role": "user", "content": "Weather in Paris?"}], "tools": tools, "max_tokens": 200,
+           "reasoning_effort": "high", "stream": stream}
+    r = long_client.post("/v1/chat/completions", headers=AUTH, json=req)
+    assert r.status_code == 200, r.text
+    if stream:
+        chunks = _events(r.text)
+        deltas = [c["choices"][0]["delta"] for c in chunks]
+        reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+        content = "".join(d.get("content", "") for d in deltas)
+        calls = [tc for d in deltas for tc in d.get("tool_calls", [])]
+        reason = chunks[-1]["choices"][0]["finish_reason"]
+    else:
+        [c] = r.json()["choices"]
+        reasoning, content = c["message"]["reasoning_content"], c["message"]["content"]
+        calls, reason = c["message"]["tool_calls"], c["finish_reason"]
+    assert reasoning == "The user wants weather." and content == "Let me check."
+    assert len(calls) == 1 and calls[0]["function"] == {"name": "get_weather",
+                                                         "arguments": json.dumps({"city": "Paris", "days": 3})}
+    assert calls[0]["id"].startswith("call-") and reason == "tool_calls"
+    assert pos[0] == len(tok.encode("The user wants weather.</think>" + TOOL_REPLY)) + 1  # up to EOS
+    # the prompt carried the tool schema (DeepSeek's format puts it in the system message)
+    n = long_client.post("/tokenize", headers=AUTH, json={k: v for k, v in req.items() if k != "stream"}).json()["count"]
+    n0 = long_client.post("/tokenize", headers=AUTH, json={"messages": req["messages"], "reasoning_effort": "high"}).json()
+    assert n > n0["count"] + 20
