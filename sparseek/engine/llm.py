@@ -80,6 +80,7 @@ class _Seq:
     draft_probs: list[torch.Tensor | None] = field(default_factory=list)
     # set from another thread (a server whose client went away): the loop ends it at its next step
     aborted: bool = False
+    guide: object = None  # structured outputs: the grammar's state (``sparseek.engine.structured.Guide``)
     sink: object = None  # whoever consumes this sequence's deltas (``sparseek.engine.async_engine``)
 
 
@@ -96,10 +97,13 @@ def _delta(seq: _Seq) -> StreamDelta | None:
 
 def _adjusted(s: _Seq, logits_V: torch.Tensor, drafted: Sequence[int] = ()) -> torch.Tensor:
     """The logits ``s`` samples from at the position after its output and ``drafted`` (penalties,
-    logit bias, stop tokens masked before min_tokens); ``logits_V`` itself if it adjusts nothing."""
-    if not s.params.adjusts:
-        return logits_V
-    return adjust(logits_V, s.params, s.out.prompt_token_ids, s.out.token_ids + list(drafted), s.stop_ids)
+    logit bias, stop tokens masked before min_tokens, tokens a structured output cannot take next);
+    ``logits_V`` itself if it adjusts nothing."""
+    if s.params.adjusts:
+        logits_V = adjust(logits_V, s.params, s.out.prompt_token_ids, s.out.token_ids + list(drafted), s.stop_ids)
+    if s.guide is not None:
+        logits_V = s.guide.mask(logits_V)
+    return logits_V
 
 
 def _logprobs_if_asked(seqs: list[_Seq], logits: torch.Tensor) -> torch.Tensor | None:
@@ -348,6 +352,9 @@ class LLM:
             stop_ids = set(sp.stop_token_ids)
             if not sp.ignore_eos and eos is not None:
                 stop_ids.add(eos)
+            if sp.structured and self.speculative:
+                raise ValueError(f"prompt {i}: structured outputs (json_schema / regex) do not run under "
+                                 "speculative decoding: use an engine without speculative_tokens")
             for j in range(sp.n):  # n completions: n sequences (equal lengths: they prefill in shared forwards)
                 gen = None
                 if not sp.greedy:
@@ -357,6 +364,11 @@ class LLM:
                 decoder = self.tokenizer.stream_decoder(sp.skip_special_tokens) if self.tokenizer else None
                 out = RequestOutput(i, text, ids, logprobs=[] if sp.logprobs is not None else None, sample=j)
                 seqs.append(_Seq(out, sp, gen, StopChecker(sp.stop), stop_ids, decoder))
+                if sp.structured:  # a grammar state per completion (a bad schema raises ValueError here)
+                    from sparseek.engine.structured import make_guide
+
+                    seqs[-1].guide = make_guide(self.tokenizer, self.args.vocab_size, stop_ids | {eos} - {None},
+                                                sp.json_schema, sp.regex)
         return seqs
 
     # ------------------------------------------------------------------ the loop
@@ -641,7 +653,7 @@ class LLM:
         """Sample one token per sequence from its logits and record it."""
         lp = _logprobs_if_asked(seqs, logits_NV)  # the model's distribution, before penalties
         raw = logits_NV
-        if any(s.params.adjusts for s in seqs):
+        if any(s.params.adjusts or s.guide is not None for s in seqs):
             logits_NV = torch.stack([_adjusted(s, x).float() for s, x in zip(seqs, logits_NV)])
         toks = sample(logits_NV, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         for j, (s, t) in enumerate(zip(seqs, toks)):
@@ -659,7 +671,9 @@ class LLM:
             out.logprobs.append(entry)
             s.new_logprobs.append(entry)
             out.cumulative_logprob += entry[t]
-        if t in s.stop_ids:
+        if s.guide is not None:
+            s.guide.accept(t)
+        if t in s.stop_ids or (s.guide is not None and s.guide.done):  # done: complete, then a stop token
             self._finish(s, "stop", t)
             return False
         hit = s.stops.add(s.decoder.push(t), check=len(out.token_ids) >= s.params.min_tokens) if s.decoder else None

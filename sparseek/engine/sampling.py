@@ -47,6 +47,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # structured outputs (``sparseek.engine.structured``, needs xgrammar): the completion is held to
+    # a JSON schema (True: any JSON value) or a regular expression
+    json_schema: dict | bool | None = None
+    regex: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -73,6 +77,12 @@ class SamplingParams:
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "None or >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "None or >= 0"),
         ]
+        checks += [
+            (self.json_schema is None or self.json_schema is True or isinstance(self.json_schema, dict),
+             "json_schema", "a JSON schema (dict), True (any JSON) or None"),
+            (self.regex is None or (isinstance(self.regex, str) and self.json_schema is None), "regex",
+             "a string, and not given with json_schema"),
+        ]
         for ok, name, want in checks:
             if not ok:
                 raise ValueError(f"SamplingParams.{name} must be {want}, got {getattr(self, name)!r}")
@@ -80,6 +90,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
+
+    @property
+    def structured(self) -> bool:
+        return self.json_schema is not None or self.regex is not None
 
     @property
     def adjusts(self) -> bool:

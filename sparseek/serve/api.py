@@ -183,7 +183,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                                f"{llm.max_seq_len}", "messages", code="context_length_exceeded")
         want = (body.top_logprobs or 0) if body.logprobs else None
         # the parser needs </think> and the tool-call markup, which are special tokens
-        params = body.sampling(max_tokens, want, skip_special_tokens=False)
+        params = body.sampling(max_tokens, want, skip_special_tokens=False, structured=body.output_format(think))
         [req] = _submit(engine, [ids], [params])
         rid, n = new_id("chatcmpl"), body.n
 
@@ -303,7 +303,7 @@ def _submit(engine: AsyncEngine, prompts: list[list[int]], params) -> list:
         for r in reqs:
             r.abort()
         raise RequestError(str(e), status=503, kind="server_error", code="overloaded") from None
-    except ValueError as e:
+    except (ValueError, ImportError) as e:  # ImportError: structured outputs without xgrammar
         for r in reqs:
             r.abort()
         raise RequestError(str(e)) from None

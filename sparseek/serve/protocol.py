@@ -9,6 +9,7 @@ fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_e
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 from typing import Any, Literal
@@ -67,9 +68,25 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    guided_json: dict[str, Any] | str | bool | None = None  # vLLM's structured outputs (need xgrammar)
+    guided_regex: str | None = None
+
+    def structured(self) -> dict:
+        """``json_schema`` / ``regex`` for the engine from vLLM's ``guided_json`` / ``guided_regex``."""
+        if self.guided_json is not None and self.guided_regex is not None:
+            raise RequestError("give guided_json or guided_regex, not both", "guided_regex")
+        schema = self.guided_json
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except json.JSONDecodeError as e:
+                raise RequestError(f"guided_json is not JSON: {e}", "guided_json") from None
+        if schema is False or not (schema is None or schema is True or isinstance(schema, dict)):
+            raise RequestError("guided_json must be a JSON schema object", "guided_json")
+        return {"json_schema": schema, "regex": self.guided_regex}
 
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
-                 skip_special_tokens: bool | None = None) -> SamplingParams:
+                 skip_special_tokens: bool | None = None, structured: dict | None = None) -> SamplingParams:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 16:
             raise RequestError("at most 16 stop sequences", "stop")
@@ -91,7 +108,8 @@ class _Sampling(BaseModel):
             min_tokens=self.min_tokens, repetition_penalty=self.repetition_penalty,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-            skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
+            **(self.structured() if structured is None else structured))
         try:
             return SamplingParams(**kw)
         except ValueError as e:  # "SamplingParams.x must be ...": name the request's field
@@ -165,6 +183,27 @@ class ChatRequest(_Sampling):
             raise RequestError("chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
         return on, ({"high": "high", "xhigh": "max", "max": "max"}.get(effort) if on else None)
 
+    def output_format(self, thinking: bool) -> dict:
+        """The structured output ``response_format`` (or ``guided_json`` / ``guided_regex``) asks for:
+        enforced token by token on the reply, which in thinking mode would hold the reasoning to
+        it too, so that combination is refused."""
+        fmt, found = self.response_format or {}, self.structured()
+        kind = fmt.get("type", "text")
+        if kind == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
+                raise RequestError("response_format.json_schema must be {'name': ..., 'schema': {...}}",
+                                   "response_format")
+            found = {"json_schema": spec.get("schema", True), "regex": None}
+        elif kind == "json_object":
+            found = {"json_schema": {"type": "object"}, "regex": None}
+        elif kind != "text":
+            raise RequestError("response_format.type must be text, json_object or json_schema", "response_format")
+        if thinking and (found["json_schema"] is not None or found["regex"] is not None):
+            raise RequestError("structured outputs hold the whole reply to the format, reasoning included: "
+                               "turn thinking off (chat_template_kwargs.thinking = false)", "response_format")
+        return found
+
     def conversation(self) -> list[dict[str, Any]]:
         """``messages`` as the chat format takes them: text parts joined, ``tools`` and
         ``response_format`` carried by the (first) system message, as DeepSeek's format puts them."""
@@ -193,13 +232,8 @@ class ChatRequest(_Sampling):
                     raise RequestError(f"tools[{j}] must be {{'type': 'function', 'function': {{...}}}}", "tools")
             extras["tools"] = self.tools
         fmt = self.response_format
-        if fmt and fmt.get("type") != "text":
-            if fmt.get("type") == "json_schema":
-                extras["response_format"] = (fmt.get("json_schema") or {}).get("schema", fmt.get("json_schema"))
-            elif fmt.get("type") == "json_object":
-                extras["response_format"] = {"type": "object"}
-            else:
-                raise RequestError("response_format.type must be text, json_object or json_schema", "response_format")
+        if fmt and fmt.get("type") in ("json_schema", "json_object"):  # told, as DeepSeek's format does, and enforced
+            extras["response_format"] = (fmt.get("json_schema") or {}).get("schema", {"type": "object"})
         if extras:
             k = next((k for k, m in enumerate(msgs) if m.get("role") == "system"), None)
             if k is None:

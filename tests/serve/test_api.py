@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import socket
 import threading
 import time
@@ -429,3 +430,33 @@ def test_chat_tool_calls_and_reasoning_through_the_server(long_client, tok, monk
     n = long_client.post("/tokenize", headers=AUTH, json={k: v for k, v in req.items() if k != "stream"}).json()["count"]
     n0 = long_client.post("/tokenize", headers=AUTH, json={"messages": req["messages"], "reasoning_effort": "high"}).json()
     assert n > n0["count"] + 20
+
+
+def test_structured_outputs_through_the_api(client):
+    pytest.importorskip("xgrammar")
+    schema = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]}, "days": {"type": "boolean"}},
+              "required": ["city", "days"]}
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": schema}}
+    msgs = [{"role": "user", "content": "plan"}]
+    for stream in (False, True):
+        r = client.post("/v1/chat/completions", headers=AUTH, json={
+            "messages": msgs, "response_format": fmt, "max_tokens": 60, "temperature": 0.9, "seed": 1,
+            "stream": stream})
+        content = ("".join(c["choices"][0]["delta"].get("content", "") for c in _events(r.text)) if stream
+                   else r.json()["choices"][0]["message"]["content"])
+        value = json.loads(content)
+        assert value["city"] in ("Paris", "Rome") and isinstance(value["days"], bool)
+    r = client.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": msgs, "response_format": {"type": "json_object"}, "max_tokens": 60, "temperature": 0})
+    assert r.json()["choices"][0]["finish_reason"] == "length" or isinstance(
+        json.loads(r.json()["choices"][0]["message"]["content"]), dict)
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "id", "guided_regex": "[A-Z]{2}[0-9]{4}",
+                                                          "max_tokens": 20, "temperature": 1, "seed": 3})
+    assert re.fullmatch("[A-Z]{2}[0-9]{4}", r.json()["choices"][0]["text"])
+    for body, words in ((
+            {"messages": msgs, "response_format": fmt, "chat_template_kwargs": {"thinking": True}}, "thinking"),
+            ({"messages": msgs, "guided_regex": "(["}, "cannot be compiled"),
+            ({"messages": msgs, "guided_json": "{not json"}, "not JSON"),
+            ({"messages": msgs, "response_format": {"type": "xml"}}, "response_format.type")):
+        r = client.post("/v1/chat/completions", headers=AUTH, json=body)
+        assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
