@@ -44,8 +44,9 @@ class Request:
         return self._seqs[0].out.prompt_token_ids
 
     @property
-    def finished(self) -> bool:
-        return self._open == 0
+    def outputs(self) -> list:
+        """The ``RequestOutput`` of each completion (whole once its last delta has been read)."""
+        return [s.out for s in self._seqs]
 
     def abort(self) -> None:
         """End every unfinished completion (safe from any thread, any number of times)."""

@@ -163,7 +163,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                     ids, entries = o["ids"], o["logprobs"]
                     if body.echo:
                         ids = prompts[i] + ids
-                        entries = list(reqs[i]._seqs[j].out.prompt_logprobs or [None] * len(prompts[i])) + entries
+                        entries = list(reqs[i].outputs[j].prompt_logprobs or [None] * len(prompts[i])) + entries
                     lp = tokens.completion(ids, entries, 0, want)
                 if body.echo:
                     text = texts[i] + text
@@ -317,7 +317,7 @@ def _reason(finish: str | None, tool_calls: bool = False) -> str | None:
 
 
 def _usage(reqs, prompts) -> dict:
-    done = sum(len(s.out.token_ids) for r in reqs for s in r._seqs)
+    done = sum(len(o.token_ids) for r in reqs for o in r.outputs)
     return usage(sum(map(len, prompts)), done)
 
 
@@ -358,7 +358,7 @@ async def _merged(reqs) -> AsyncIterator[tuple[int, StreamDelta]]:
 
 async def _collect(reqs, request: Request) -> list[list[dict]]:
     """Every completion of every request, whole; aborted if the client disconnects meanwhile."""
-    outs = [[{"text": "", "ids": [], "logprobs": [], "finish_reason": None} for _ in r._seqs] for r in reqs]
+    outs = [[{"text": "", "ids": [], "logprobs": [], "finish_reason": None} for _ in r.outputs] for r in reqs]
 
     async def gather():
         async for i, d in _merged(reqs):
