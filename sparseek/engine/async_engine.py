@@ -40,10 +40,6 @@ class Request:
             s.sink = self
 
     @property
-    def prompt_token_ids(self) -> list[int]:
-        return self._seqs[0].out.prompt_token_ids
-
-    @property
     def outputs(self) -> list:
         """The ``RequestOutput`` of each completion (whole once its last delta has been read)."""
         return [s.out for s in self._seqs]

@@ -129,10 +129,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         rid, n = new_id("cmpl"), body.n
 
         def chunk(choices, use=None):
-            c = {"id": rid, "object": "text_completion", "created": now(), "model": model_name, "choices": choices}
-            if use is not None:
-                c["usage"] = use
-            return c
+            return _chunk(rid, "text_completion", model_name, choices, use)
 
         if body.stream:
             async def events():
@@ -154,21 +151,21 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                     yield chunk([], _usage(reqs, prompts))
             return _sse(events(), reqs)
 
-        outs = await _collect(reqs, request)
+        await _collect(reqs, request)
         choices = []
-        for i, per in enumerate(outs):
-            for j, o in enumerate(per):
-                text, lp = o["text"], None
+        for i, r in enumerate(reqs):
+            for j, o in enumerate(r.outputs):
+                text, lp = o.text, None
                 if want is not None:
-                    ids, entries = o["ids"], o["logprobs"]
+                    ids, entries = o.token_ids, o.logprobs
                     if body.echo:
                         ids = prompts[i] + ids
-                        entries = list(reqs[i].outputs[j].prompt_logprobs or [None] * len(prompts[i])) + entries
+                        entries = list(o.prompt_logprobs or [None] * len(prompts[i])) + entries
                     lp = tokens.completion(ids, entries, 0, want)
                 if body.echo:
                     text = texts[i] + text
                 choices.append({"index": i * n + j, "text": text, "logprobs": lp,
-                                "finish_reason": _reason(o["finish_reason"])})
+                                "finish_reason": _reason(o.finish_reason)})
         return chunk(choices, _usage(reqs, prompts))
 
     @v1.post("/chat/completions")
@@ -188,11 +185,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         rid, n = new_id("chatcmpl"), body.n
 
         def chunk(choices, use=None):
-            c = {"id": rid, "object": "chat.completion.chunk", "created": now(), "model": model_name,
-                 "choices": choices}
-            if use is not None:
-                c["usage"] = use
-            return c
+            return _chunk(rid, "chat.completion.chunk", model_name, choices, use)
 
         if body.stream:
             async def events():
@@ -215,20 +208,19 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                     yield chunk([], _usage([req], [ids]))
             return _sse(events(), [req])
 
-        [outs] = await _collect([req], request)
+        await _collect([req], request)
         choices = []
-        for j, o in enumerate(outs):
+        for j, o in enumerate(req.outputs):
             p = ChatText(think)
-            p.feed(o["text"], True)
+            p.feed(o.text, True)
             message = {"role": "assistant", "content": p.content or (None if p.tool_calls else ""),
                        "reasoning_content": p.reasoning or None}
             if p.tool_calls:
                 message["tool_calls"] = [{k: v for k, v in c.items() if k != "index"} for c in p.tool_calls]
-            lp = {"content": tokens.chat(o["ids"], o["logprobs"], want)} if want is not None else None
+            lp = {"content": tokens.chat(o.token_ids, o.logprobs, want)} if want is not None else None
             choices.append({"index": j, "message": message, "logprobs": lp,
-                            "finish_reason": _reason(o["finish_reason"], bool(p.tool_calls))})
-        return {"id": rid, "object": "chat.completion", "created": now(), "model": model_name,
-                "choices": choices, "usage": _usage([req], [ids])}
+                            "finish_reason": _reason(o.finish_reason, bool(p.tool_calls))})
+        return _chunk(rid, "chat.completion", model_name, choices, _usage([req], [ids]))
 
     def _check_model(name):
         if name not in (None, "", model_name):
@@ -274,10 +266,7 @@ def _first_field(e: ValidationError) -> str | None:
 
 def _prompt_ids(llm: LLM, p, i: int) -> list[int]:
     try:
-        if isinstance(p, str):
-            ids = llm.tokenizer.encode(p, add_bos=llm.add_bos)
-        else:
-            ids = llm._ids(p, bos=False, what=f"prompt {i}")
+        ids = llm._ids(p, bos=True, what=f"prompt {i}")  # text gets the engine's BOS; token ids stay as given
     except ValueError as e:
         raise RequestError(str(e), "prompt") from None
     if not ids:
@@ -308,6 +297,13 @@ def _submit(engine: AsyncEngine, prompts: list[list[int]], params) -> list:
             r.abort()
         raise RequestError(str(e)) from None
     return reqs
+
+
+def _chunk(rid: str, obj: str, model: str, choices: list, use: dict | None = None) -> dict:
+    c = {"id": rid, "object": obj, "created": now(), "model": model, "choices": choices}
+    if use is not None:
+        c["usage"] = use
+    return c
 
 
 def _reason(finish: str | None, tool_calls: bool = False) -> str | None:
@@ -356,17 +352,12 @@ async def _merged(reqs) -> AsyncIterator[tuple[int, StreamDelta]]:
             r.abort()
 
 
-async def _collect(reqs, request: Request) -> list[list[dict]]:
-    """Every completion of every request, whole; aborted if the client disconnects meanwhile."""
-    outs = [[{"text": "", "ids": [], "logprobs": [], "finish_reason": None} for _ in r.outputs] for r in reqs]
-
+async def _collect(reqs, request: Request) -> None:
+    """Wait until every completion of every request is whole (``Request.outputs``); abort them if
+    the client disconnects meanwhile."""
     async def gather():
-        async for i, d in _merged(reqs):
-            o = outs[i][d.sample]
-            o["text"] += d.text
-            o["ids"] += d.token_ids
-            o["logprobs"] += d.logprobs or []
-            o["finish_reason"] = d.finish_reason or o["finish_reason"]
+        async for _ in _merged(reqs):
+            pass
 
     async def watch():
         while not await request.is_disconnected():
@@ -387,7 +378,6 @@ async def _collect(reqs, request: Request) -> list[list[dict]]:
         work.result()
     except EngineError as e:
         raise RequestError(f"the engine failed: {e}", status=500, kind="server_error") from None
-    return outs
 
 
 def _sse(events: AsyncIterator[dict], reqs) -> StreamingResponse:

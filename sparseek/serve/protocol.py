@@ -262,21 +262,18 @@ class TokenText:
     def __init__(self, tokenizer):
         self.tok = tokenizer
 
-    def bytes(self, t: int) -> list[int]:
-        return list(self.tok.token_bytes(t))
-
     def text(self, t: int) -> str:
         return self.tok.token_bytes(t).decode("utf-8", errors="replace")
 
+    def _item(self, t: int, logprob: float) -> dict:
+        b = self.tok.token_bytes(t)
+        return {"token": b.decode("utf-8", errors="replace"), "logprob": logprob, "bytes": list(b)}
+
     def chat(self, ids: list[int], entries: list[dict[int, float]], n: int) -> list[dict]:
         """Chat completions' ``logprobs.content`` items (``n`` alternatives each)."""
-        out = []
-        for t, e in zip(ids, entries):
-            tops = sorted(e.items(), key=lambda kv: -kv[1])
-            out.append({"token": self.text(t), "logprob": e[t], "bytes": self.bytes(t),
-                        "top_logprobs": [{"token": self.text(k), "logprob": v, "bytes": self.bytes(k)}
-                                         for k, v in tops][:n]})
-        return out
+        return [{**self._item(t, e[t]),
+                 "top_logprobs": [self._item(k, v) for k, v in sorted(e.items(), key=lambda kv: -kv[1])[:n]]}
+                for t, e in zip(ids, entries)]
 
     def completion(self, ids: list[int], entries: list[dict[int, float] | None], offset: int, n: int) -> dict:
         """Completions' ``logprobs`` object (``text_offset`` counted from ``offset``)."""
