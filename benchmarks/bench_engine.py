@@ -42,7 +42,10 @@ def _load(impl: str, ckpt: str, device: str, dtype):
     if impl.startswith("sparseek"):
         import sparseek
 
-        model, _ = sparseek.load(ckpt, dtype=dtype, device=device, tokenizer=False)
+        # "sparseek-fp8" / "sparseek-fp4": weights kept quantized in memory (sparseek.quant), the
+        # routed experts in that format and the other linear layers in FP8
+        quantize = next((q for q in ("fp8", "fp4") if f"-{q}" in impl), None)
+        model, _ = sparseek.load(ckpt, dtype=dtype, device=device, tokenizer=False, quantize=quantize)
         return model
     import transformers
 
@@ -58,11 +61,12 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
         base_mem = _peak_mb(device)  # peaks are reported above what loading the weights took
         vocab = model.config.vocab_size if impl == "transformers" else model.args.vocab_size
         sparse = impl.startswith("sparseek")
+        compiled = impl.endswith("-compiled")
         ids = torch.randint(10, vocab, (batch, T), device=device)
-        extra = {}
+        extra = {"weights_mb": _tensor_bytes(list(model.parameters()) + list(model.buffers())) / 2**20}
         with torch.inference_mode():
             if what == "prefill":
-                if impl == "sparseek-compiled":  # what LLM(compile=True) does for prefill
+                if compiled:  # what LLM(compile=True) does for prefill
                     from sparseek.model.v4 import compile_hot_paths
 
                     compile_hot_paths()
@@ -89,8 +93,7 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
                     from sparseek.engine import LLM, SamplingParams
 
                     # "sparseek-compiled": the torch.compile'd static decode step (compiled in the warm-up)
-                    llm = LLM(model, None, max_batch_size=batch, max_seq_len=T + new + 16,
-                              compile=impl == "sparseek-compiled")
+                    llm = LLM(model, None, max_batch_size=batch, max_seq_len=T + new + 16, compile=compiled)
                     prompts = [r.tolist() for r in ids]
 
                     def gen(n):
@@ -170,7 +173,8 @@ def main():
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8], help="decode batch sizes (none: prefill only)")
     ap.add_argument("--impls", nargs="+", default=["sparseek", "transformers"],
-                    help="sparseek, sparseek-compiled (LLM(compile=True): compiled decode step, mHC hot paths), transformers")
+                    help="sparseek, sparseek-compiled (LLM(compile=True): compiled decode step, mHC hot paths), "
+                         "transformers; sparseek-fp8 / sparseek-fp4 (-compiled): weights kept quantized in memory")
     ap.add_argument("--repeat", type=int, default=1, help="rounds per phase (alternating implementations; best kept)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
@@ -242,19 +246,21 @@ def to_markdown(r: dict, command: str) -> str:
              f"{r['bandwidth_gbs']:.1f} GB/s. Peak memory is what a phase adds above the loaded weights "
              "(CPU: resident-set high-water mark; it only grows, so a phase that needs little shows ~0).", "",
              "| phase | batch | sparseek tok/s | transformers tok/s | ratio | sparseek +peak MB | transformers +peak MB "
-             "| roofline tok/s | sparseek % of roofline |", "|---|---|---|---|---|---|---|---|---|"]
+             "| roofline tok/s | sparseek % of roofline | weights MB (sparseek / transformers) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in r["rows"]:
-        for impl in ("sparseek", "sparseek-compiled"):
-            if impl not in row:
-                continue
+        for impl in [k for k in row if k.startswith("sparseek")]:
             s, t = row[impl], row.get("transformers", {})
             sv, tv = s.get("tokens_per_s"), t.get("tokens_per_s")
             ratio = f"{sv / tv:.1f}x" if sv and tv else "-"
-            roof = row.get("roofline_tokens_per_s")
+            # the roofline counts the dense weights' bytes: it does not bound a quantized variant
+            roof = row.get("roofline_tokens_per_s") if "-fp" not in impl else None
             frac = f"{100 * sv / roof:.1f}%" if sv and roof else "-"
-            name = row["phase"] + (" (compiled)" if impl != "sparseek" else "")
+            variant = impl[len("sparseek-"):].replace("-", ", ")
+            name = row["phase"] + (f" ({variant})" if variant else "")
             lines.append(f"| {name} | {row['batch']} | {_n(sv, s)} | {_n(tv, t)} | {ratio} | "
-                         f"{_n(s.get('peak_mb'))} | {_n(t.get('peak_mb'))} | {_n(roof)} | {frac} |")
+                         f"{_n(s.get('peak_mb'))} | {_n(t.get('peak_mb'))} | {_n(roof)} | {frac} | "
+                         f"{_n(s.get('weights_mb'))} / {_n(t.get('weights_mb'))} |")
     lines += ["", f"Analytic cache bytes/token (sparseek, {r['dtype']}): {r['analytic_cache_bytes_per_token']:.0f}"]
     for row in r["rows"]:
         if "cache_bytes" in row.get("sparseek", {}) and "cache_bytes" in row.get("transformers", {}):

@@ -63,7 +63,11 @@ def resolve_device(device) -> torch.device:
     return dev
 
 
-def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True, **overrides):
+QUANTIZE = ("stored", "fp8", "fp4")
+
+
+def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True,
+         quantize: str | None = None, **overrides):
     """Load a checkpoint directory, or build a named preset with random weights.
 
     Returns ``(model, tokenizer)``; the tokenizer is None when a checkpoint ships none.
@@ -72,8 +76,23 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     AVX512-BF16 / AMX: torch runs them in scalar loops, ~100x slower) a half-precision default
     becomes float32, with a warning, and an explicit half dtype is kept, with a warning. ``overrides`` replace config fields that do not change the weights'
     shapes, e.g. ``kv_fp8=True`` (DeepSeek's FP8 KV cache) or ``clamp_shared_expert=True``.
+
+    ``quantize`` keeps weights quantized in memory (``sparseek.quant``; ``dtype`` is then the
+    compute dtype): ``"stored"`` keeps a checkpoint's FP8 / FP4 tensors as stored instead of
+    dequantizing them; ``"fp8"`` / ``"fp4"`` also quantize what is not (the linear layers to FP8,
+    the routed experts to that format), as ``sparseek quantize`` would.
     """
-    dtype = resolve_dtype(dtype)
+    if quantize is not None and quantize not in QUANTIZE:
+        raise ValueError(f"unknown quantize={quantize!r}; use one of {QUANTIZE}")
+    model, tok = _load(path_or_preset, resolve_dtype(dtype), device, seed, tokenizer, quantize, overrides)
+    if quantize in ("fp8", "fp4"):
+        from sparseek.quant import quantize_model_
+
+        quantize_model_(model, experts=quantize)
+    return model, tok
+
+
+def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quantize: str | None, overrides: dict):
     device = resolve_device(device)
     if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
         from sparseek.checkpoint import load_model
@@ -91,7 +110,7 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
         elif _slow_half(dtype, device):
             log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
                         "float32 here", _cpu(), _name(dtype))
-        model = load_model(path_or_preset, dtype=dtype, device=device, args=args)
+        model = load_model(path_or_preset, dtype=dtype, device=device, args=args, quantized=quantize is not None)
         tok = None
         if tokenizer:
             from sparseek.tokenizer import Tokenizer
@@ -102,6 +121,9 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
                 log.warning("no tokenizer.json in %s: returning tokenizer=None", root)
         return model.eval(), tok
     if path_or_preset in PRESETS:
+        if quantize == "stored":
+            raise ValueError(f"quantize='stored' keeps a checkpoint's quantized weights; the preset {path_or_preset!r} "
+                             "has none (use 'fp8' or 'fp4' to quantize it)")
         if _slow_half(dtype, device):
             log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
                         "float32 here", _cpu(), _name(dtype))

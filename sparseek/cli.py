@@ -12,6 +12,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="nano", help="checkpoint directory or preset name (default: nano)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["stored", "fp8", "fp4"], default=None,
+                   help="keep weights quantized in memory: 'stored' keeps a checkpoint's FP8/FP4 tensors as they are "
+                        "(default: dequantized to --dtype on load); fp8 / fp4 also quantize the rest (routed experts "
+                        "in that format, linear layers in FP8)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -70,7 +74,7 @@ def _engine(a):
     from sparseek.engine import LLM
 
     return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=a.kv_fp8,
-               compile=a.compile)
+               compile=a.compile, quantize=a.quantize)
 
 
 def cmd_generate(a) -> int:
@@ -134,7 +138,8 @@ def cmd_serve(a) -> int:
 
     key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
     llm = LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=a.kv_fp8,
-              compile=a.compile, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens)
+              compile=a.compile, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
+              quantize=a.quantize)
     if llm.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json: the server takes text, so it needs one")
     if a.compile:  # compile before the first client waits for it
@@ -150,6 +155,27 @@ def cmd_serve(a) -> int:
           f"{llm.max_seq_len} tokens{', API key required' if key else ''})", file=sys.stderr)
     serve(llm, host=a.host, port=a.port, model_name=name, api_key=key or None, max_waiting=a.max_waiting,
           thinking=a.thinking)
+    return 0
+
+
+def cmd_quantize(a) -> int:
+    from sparseek.quant.convert import quantize_checkpoint
+
+    experts = None if a.experts == "none" else a.experts
+    linears = None if a.linears == "none" else a.linears
+    res = quantize_checkpoint(a.model, a.out, experts=experts, linears=linears, report=not a.no_report,
+                              sources=a.eval_data, windows=a.eval_windows, seq_len=a.eval_len, device=a.device)
+    gb = 1e9
+    line = f"{a.out}: weights {res['bytes_before'] / gb:.3f} GB -> {res['bytes_after'] / gb:.3f} GB in memory"
+    if res.get("disk_bytes_after") is not None:
+        was = res.get("disk_bytes_before")
+        line += f"; files {'' if was is None else f'{was / gb:.3f} GB -> '}{res['disk_bytes_after'] / gb:.3f} GB"
+    print(line)
+    r = res.get("report")
+    if r:
+        print(f"quality on {r['tokens']} tokens of {r['data']}: KL mean {r['kl_mean']:.5f} median {r['kl_median']:.5f} "
+              f"p99 {r['kl_p99']:.5f} max {r['kl_max']:.4f}; top-1 agreement {100 * r['top1_agreement']:.2f}%; "
+              f"perplexity {r['ppl_ref']:.3f} -> {r['ppl_quant']:.3f} ({r['ppl_ratio']:.4f}x)")
     return 0
 
 
@@ -268,6 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thinking", action="store_true",
                    help="chat requests think by default (they can say otherwise: chat_template_kwargs.thinking)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("quantize", help="write a checkpoint in DeepSeek's FP8 / FP4 layout, with a quality report")
+    p.add_argument("model", help="checkpoint directory or preset name")
+    p.add_argument("out", help="output directory")
+    p.add_argument("--experts", choices=["fp4", "fp8", "none"], default="fp4",
+                   help="routed experts' format (fp4: V4's MXFP4; fp8: V3's 128x128 blocks; none: keep)")
+    p.add_argument("--linears", choices=["fp8", "none"], default="fp8", help="the other linear layers' format")
+    p.add_argument("--eval-data", nargs="+", default=None,
+                   help="text to compare the models on (default: the Python standard library)")
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--eval-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--no-report", action="store_true", help="skip the comparison with the original")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(fn=cmd_quantize)
 
     from sparseek.evals.cli import add_eval_parser
 

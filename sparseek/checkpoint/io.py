@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from sparseek.checkpoint.names import Target, checkpoint_names, target_of
-from sparseek.checkpoint.quant import dequant_fp4, dequant_fp8
+from sparseek.checkpoint.quant import FP8_BLOCK, dequant_fp4, dequant_fp8
 from sparseek.config import ModelArgs
 from sparseek.model import build_model
 from sparseek.model.common import Experts
@@ -103,8 +103,11 @@ def _logical_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
 
 
 def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               args: ModelArgs | None = None) -> nn.Module:
-    """Build the model described by ``path/config.json`` and fill it from the safetensors files."""
+               args: ModelArgs | None = None, quantized: bool = False) -> nn.Module:
+    """Build the model described by ``path/config.json`` and fill it from the safetensors files.
+
+    ``quantized=True`` keeps FP8 / FP4 weights as they are stored (``sparseek.quant``'s layers
+    decode them in the forward) instead of dequantizing them to ``dtype`` on load."""
     path = os.fspath(path)
     args = args or ModelArgs.from_json(path)
     reader = _Reader(tensor_files(path))
@@ -133,9 +136,15 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
         log.warning("checkpoint has no MTP weights (mtp.*): loading without the MTP block")
         model.mtp = nn.ModuleList()
         expected = {k: v for k, v in expected.items() if not k.startswith("mtp.")}
+    # model tensor -> (the parameter whose plan entries fill it, "weight" / "scale"): kept as raw bytes
+    raw = _keep_quantized(model, plan, reader) if quantized else {}
+    if raw:
+        expected = {k: v for k, v in model.state_dict().items() if k in expected or k in raw}
 
     missing, bad_shape = [], []
     for pname, ref in expected.items():
+        if raw.get(pname, (None, ""))[1] == "scale":
+            continue  # checked with its weight
         entries = plan.get(pname, [])
         weights = [(t, n) for t, n in entries if t.part == "weight"]
         if not weights:
@@ -149,7 +158,7 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
         for t, n in weights:
             shape, dt = reader.meta(n)
             want = _want_shape(t, ref.shape)
-            got = _logical_shape(shape, dt)
+            got = _raw_shape(shape, dt) if pname in raw else _logical_shape(shape, dt)
             if got != want:
                 bad_shape.append(f"{n}: checkpoint {list(shape)} ({dt}), model expects {list(want)}")
             if dt in _QUANT_DTYPES and not any(tt.part == "scale" and tt.expert == t.expert for tt, _ in entries):
@@ -165,6 +174,10 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     state: dict[str, torch.Tensor] = {}
     source_dtypes: dict[str, torch.dtype] = {}
     for pname, ref in expected.items():
+        if pname in raw:
+            src, part = raw[pname]
+            state[pname] = _materialize_raw(reader, plan[src], ref, part, src in stacked)
+            continue
         state[pname] = _materialize(reader, plan[pname], ref, pname in stacked)
         dts = {reader.meta(n)[1] for t, n in plan[pname] if t.part == "weight"}
         if len(dts) == 1 and (dt := _SAFETENSORS_DTYPES.get(dts.pop())) is not None:
@@ -178,6 +191,70 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
         if isinstance(m, Experts):
             m.fuse_gate_up_()  # loaded as two tensors; inference then runs one GEMM fewer per expert
     return model
+
+
+def _keep_quantized(model: nn.Module, plan: dict, reader: "_Reader") -> dict[str, tuple[str, str]]:
+    """Swap (on the meta device) each linear layer and expert stack whose checkpoint weights are
+    FP8 / FP4 for its ``sparseek.quant`` counterpart in the same format; returns the swapped
+    modules' tensors (see ``load_model``)."""
+    from sparseek.quant.modules import QuantExperts, QuantLinear, quantizable
+
+    def fmt_of(entries) -> tuple[str, str] | None:
+        kinds = set()
+        for t, n in entries:
+            dt = reader.meta(n)[1]
+            if t.part == "weight":
+                kinds.add(("w", _QUANT_DTYPES.get(dt)))
+            elif t.part == "scale":
+                kinds.add(("s", "e8m0" if dt == "F8_E8M0" else "f32" if dt == "F32" else None))
+        w = {k for tag, k in kinds if tag == "w"}
+        s = {k for tag, k in kinds if tag == "s"}
+        if len(w) == 1 and len(s) == 1 and None not in w | s and not any(t.fused for t, _ in entries):
+            return w.pop(), s.pop()
+        return None
+
+    raw: dict[str, tuple[str, str]] = {}
+    for parent_name, parent in list(model.named_modules()):
+        for name, child in list(parent.named_children()):
+            full = f"{parent_name}.{name}" if parent_name else name
+            if type(child) is Experts:
+                params = [f"{full}.{w}" for w in ("w1", "w2", "w3")]
+                fmts = {fmt_of(plan.get(p, [])) for p in params}
+                if len(fmts) != 1 or None in fmts:
+                    continue
+                fmt, scale_fmt = fmts.pop()
+                n, inter, dim = child.w1.shape
+                try:
+                    setattr(parent, name, QuantExperts(n, dim, inter, child.limit, fmt, scale_fmt, device="meta"))
+                except ValueError:
+                    continue
+                for p in params:
+                    raw[p], raw[f"{p}_scale"] = (p, "weight"), (p, "scale")
+            elif quantizable(full, child) and (f := fmt_of(plan.get(f"{full}.weight", []))):
+                try:
+                    setattr(parent, name, QuantLinear(child.in_features, child.out_features, *f, device="meta"))
+                except ValueError:
+                    continue
+                raw[f"{full}.weight"], raw[f"{full}.scale"] = (f"{full}.weight", "weight"), (f"{full}.weight", "scale")
+    return raw
+
+
+def _raw_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
+    """The shape of a checkpoint tensor viewed as bytes."""
+    size = {"F32": 4, "BF16": 2, "F16": 2}.get(dtype, 1)
+    return (*shape[:-1], shape[-1] * size)
+
+
+def _materialize_raw(reader: "_Reader", entries, ref: torch.Tensor, part: str, is_stacked: bool) -> torch.Tensor:
+    from sparseek.quant.formats import raw_bytes
+
+    names = {t.expert: n for t, n in entries if t.part == part}
+    if not is_stacked:
+        return raw_bytes(reader.get(names[None]))
+    out = torch.empty(ref.shape, dtype=torch.uint8)
+    for e in range(ref.shape[0]):
+        out[e] = raw_bytes(reader.get(names[e]))
+    return out
 
 
 def stacked_params(model: nn.Module) -> set[str]:
@@ -235,16 +312,27 @@ def _materialize(reader: _Reader, entries, ref: torch.Tensor, is_stacked: bool) 
 def checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """The model's tensors (or ``state``, e.g. gathered from ranks) under their published names."""
     args: ModelArgs = model.args
-    sd = state if state is not None else model.state_dict()
-    stacked = {k for k, v in sd.items() if re.search(r"\.experts\.w[123]$", k) and v.dim() == 3}
+    sd = dict(state if state is not None else model.state_dict())
+    published = _published_quantized(model)  # quantized layers: their bytes in the checkpoint's dtypes
+    sd.update((k, v) for k, v in published.items() if k in sd)
+    stacked = {k for k, v in sd.items() if re.search(r"\.experts\.w[123](_scale)?$", k) and v.dim() == 3}
     dtypes = getattr(model, "checkpoint_dtypes", {})
     out: dict[str, torch.Tensor] = {}
     for pname, t in sd.items():
         t = t.detach()
-        if pname in dtypes:
+        if pname in dtypes and pname not in published:
             t = t.to(dtypes[pname])
         for cname, e in checkpoint_names(pname, tuple(t.shape), stacked, args.is_v4):
             out[cname] = (t[e] if e is not None else t).contiguous().cpu()
+    return out
+
+
+def _published_quantized(model: nn.Module) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, m in model.named_modules():
+        pub = getattr(m, "published", None)
+        if pub is not None and callable(pub):
+            out.update((f"{name}.{k}", v) for k, v in pub().items())
     return out
 
 
@@ -283,6 +371,7 @@ def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         model.args.save(tmp)
         _record_dtype(model, tmp)
+        _record_quantization(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
         os.makedirs(directory, exist_ok=True)
@@ -311,6 +400,35 @@ def _record_dtype(model: nn.Module, directory: str) -> None:
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)
     cfg["torch_dtype"] = str(dtype).removeprefix("torch.")
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(cfg, f, indent=2)
+        f.write("\n")
+
+
+def _record_quantization(model: nn.Module, directory: str) -> None:
+    """config.json's ``quantization_config`` says what the files hold, as DeepSeek's configs do (FP8
+    128 x 128 blocks, dynamic activation scales; ``scale_fmt: ue8m0`` for e8m0 scales; V4's
+    ``expert_dtype``): written when the model has quantized layers, dropped when a quantized
+    checkpoint was loaded dequantized (its files now hold plain weights, and a reader trusting the
+    old entry would misread them)."""
+    fmts = {(getattr(m, "fmt"), getattr(m, "scale_fmt"), hasattr(m, "shapes")) for m in model.modules()
+            if callable(getattr(m, "published", None))}
+    path = os.path.join(directory, "config.json")
+    with open(path, encoding="utf-8") as f:
+        cfg = json.load(f)
+    if not fmts:
+        if "quantization_config" not in cfg:
+            return
+        cfg.pop("quantization_config")
+    else:
+        qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+              "weight_block_size": [FP8_BLOCK, FP8_BLOCK]}
+        if any(s == "e8m0" for _, s, _ in fmts):
+            qc["scale_fmt"] = "ue8m0"
+        cfg["quantization_config"] = qc
+        experts = {f for f, _, is_experts in fmts if is_experts}
+        if model.args.is_v4 and len(experts) == 1:
+            cfg["expert_dtype"] = experts.pop()
     with open(path, "w", encoding="utf-8") as f:
         json.dump(cfg, f, indent=2)
         f.write("\n")

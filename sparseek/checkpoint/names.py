@@ -152,9 +152,13 @@ def checkpoint_names(param: str, shape: tuple[int, ...], stacked: set[str], fami
     """The published tensor names of one model tensor: (name, expert index or None)."""
     if param in stacked:
         prefix, w = param.rsplit(".", 1)
-        names = [(f"{prefix}.{e}.{w}.weight", e) for e in range(shape[0])]
+        part = "weight"
+        if w.endswith("_scale"):  # a quantized stack's scales (sparseek.quant.QuantExperts)
+            w, part = w[: -len("_scale")], "scale"
+        names = [(f"{prefix}.{e}.{w}.{part}", e) for e in range(shape[0])]
     else:
         names = [(param, None)]
     if not family_v4:
-        names = [(hub_name_v3(n), e) for n, e in names]
+        # V3 / V2 checkpoints name a weight's scale `weight_scale_inv` (it multiplies all the same)
+        names = [(re.sub(r"\.scale$", ".weight_scale_inv", hub_name_v3(n)), e) for n, e in names]
     return names

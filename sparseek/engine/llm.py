@@ -131,7 +131,7 @@ class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
-                 batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30):
+                 batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). All running sequences verify their drafts in one forward and draft in
@@ -158,13 +158,19 @@ class LLM:
         (0: off). ``llm.prefix_cache.hits`` / ``.tokens_saved`` count what it saved.
 
         ``kv_fp8=True`` (with a path or preset) rounds the cached KV to FP8 and stores it so, as
-        DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``)."""
+        DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``).
+
+        ``quantize`` (with a path or preset): weights kept quantized in memory, as
+        ``sparseek.load(..., quantize=...)`` keeps them ("stored", "fp8", "fp4")."""
         if isinstance(model, str):
             from sparseek import load
 
             extra = {} if kv_fp8 is None else {"kv_fp8": kv_fp8}
-            model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, **extra)
+            model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, quantize=quantize, **extra)
             tokenizer = tokenizer or loaded_tok
+        elif quantize is not None:
+            raise ValueError("quantize applies while loading: pass a path / preset name to LLM, or quantize the "
+                             "model with sparseek.quant.quantize_model_")
         elif kv_fp8 is not None and kv_fp8 != model.args.kv_fp8:
             raise ValueError("kv_fp8 changes how the model computes: load it with sparseek.load(..., kv_fp8=True) "
                              "or pass a path / preset name to LLM")
@@ -566,7 +572,9 @@ class LLM:
         pc, built = self.prefix_cache, set()
         if pc is None:
             return [(0, None, None)] * len(seqs), built
-        weights = hash(tuple((p._version, p.data_ptr()) for p in self.model.parameters()))
+        # buffers too: quantized layers (sparseek.quant) keep their weights as buffers
+        weights = hash(tuple((p._version, p.data_ptr()) for p in itertools.chain(self.model.parameters(),
+                                                                                  self.model.buffers())))
         if weights != self._weights:  # snapshots of other weights would be silently wrong
             pc.clear()
             self._weights = weights

@@ -33,6 +33,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None, help="override the standard shot count (all tasks)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--quantize", choices=["stored", "fp8", "fp4"], default=None,
+                   help="evaluate with weights kept quantized in memory (as `sparseek generate --quantize`)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per log-likelihood forward")
     p.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences in generation")
     p.add_argument("--max-seq-len", type=int, default=4096)
@@ -78,7 +80,8 @@ def run_eval(a) -> int:
         raise FileNotFoundError(f"--data-dir {a.data_dir} is not a folder")
     progress = not a.no_progress
     model = EngineModel.load(a.model, dtype=a.dtype, device=a.device, max_batch_size=a.max_batch_size,
-                             max_seq_len=a.max_seq_len, batch_size=a.batch_size, progress=progress)
+                             max_seq_len=a.max_seq_len, batch_size=a.batch_size, progress=progress,
+                             quantize=a.quantize)
     results = evaluate(model, tasks, limit=a.limit, data=src, progress=progress, log_samples=a.log_samples)
     results.update(model=a.model, config={k: v for k, v in vars(a).items() if k != "fn"}, **report.run_info())
     if a.output:

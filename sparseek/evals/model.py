@@ -78,11 +78,12 @@ class EngineModel:
 
     @classmethod
     def load(cls, model: str, dtype=None, device: str = "cpu", max_batch_size: int = 8, max_seq_len: int = 4096,
-             batch_size: int = 16, progress: bool = True, seed: int = 0, scorer: str = "shared") -> "EngineModel":
+             batch_size: int = 16, progress: bool = True, seed: int = 0, scorer: str = "shared",
+             quantize: str | None = None) -> "EngineModel":
         from sparseek.engine import LLM
 
         llm = LLM(model, dtype=dtype, device=device, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                  seed=seed)
+                  seed=seed, quantize=quantize)
         return cls(llm, batch_size=batch_size, progress=progress, scorer=scorer)
 
     @property

@@ -184,6 +184,14 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None, scale: tor
     return h if dtype is None else h.to(dtype)
 
 
+def linear_weight(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """The [out, in] matrix of a linear layer, for code that uses it other than as ``m(x)`` (the
+    grouped output projection, V3's absorbed attention): a weight-quantized layer
+    (``sparseek.quant``) decodes its storage."""
+    dequantize = getattr(m, "dequantize", None)
+    return m.weight if dequantize is None else dequantize(dtype)
+
+
 def expert_ffn(mm, x: torch.Tensor, gate_up: list[torch.Tensor], w2: torch.Tensor, limit: float | None,
                scale: torch.Tensor | None, dtype: torch.dtype, dim: int = -1) -> torch.Tensor:
     """The routed experts' SwiGLU FFN with the products done by ``mm(x, w)``: ``gate_up`` is [w1, w3]
@@ -428,6 +436,15 @@ class Experts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n, dim, inter, dtype=dtype))
         self.w3 = nn.Parameter(gate_up[:, inter:])
         self.limit = limit
+
+    @classmethod
+    def wrap(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float | None) -> "Experts":
+        """Experts over existing stacks (no allocation): a merged LoRA, decoded quantized experts."""
+        out = cls.__new__(cls)
+        nn.Module.__init__(out)
+        out.n, out.limit = w1.shape[0], limit
+        out.w1, out.w2, out.w3 = w1, w2, w3
+        return out
 
     def fuse_gate_up_(self) -> "Experts":
         """Move w1 and w3 into the two halves of one buffer (in place; values unchanged), as

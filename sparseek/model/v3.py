@@ -19,7 +19,7 @@ from torch import nn
 
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
-from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, yarn_mscale
+from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
 from sparseek.model.base import DecoderLM, attn_block_budget, init_params, logit_positions
 
 
@@ -94,7 +94,7 @@ class MLA(nn.Module):
         B, T, H, _ = q_nope.shape
         S = keys_BSR.shape[1]
         c_kv, k_pe = keys_BSR[..., :self.rank], keys_BSR[..., self.rank:]
-        w = self.wkv_b.weight.view(H, self.nope + self.v_dim, self.rank)
+        w = linear_weight(self.wkv_b, q_nope.dtype).view(H, self.nope + self.v_dim, self.rank)
         w_k, w_v = w[:, :self.nope], w[:, self.nope:]
         if impl == "absorb":
             q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_k)

@@ -30,7 +30,7 @@ from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model import common, kernels
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions, query_block
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
-from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, rms_unweighted
+from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
 
 # Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
 # speculative verification and drafts; rows at any positions): the rings' spare slots let that many
@@ -447,7 +447,7 @@ class Attention(nn.Module):
         B, T = o_BTHC.shape[:2]
         o = apply_rope(o_BTHC, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, T, self.n_groups, -1)
-        wo_a = self.wo_a.weight.view(self.n_groups, self.o_rank, -1)
+        wo_a = linear_weight(self.wo_a, o.dtype).view(self.n_groups, self.o_rank, -1)
         o = torch.einsum("btgi,gri->btgr", o, wo_a)
         return self.wo_b(o.flatten(2))
 

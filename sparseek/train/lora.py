@@ -75,15 +75,11 @@ class LoRAExperts(Experts):
         return super().proj(x, e, name) + self.scale * ((x @ a.t()) @ b.t())
 
     def merged(self) -> Experts:
-        out = Experts.__new__(Experts)
-        nn.Module.__init__(out)
-        out.n, out.limit = self.n, self.limit
         with torch.no_grad():
             for name in ("w1", "w2", "w3"):
                 a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
                 getattr(self, name).add_(self.scale * torch.bmm(b, a))
-                setattr(out, name, getattr(self, name))
-        return out
+        return Experts.wrap(self.w1, self.w2, self.w3, self.limit)
 
 
 def _targets(model: nn.Module, targets) -> list[tuple[nn.Module, str, nn.Module]]:
