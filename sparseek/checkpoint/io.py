@@ -138,6 +138,8 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
         expected = {k: v for k, v in expected.items() if not k.startswith("mtp.")}
     # model tensor -> (the parameter whose plan entries fill it, "weight" / "scale"): kept as raw bytes
     raw = _keep_quantized(model, plan, reader) if quantized else {}
+    if quantized and not raw:
+        log.warning("%s has no FP8 / FP4 weights to keep quantized: loaded as stored (%s)", path, dtype)
     if raw:
         expected = {k: v for k, v in model.state_dict().items() if k in expected or k in raw}
 

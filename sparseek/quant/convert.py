@@ -86,9 +86,10 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
     return what happened: sizes before and after and, with ``report``, the quality comparison
     (also written to ``dst/quantization_report.json``).
 
-    The model is held in memory once, in its own dtype (a bf16 checkpoint memory-mapped): the
-    original's log-probabilities are computed first, then its layers are swapped for quantized
-    ones in place."""
+    The model is held in memory once: the original's log-probabilities are computed first, then
+    its layers are swapped for quantized ones in place. Without ``report`` it loads in the
+    checkpoint's own dtype, memory-mapped (nothing computes with it), so a bf16 checkpoint costs
+    little more memory than its quantized copy."""
     import sparseek
     from sparseek.checkpoint.io import save_model
     from sparseek.quant.modules import quantize_model_
@@ -96,7 +97,13 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"quantize writes a new checkpoint: the output {dst!r} is the input")
     t0 = time.perf_counter()
-    model, tok = sparseek.load(src, device=device)
+    dtype = None
+    if not report and os.path.isdir(src):
+        from sparseek.config import ModelArgs
+
+        stored = str(ModelArgs.from_json(src).extra.get("torch_dtype", "bfloat16"))
+        dtype = sparseek.resolve_dtype(stored) if stored in ("float32", "bfloat16", "float16") else None
+    model, tok = sparseek.load(src, device=device, dtype=dtype)
     before = tensor_bytes(model)
     out: dict = {"source": src, "experts": experts, "linears": linears}
     if report:

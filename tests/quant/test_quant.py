@@ -193,7 +193,10 @@ def test_official_style_fp8_checkpoint_stays_quantized(v4, tmp_path):
         assert rel_err(kept(_ids()), plain(_ids())) < 1e-5
 
 
-def test_load_refuses_what_it_cannot_do(tmp_path):
+def test_load_refuses_what_it_cannot_do(tmp_path, caplog):
+    sparseek.save(build_model(sparseek.preset("debug")), tmp_path)
+    m, _ = sparseek.load(str(tmp_path), tokenizer=False, quantize="stored")  # nothing stored quantized
+    assert "no FP8 / FP4 weights" in caplog.text and quantized_bytes(m)[0] == 0
     with pytest.raises(ValueError, match="quantize"):
         sparseek.load("debug", quantize="int3")
     with pytest.raises(ValueError, match="has none"):
@@ -232,7 +235,12 @@ def test_decode_step_and_engine_on_quantized_weights(v4, tmp_path):
 def test_quantize_cli_writes_a_checkpoint_and_a_report(tmp_path, capsys):
     from sparseek.cli import main
 
-    assert main(["quantize", "debug", str(tmp_path / "q"), "--eval-windows", "2", "--eval-len", "32"]) == 0
+    src = tmp_path / "bf16"
+    from sparseek.tokenizer import default_tokenizer
+
+    sparseek.save(randomize_(build_model(sparseek.preset("debug"), dtype=torch.bfloat16), 4), src,
+                  tokenizer=default_tokenizer(512))
+    assert main(["quantize", str(src), str(tmp_path / "q"), "--eval-windows", "2", "--eval-len", "32"]) == 0
     out = capsys.readouterr().out
     assert "top-1 agreement" in out and "KL mean" in out
     rep = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
@@ -244,6 +252,12 @@ def test_quantize_cli_writes_a_checkpoint_and_a_report(tmp_path, capsys):
     # the written model generates through the CLI with its weights kept quantized
     assert main(["generate", "-m", str(tmp_path / "q"), "--quantize", "stored", "-p", "def", "--max-tokens", "3",
                  "--temperature", "0"]) == 0
+    # without the report it quantizes straight from the stored (bf16, memory-mapped) weights: same files
+    assert main(["quantize", str(src), str(tmp_path / "q2"), "--no-report"]) == 0
+    assert not (tmp_path / "q2" / "quantization_report.json").exists()
+    with safe_open(str(tmp_path / "q" / "model.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "q2" / "model.safetensors"), "pt") as b:
+        assert all(torch.equal(_u8(a.get_tensor(k)), _u8(b.get_tensor(k))) for k in a.keys())
     # and refuses to overwrite its own input
     assert main(["quantize", str(tmp_path / "q"), str(tmp_path / "q")]) == 2
     assert "is the input" in capsys.readouterr().err
