@@ -512,11 +512,15 @@ class Experts(nn.Module):
         y_ND = torch.zeros_like(x_ND, dtype=torch.float32)
         for j in range(idx_NK.shape[1]):
             e_N = idx_NK[:, j]
-            gate = torch.einsum("nd,nid->ni", x_ND, self.w1[e_N])
-            up = torch.einsum("nd,nid->ni", x_ND, self.w3[e_N])
+            gate = torch.einsum("nd,nid->ni", x_ND, self.gathered("w1", e_N, x_ND.dtype))
+            up = torch.einsum("nd,nid->ni", x_ND, self.gathered("w3", e_N, x_ND.dtype))
             h = swiglu(gate, up, self.limit, weights_NK[:, j, None], x_ND.dtype)
-            y_ND = y_ND + torch.einsum("ni,ndi->nd", h, self.w2[e_N]).float()
+            y_ND = y_ND + torch.einsum("ni,ndi->nd", h, self.gathered("w2", e_N, x_ND.dtype)).float()
         return y_ND.to(x_ND.dtype)
+
+    def gathered(self, name: str, e_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Matrix ``name`` of expert e_N[n] for each n: [N, out, in] (quantized experts decode it)."""
+        return getattr(self, name)[e_N]
 
 
 class MoE(nn.Module):

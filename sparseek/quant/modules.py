@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparseek.model.common import Experts, gate_up_view, swiglu
+from sparseek.model.common import Experts, gate_up_view
 from sparseek.quant.formats import (FORMATS, SCALE_FORMATS, check_shape, dequantize, packed_shape, published,
                                     quantize, scale_shape)
 
@@ -135,17 +135,10 @@ class QuantExperts(Experts):
     def proj(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         return x @ self.decoded(name, x.dtype, torch.tensor([e], device=x.device))[0].t()
 
-    def forward_static(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
-        """``Experts.forward_static`` reading each slot's experts from their quantized bytes (a
-        compiled decode step fuses the decoding into its products)."""
-        y_ND = torch.zeros_like(x_ND, dtype=torch.float32)
-        for j in range(idx_NK.shape[1]):
-            e_N = idx_NK[:, j]
-            gate = torch.einsum("nd,nid->ni", x_ND, self.decoded("w1", x_ND.dtype, e_N))
-            up = torch.einsum("nd,nid->ni", x_ND, self.decoded("w3", x_ND.dtype, e_N))
-            h = swiglu(gate, up, self.limit, weights_NK[:, j, None], x_ND.dtype)
-            y_ND = y_ND + torch.einsum("ni,ndi->nd", h, self.decoded("w2", x_ND.dtype, e_N)).float()
-        return y_ND.to(x_ND.dtype)
+    def gathered(self, name: str, e_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        # the fixed-shape decode step (Experts.forward_static) decodes only each token's experts; a
+        # compiled step fuses the decoding into its products
+        return self.decoded(name, dtype, e_N)
 
     def published(self) -> dict[str, torch.Tensor]:
         out = {}
