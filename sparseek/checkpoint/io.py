@@ -329,13 +329,14 @@ def checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor] | None = N
     return out
 
 
+def _quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    from sparseek.quant.modules import QuantExperts, QuantLinear
+
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, (QuantLinear, QuantExperts))]
+
+
 def _published_quantized(model: nn.Module) -> dict[str, torch.Tensor]:
-    out = {}
-    for name, m in model.named_modules():
-        pub = getattr(m, "published", None)
-        if pub is not None and callable(pub):
-            out.update((f"{name}.{k}", v) for k, v in pub().items())
-    return out
+    return {f"{name}.{k}": v for name, m in _quantized_layers(model) for k, v in m.published().items()}
 
 
 def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES,
@@ -413,8 +414,7 @@ def _record_quantization(model: nn.Module, directory: str) -> None:
     ``expert_dtype``): written when the model has quantized layers, dropped when a quantized
     checkpoint was loaded dequantized (its files now hold plain weights, and a reader trusting the
     old entry would misread them)."""
-    fmts = {(getattr(m, "fmt"), getattr(m, "scale_fmt"), hasattr(m, "shapes")) for m in model.modules()
-            if callable(getattr(m, "published", None))}
+    fmts = {(m.fmt, m.scale_fmt, hasattr(m, "shapes")) for _, m in _quantized_layers(model)}
     path = os.path.join(directory, "config.json")
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)

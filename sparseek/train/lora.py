@@ -98,6 +98,11 @@ def add_lora(model: nn.Module, rank: int = 8, alpha: float = 16.0, targets=DEFAU
     """Freeze the model and attach adapters; returns the model (changed in place)."""
     for p in model.parameters():
         p.requires_grad_(False)
+    from sparseek.quant.modules import QuantExperts, QuantLinear
+
+    if any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
+        # they keep FP8/FP4 bytes, which adapters cannot sit on (QLoRA is not built)
+        raise ValueError("LoRA needs the model's weights unquantized: load it without quantize=...")
     swaps = _targets(model, set(targets))
     if not swaps:
         raise ValueError(f"no module matches the LoRA targets {list(targets)}")

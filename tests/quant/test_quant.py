@@ -202,10 +202,13 @@ def test_load_refuses_what_it_cannot_do(tmp_path, caplog):
     with pytest.raises(ValueError, match="has none"):
         sparseek.load("debug", quantize="stored")
     from sparseek.engine import LLM
+    from sparseek.train.lora import add_lora
 
     m, _ = sparseek.load("debug", tokenizer=False)
     with pytest.raises(ValueError, match="quantize"):
         LLM(m, quantize="fp8")
+    with pytest.raises(ValueError, match="unquantized"):
+        add_lora(quantize_model_(m))
 
 
 # ---------------------------------------------------------------------------- engine and CLI
