@@ -7,12 +7,14 @@ import json
 import logging
 import sys
 
+from sparseek import QUANTIZE
+
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "-m", default="nano", help="checkpoint directory or preset name (default: nano)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=["stored", "fp8", "fp4"], default=None,
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="keep weights quantized in memory: 'stored' keeps a checkpoint's FP8/FP4 tensors as they are "
                         "(default: dequantized to --dtype on load); fp8 / fp4 also quantize the rest (routed experts "
                         "in that format, linear layers in FP8)")

@@ -414,7 +414,9 @@ def _record_quantization(model: nn.Module, directory: str) -> None:
     ``expert_dtype``): written when the model has quantized layers, dropped when a quantized
     checkpoint was loaded dequantized (its files now hold plain weights, and a reader trusting the
     old entry would misread them)."""
-    fmts = {(m.fmt, m.scale_fmt, hasattr(m, "shapes")) for _, m in _quantized_layers(model)}
+    from sparseek.quant.modules import QuantExperts
+
+    fmts = {(m.fmt, m.scale_fmt, isinstance(m, QuantExperts)) for _, m in _quantized_layers(model)}
     path = os.path.join(directory, "config.json")
     with open(path, encoding="utf-8") as f:
         cfg = json.load(f)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sparseek import QUANTIZE
 from sparseek.evals.tasks import ARTICLE_TASKS, TASKS
 
 
@@ -33,7 +34,7 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=int, default=None, help="override the standard shot count (all tasks)")
     p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=["stored", "fp8", "fp4"], default=None,
+    p.add_argument("--quantize", choices=QUANTIZE, default=None,
                    help="evaluate with weights kept quantized in memory (as `sparseek generate --quantize`)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per log-likelihood forward")
     p.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences in generation")

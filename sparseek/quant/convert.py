@@ -66,10 +66,6 @@ def compare(ref: list[torch.Tensor], quant: list[torch.Tensor], windows: list[to
             "ppl_ratio": ppl_q / ppl_ref}
 
 
-def tensor_bytes(model) -> int:
-    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
-
-
 def files_bytes(path: str) -> int | None:
     """Bytes of a checkpoint's safetensors files (None: not a directory, e.g. a preset)."""
     if not os.path.isdir(path):
@@ -92,7 +88,7 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
     little more memory than its quantized copy."""
     import sparseek
     from sparseek.checkpoint.io import save_model
-    from sparseek.quant.modules import quantize_model_
+    from sparseek.quant.modules import quantize_model_, quantized_bytes
 
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"quantize writes a new checkpoint: the output {dst!r} is the input")
@@ -104,13 +100,13 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
         stored = str(ModelArgs.from_json(src).extra.get("torch_dtype", "bfloat16"))
         dtype = sparseek.resolve_dtype(stored) if stored in ("float32", "bfloat16", "float16") else None
     model, tok = sparseek.load(src, device=device, dtype=dtype)
-    before = tensor_bytes(model)
+    before = sum(quantized_bytes(model))
     out: dict = {"source": src, "experts": experts, "linears": linears}
     if report:
         wins, origin = eval_windows(tok, model.args.vocab_size, sources, windows, seq_len)
         ref = next_token_logprobs(model, wins)
     quantize_model_(model, experts=experts, linears=linears, scale_fmt=scale_fmt)
-    out.update(bytes_before=before, bytes_after=tensor_bytes(model))
+    out.update(bytes_before=before, bytes_after=sum(quantized_bytes(model)))
     if report:
         out["report"] = {"data": origin, **compare(ref, next_token_logprobs(model, wins), wins)}
     save_model(model, dst, tokenizer=tok)
