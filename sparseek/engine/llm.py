@@ -13,7 +13,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -102,7 +102,7 @@ def _adjusted(s: _Seq, logits_V: torch.Tensor, drafted: Sequence[int] = ()) -> t
     if s.params.adjusts:
         logits_V = adjust(logits_V, s.params, s.out.prompt_token_ids, s.out.token_ids + list(drafted), s.stop_ids)
     if s.guide is not None:
-        logits_V = s.guide.mask(logits_V)
+        logits_V = s.guide.mask(logits_V, drafted)
     return logits_V
 
 
@@ -299,14 +299,21 @@ class LLM:
         return ids
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, thinking: bool = False,
-             **encode_kw) -> RequestOutput:
-        """One assistant turn in DeepSeek-V4's chat format; ``.message`` holds the parsed reply."""
-        from sparseek.tokenizer.chat import encode_messages, parse_completion
+             tool_choice: str | None = None, **encode_kw) -> RequestOutput:
+        """One assistant turn in DeepSeek-V4's chat format; ``.message`` holds the parsed reply.
+        Tools ride on a system message (``{"role": "system", "content": ..., "tools": [...]}``);
+        ``tool_choice`` "required" or a tool's name forces calls of them, held token by token to
+        the format and the tools' schemas (needs xgrammar)."""
+        from sparseek.tokenizer.chat import encode_messages, parse_completion, reply_format
 
         self._need_tokenizer()
         mode = "thinking" if thinking else "chat"
         prompt = self.tokenizer.encode(encode_messages(messages, thinking_mode=mode, **encode_kw))
         params = params or SamplingParams(max_tokens=512)
+        if tool_choice not in (None, "auto", "none"):
+            tools = [t for m in messages if m.get("role") in ("system", "developer") for t in m.get("tools") or ()]
+            params = replace(params, structural_tag=reply_format(thinking, tools=tools, tool_choice=tool_choice),
+                             json_schema=None, regex=None)
         out = self.generate([prompt], params)[0]
         raw = self.tokenizer.decode(out.token_ids, skip_special_tokens=False)
         try:
@@ -358,9 +365,6 @@ class LLM:
             stop_ids = set(sp.stop_token_ids)
             if not sp.ignore_eos and eos is not None:
                 stop_ids.add(eos)
-            if sp.structured and self.speculative:
-                raise ValueError(f"prompt {i}: structured outputs (json_schema / regex) do not run under "
-                                 "speculative decoding: use an engine without speculative_tokens")
             for j in range(sp.n):  # n completions: n sequences (equal lengths: they prefill in shared forwards)
                 gen = None
                 if not sp.greedy:
@@ -374,7 +378,7 @@ class LLM:
                     from sparseek.engine.structured import make_guide
 
                     seqs[-1].guide = make_guide(self.tokenizer, self.args.vocab_size, stop_ids | {eos} - {None},
-                                                sp.json_schema, sp.regex)
+                                                sp.json_schema, sp.regex, sp.structural_tag)
         return seqs
 
     # ------------------------------------------------------------------ the loop

@@ -48,9 +48,12 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     # structured outputs (``sparseek.engine.structured``, needs xgrammar): the completion is held to
-    # a JSON schema (True: any JSON value) or a regular expression
+    # a JSON schema (True: any JSON value), a regular expression, or an xgrammar structural tag (its
+    # JSON form: a reply's layout, e.g. free reasoning, then tool calls whose arguments follow their
+    # schemas; ``sparseek.tokenizer.chat.reply_format`` builds DeepSeek's)
     json_schema: dict | bool | None = None
     regex: str | None = None
+    structural_tag: dict | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -82,6 +85,9 @@ class SamplingParams:
              "json_schema", "a JSON schema (dict), True (any JSON) or None"),
             (self.regex is None or (isinstance(self.regex, str) and self.json_schema is None), "regex",
              "a string, and not given with json_schema"),
+            (self.structural_tag is None or (isinstance(self.structural_tag, dict) and self.json_schema is None
+                                             and self.regex is None), "structural_tag",
+             "a dict (xgrammar's structural tag), and not given with json_schema or regex"),
         ]
         for ok, name, want in checks:
             if not ok:
@@ -93,7 +99,7 @@ class SamplingParams:
 
     @property
     def structured(self) -> bool:
-        return self.json_schema is not None or self.regex is not None
+        return self.json_schema is not None or self.regex is not None or self.structural_tag is not None
 
     @property
     def adjusts(self) -> bool:

@@ -1,4 +1,5 @@
-"""Structured outputs: completions held to a JSON schema or a regular expression, token by token.
+"""Structured outputs: completions held to a JSON schema, a regular expression or a structural tag,
+token by token.
 
 Each step, the tokens that cannot continue a valid output are masked (their logits set to -inf)
 before sampling, so greedy and sampled outputs alike always parse; once the output is complete
@@ -7,7 +8,10 @@ optional dependency: ``pip install xgrammar`` (or ``sparseek[structured]``).
 
 The vocabulary is given to xgrammar as the bytes each token stands for
 (``Tokenizer.token_bytes``); special tokens (BOS, ``<think>``, the DSML markers, ...) are never
-allowed inside a structured output, only the stop tokens at its end.
+allowed inside a JSON or regex output, only the stop tokens at its end. A structural tag (xgrammar's
+layout of a whole reply: reasoning up to ``</think>``, then DSML tool calls whose arguments follow
+their schemas, ...) may name special tokens in its text: those, and only those, take their own
+text in its vocabulary, so the model writes ``｜DSML｜`` as the one token it was trained on.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ def _xgr():
 class _Compiler:
     """xgrammar's compiler for one tokenizer and vocabulary, with its last 64 grammars kept."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_ids: tuple[int, ...]):
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: tuple[int, ...], markers: tuple[int, ...] = ()):
         xgr = _xgr()
-        added = set(tokenizer.tk.get_added_tokens_decoder())
-        vocab = [b"" if i in added else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
+        hidden = set(tokenizer.tk.get_added_tokens_decoder()) - set(markers)
+        vocab = [b"" if i in hidden else tokenizer.token_bytes(i) for i in range(tokenizer.vocab_size)]
         info = xgr.TokenizerInfo(vocab, xgr.VocabType.RAW, vocab_size=vocab_size, stop_token_ids=list(stop_ids))
         self.compiler = xgr.GrammarCompiler(info)
         self.grammars: dict[tuple[str, str], object] = {}
@@ -51,6 +55,8 @@ class _Compiler:
 def _compile(compiler, kind: str, spec: str):
     if kind == "regex":
         return compiler.compile_regex(spec)
+    if kind == "tag":
+        return compiler.compile_structural_tag(spec)
     schema = json.loads(spec)
     if schema is True:
         return compiler.compile_builtin_json_grammar()
@@ -68,8 +74,23 @@ class Guide:
         self.matcher = xgr.GrammarMatcher(compiled)
         self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)
 
-    def mask(self, logits_V: torch.Tensor) -> torch.Tensor:
-        self.matcher.fill_next_token_bitmask(self.bitmask)
+    def mask(self, logits_V: torch.Tensor, drafted=()) -> torch.Tensor:
+        """``logits_V`` with the tokens that cannot come next set to -inf; with ``drafted``
+        (speculative decoding's draft tokens not yet accepted), the tokens that cannot follow
+        them. Past the output's end (a draft finished it, or broke it) nothing here is ever
+        emitted, and ``logits_V`` comes back as it is."""
+        taken = 0
+        try:
+            for t in drafted:
+                if self.matcher.is_terminated() or not self.matcher.accept_token(t):
+                    return logits_V
+                taken += 1
+            if self.matcher.is_terminated():
+                return logits_V
+            self.matcher.fill_next_token_bitmask(self.bitmask)
+        finally:
+            if taken:
+                self.matcher.rollback(taken)
         out = logits_V.float().cpu().clone()
         self._xgr.apply_token_bitmask_inplace(out, self.bitmask[0])
         return out.to(logits_V.device)
@@ -83,19 +104,27 @@ class Guide:
         return self.matcher.is_terminated()
 
 
-def make_guide(tokenizer, vocab_size: int, stop_ids, json_schema=None, regex: str | None = None) -> Guide:
-    """A fresh ``Guide`` for ``json_schema`` (a schema dict, or True for any JSON value) or
-    ``regex``; a bad schema or pattern raises ``ValueError`` naming it."""
+def make_guide(tokenizer, vocab_size: int, stop_ids, json_schema=None, regex: str | None = None,
+               structural_tag: dict | None = None) -> Guide:
+    """A fresh ``Guide`` for ``json_schema`` (a schema dict, or True for any JSON value), ``regex``
+    or ``structural_tag`` (xgrammar's JSON form); a bad spec raises ``ValueError`` naming it."""
     if tokenizer is None:
         raise ValueError("structured outputs need the model's tokenizer (the grammar is over its tokens)")
-    key = (vocab_size, tuple(sorted(stop_ids)))
+    if structural_tag is not None:
+        kind, spec, what = "tag", json.dumps(structural_tag, sort_keys=True, ensure_ascii=False), "structural_tag"
+    elif regex is not None:
+        kind, spec, what = "regex", regex, f"regex {regex!r}"
+    else:
+        kind, spec, what = "json", json.dumps(json_schema, sort_keys=True), "json_schema"
+    stops = tuple(sorted(stop_ids))
+    markers = tuple(sorted(i for i, t in tokenizer.tk.get_added_tokens_decoder().items()
+                           if kind == "tag" and t.content in spec and i not in stops))
+    key = (vocab_size, stops, markers)
     per_tok = _compilers.setdefault(tokenizer, {})
     if key not in per_tok:
         per_tok[key] = _Compiler(tokenizer, *key)
-    kind, spec = ("regex", regex) if regex is not None else ("json", json.dumps(json_schema, sort_keys=True))
     try:
         compiled = per_tok[key].get(kind, spec)
-    except Exception as e:  # xgrammar's own errors (RuntimeError, InvalidJSONError, ...)
-        what = f"regex {regex!r}" if regex is not None else "json_schema"
+    except Exception as e:  # xgrammar's own errors (RuntimeError, InvalidJSONError, InvalidStructuralTagError...)
         raise ValueError(f"{what} cannot be compiled into a grammar: {e}") from None
     return Guide(compiled, vocab_size)

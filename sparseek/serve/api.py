@@ -109,8 +109,9 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     def _chat_prompt(body: ChatRequest) -> tuple[str, bool]:
         """The chat prompt's text and whether it opens with thinking."""
         think, effort = body.thinking(default=thinking)
+        conversation = body.conversation()  # its RequestErrors name their own fields
         try:
-            return encode_messages(body.conversation(), thinking_mode="thinking" if think else "chat",
+            return encode_messages(conversation, thinking_mode="thinking" if think else "chat",
                                    reasoning_effort=effort), think
         except ValueError as e:
             raise RequestError(str(e), "messages") from None

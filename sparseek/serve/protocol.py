@@ -17,7 +17,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from sparseek.engine.sampling import SamplingParams
-from sparseek.tokenizer.chat import ContentDelta, ReasoningDelta, StreamingChatParser, ToolCall
+from sparseek.tokenizer.chat import (ChatFormatError, ContentDelta, ReasoningDelta, StreamingChatParser, ToolCall,
+                                     reply_format)
 
 
 class RequestError(ValueError):
@@ -184,9 +185,10 @@ class ChatRequest(_Sampling):
         return on, ({"high": "high", "xhigh": "max", "max": "max"}.get(effort) if on else None)
 
     def output_format(self, thinking: bool) -> dict:
-        """The structured output ``response_format`` (or ``guided_json`` / ``guided_regex``) asks for:
-        enforced token by token on the reply, which in thinking mode would hold the reasoning to
-        it too, so that combination is refused."""
+        """What the reply is held to, token by token: the tool calls a forcing ``tool_choice`` asks
+        for ("required" or a named function, each call's arguments held to its tool's schema), or
+        the structured output ``response_format`` (or ``guided_json`` / ``guided_regex``) asks for.
+        In thinking mode the reasoning before ``</think>`` stays free."""
         fmt, found = self.response_format or {}, self.structured()
         kind = fmt.get("type", "text")
         if kind == "json_schema":
@@ -199,10 +201,36 @@ class ChatRequest(_Sampling):
             found = {"json_schema": {"type": "object"}, "regex": None}
         elif kind != "text":
             raise RequestError("response_format.type must be text, json_object or json_schema", "response_format")
-        if thinking and (found["json_schema"] is not None or found["regex"] is not None):
-            raise RequestError("structured outputs hold the whole reply to the format, reasoning included: "
-                               "turn thinking off (chat_template_kwargs.thinking = false)", "response_format")
-        return found
+        forced = self.forced_tool()
+        if forced is not None and (found["json_schema"] is not None or found["regex"] is not None):
+            raise RequestError("a forcing tool_choice holds the reply to tool calls: give it or a structured "
+                               "output (response_format / guided_json / guided_regex), not both", "tool_choice")
+        if forced is None and (not thinking or (found["json_schema"] is None and found["regex"] is None)):
+            return found  # free, or held to JSON / regex from its first token
+        try:
+            tag = reply_format(thinking, tools=self.tools, tool_choice=forced,
+                               parallel_tool_calls=self.parallel_tool_calls is not False, **found)
+        except ChatFormatError as e:
+            raise RequestError(str(e), "tools" if str(e).startswith("tools") else "tool_choice") from None
+        return {"json_schema": None, "regex": None, "structural_tag": tag}
+
+    def forced_tool(self) -> str | None:
+        """``tool_choice`` as the reply format takes it: "required", the forced function's name, or
+        None ("auto" / "none": the model chooses)."""
+        choice = self.tool_choice
+        if choice in (None, "auto", "none"):
+            return None
+        if choice == "required":
+            name = choice
+        elif (isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict)
+              and isinstance(choice["function"].get("name"), str)):
+            name = choice["function"]["name"]
+        else:
+            raise RequestError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
+                               "'function': {'name': ...}}", "tool_choice")
+        if not self.tools:
+            raise RequestError(f"tool_choice {choice!r} forces a tool call, but the request has no tools", "tool_choice")
+        return name
 
     def conversation(self) -> list[dict[str, Any]]:
         """``messages`` as the chat format takes them: text parts joined, ``tools`` and
@@ -222,11 +250,8 @@ class ChatRequest(_Sampling):
                 m.pop("refusal", None)
             msgs.append(m)
         extras: dict[str, Any] = {}
-        choice = self.tool_choice
-        if isinstance(choice, dict) or choice not in (None, "auto", "none"):
-            raise RequestError("tool_choice must be 'auto' or 'none': a model cannot be forced to call a tool "
-                               "here", "tool_choice")
-        if self.tools and choice != "none":
+        self.forced_tool()  # a malformed tool_choice is named before the prompt is built
+        if self.tools and self.tool_choice != "none":
             for j, t in enumerate(self.tools):
                 if t.get("type", "function") != "function" or not isinstance(t.get("function"), dict):
                     raise RequestError(f"tools[{j}] must be {{'type': 'function', 'function': {{...}}}}", "tools")

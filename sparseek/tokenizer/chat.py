@@ -38,6 +38,7 @@ __all__ = [
     "encode_messages",
     "parse_completion",
     "apply_chat_template",
+    "reply_format",
     "SPECIAL_TOKENS",
 ]
 
@@ -358,6 +359,113 @@ def encode_messages(
             opens_thinking = thinking and (not drop or k >= last_user)
             out.append(ASSISTANT + (THINK_START if opens_thinking else THINK_END))
     return "".join(out)
+
+
+def reply_format(thinking: bool, *, tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
+                 parallel_tool_calls: bool = True, json_schema: Any = None, regex: str | None = None,
+                 ) -> dict[str, Any]:
+    """The layout one assistant reply must take, as an xgrammar structural tag (its JSON form, for
+    ``SamplingParams(structural_tag=...)``), so that a constrained reply always parses.
+
+    In thinking mode the reply opens with free reasoning (no special token in it) up to
+    ``</think>``, which the prompt leaves open. Then either a DSML tool-call block of ``tools``
+    (OpenAI's ``{"type": "function", "function": {"name", "parameters"}}``) -- ``tool_choice``
+    "required": one or more calls (one if not ``parallel_tool_calls``), or a tool's name: exactly
+    one call of it -- each call's parameters held to its tool's JSON schema and written as DSML
+    parameters (``string="true"`` for strings, JSON otherwise); or an answer held to ``json_schema``
+    (True: any JSON value) or ``regex``. ``ChatFormatError`` names a bad tool or tool choice."""
+    free = {"type": "any_text", "excludes": list(SPECIAL_TOKENS)}
+    if tool_choice is not None:
+        body = _tool_calls_format(tools or [], tool_choice, parallel_tool_calls)
+    elif regex is not None:
+        body = {"type": "regex", "pattern": regex}
+    elif json_schema is not None:
+        body = {"type": "json_schema", "json_schema": json_schema, "max_whitespace_cnt": 1}
+    else:
+        body = free
+    if thinking:
+        body = {"type": "sequence", "elements": [{"type": "tag", "begin": "", "content": free, "end": THINK_END},
+                                                 body]}
+    return {"type": "structural_tag", "format": body}
+
+
+def _tool_calls_format(tools: list[dict[str, Any]], tool_choice: str, parallel: bool) -> dict[str, Any]:
+    functions = {}
+    for j, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"] or '"' in fn["name"]:
+            raise ChatFormatError(f"tools[{j}] must be {{'type': 'function', 'function': {{'name': ..., "
+                                  "'parameters': {...}}}} with a name free of quotes")
+        params = fn.get("parameters", {"type": "object", "properties": {}})
+        if not isinstance(params, dict):
+            raise ChatFormatError(f"tools[{j}].function.parameters must be a JSON schema object")
+        functions[fn["name"]] = params
+    if tool_choice != "required":
+        if tool_choice not in functions:
+            raise ChatFormatError(f"tool_choice names {tool_choice!r}, which is not among the tools "
+                                  f"({sorted(functions)})")
+        functions, parallel = {tool_choice: functions[tool_choice]}, False
+    if not functions:
+        raise ChatFormatError("tool_choice 'required' needs at least one tool")
+    invokes = [{"type": "tag", "begin": f'{INVOKE_OPEN}{name}">\n', "content": _parameters_format(name, schema),
+                "end": INVOKE_CLOSE + "\n"} for name, schema in functions.items()]
+    return {"type": "sequence", "elements": [
+        {"type": "const_string", "value": TOOL_CALLS_START + "\n"},
+        {"type": "tags_with_separator", "tags": invokes, "separator": "", "at_least_one": True,
+         "stop_after_first": not parallel},
+        {"type": "const_string", "value": TOOL_CALLS_END}]}
+
+
+def _parameters_format(tool: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """A call's parameters exactly as ``_render_tool_calls`` writes them (and the parser reads them):
+    one line each, in the schema's order, the required ones present; no parameter at all is an
+    empty line. A schema without ``properties`` takes no parameters."""
+    props = schema.get("properties") or {}
+    if not isinstance(props, dict):
+        raise ChatFormatError(f"tool {tool!r}: parameters.properties must be an object")
+    required = set(schema.get("required") or ())
+    params = [_parameter_format(tool, key, sub) for key, sub in props.items()]
+    if not params:
+        return {"type": "const_string", "value": "\n"}
+
+    def optional(f):
+        return {"type": "optional", "content": f}
+
+    if required & set(props):
+        return {"type": "sequence", "elements": [f if key in required else optional(f)
+                                                 for key, f in zip(props, params)]}
+    # all optional: the first one present decides the alternative, so the grammar stays unambiguous
+    firsts = [{"type": "sequence", "elements": [f, *map(optional, params[i + 1:])]} for i, f in enumerate(params)]
+    return {"type": "or", "elements": [{"type": "const_string", "value": "\n"}, *firsts]}
+
+
+def _parameter_format(tool: str, key: str, schema: Any) -> dict[str, Any]:
+    if not isinstance(schema, dict) or '"' in key:
+        raise ChatFormatError(f"tool {tool!r}: parameter {key!r} needs a JSON schema object and a name free "
+                              "of quotes")
+    kinds = schema.get("type")
+    kinds = set(kinds) if isinstance(kinds, list) else {kinds}
+    forms = []
+    if "string" in kinds:  # as is, string="true"
+        if "const" in schema or "enum" in schema:
+            values = [schema["const"]] if "const" in schema else schema["enum"]
+            text = {"type": "or", "elements": [{"type": "const_string", "value": v} for v in values
+                                               if isinstance(v, str)]}
+        elif isinstance(schema.get("pattern"), str):
+            text = {"type": "regex", "pattern": schema["pattern"]}
+        else:
+            text = {"type": "any_text", "excludes": list(SPECIAL_TOKENS)}
+        forms.append({"type": "tag", "begin": f'{PARAM_OPEN}{key}" string="true">', "content": text,
+                      "end": PARAM_CLOSE + "\n"})
+    if kinds != {"string"}:  # JSON, string="false" (a schema without "type" may take any JSON value)
+        sub = {k: v for k, v in schema.items() if k != "type"} if "string" in kinds else schema
+        if "string" in kinds:
+            sub["type"] = sorted(kinds - {"string"})
+        forms.append({"type": "tag", "begin": f'{PARAM_OPEN}{key}" string="false">',
+                      "content": {"type": "json_schema", "json_schema": sub, "max_whitespace_cnt": 1,
+                                  "excludes": list(SPECIAL_TOKENS)},
+                      "end": PARAM_CLOSE + "\n"})
+    return forms[0] if len(forms) == 1 else {"type": "or", "elements": forms}
 
 
 def apply_chat_template(tokenizer: Tokenizer, messages: list[Message], **kwargs: Any) -> list[int]:

@@ -453,10 +453,51 @@ def test_structured_outputs_through_the_api(client):
     r = client.post("/v1/completions", headers=AUTH, json={"prompt": "id", "guided_regex": "[A-Z]{2}[0-9]{4}",
                                                           "max_tokens": 20, "temperature": 1, "seed": 3})
     assert re.fullmatch("[A-Z]{2}[0-9]{4}", r.json()["choices"][0]["text"])
-    for body, words in ((
-            {"messages": msgs, "response_format": fmt, "chat_template_kwargs": {"thinking": True}}, "thinking"),
+    # in thinking mode the reasoning stays free and the answer after </think> is held
+    r = client.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": msgs, "response_format": fmt, "max_tokens": 80, "temperature": 0.9, "seed": 1,
+        "chat_template_kwargs": {"thinking": True}, "logit_bias": {"5": 5}})  # 5: </think>, to end it soon
+    value = json.loads(r.json()["choices"][0]["message"]["content"])
+    assert value["city"] in ("Paris", "Rome") and isinstance(value["days"], bool)
+    for body, words in (
             ({"messages": msgs, "guided_regex": "(["}, "cannot be compiled"),
             ({"messages": msgs, "guided_json": "{not json"}, "not JSON"),
             ({"messages": msgs, "response_format": {"type": "xml"}}, "response_format.type")):
         r = client.post("/v1/chat/completions", headers=AUTH, json=body)
         assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_forced_tool_choice_through_the_api(long_client):
+    """tool_choice "required" or a named function holds the reply to tool calls of the request's
+    tools, their arguments to the tools' schemas; streamed or whole, finish_reason "tool_calls"."""
+    pytest.importorskip("xgrammar")
+    tools = [{"type": "function", "function": {"name": "go", "parameters": {
+                 "type": "object", "properties": {"to": {"enum": ["x", "y"]}}, "required": ["to"]}}},
+             {"type": "function", "function": {"name": "now"}}]
+    msgs = [{"role": "user", "content": "where?"}]
+    for choice, stream in (("required", False), ({"type": "function", "function": {"name": "go"}}, True)):
+        r = long_client.post("/v1/chat/completions", headers=AUTH, json={
+            "messages": msgs, "tools": tools, "tool_choice": choice, "parallel_tool_calls": False,
+            "max_tokens": 300, "temperature": 1.0, "seed": 4, "stream": stream})
+        assert r.status_code == 200, r.text
+        if stream:
+            chunks = _events(r.text)
+            calls = [tc for c in chunks for tc in c["choices"][0]["delta"].get("tool_calls", [])]
+            content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+            reason = chunks[-1]["choices"][0]["finish_reason"]
+        else:
+            [c] = r.json()["choices"]
+            calls, content, reason = c["message"]["tool_calls"], c["message"]["content"] or "", c["finish_reason"]
+        assert reason == "tool_calls" and content == "" and len(calls) == 1
+        name, args = calls[0]["function"]["name"], json.loads(calls[0]["function"]["arguments"])
+        assert (name, args) in (("now", {}), ("go", {"to": "x"}), ("go", {"to": "y"}))
+        assert isinstance(choice, str) or name == "go"
+    for body, param, words in (
+            ({"tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice", "not among the tools"),
+            ({"tool_choice": {"type": "function", "name": "go"}}, "tool_choice", "'required'"),
+            ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", "not both"),
+            ({"tools": [{"type": "function", "function": {"name": "a\"b"}}], "tool_choice": "required"}, "tools",
+             "quotes")):
+        r = long_client.post("/v1/chat/completions", headers=AUTH, json={"messages": msgs, "tools": tools, **body})
+        err = r.json()["error"]
+        assert r.status_code == 400 and words in err["message"] and err["param"] == param, r.text
