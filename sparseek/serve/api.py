@@ -1,7 +1,7 @@
 """An OpenAI-compatible HTTP server over the engine (``sparseek serve``).
 
 Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST
-/v1/chat/completions`` (streaming as server-sent events, ``n``, log-probabilities, stop
+/v1/chat/completions``, ``POST /v1/responses`` (streaming as server-sent events, ``n``, log-probabilities, stop
 sequences, penalties, seeds, tools and reasoning in DeepSeek-V4's chat format). Every request
 joins the engine's running batch between decode steps; a client that disconnects frees its slot
 at the next step. With an API key set, ``/v1/*`` answers 401 without ``Authorization: Bearer
@@ -27,7 +27,8 @@ from sparseek.engine.async_engine import AsyncEngine, EngineBusy, EngineError
 from sparseek.engine.llm import LLM, StreamDelta
 from sparseek.serve.protocol import (ChatRequest, ChatText, CompletionRequest, RequestError, TokenText, error_body,
                                      new_id, now, usage)
-from sparseek.tokenizer.chat import encode_messages
+from sparseek.serve.responses import ResponsesRequest, ResponseWriter, response_usage
+from sparseek.tokenizer.chat import THINK_END, encode_messages
 
 log = logging.getLogger("sparseek")
 
@@ -116,6 +117,20 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         except ValueError as e:
             raise RequestError(str(e), "messages") from None
 
+    def _chat_setup(body: ChatRequest, limit_field: str = "max_tokens") -> tuple[list[int], bool, object]:
+        """(prompt ids, thinking, SamplingParams) of a chat request."""
+        text, think = _chat_prompt(body)
+        ids = llm.tokenizer.encode(text)
+        limit = body.max_completion_tokens or body.max_tokens
+        max_tokens = _room(llm, len(ids), limit, limit_field) if limit else llm.max_seq_len - len(ids)
+        if max_tokens < 1:
+            raise RequestError(f"the prompt fills the context: {len(ids)} tokens, the server's max_seq_len is "
+                               f"{llm.max_seq_len}", "messages", code="context_length_exceeded")
+        want = (body.top_logprobs or 0) if body.logprobs else None
+        # the parser needs </think> and the tool-call markup, which are special tokens
+        params = body.sampling(max_tokens, want, skip_special_tokens=False, structured=body.output_format(think))
+        return ids, think, params
+
     @v1.post("/completions")
     async def completions(request: Request):
         body = _parse(await _json(request), CompletionRequest)
@@ -172,16 +187,8 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     @v1.post("/chat/completions")
     async def chat_completions(request: Request):
         body = _parse(await _json(request), ChatRequest)
-        text, think = _chat_prompt(body)
-        ids = llm.tokenizer.encode(text)
-        limit = body.max_completion_tokens or body.max_tokens
-        max_tokens = _room(llm, len(ids), limit, "max_tokens") if limit else llm.max_seq_len - len(ids)
-        if max_tokens < 1:
-            raise RequestError(f"the prompt fills the context: {len(ids)} tokens, the server's max_seq_len is "
-                               f"{llm.max_seq_len}", "messages", code="context_length_exceeded")
-        want = (body.top_logprobs or 0) if body.logprobs else None
-        # the parser needs </think> and the tool-call markup, which are special tokens
-        params = body.sampling(max_tokens, want, skip_special_tokens=False, structured=body.output_format(think))
+        ids, think, params = _chat_setup(body)
+        want = params.logprobs
         [req] = _submit(engine, [ids], [params])
         rid, n = new_id("chatcmpl"), body.n
 
@@ -222,6 +229,40 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
             choices.append({"index": j, "message": message, "logprobs": lp,
                             "finish_reason": _reason(o.finish_reason, bool(p.tool_calls))})
         return _chunk(rid, "chat.completion", model_name, choices, _usage([req], [ids]))
+
+    @v1.post("/responses")
+    async def responses(request: Request):
+        body = _parse(await _json(request), ResponsesRequest)
+        ids, think, params = _chat_setup(body.chat(), "max_output_tokens")
+        [req] = _submit(engine, [ids], [params])
+        writer = ResponseWriter(body, new_id("resp"), model_name, now())
+        think_end = llm.tokenizer.token_to_id(THINK_END)
+
+        def step(p: ChatText, text: str, final: bool) -> list[dict]:
+            seen = len(p.tool_calls)
+            evs = p.feed(text, final)
+            return writer.feed(evs, p.tool_calls[seen:])
+
+        if body.stream:
+            async def events():
+                for e in writer.start():
+                    yield e
+                p, out = ChatText(think), None
+                async for _, d in _merged([req]):
+                    for e in step(p, d.text, d.finish_reason is not None):
+                        yield e
+                    if d.finish_reason is not None:
+                        out = req.outputs[0]
+                if out is not None:
+                    for e in writer.finish(out.finish_reason, response_usage(len(ids), out.token_ids, think_end, think)):
+                        yield e
+            return _sse(events(), [req], named=True)
+
+        await _collect([req], request)
+        o = req.outputs[0]
+        step(ChatText(think), o.text, True)
+        writer.finish(o.finish_reason, response_usage(len(ids), o.token_ids, think_end, think))
+        return writer.final
 
     def _check_model(name):
         if name not in (None, "", model_name):
@@ -381,17 +422,24 @@ async def _collect(reqs, request: Request) -> None:
         raise RequestError(f"the engine failed: {e}", status=500, kind="server_error") from None
 
 
-def _sse(events: AsyncIterator[dict], reqs) -> StreamingResponse:
+def _sse(events: AsyncIterator[dict], reqs, named: bool = False) -> StreamingResponse:
+    """Server-sent events; ``named``: the Responses API's (each event named by its type, an error as
+    an ``error`` event, no ``[DONE]``)."""
     async def body():
         try:
             async for c in events:
-                yield f"data: {json.dumps(c, ensure_ascii=False)}\n\n"
+                head = f"event: {c['type']}\n" if named else ""
+                yield f"{head}data: {json.dumps(c, ensure_ascii=False)}\n\n"
         except EngineError as e:
-            yield f"data: {json.dumps(error_body(f'the engine failed: {e}', 'server_error'))}\n\n"
+            err = error_body(f"the engine failed: {e}", "server_error")
+            if named:
+                err = {"type": "error", "code": "server_error", "message": err["error"]["message"], "param": None}
+            yield ("event: error\n" if named else "") + f"data: {json.dumps(err)}\n\n"
         finally:  # also when the client disconnects (the generator is closed)
             for r in reqs:
                 r.abort()
-        yield "data: [DONE]\n\n"
+        if not named:
+            yield "data: [DONE]\n\n"
 
     return StreamingResponse(body(), media_type="text/event-stream")
 
