@@ -53,6 +53,10 @@ class Task:
         self.notes: list[str] = []  # deviations from the standard protocol, shown with the results
 
     # ---- what a task implements
+    def bind(self, model) -> None:
+        """See the evaluation model before ``load`` (a task whose items depend on it: its tokenizer
+        ``model.tok``, its context ``model.max_len``)."""
+
     def load(self, src: DataSource) -> None:
         """Fill ``self.docs`` (and whatever few-shot pool the task needs)."""
         raise NotImplementedError
@@ -152,6 +156,8 @@ def run_task(model, task: Task, limit: int | None = None, progress: bool = True)
         if r.get("doc_id") is None:
             r["doc_id"] = docs[i].get("id") if docs[i].get("id") is not None else i
     metrics = task.aggregate(rows)
+    if len(example) > 4000:  # a long-context prompt: its two ends say enough
+        example = example[:2000] + f" [... {len(example) - 4000} characters ...] " + example[-2000:]
     return {"metrics": metrics, "headline": task.headline, "n": len(docs), "num_fewshot": task.num_fewshot,
             "protocol": task.protocol(), "limit": limit, "notes": list(task.notes),
             "seconds": round(time.time() - t0, 2), "example_prompt": example, "samples": rows}
@@ -178,6 +184,7 @@ def evaluate(model, tasks, limit: int | None = None, data: DataSource | None = N
     for t in tasks:
         task = get_task(t) if isinstance(t, str) else t
         data.used = {}
+        task.bind(model)
         if not task.docs:
             task.load(data)
         res = run_task(model, task, limit=limit, progress=progress)

@@ -17,7 +17,7 @@ from sparseek.evals.tasks import ARTICLE_TASKS, TASKS
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("eval", help="benchmarks (MMLU, HumanEval, GSM8K, MATH, HellaSwag), offline",
+    p = subparsers.add_parser("eval", help="benchmarks (MMLU, HumanEval, GSM8K, MATH, HellaSwag, needle), offline",
                               description="Evaluate a checkpoint or preset with the standard protocols and print "
                                           "the article's table.")
     p.add_argument("--model", "-m", default="nano", help="checkpoint directory or preset name (default: nano)")
@@ -45,6 +45,11 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=None,
                    help="HumanEval sampling temperature (default: 0 for n=1, else 0.8)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds per HumanEval program")
+    p.add_argument("--context-lengths", default=None,
+                   help="needle: comma-separated context lengths in tokens (default: 1K, 4K, 16K, ... below "
+                        "--max-seq-len, and the longest that fits)")
+    p.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle: where the pass key sits (0 = start, 1 = end)")
+    p.add_argument("--needle-trials", type=int, default=2, help="needle: pass keys per (length, depth) cell")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(fn=run_eval)
@@ -62,11 +67,21 @@ def build_tasks(a) -> list:
             kw["num_fewshot"] = a.num_fewshot
         if name == "humaneval":
             kw.update(n=a.humaneval_samples, temperature=a.temperature, timeout=a.timeout)
+        if name == "needle":
+            kw.update(lengths=_numbers(a.context_lengths, int, "--context-lengths") if a.context_lengths else None,
+                      depths=_numbers(a.depths, float, "--depths"), trials=a.needle_trials)
         task = get_task(name, **kw)
         if a.max_gen_tokens is not None and hasattr(task, "max_tokens"):
             task.max_tokens = a.max_gen_tokens
         tasks.append(task)
     return tasks
+
+
+def _numbers(text: str, kind, flag: str) -> list:
+    try:
+        return [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"{flag} takes comma-separated numbers, got {text!r}") from None
 
 
 def run_eval(a) -> int:

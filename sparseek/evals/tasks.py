@@ -1,4 +1,4 @@
-"""The task registry: ``get_task("gsm8k")`` and the article's five benchmarks."""
+"""The task registry: ``get_task("gsm8k")``, the article's five benchmarks and the long-context needle test."""
 
 from __future__ import annotations
 
@@ -8,8 +8,9 @@ from sparseek.evals.hellaswag import HellaSwag
 from sparseek.evals.humaneval import HumanEval
 from sparseek.evals.minerva_math import MATH, MATH500
 from sparseek.evals.mmlu import MMLU
+from sparseek.evals.needle import Needle
 
-TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, HumanEval, GSM8K, MATH, MATH500, HellaSwag)}
+TASKS: dict[str, type[Task]] = {t.name: t for t in (MMLU, HumanEval, GSM8K, MATH, MATH500, HellaSwag, Needle)}
 ARTICLE_TASKS = ("mmlu", "humaneval", "gsm8k", "math", "hellaswag")
 
 
