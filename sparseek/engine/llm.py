@@ -43,6 +43,7 @@ class RequestOutput:
     cumulative_logprob: float = 0.0
     drafted: int = 0  # speculative decoding: MTP draft tokens proposed / accepted
     accepted: int = 0
+    num_cached_tokens: int = 0  # prompt tokens restored from the prefix cache, not read again
     sample: int = 0  # which of the prompt's n completions
     samples: list["RequestOutput"] | None = field(default=None, repr=False, compare=False)
 
@@ -519,6 +520,7 @@ class LLM:
                     self.prefix_cache.put(q.out.prompt_token_ids, cache.snapshot(n0 + i), last[i], hidden[i], hs)
         for j, q in enumerate(dups):
             src = row_of[tuple(q.out.prompt_token_ids)]
+            q.out.num_cached_tokens = uniq[src].out.num_cached_tokens
             cache.copy_row(n0 + src, n0 + u + j)  # the cache, the MTP block's and both positions
             last.append(last[src])
             hidden.append(hidden[src])
@@ -595,6 +597,7 @@ class LLM:
                 continue
             ids = q.out.prompt_token_ids
             snap = pc.longest(ids, hs)
+            q.out.num_cached_tokens = len(snap.key) if snap else 0  # kept before: what a built one adds is read now
             n = pc.shared(ids, hs, others)
             if n > (len(snap.key) if snap else 0):
                 view = cache.select(scratch)

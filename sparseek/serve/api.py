@@ -254,14 +254,14 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                     if d.finish_reason is not None:
                         out = req.outputs[0]
                 if out is not None:
-                    for e in writer.finish(out.finish_reason, response_usage(len(ids), out.token_ids, think_end, think)):
+                    for e in writer.finish(out.finish_reason, response_usage(len(ids), out, think_end, think)):
                         yield e
             return _sse(events(), [req], named=True)
 
         await _collect([req], request)
         o = req.outputs[0]
         step(ChatText(think), o.text, True)
-        writer.finish(o.finish_reason, response_usage(len(ids), o.token_ids, think_end, think))
+        writer.finish(o.finish_reason, response_usage(len(ids), o, think_end, think))
         return writer.final
 
     def _check_model(name):
@@ -356,7 +356,7 @@ def _reason(finish: str | None, tool_calls: bool = False) -> str | None:
 
 def _usage(reqs, prompts) -> dict:
     done = sum(len(o.token_ids) for r in reqs for o in r.outputs)
-    return usage(sum(map(len, prompts)), done)
+    return usage(sum(map(len, prompts)), done, sum(r.outputs[0].num_cached_tokens for r in reqs))
 
 
 async def _merged(reqs) -> AsyncIterator[tuple[int, StreamDelta]]:

@@ -255,10 +255,11 @@ class ResponseWriter:
                 self._event("response.output_item.done", output_index=i, item=dict(item))]
 
 
-def response_usage(prompt_tokens: int, token_ids: list[int], think_end: int | None, thinking: bool) -> dict:
-    """The Responses API's usage; reasoning tokens: those up to and including ``</think>``."""
-    n = len(token_ids)
+def response_usage(prompt_tokens: int, out, think_end: int | None, thinking: bool) -> dict:
+    """The Responses API's usage of the finished ``out`` (a ``RequestOutput``); reasoning tokens:
+    those up to and including ``</think>``; cached: the prompt tokens the prefix cache spared."""
+    token_ids, n = out.token_ids, len(out.token_ids)
     reasoning = (token_ids.index(think_end) + 1 if think_end in token_ids else n) if thinking else 0
-    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+    return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
             "output_tokens": n, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": prompt_tokens + n}

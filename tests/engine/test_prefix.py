@@ -97,13 +97,18 @@ def test_the_next_turn_goes_on_from_the_last_prompt(model, tok, monkeypatch):
     refs = _alone(model, tok, [turn1, turn2])
     count = _Counter(model, monkeypatch)
     llm = LLM(model, tok, max_batch_size=2, max_seq_len=512)
-    _same(llm.generate([turn1], GREEDY), refs[:1])
+    out = llm.generate([turn1], GREEDY)
+    _same(out, refs[:1])
     count.fed = 0
-    _same(llm.generate([turn2], GREEDY), refs[1:])
+    out2 = llm.generate([turn2], GREEDY)
+    _same(out2, refs[1:])
     assert count.fed == 25 + 5  # the new tokens, then 5 decode steps
     count.fed = 0
-    _same(llm.generate([turn1], GREEDY), refs[:1])
+    out3 = llm.generate([turn1], GREEDY)
+    _same(out3, refs[:1])
     assert count.fed == 5
+    # what each request reports the cache spared it (the API's usage.prompt_tokens_details)
+    assert [o[0].num_cached_tokens for o in (out, out2, out3)] == [0, 60, 60]
 
 
 def test_off_and_short_prompts_and_budget(model, tok, monkeypatch):
@@ -184,12 +189,15 @@ def test_requests_one_at_a_time_share_a_system_prompt(model, tok, monkeypatch):
     refs = _alone(model, tok, qs)
     llm = LLM(model, tok, max_batch_size=2, max_seq_len=512)
     count = _Counter(model, monkeypatch)
-    fed = []
+    fed, cached = [], []
     for q, ref in zip(qs, refs):
         count.fed = 0
-        _same(llm.generate([q], GREEDY), [ref])
+        out = llm.generate([q], GREEDY)
+        _same(out, [ref])
         fed.append(count.fed - 5)  # less the 5 decode steps
+        cached.append(out[0].num_cached_tokens)
     assert fed == [112, 96 + 16, 16, 16]
+    assert cached == [0, 0, 96, 96]  # the second read the shared 96 itself
 
 
 def test_a_hash_collision_never_restores_the_wrong_prefix():

@@ -130,6 +130,18 @@ def test_chat_equals_the_engine(client, model, tok, specials):
     assert chunks[-1]["choices"][0]["finish_reason"] == "length"
 
 
+def test_usage_counts_prompt_tokens_the_prefix_cache_spared(client):
+    body = {"messages": [{"role": "user", "content": "tell me about the ocean " * 12}], "max_tokens": 2,
+            "temperature": 0}
+    first, again = (client.post("/v1/chat/completions", headers=AUTH, json=body).json()["usage"] for _ in range(2))
+    assert first["prompt_tokens"] == again["prompt_tokens"] > 48
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert again["prompt_tokens_details"]["cached_tokens"] == again["prompt_tokens"]  # read nothing again
+    r = client.post("/v1/responses", headers=AUTH, json={"input": body["messages"], "max_output_tokens": 2,
+                                                         "temperature": 0}).json()["usage"]
+    assert r["input_tokens_details"]["cached_tokens"] == r["input_tokens"] == first["prompt_tokens"]
+
+
 def test_chat_thinking_reports_reasoning(client, tok, specials):
     bias = {**specials, str(tok.token_to_id("</think>")): 0}  # the model may end its reasoning
     r = client.post("/v1/chat/completions", headers=AUTH,

@@ -95,6 +95,7 @@ def test_reasoning_text_and_tool_call_items(client, tok, monkeypatch, stream):
     assert u["output_tokens_details"]["reasoning_tokens"] == n_think
     assert u["output_tokens"] == len(tok.encode("The user wants weather.</think>" + TOOL_REPLY)) + 1  # + EOS
     assert u["total_tokens"] == u["input_tokens"] + u["output_tokens"]
+    assert u["input_tokens_details"]["cached_tokens"] in (0, u["input_tokens"])  # all: the other param's prompt
 
 
 def test_same_reply_as_chat_and_the_official_client(client, tok, monkeypatch):
