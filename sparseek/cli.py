@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import random
 import sys
 
 from sparseek import QUANTIZE
@@ -72,24 +74,57 @@ def cmd_info(a) -> int:
     return 0
 
 
-def _engine(a):
+def _engine(a, **llm_kw):
+    """The engine ``a`` asks for (``llm_kw``: more ``LLM`` arguments); under torchrun (WORLD_SIZE >
+    1) every rank keeps 1/world of the routed experts (``sparseek.parallel.shard_experts_``) and
+    runs the same requests, ``a.main`` says whether this rank is the one that writes and
+    ``a.share(x)`` gives every rank rank 0's ``x``."""
     from sparseek.engine import LLM
 
-    return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=a.kv_fp8,
-               compile=a.compile, quantize=a.quantize)
+    a.main, a.share = True, lambda x: x
+    kv_fp8, compile_ = getattr(a, "kv_fp8", None), getattr(a, "compile", False)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8,
+                   compile=compile_, quantize=a.quantize, **llm_kw)
+    import torch.distributed as dist
+
+    import sparseek
+    from sparseek.parallel import init_distributed, shard_experts_
+
+    if compile_ or a.quantize:
+        raise ValueError("expert-sharded inference (torchrun) runs eager, unquantized experts: drop --compile "
+                         "and --quantize")
+    rank, _, device = init_distributed()
+    a.main = rank == 0
+    if a.device != "cpu":
+        a.device = device  # each rank its own GPU
+    # sharded on the host: no device ever holds every expert
+    model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0))
+    model = shard_experts_(model).to(a.device)
+    if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
+        a.seed = _from_rank0(dist, random.randrange(2**31))
+    a.share = lambda x: _from_rank0(dist, x)
+    return LLM(model, tok, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8, **llm_kw)
+
+
+def _from_rank0(dist, x):
+    box = [x]
+    dist.broadcast_object_list(box, 0)
+    return box[0]
 
 
 def cmd_generate(a) -> int:
     llm = _engine(a)
     params = _sampling(a)
-    prompt = a.prompt if a.prompt is not None else sys.stdin.read()
-    sys.stdout.write(prompt)
+    prompt = a.share(a.prompt if a.prompt is not None or not a.main else sys.stdin.read())  # stdin: rank 0's
+    out = sys.stdout if a.main else open(os.devnull, "w")  # other ranks run the same steps, silently
+    out.write(prompt)
     for delta in llm.stream(prompt, params):
-        sys.stdout.write(delta.text)
-        sys.stdout.flush()
-        if delta.finish_reason:
+        out.write(delta.text)
+        out.flush()
+        if delta.finish_reason and a.main:
             print(f"\n[finish: {delta.finish_reason}]", file=sys.stderr)
-    sys.stdout.write("\n")
+    out.write("\n")
     return 0
 
 

@@ -94,12 +94,17 @@ def run_eval(a) -> int:
     src = DataSource(a.data_dir, hub=a.hub)
     if a.data_dir and not src.data_dir.is_dir():
         raise FileNotFoundError(f"--data-dir {a.data_dir} is not a folder")
-    progress = not a.no_progress
-    model = EngineModel.load(a.model, dtype=a.dtype, device=a.device, max_batch_size=a.max_batch_size,
-                             max_seq_len=a.max_seq_len, batch_size=a.batch_size, progress=progress,
-                             quantize=a.quantize)
+    from sparseek.cli import _engine
+
+    # under torchrun the ranks share the routed experts and all run every item; rank 0 reports
+    llm = _engine(a, max_batch_size=a.max_batch_size, seed=0)
+    progress = not a.no_progress and a.main
+    model = EngineModel(llm, batch_size=a.batch_size, progress=progress)
     results = evaluate(model, tasks, limit=a.limit, data=src, progress=progress, log_samples=a.log_samples)
-    results.update(model=a.model, config={k: v for k, v in vars(a).items() if k != "fn"}, **report.run_info())
+    if not a.main:
+        return 0
+    results.update(model=a.model, config={k: v for k, v in vars(a).items() if k not in ("fn", "share")},
+                   **report.run_info())
     if a.output:
         md = report.write(results, a.output)
         print(f"wrote {a.output}", file=sys.stderr)

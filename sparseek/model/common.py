@@ -475,13 +475,17 @@ class Experts(nn.Module):
         k = idx_NK.shape[1]
         flat_idx = idx_NK.reshape(-1)
         order = flat_idx.argsort(stable=True)
-        token_of = order // k  # which token each sorted (token, slot) pair belongs to
-        w_sorted = weights_NK.reshape(-1)[order]
+        # which token each sorted (token, slot) pair belongs to
+        return self.pairs(x_ND, order // k, flat_idx[order], weights_NK.reshape(-1)[order], w13, batched)
+
+    def pairs(self, x_ND: torch.Tensor, token_of: torch.Tensor, e_sorted: torch.Tensor, w_sorted: torch.Tensor,
+              w13: torch.Tensor | None = None, batched: bool | None = None) -> torch.Tensor:
+        """Sum over (token, expert, weight) pairs, sorted by expert, of weight * expert(x[token])."""
         if self.grouped and type(self).proj is Experts.proj:
-            out = grouped_ffn(x_ND[token_of], flat_idx[order], self.w1, self.w2, self.w3, self.limit, w_sorted,
+            out = grouped_ffn(x_ND[token_of], e_sorted, self.w1, self.w2, self.w3, self.limit, w_sorted,
                               w13=w13, batched=batched)
         else:
-            out = self._forward_loop(x_ND[token_of], flat_idx, w_sorted.unsqueeze(-1))
+            out = self._forward_loop(x_ND[token_of], e_sorted, w_sorted.unsqueeze(-1))
         return torch.zeros_like(x_ND).index_add_(0, token_of, out)
 
     def _forward_loop(self, x_sorted: torch.Tensor, flat_idx: torch.Tensor, w_sorted: torch.Tensor) -> torch.Tensor:

@@ -1,11 +1,19 @@
 """Parallelism, applied to a finished single-device model from outside (the model knows none of it).
 
+Training:
+
 * Expert parallelism: every rank keeps ``E / world`` of each layer's routed experts; tokens travel
   to their experts' rank and back with two all-to-alls (``torch.distributed``, differentiable).
 * FSDP2 (``fully_shard``) for everything else: each block's dense parameters are sharded across
   ranks and gathered just in time; gradients are reduce-scattered.
 
-Launch with ``torchrun --nproc-per-node N -m sparseek.cli train ...`` (NCCL on GPUs, gloo on CPUs).
+Inference (``shard_experts_``): every rank keeps ``E / world`` routed experts and the rest whole,
+and runs the same engine loop on the same requests; a layer's ranks each run their experts for the
+tokens that picked them and one all-reduce sums the parts, so the experts' memory is split ``world``
+ways and every rank samples the same tokens.
+
+Launch with ``torchrun --nproc-per-node N -m sparseek.cli train|generate|eval ...`` (NCCL on GPUs,
+gloo on CPUs).
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sparseek.model.common import Experts, grouped_ffn
+from sparseek.model.common import Experts, gate_up_view, grouped_ffn
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -79,6 +87,66 @@ class EPExperts(nn.Module):
         # the routing weight multiplies after w2 here (equal by linearity), on the token's own rank
         y_back = y_back * weights_NK.reshape(-1)[order].unsqueeze(-1).to(y_back.dtype)
         return torch.zeros_like(x_ND).index_add_(0, token_of, y_back)
+
+
+class ShardedExperts(Experts):
+    """This rank's ``E / world`` of a layer's routed experts, for inference. Every rank sees every
+    token (each runs the same engine loop on the same requests), runs its experts for the (token,
+    expert) pairs that are its own, and one all-reduce sums the ranks' parts: each rank reads
+    ``1 / world`` of the experts' bytes per step and ends with the same bits as every other (the
+    all-reduce hands all of them one sum), so their sampled tokens agree without being sent around.
+    Training uses ``EPExperts`` instead (tokens split over ranks, all-to-all, autograd)."""
+
+    def __init__(self, experts: Experts, group=None):
+        world, rank = dist.get_world_size(group), dist.get_rank(group)
+        if type(experts) is not Experts:
+            raise ValueError(f"expert sharding takes plain routed experts, not {type(experts).__name__} "
+                             "(quantized or LoRA experts are not built for it)")
+        if experts.n % world:
+            raise ValueError(f"{experts.n} experts cannot be split evenly over {world} ranks")
+        n, inter, dim = experts.w1.shape
+        super().__init__(n // world, dim, inter, experts.limit, dtype=experts.w1.dtype)
+        self.to(experts.w1.device)
+        self.group, self.total, self.first = group, n, rank * self.n
+        sl = slice(self.first, self.first + self.n)
+        with torch.no_grad():
+            for name in ("w1", "w2", "w3"):
+                getattr(self, name).copy_(getattr(experts, name)[sl])
+
+    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor,
+                batched: bool | None = None) -> torch.Tensor:
+        k = idx_NK.shape[1]
+        local = idx_NK.reshape(-1) - self.first
+        mine = ((local >= 0) & (local < self.n)).nonzero().squeeze(1)  # (token, slot) pairs of this rank
+        order = local[mine].argsort(stable=True)
+        pos = mine[order]
+        if pos.numel():
+            y = self.pairs(x_ND, pos // k, local[pos], weights_NK.reshape(-1)[pos],
+                           gate_up_view(self.w1, self.w3), batched)
+        else:
+            y = torch.zeros_like(x_ND)
+        return self._sum(y)
+
+    def forward_static(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor) -> torch.Tensor:
+        # fixed shapes: another rank's picks run on expert 0 here with weight 0 (adding nothing)
+        local = idx_NK - self.first
+        mine = (local >= 0) & (local < self.n)
+        return self._sum(super().forward_static(x_ND, torch.where(mine, weights_NK, 0), local.clamp(0, self.n - 1)))
+
+    def _sum(self, y_ND: torch.Tensor) -> torch.Tensor:
+        y = y_ND.float()  # summed in fp32 (and gloo takes no bf16 everywhere)
+        dist.all_reduce(y, group=self.group)
+        return y.to(y_ND.dtype)
+
+
+def shard_experts_(model: nn.Module, group=None) -> nn.Module:
+    """Keep only this rank's share of every layer's routed experts (``ShardedExperts``), in place;
+    every rank must then run the same forwards (the same engine calls, the same requests)."""
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, Experts) and not isinstance(child, ShardedExperts):
+                setattr(parent, name, ShardedExperts(child, group))
+    return model
 
 
 def expert_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -186,8 +186,9 @@ class ChatRequest(_Sampling):
 
     def output_format(self, thinking: bool) -> dict:
         """What the reply is held to, token by token: the tool calls a forcing ``tool_choice`` asks
-        for ("required" or a named function, each call's arguments held to its tool's schema), or
-        the structured output ``response_format`` (or ``guided_json`` / ``guided_regex``) asks for.
+        for ("required" or a named function, each call's arguments held to its tool's schema), the
+        calls a free answer may end in when a tool is ``strict`` (all tools' arguments then held),
+        or the structured output ``response_format`` (or ``guided_json`` / ``guided_regex``) asks for.
         In thinking mode the reasoning before ``</think>`` stays free."""
         fmt, found = self.response_format or {}, self.structured()
         kind = fmt.get("type", "text")
@@ -202,9 +203,15 @@ class ChatRequest(_Sampling):
         elif kind != "text":
             raise RequestError("response_format.type must be text, json_object or json_schema", "response_format")
         forced = self.forced_tool()
-        if forced is not None and (found["json_schema"] is not None or found["regex"] is not None):
-            raise RequestError("a forcing tool_choice holds the reply to tool calls: give it or a structured "
-                               "output (response_format / guided_json / guided_regex), not both", "tool_choice")
+        strict = forced is None and self.tool_choice != "none" and any(
+            isinstance(t, dict) and isinstance(t.get("function"), dict) and t["function"].get("strict") is True
+            for t in self.tools or ())
+        if (forced is not None or strict) and (found["json_schema"] is not None or found["regex"] is not None):
+            what = "a forcing tool_choice" if forced is not None else "a strict tool"
+            raise RequestError(f"{what} holds the reply to tool calls: give it or a structured output "
+                               "(response_format / guided_json / guided_regex), not both", "tool_choice")
+        if strict:  # the answer stays free; a tool-call block it opens is held to the tools' schemas
+            forced = "auto"
         if forced is None and (not thinking or (found["json_schema"] is None and found["regex"] is None)):
             return found  # free, or held to JSON / regex from its first token
         try:

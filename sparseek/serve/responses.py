@@ -110,7 +110,7 @@ class ResponsesRequest(BaseModel):
             if t.get("type") != "function" or not isinstance(t.get("name"), str):
                 raise RequestError(f"tools[{j}]: only function tools ({{'type': 'function', 'name': ..., "
                                    "'parameters': {...}}) are supported", "tools")
-            out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters")
+            out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
                                                          if t.get(k) is not None}})
         return out
 

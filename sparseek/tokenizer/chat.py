@@ -370,11 +370,12 @@ def reply_format(thinking: bool, *, tools: list[dict[str, Any]] | None = None, t
     In thinking mode the reply opens with free reasoning (no special token in it) up to
     ``</think>``, which the prompt leaves open. Then either a DSML tool-call block of ``tools``
     (OpenAI's ``{"type": "function", "function": {"name", "parameters"}}``) -- ``tool_choice``
-    "required": one or more calls (one if not ``parallel_tool_calls``), or a tool's name: exactly
-    one call of it -- each call's parameters held to its tool's JSON schema and written as DSML
+    "required": one or more calls (one if not ``parallel_tool_calls``), a tool's name: exactly
+    one call of it, "auto": a free answer that may end in such a block (strict tools) --
+    each call's parameters held to its tool's JSON schema and written as DSML
     parameters (``string="true"`` for strings, JSON otherwise); or an answer held to ``json_schema``
     (True: any JSON value) or ``regex``. ``ChatFormatError`` names a bad tool or tool choice."""
-    free = {"type": "any_text", "excludes": list(SPECIAL_TOKENS)}
+    free = _free_text()
     if tool_choice is not None:
         body = _tool_calls_format(tools or [], tool_choice, parallel_tool_calls)
     elif regex is not None:
@@ -389,6 +390,11 @@ def reply_format(thinking: bool, *, tools: list[dict[str, Any]] | None = None, t
     return {"type": "structural_tag", "format": body}
 
 
+def _free_text() -> dict[str, Any]:
+    """Any text without a special token in it (a structural tag's ``end`` may still be one)."""
+    return {"type": "any_text", "excludes": list(SPECIAL_TOKENS)}
+
+
 def _tool_calls_format(tools: list[dict[str, Any]], tool_choice: str, parallel: bool) -> dict[str, Any]:
     functions = {}
     for j, tool in enumerate(tools):
@@ -400,7 +406,7 @@ def _tool_calls_format(tools: list[dict[str, Any]], tool_choice: str, parallel: 
         if not isinstance(params, dict):
             raise ChatFormatError(f"tools[{j}].function.parameters must be a JSON schema object")
         functions[fn["name"]] = params
-    if tool_choice != "required":
+    if tool_choice not in ("required", "auto"):
         if tool_choice not in functions:
             raise ChatFormatError(f"tool_choice names {tool_choice!r}, which is not among the tools "
                                   f"({sorted(functions)})")
@@ -409,11 +415,13 @@ def _tool_calls_format(tools: list[dict[str, Any]], tool_choice: str, parallel: 
         raise ChatFormatError("tool_choice 'required' needs at least one tool")
     invokes = [{"type": "tag", "begin": f'{INVOKE_OPEN}{name}">\n', "content": _parameters_format(name, schema),
                 "end": INVOKE_CLOSE + "\n"} for name, schema in functions.items()]
-    return {"type": "sequence", "elements": [
-        {"type": "const_string", "value": TOOL_CALLS_START + "\n"},
-        {"type": "tags_with_separator", "tags": invokes, "separator": "", "at_least_one": True,
-         "stop_after_first": not parallel},
-        {"type": "const_string", "value": TOOL_CALLS_END}]}
+    calls = {"type": "tags_with_separator", "tags": invokes, "separator": "", "at_least_one": True,
+             "stop_after_first": not parallel}
+    block = [calls, {"type": "const_string", "value": TOOL_CALLS_END}]
+    if tool_choice == "auto":  # a free answer, or one that opens a tool-call block, which is then held
+        return {"type": "or", "elements": [_free_text(), {"type": "sequence", "elements": [
+            {"type": "tag", "begin": "", "content": _free_text(), "end": TOOL_CALLS_START + "\n"}, *block]}]}
+    return {"type": "sequence", "elements": [{"type": "const_string", "value": TOOL_CALLS_START + "\n"}, *block]}
 
 
 def _parameters_format(tool: str, schema: dict[str, Any]) -> dict[str, Any]:
@@ -454,7 +462,7 @@ def _parameter_format(tool: str, key: str, schema: Any) -> dict[str, Any]:
         elif isinstance(schema.get("pattern"), str):
             text = {"type": "regex", "pattern": schema["pattern"]}
         else:
-            text = {"type": "any_text", "excludes": list(SPECIAL_TOKENS)}
+            text = _free_text()
         forms.append({"type": "tag", "begin": f'{PARAM_OPEN}{key}" string="true">', "content": text,
                       "end": PARAM_CLOSE + "\n"})
     if kinds != {"string"}:  # JSON, string="false" (a schema without "type" may take any JSON value)

@@ -109,6 +109,14 @@ def test_reply_format_takes_what_the_chat_format_writes_and_nothing_else(tok, th
         assert (g.matcher.accept_string(head + _render(calls)) and g.matcher.accept_token(tok.eos_id)) == ok
     if thinking:  # special tokens cannot hide in the reasoning
         assert not _guide(tok, named).matcher.accept_string("a<｜User｜>b</think>")
+    # "auto" (strict tools): a free answer, which may end in a held tool-call block and then stops
+    auto = reply_format(thinking, tools=TOOLS, tool_choice="auto")
+    call = _render([("go", {"to": "x", "n": 3})])
+    for text, ok in (("Hello.", True), ("", True), ("a\n\nb", True), ("Let me see." + call, True), (call, True),
+                     ("Hi" + _render([("go", {"to": "q", "n": 3})]), False), ("Hi" + call + "more", False),
+                     ("a <｜User｜> b", False), ("a ｜DSML｜ b", False)):
+        g = _guide(tok, auto)
+        assert (g.matcher.accept_string(head + text) and g.matcher.accept_token(tok.eos_id)) == ok, text
     with pytest.raises(ChatFormatError, match="not among the tools"):
         reply_format(thinking, tools=TOOLS, tool_choice="fly")
     with pytest.raises(ChatFormatError, match="at least one tool"):
@@ -122,19 +130,27 @@ def test_forced_tool_calls_sampled_from_a_random_model_always_parse(model, tok):
     llm = _llm(model, tok, max_seq_len=512)
     # one call each: a random model, free to go on, would rarely close the block in time
     required = reply_format(False, tools=TOOLS[:2], tool_choice="required", parallel_tool_calls=False)
-    params = [SamplingParams(max_tokens=400, temperature=1.0, seed=s, structural_tag=required) for s in range(2)]
+    params = [SamplingParams(max_tokens=400, temperature=1.0, seed=0, structural_tag=required)]
     params.append(SamplingParams(max_tokens=400, temperature=0.8, seed=5,
                                  structural_tag=reply_format(False, tools=TOOLS, tool_choice="opt")))
-    outs = llm.generate(["a", "b", "d"], [replace(p, skip_special_tokens=False) for p in params])
+    # "auto": free text first; pushed towards "\n", "<" and the DSML token, which the grammar lets in
+    # only as the start of a tool-call block, the model soon opens one
+    nudge = {tok.token_to_id("｜DSML｜"): 100, tok.encode("\n")[0]: 8, tok.encode("<")[0]: 8}
+    params.append(SamplingParams(max_tokens=400, temperature=1.0, seed=0, logit_bias=nudge, structural_tag=reply_format(
+        False, tools=TOOLS[:2], tool_choice="auto", parallel_tool_calls=False)))
+    outs = llm.generate(["a", "d", "e"], [replace(p, skip_special_tokens=False) for p in params])
+    auto = outs.pop()
+    assert auto.finish_reason == "stop" and "｜DSML｜" not in auto.text.split("\n\n<｜DSML｜tool_calls>")[0]
+    assert parse_completion(auto.text)["content"] == auto.text.split("\n\n<｜DSML｜tool_calls>")[0]
     assert all(o.finish_reason == "stop" and o.text.startswith("\n\n<｜DSML｜tool_calls>") for o in outs)
-    for o in outs[:2]:
+    for o in outs[:1] + [auto]:
         for name, a in _calls(parse_completion(o.text)):
             if name == "go":
                 assert a["to"] in ("x", "yz") and 1 <= a["n"] <= 9 and set(a) <= {"to", "n", "fast", "tag"}
                 assert a.get("tag") in (None, "a", "b", "c") and a.get("fast") in (None, True, False)
             else:
                 assert name == "ping" and a == {}
-    [(name, a)] = _calls(parse_completion(outs[2].text))
+    [(name, a)] = _calls(parse_completion(outs[1].text))
     assert name == "opt" and set(a) <= {"a", "b"}
     think = reply_format(True, json_schema=SCHEMA)
     sp = SamplingParams(max_tokens=120, temperature=1.0, seed=2, structural_tag=think, skip_special_tokens=False,

@@ -504,8 +504,19 @@ def test_forced_tool_choice_through_the_api(long_client):
         name, args = calls[0]["function"]["name"], json.loads(calls[0]["function"]["arguments"])
         assert (name, args) in (("now", {}), ("go", {"to": "x"}), ("go", {"to": "y"}))
         assert isinstance(choice, str) or name == "go"
+    # a strict tool under "auto": the answer is free, a tool-call block it opens is held (the bias
+    # pushes a random model towards "\n", "<" and the DSML token, allowed only to open the block)
+    strict = [{"type": "function", "function": {**tools[0]["function"], "strict": True}}]
+    r = long_client.post("/v1/chat/completions", headers=AUTH, json={
+        "messages": msgs, "tools": strict, "parallel_tool_calls": False, "max_tokens": 300, "temperature": 1.0,
+        "seed": 0, "logit_bias": {"6": 100, "213": 8, "42": 8}})  # 6: ｜DSML｜, 213: "\n", 42: "<"
+    [c] = r.json()["choices"]
+    assert c["finish_reason"] == "tool_calls" and "｜DSML｜" not in (c["message"]["content"] or "")
+    assert [(t["function"]["name"], json.loads(t["function"]["arguments"])["to"] in ("x", "y"))
+            for t in c["message"]["tool_calls"]] == [("go", True)]
     for body, param, words in (
             ({"tool_choice": {"type": "function", "function": {"name": "fly"}}}, "tool_choice", "not among the tools"),
+            ({"tools": strict, "response_format": {"type": "json_object"}}, "tool_choice", "a strict tool"),
             ({"tool_choice": {"type": "function", "name": "go"}}, "tool_choice", "'required'"),
             ({"tool_choice": "required", "response_format": {"type": "json_object"}}, "tool_choice", "not both"),
             ({"tools": [{"type": "function", "function": {"name": "a\"b"}}], "tool_choice": "required"}, "tools",

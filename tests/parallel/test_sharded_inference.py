@@ -1,0 +1,112 @@
+"""Expert-sharded inference on two CPU processes (gloo): each rank keeps half of every layer's
+routed experts, and both give the single-process logits and tokens (greedy and seeded sampling,
+continuous batching, the fixed-shape decode path); the CLI's generate runs under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+PROMPTS = [[5, 9, 17, 33, 2, 71], [40, 41, 42], list(range(100, 140))]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _model():
+    import sparseek
+    from sparseek.model import build_model
+    from tests.conftest import randomize_
+
+    return randomize_(build_model(sparseek.preset("debug")), 21).eval()
+
+
+def _run(model):
+    """What both set-ups must agree on."""
+    from sparseek.engine import LLM, SamplingParams
+    from sparseek.tokenizer import default_tokenizer
+
+    llm = LLM(model, default_tokenizer(512), max_batch_size=2, max_seq_len=256)  # 3 prompts: one waits
+    greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    sampled = llm.generate(PROMPTS, [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True)
+                                     for s in range(3)])
+    with torch.no_grad():
+        ids = torch.tensor([PROMPTS[2][:24], PROMPTS[2][16:]])
+        logits = model(ids)
+        from sparseek.model.common import MoE
+
+        moe = [m for m in model.modules() if isinstance(m, MoE)][-1]  # not a hash-routed layer
+        x = torch.randn(5, model.args.hidden_size, generator=torch.Generator().manual_seed(0))
+        w, idx, _ = moe.gate(x)
+        static = moe.experts.forward_static(x, w, idx)  # the compiled decode step's expert path
+    return {"greedy": [o.token_ids for o in greedy], "sampled": [o.token_ids for o in sampled],
+            "logits": logits.flatten().tolist(), "static": static.flatten().tolist()}
+
+
+def _worker(rank, world, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from sparseek.parallel import ShardedExperts, init_distributed, shard_experts_
+
+    init_distributed()
+    model = shard_experts_(_model())
+    sharded = [m for m in model.modules() if isinstance(m, ShardedExperts)]
+    res = _run(model)
+    res["experts"] = [(m.first, m.n, m.total, tuple(m.w1.shape)) for m in sharded]
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def test_two_ranks_with_half_the_experts_each_give_one_rank_s_tokens(tmp_path):
+    torch.set_num_threads(1)
+    ref = _run(_model())
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    n = _model().args.n_routed_experts
+    for r, g in enumerate(got):
+        assert all(e[:3] == [r * n // 2, n // 2, n] and e[3][0] == n // 2 for e in g["experts"])
+        assert g["greedy"] == ref["greedy"] and g["sampled"] == ref["sampled"]
+        for key in ("logits", "static"):
+            a, b = torch.tensor(g[key]), torch.tensor(ref[key])
+            assert (a - b).abs().max() <= 1e-4 * b.abs().max(), key
+    assert got[0]["logits"] == got[1]["logits"]  # bit for bit: one all-reduce result on both ranks
+
+
+def test_sharding_refuses_what_it_cannot_split(tmp_path):
+    """Sharding needs an even split of plain experts; the CLI's generate under torchrun prints
+    once (rank 0) what one process prints."""
+    import torch.distributed as dist
+
+    from sparseek.parallel import shard_experts_
+    from sparseek.quant import quantize_model_
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = _model()
+        quantize_model_(model, experts="fp8", linears=None)
+        with pytest.raises(ValueError, match="QuantExperts"):
+            shard_experts_(model)
+    finally:
+        dist.destroy_process_group()
+    cmd = ["generate", "--model", "debug", "--prompt", "x = 1", "--max-tokens", "6", "--temperature", "0"]
+    one = subprocess.run([sys.executable, "-m", "sparseek.cli", *cmd], capture_output=True, text=True, timeout=300)
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          f"--master-port={_free_port()}", "-m", "sparseek.cli", *cmd],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert one.returncode == two.returncode == 0, two.stderr
+    assert two.stdout == one.stdout and one.stdout.startswith("x = 1")
