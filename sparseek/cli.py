@@ -137,12 +137,17 @@ def cmd_chat(a) -> int:
     params.skip_special_tokens = False  # the parser needs </think> and the DSML markers
     mode = "thinking" if a.thinking else "chat"
     messages = [{"role": "system", "content": a.system}] if a.system else []
-    print(f"sparseek chat ({a.model}, {mode} mode) - empty line or Ctrl-D to quit", file=sys.stderr)
+    out = sys.stdout if a.main else open(os.devnull, "w")  # other ranks (torchrun) run the same turns, silently
+    if a.main:
+        print(f"sparseek chat ({a.model}, {mode} mode) - empty line or Ctrl-D to quit", file=sys.stderr)
     while True:
-        try:
-            user = input("> ")
-        except EOFError:
-            break
+        user = ""
+        if a.main:
+            try:
+                user = input("> ")
+            except EOFError:
+                pass
+        user = a.share(user)  # rank 0 reads the terminal
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
@@ -157,12 +162,12 @@ def cmd_chat(a) -> int:
             for ev in events:
                 if isinstance(ev, ReasoningDelta):
                     reply["reasoning"] += ev.text
-                    sys.stdout.write(f"\033[2m{ev.text}\033[0m")
+                    out.write(f"\033[2m{ev.text}\033[0m")
                 elif isinstance(ev, ContentDelta):
                     reply["content"] += ev.text
-                    sys.stdout.write(ev.text)
-            sys.stdout.flush()
-        print()
+                    out.write(ev.text)
+            out.flush()
+        out.write("\n")
         messages.append({"role": "assistant", "content": reply["content"], "reasoning_content": reply["reasoning"]})
     return 0
 
