@@ -196,7 +196,7 @@ def cmd_serve(a) -> int:
     print(f"serving {name} at http://{a.host}:{a.port}/v1 (OpenAI API; batch {a.max_batch_size}, context "
           f"{llm.max_seq_len} tokens{', API key required' if key else ''})", file=sys.stderr)
     serve(llm, host=a.host, port=a.port, model_name=name, api_key=key or None, max_waiting=a.max_waiting,
-          thinking=a.thinking)
+          thinking=a.thinking, stored_responses=a.stored_responses)
     return 0
 
 
@@ -331,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
     p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the batch before 503s")
+    p.add_argument("--stored-responses", type=int, default=1024,
+                   help="Responses API: responses kept in memory for previous_response_id (0: none)")
     p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: drafts per step")
     p.add_argument("--thinking", action="store_true",

@@ -27,20 +27,22 @@ from sparseek.engine.async_engine import AsyncEngine, EngineBusy, EngineError
 from sparseek.engine.llm import LLM, StreamDelta
 from sparseek.serve.protocol import (ChatRequest, ChatText, CompletionRequest, RequestError, TokenText, error_body,
                                      new_id, now, usage)
-from sparseek.serve.responses import ResponsesRequest, ResponseWriter, response_usage
+from sparseek.serve.responses import ResponsesRequest, ResponseStore, ResponseWriter, response_usage
 from sparseek.tokenizer.chat import THINK_END, encode_messages
 
 log = logging.getLogger("sparseek")
 
 
 def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None, max_waiting: int = 256,
-              thinking: bool = False) -> FastAPI:
+              thinking: bool = False, stored_responses: int = 1024) -> FastAPI:
     """The FastAPI app serving ``llm`` as ``model_name``; ``thinking``: chat requests think unless
-    they say otherwise (``chat_template_kwargs``, ``reasoning_effort``)."""
+    they say otherwise (``chat_template_kwargs``, ``reasoning_effort``); ``stored_responses``: how
+    many Responses API responses are kept for ``previous_response_id`` (0: none)."""
     if llm.tokenizer is None:
         raise ValueError("serving needs a tokenizer: the model has no tokenizer.json")
     engine = AsyncEngine(llm, max_waiting=max_waiting)
     tokens = TokenText(llm.tokenizer)
+    stored = ResponseStore(stored_responses)
     created = now()
 
     @asynccontextmanager
@@ -233,10 +235,18 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     @v1.post("/responses")
     async def responses(request: Request):
         body = _parse(await _json(request), ResponsesRequest)
-        ids, think, params = _chat_setup(body.chat(), "max_output_tokens")
+        previous = stored.conversation(body.previous_response_id) if body.previous_response_id else None
+        chat = body.chat(previous)
+        ids, think, params = _chat_setup(chat, "max_output_tokens")
         [req] = _submit(engine, [ids], [params])
         writer = ResponseWriter(body, new_id("resp"), model_name, now())
         think_end = llm.tokenizer.token_to_id(THINK_END)
+
+        def finish(out) -> list[dict]:
+            events = writer.finish(out.finish_reason, response_usage(len(ids), out, think_end, think))
+            if body.store is not False:
+                stored.put(writer.final, chat.messages, body.instructions)
+            return events
 
         def step(p: ChatText, text: str, final: bool) -> list[dict]:
             seen = len(p.tool_calls)
@@ -254,15 +264,23 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                     if d.finish_reason is not None:
                         out = req.outputs[0]
                 if out is not None:
-                    for e in writer.finish(out.finish_reason, response_usage(len(ids), out, think_end, think)):
+                    for e in finish(out):
                         yield e
             return _sse(events(), [req], named=True)
 
         await _collect([req], request)
         o = req.outputs[0]
         step(ChatText(think), o.text, True)
-        writer.finish(o.finish_reason, response_usage(len(ids), o, think_end, think))
+        finish(o)
         return writer.final
+
+    @v1.get("/responses/{rid}")
+    async def get_response(rid: str):
+        return stored.response(rid)
+
+    @v1.delete("/responses/{rid}")
+    async def delete_response(rid: str):
+        return stored.delete(rid)
 
     def _check_model(name):
         if name not in (None, "", model_name):

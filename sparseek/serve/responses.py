@@ -3,12 +3,15 @@ become a DeepSeek-V4 conversation (a ``ChatRequest``), the reply's reasoning, te
 become output items, and a stream gives the API's typed events (``response.created`` ...
 ``response.output_text.delta`` ... ``response.completed``).
 
-Stateless: ``store`` is accepted but nothing is kept, so ``previous_response_id`` is refused
-(send the whole conversation as ``input``, as clients do with ``store: false``).
+Responses are kept in memory (``store``, on by default as in OpenAI's API; the last
+``ResponseStore.capacity`` of them) so that ``previous_response_id`` continues a conversation
+(its input and output, not its ``instructions``), ``GET /v1/responses/{id}`` reads one back and
+``DELETE`` forgets it. A restart forgets them all.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -44,25 +47,24 @@ class ResponsesRequest(BaseModel):
     seed: int | None = None
     top_k: int | None = Field(None, ge=-1)
 
-    def chat(self) -> ChatRequest:
-        """The same request as a chat completion (one reply, not streamed: streaming is done here)."""
-        if self.previous_response_id is not None:
-            raise RequestError("previous_response_id needs stored responses, and this server stores none: send "
-                               "the whole conversation as input", "previous_response_id")
+    def chat(self, previous: list[dict[str, Any]] | None = None) -> ChatRequest:
+        """The same request as a chat completion (one reply, not streamed: streaming is done here);
+        ``previous``: the conversation of ``previous_response_id``, which this input continues."""
         effort = (self.reasoning or {}).get("effort")
         if effort is not None and effort not in EFFORTS:
             raise RequestError(f"reasoning.effort must be one of {', '.join(EFFORTS)}", "reasoning")
         return ChatRequest(
-            messages=self.messages(), tools=self._tools(), tool_choice=self._tool_choice(),
+            messages=self.messages(previous or []), tools=self._tools(), tool_choice=self._tool_choice(),
             parallel_tool_calls=self.parallel_tool_calls, max_tokens=self.max_output_tokens,
             temperature=self.temperature, top_p=self.top_p, seed=self.seed, top_k=self.top_k,
             response_format=self._format(), reasoning_effort=effort)
 
-    def messages(self) -> list[dict[str, Any]]:
-        """``instructions`` and ``input`` as chat messages: message items by role; a reasoning item
-        goes with the assistant turn after it; function calls join the assistant turn before them
-        (or start one); function call outputs are tool results."""
+    def messages(self, previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+        """``instructions``, the ``previous`` conversation and ``input`` as chat messages: message
+        items by role; a reasoning item goes with the assistant turn after it; function calls join
+        the assistant turn before them (or start one); function call outputs are tool results."""
         msgs: list[dict[str, Any]] = [{"role": "system", "content": self.instructions}] if self.instructions else []
+        msgs += [dict(m) for m in previous]
         items = [{"role": "user", "content": self.input}] if isinstance(self.input, str) else self.input
         if not items:
             raise RequestError("input is empty", "input")
@@ -166,8 +168,9 @@ class ResponseWriter:
             "error": None, "incomplete_details": {"reason": incomplete} if incomplete else None,
             "instructions": b.instructions, "max_output_tokens": b.max_output_tokens, "model": self.model,
             "output": list(self.output), "parallel_tool_calls": b.parallel_tool_calls is not False,
-            "previous_response_id": None, "reasoning": {"effort": (b.reasoning or {}).get("effort"), "summary": None},
-            "store": False, "temperature": 1.0 if b.temperature is None else b.temperature,
+            "previous_response_id": b.previous_response_id,
+            "reasoning": {"effort": (b.reasoning or {}).get("effort"), "summary": None},
+            "store": b.store is not False, "temperature": 1.0 if b.temperature is None else b.temperature,
             "text": {"format": fmt}, "tool_choice": b.tool_choice or "auto", "tools": b.tools or [],
             "top_p": 1.0 if b.top_p is None else b.top_p, "truncation": "disabled", "usage": usage,
             "user": b.user, "metadata": b.metadata or {}}
@@ -263,3 +266,55 @@ def response_usage(prompt_tokens: int, out, think_end: int | None, thinking: boo
     return {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": out.num_cached_tokens},
             "output_tokens": n, "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": prompt_tokens + n}
+
+
+def reply_message(output: list[dict]) -> dict[str, Any] | None:
+    """A response's output items as the assistant chat message they stand for (None: no items)."""
+    msg: dict[str, Any] = {"role": "assistant", "content": ""}
+    for item in output:
+        if item["type"] == "reasoning":
+            msg["reasoning_content"] = "".join(p["text"] for p in item["content"])
+        elif item["type"] == "message":
+            msg["content"] += "".join(p["text"] for p in item["content"])
+        elif item["type"] == "function_call":
+            msg.setdefault("tool_calls", []).append({"id": item["call_id"], "type": "function", "function": {
+                "name": item["name"], "arguments": item["arguments"]}})
+    return msg if output else None
+
+
+class ResponseStore:
+    """The last ``capacity`` stored responses: each with the conversation that produced it and its
+    reply (what ``previous_response_id`` continues), oldest forgotten first."""
+
+    def __init__(self, capacity: int = 1024):
+        self.capacity = capacity
+        self.items: OrderedDict[str, tuple[list[dict], dict]] = OrderedDict()
+
+    def put(self, response: dict, conversation: list[dict], instructions: str | None) -> None:
+        """Keep ``response`` with ``conversation`` (its prompt's messages, ``instructions`` left out:
+        a continuation does not inherit them) and its reply."""
+        if self.capacity <= 0:
+            return
+        msgs = conversation[1:] if instructions else list(conversation)
+        reply = reply_message(response["output"])
+        self.items[response["id"]] = (msgs + ([reply] if reply else []), response)
+        while len(self.items) > self.capacity:
+            self.items.popitem(last=False)
+
+    def _get(self, rid: str, param: str | None) -> tuple[list[dict], dict]:
+        if rid not in self.items:
+            raise RequestError(f"Response with id '{rid}' not found (this server keeps the last {self.capacity} "
+                               "stored responses, in memory)", param, status=404, code="response_not_found")
+        self.items.move_to_end(rid)
+        return self.items[rid]
+
+    def conversation(self, rid: str) -> list[dict]:
+        return self._get(rid, "previous_response_id")[0]
+
+    def response(self, rid: str) -> dict:
+        return self._get(rid, None)[1]
+
+    def delete(self, rid: str) -> dict:
+        self._get(rid, None)
+        del self.items[rid]
+        return {"id": rid, "object": "response", "deleted": True}

@@ -137,7 +137,6 @@ def test_forced_function_call(client):
 
 
 @pytest.mark.parametrize("body, param, words", [
-    ({"input": "x", "previous_response_id": "resp_1"}, "previous_response_id", "stores none"),
     ({"input": []}, "input", "empty"),
     ({"input": [{"type": "image_generation_call"}]}, "input", "not supported"),
     ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "u"}]}]}, "input", "text parts"),
@@ -151,3 +150,34 @@ def test_bad_requests_name_the_problem(client, body, param, words):
     r = client.post("/v1/responses", headers=AUTH, json=body)
     err = r.json()["error"]
     assert r.status_code == 400 and words in err["message"] and err["param"] == param, r.text
+
+
+def test_stored_responses_continue_a_conversation(client, tok, monkeypatch):
+    """previous_response_id continues a stored response: the prompt is the whole conversation's
+    (its input and reply, a tool result after it; not its instructions); GET reads a response
+    back, DELETE forgets it, and store: false keeps nothing."""
+    _scripted(monkeypatch, tok, TOOL_REPLY)
+    first = client.post("/v1/responses", headers=AUTH, json={
+        "input": "Weather in Paris?", "instructions": "Be brief.", "tools": TOOLS, "max_output_tokens": 200}).json()
+    [msg, fc] = first["output"]
+    assert first["store"] is True and fc["type"] == "function_call"
+    assert client.get(f"/v1/responses/{first['id']}", headers=AUTH).json() == first
+    _scripted(monkeypatch, tok, "It is sunny.")
+    second = client.post("/v1/responses", headers=AUTH, json={
+        "previous_response_id": first["id"], "tools": TOOLS, "max_output_tokens": 50,
+        "input": [{"type": "function_call_output", "call_id": fc["call_id"], "output": "sunny"}]}).json()
+    assert second["output"][0]["content"][0]["text"] == "It is sunny." and second["previous_response_id"] == first["id"]
+    chat = [{"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": msg["content"][0]["text"], "tool_calls": [
+                {"id": fc["call_id"], "type": "function", "function": {"name": fc["name"], "arguments": fc["arguments"]}}]},
+            {"role": "tool", "tool_call_id": fc["call_id"], "content": "sunny"}]
+    tools = [{"type": "function", "function": {k: TOOLS[0][k] for k in ("name", "description", "parameters")}}]
+    want = client.post("/tokenize", headers=AUTH, json={"messages": chat, "tools": tools}).json()["count"]
+    assert second["usage"]["input_tokens"] == want  # the instructions ("Be brief.") stayed with the first
+    assert client.delete(f"/v1/responses/{first['id']}", headers=AUTH).json()["deleted"] is True
+    for r in (client.get(f"/v1/responses/{first['id']}", headers=AUTH),
+              client.post("/v1/responses", headers=AUTH, json={"previous_response_id": first["id"], "input": "x"})):
+        assert r.status_code == 404 and "not found" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "previous_response_id"
+    gone = client.post("/v1/responses", headers=AUTH, json={"input": "x", "store": False, "max_output_tokens": 2}).json()
+    assert gone["store"] is False and client.get(f"/v1/responses/{gone['id']}", headers=AUTH).status_code == 404
