@@ -64,7 +64,9 @@ def test_few_row_products_fuse_up_to_rows(rows):
             assert y.dtype == torch.bfloat16 and rel_err(y, r) <= 1e-2
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+# bf16: the slowest test of the suite on a CPU without bf16 matrix units (~5 min of compiling and
+# scalar bf16 GEMMs here), so it runs with the slow tests (pytest -m slow)
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.slow)])
 def test_compiled_hot_paths_equal_eager(eager_hot_paths, dtype):
     """compile_hot_paths() (what `train --compile` and LLM(compile=True) use): same logits and
     gradients (the indexers' included) as the eager functions, for two prompt lengths (the second
