@@ -91,15 +91,14 @@ def _engine(a, **llm_kw):
     import sparseek
     from sparseek.parallel import init_distributed, shard_experts_
 
-    if compile_ or a.quantize:
-        raise ValueError("expert-sharded inference (torchrun) runs eager, unquantized experts: drop --compile "
-                         "and --quantize")
+    if compile_:
+        raise ValueError("expert-sharded inference (torchrun) runs eager: drop --compile")
     rank, _, device = init_distributed()
     a.main = rank == 0
     if a.device != "cpu":
         a.device = device  # each rank its own GPU
     # sharded on the host: no device ever holds every expert
-    model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0))
+    model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0), quantize=a.quantize)
     model = shard_experts_(model).to(a.device)
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
         a.seed = _from_rank0(dist, random.randrange(2**31))

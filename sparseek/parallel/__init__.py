@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparseek.model.common import Experts, gate_up_view, grouped_ffn
+from sparseek.quant.modules import QuantExperts
 
 
 def init_distributed() -> tuple[int, int, torch.device]:
@@ -89,7 +90,7 @@ class EPExperts(nn.Module):
         return torch.zeros_like(x_ND).index_add_(0, token_of, y_back)
 
 
-class ShardedExperts(Experts):
+class _Sharded:
     """This rank's ``E / world`` of a layer's routed experts, for inference. Every rank sees every
     token (each runs the same engine loop on the same requests), runs its experts for the (token,
     expert) pairs that are its own, and one all-reduce sums the ranks' parts: each rank reads
@@ -97,21 +98,12 @@ class ShardedExperts(Experts):
     all-reduce hands all of them one sum), so their sampled tokens agree without being sent around.
     Training uses ``EPExperts`` instead (tokens split over ranks, all-to-all, autograd)."""
 
-    def __init__(self, experts: Experts, group=None):
+    def _place(self, experts: Experts, group) -> slice:
         world, rank = dist.get_world_size(group), dist.get_rank(group)
-        if type(experts) is not Experts:
-            raise ValueError(f"expert sharding takes plain routed experts, not {type(experts).__name__} "
-                             "(quantized or LoRA experts are not built for it)")
         if experts.n % world:
             raise ValueError(f"{experts.n} experts cannot be split evenly over {world} ranks")
-        n, inter, dim = experts.w1.shape
-        super().__init__(n // world, dim, inter, experts.limit, dtype=experts.w1.dtype)
-        self.to(experts.w1.device)
-        self.group, self.total, self.first = group, n, rank * self.n
-        sl = slice(self.first, self.first + self.n)
-        with torch.no_grad():
-            for name in ("w1", "w2", "w3"):
-                getattr(self, name).copy_(getattr(experts, name)[sl])
+        self.group, self.total, self.first = group, experts.n, rank * (experts.n // world)
+        return slice(self.first, self.first + experts.n // world)
 
     def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor,
                 batched: bool | None = None) -> torch.Tensor:
@@ -139,13 +131,48 @@ class ShardedExperts(Experts):
         return y.to(y_ND.dtype)
 
 
+class ShardedExperts(_Sharded, Experts):
+    __doc__ = _Sharded.__doc__
+
+    def __init__(self, experts: Experts, group=None):
+        nn.Module.__init__(self)
+        sl = self._place(experts, group)
+        self.n, self.limit, inter = sl.stop - sl.start, experts.limit, experts.w1.shape[1]
+        with torch.no_grad():  # w1 and w3 as halves of one buffer, as Experts keeps them
+            gate_up = torch.cat([experts.w1[sl], experts.w3[sl]], dim=1)
+            self.w1, self.w3 = nn.Parameter(gate_up[:, :inter]), nn.Parameter(gate_up[:, inter:])
+            self.w2 = nn.Parameter(experts.w2[sl].clone())
+
+
+class ShardedQuantExperts(_Sharded, QuantExperts):
+    """``ShardedExperts`` for experts kept quantized (``sparseek.quant``): this rank's share of the
+    FP8 / FP4 bytes, decoded where picked."""
+
+    def __init__(self, experts: QuantExperts, group=None):
+        nn.Module.__init__(self)
+        sl = self._place(experts, group)
+        self.n, self.limit, self.fmt, self.scale_fmt = sl.stop - sl.start, experts.limit, experts.fmt, experts.scale_fmt
+        self.shapes = dict(experts.shapes)
+        for name in self.shapes:
+            for buf in (name, f"{name}_scale"):
+                self.register_buffer(buf, getattr(experts, buf)[sl].clone())
+
+
 def shard_experts_(model: nn.Module, group=None) -> nn.Module:
-    """Keep only this rank's share of every layer's routed experts (``ShardedExperts``), in place;
-    every rank must then run the same forwards (the same engine calls, the same requests)."""
+    """Keep only this rank's share of every layer's routed experts (``ShardedExperts``, or
+    ``ShardedQuantExperts`` for quantized ones), in place; every rank must then run the same
+    forwards (the same engine calls, the same requests)."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, Experts) and not isinstance(child, ShardedExperts):
+            if isinstance(child, _Sharded) or not isinstance(child, Experts):
+                continue
+            if type(child) is Experts:
                 setattr(parent, name, ShardedExperts(child, group))
+            elif type(child) is QuantExperts:
+                setattr(parent, name, ShardedQuantExperts(child, group))
+            else:
+                raise ValueError(f"expert sharding takes plain or quantized routed experts, not "
+                                 f"{type(child).__name__} (LoRA experts are not built for it)")
     return model
 
 

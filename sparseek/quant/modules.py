@@ -125,12 +125,12 @@ class QuantExperts(Experts):
         inter = w1.shape[1]
         return Experts.wrap(gate_up[:, :inter], self.decoded("w2", dtype, idx), gate_up[:, inter:], self.limit)
 
-    def forward(self, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor,
-                batched: bool | None = None) -> torch.Tensor:
-        # decode only the experts some token picked; their local numbering keeps the order
-        hit, local = torch.unique(idx_NK, return_inverse=True)
+    def pairs(self, x_ND: torch.Tensor, token_of: torch.Tensor, e_sorted: torch.Tensor, w_sorted: torch.Tensor,
+              w13: torch.Tensor | None = None, batched: bool | None = None) -> torch.Tensor:
+        # decode only the experts some pair names; their local numbering keeps the order
+        hit, local = torch.unique(e_sorted, return_inverse=True)
         dense = self.dense(hit, x_ND.dtype)
-        return dense.compute(x_ND, weights_NK, local.view_as(idx_NK), gate_up_view(dense.w1, dense.w3), batched)
+        return dense.pairs(x_ND, token_of, local, w_sorted, gate_up_view(dense.w1, dense.w3), batched)
 
     def proj(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         return x @ self.decoded(name, x.dtype, torch.tensor([e], device=x.device))[0].t()

@@ -236,7 +236,8 @@ class ChatRequest(_Sampling):
             raise RequestError("tool_choice must be 'none', 'auto', 'required' or {'type': 'function', "
                                "'function': {'name': ...}}", "tool_choice")
         if not self.tools:
-            raise RequestError(f"tool_choice {choice!r} forces a tool call, but the request has no tools", "tool_choice")
+            raise RequestError(f"tool_choice {choice!r} forces a tool call, but the request has no tools",
+                               "tool_choice")
         return name
 
     def conversation(self) -> list[dict[str, Any]]:

@@ -98,7 +98,8 @@ class ResponsesRequest(BaseModel):
             elif kind == "function_call_output":
                 if not isinstance(item.get("call_id"), str):
                     raise RequestError(f"{where}: a function_call_output needs its call_id", "input")
-                msgs.append({"role": "tool", "tool_call_id": item["call_id"], "content": _text(item.get("output"), where)})
+                msgs.append({"role": "tool", "tool_call_id": item["call_id"],
+                             "content": _text(item.get("output"), where)})
             else:
                 raise RequestError(f"{where}: item type {kind!r} is not supported (message, reasoning, function_call, "
                                    "function_call_output)", "input")
@@ -112,8 +113,8 @@ class ResponsesRequest(BaseModel):
             if t.get("type") != "function" or not isinstance(t.get("name"), str):
                 raise RequestError(f"tools[{j}]: only function tools ({{'type': 'function', 'name': ..., "
                                    "'parameters': {...}}) are supported", "tools")
-            out.append({"type": "function", "function": {k: t[k] for k in ("name", "description", "parameters", "strict")
-                                                         if t.get(k) is not None}})
+            keep = ("name", "description", "parameters", "strict")
+            out.append({"type": "function", "function": {k: t[k] for k in keep if t.get(k) is not None}})
         return out
 
     def _tool_choice(self):

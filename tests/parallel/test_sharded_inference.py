@@ -1,6 +1,7 @@
 """Expert-sharded inference on two CPU processes (gloo): each rank keeps half of every layer's
-routed experts, and both give the single-process logits and tokens (greedy and seeded sampling,
-continuous batching, the fixed-shape decode path); the CLI's generate runs under torchrun."""
+routed experts (plain, or kept FP4), and both give the single-process logits and tokens (greedy
+and seeded sampling, continuous batching, the fixed-shape decode path); the CLI's generate runs
+under torchrun."""
 
 from __future__ import annotations
 
@@ -23,12 +24,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model():
+def _model(quantized: bool = False):
     import sparseek
     from sparseek.model import build_model
+    from sparseek.quant import quantize_model_
     from tests.conftest import randomize_
 
-    return randomize_(build_model(sparseek.preset("debug")), 21).eval()
+    model = randomize_(build_model(sparseek.preset("debug")), 21).eval()
+    return quantize_model_(model, experts="fp4", linears=None) if quantized else model
 
 
 def _run(model):
@@ -53,17 +56,18 @@ def _run(model):
             "logits": logits.flatten().tolist(), "static": static.flatten().tolist()}
 
 
-def _worker(rank, world, port, out):
+def _worker(rank, world, port, out, quantized):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     import torch.distributed as dist
 
-    from sparseek.parallel import ShardedExperts, init_distributed, shard_experts_
+    from sparseek.parallel import ShardedExperts, ShardedQuantExperts, init_distributed, shard_experts_
 
     init_distributed()
-    model = shard_experts_(_model())
-    sharded = [m for m in model.modules() if isinstance(m, ShardedExperts)]
+    model = shard_experts_(_model(quantized))
+    kind = ShardedQuantExperts if quantized else ShardedExperts
+    sharded = [m for m in model.modules() if isinstance(m, kind)]
     res = _run(model)
     res["experts"] = [(m.first, m.n, m.total, tuple(m.w1.shape)) for m in sharded]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
@@ -71,14 +75,16 @@ def _worker(rank, world, port, out):
     dist.destroy_process_group()
 
 
-def test_two_ranks_with_half_the_experts_each_give_one_rank_s_tokens(tmp_path):
+@pytest.mark.parametrize("quantized", [False, True])
+def test_two_ranks_with_half_the_experts_each_give_one_rank_s_tokens(tmp_path, quantized):
     torch.set_num_threads(1)
-    ref = _run(_model())
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True, start_method="spawn")
+    ref = _run(_model(quantized))
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), quantized), nprocs=2, join=True,
+                       start_method="spawn")
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     n = _model().args.n_routed_experts
     for r, g in enumerate(got):
-        assert all(e[:3] == [r * n // 2, n // 2, n] and e[3][0] == n // 2 for e in g["experts"])
+        assert g["experts"] and all(e[:3] == [r * n // 2, n // 2, n] and e[3][0] == n // 2 for e in g["experts"])
         assert g["greedy"] == ref["greedy"] and g["sampled"] == ref["sampled"]
         for key in ("logits", "static"):
             a, b = torch.tensor(g[key]), torch.tensor(ref[key])
@@ -87,19 +93,18 @@ def test_two_ranks_with_half_the_experts_each_give_one_rank_s_tokens(tmp_path):
 
 
 def test_sharding_refuses_what_it_cannot_split(tmp_path):
-    """Sharding needs an even split of plain experts; the CLI's generate under torchrun prints
-    once (rank 0) what one process prints."""
+    """LoRA experts are refused by name; the CLI's generate under torchrun prints once (rank 0)
+    what one process prints."""
     import torch.distributed as dist
 
     from sparseek.parallel import shard_experts_
-    from sparseek.quant import quantize_model_
+    from sparseek.train.lora import add_lora
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)
     try:
-        model = _model()
-        quantize_model_(model, experts="fp8", linears=None)
-        with pytest.raises(ValueError, match="QuantExperts"):
+        model = add_lora(_model(), rank=2)
+        with pytest.raises(ValueError, match="LoRAExperts"):
             shard_experts_(model)
     finally:
         dist.destroy_process_group()
