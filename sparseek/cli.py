@@ -91,8 +91,6 @@ def _engine(a, **llm_kw):
     import sparseek
     from sparseek.parallel import init_distributed, shard_experts_
 
-    if compile_:
-        raise ValueError("expert-sharded inference (torchrun) runs eager: drop --compile")
     rank, _, device = init_distributed()
     a.main = rank == 0
     if a.device != "cpu":
@@ -103,7 +101,7 @@ def _engine(a, **llm_kw):
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
         a.seed = _from_rank0(dist, random.randrange(2**31))
     a.share = lambda x: _from_rank0(dist, x)
-    return LLM(model, tok, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8, **llm_kw)
+    return LLM(model, tok, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8, compile=compile_, **llm_kw)
 
 
 def _from_rank0(dist, x):

@@ -34,12 +34,16 @@ def _model(quantized: bool = False):
     return quantize_model_(model, experts="fp4", linears=None) if quantized else model
 
 
-def _run(model):
+def _run(model, compile: bool = False):
     """What both set-ups must agree on."""
     from sparseek.engine import LLM, SamplingParams
     from sparseek.tokenizer import default_tokenizer
 
     llm = LLM(model, default_tokenizer(512), max_batch_size=2, max_seq_len=256)  # 3 prompts: one waits
+    if compile:  # the compiled decode step, its all-reduces inside: the eager single process's tokens
+        fast = LLM(model, default_tokenizer(512), max_batch_size=2, max_seq_len=256, compile=True)
+        return {"greedy": [o.token_ids for o in fast.generate(PROMPTS[:2], SamplingParams(
+            max_tokens=8, temperature=0, ignore_eos=True))]}
     greedy = llm.generate(PROMPTS, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
     sampled = llm.generate(PROMPTS, [SamplingParams(max_tokens=12, temperature=1.0, seed=s, ignore_eos=True)
                                      for s in range(3)])
@@ -56,7 +60,7 @@ def _run(model):
             "logits": logits.flatten().tolist(), "static": static.flatten().tolist()}
 
 
-def _worker(rank, world, port, out, quantized):
+def _worker(rank, world, port, out, quantized, compile=False):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -68,7 +72,7 @@ def _worker(rank, world, port, out, quantized):
     model = shard_experts_(_model(quantized))
     kind = ShardedQuantExperts if quantized else ShardedExperts
     sharded = [m for m in model.modules() if isinstance(m, kind)]
-    res = _run(model)
+    res = _run(model, compile)
     res["experts"] = [(m.first, m.n, m.total, tuple(m.w1.shape)) for m in sharded]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(res, f)
@@ -90,6 +94,17 @@ def test_two_ranks_with_half_the_experts_each_give_one_rank_s_tokens(tmp_path, q
             a, b = torch.tensor(g[key]), torch.tensor(ref[key])
             assert (a - b).abs().max() <= 1e-4 * b.abs().max(), key
     assert got[0]["logits"] == got[1]["logits"]  # bit for bit: one all-reduce result on both ranks
+
+
+@pytest.mark.slow  # ~2.5 min of compiling
+def test_compiled_decode_step_with_sharded_experts(tmp_path):
+    torch.set_num_threads(1)
+    ref = _run(_model())
+    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), False, True), nprocs=2, join=True,
+                       start_method="spawn")
+    for r in range(2):
+        got = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert got["greedy"] == [t[:8] for t in ref["greedy"][:2]]
 
 
 def test_sharding_refuses_what_it_cannot_split(tmp_path):
