@@ -175,6 +175,9 @@ def cmd_serve(a) -> int:
     from sparseek.engine import LLM
     from sparseek.serve import serve
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("serve does not run across torchrun ranks yet (requests would have to reach every rank): "
+                         "start one process; expert-sharded ranks serve generate, chat and eval")
     key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
     llm = LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=a.kv_fp8,
               compile=a.compile, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
