@@ -79,12 +79,14 @@ class Needle(GenerationTask):
         while True:
             before = round(depth * units)
             text = INTRO + FILLER * before + NEEDLE.format(key=key) + FILLER * (units - before) + QUESTION
-            tokens = len(self.tok.encode(text))
+            enc = self.tok.tk.encode(text, add_special_tokens=False)  # with offsets: where the needle lands
+            tokens = len(enc.ids)
             if tokens <= n or units == 0:
                 break
             units -= max(1, int((tokens - n) / per_unit))
+        at = len(INTRO) + len(FILLER) * before  # the needle's first character
         return {"id": f"len{n}-depth{depth:g}-{key}", "length": n, "depth": depth, "key": key, "prompt": text,
-                "context_tokens": tokens, "needle_at": len(self.tok.encode(INTRO + FILLER * before))}
+                "context_tokens": tokens, "needle_at": sum(1 for _, end in enc.offsets if end <= at)}
 
     def prompt(self, doc: dict) -> str:
         return doc["prompt"]
