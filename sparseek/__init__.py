@@ -67,7 +67,7 @@ QUANTIZE = ("stored", "fp8", "fp4")
 
 
 def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True,
-         quantize: str | None = None, **overrides):
+         quantize: str | None = None, lora=None, **overrides):
     """Load a checkpoint directory, or build a named preset with random weights.
 
     Returns ``(model, tokenizer)``; the tokenizer is None when a checkpoint ships none.
@@ -81,10 +81,38 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     compute dtype): ``"stored"`` keeps a checkpoint's FP8 / FP4 tensors as stored instead of
     dequantizing them; ``"fp8"`` / ``"fp4"`` also quantize what is not (the linear layers to FP8,
     the routed experts to that format), as ``sparseek quantize`` would.
+
+    ``lora``: LoRA adapter directories (one or a list; ``sparseek finetune --lora-rank``'s output)
+    merged into the weights in that order (``sparseek.model.lora.merge_adapters``), so the
+    fine-tune runs at the base model's speed. ``path_or_preset`` may itself be an adapter
+    directory: its base (``base_model_name_or_path``, itself possibly adapters) loads first. With
+    adapters, ``quantize="fp8"|"fp4"`` quantizes the merged weights; ``"stored"`` is refused
+    (merging changes the stored bytes).
     """
+    from sparseek.model.lora import adapter_base, is_adapter_dir, merge_adapters
+
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use one of {QUANTIZE}")
-    model, tok = _load(path_or_preset, resolve_dtype(dtype), device, seed, tokenizer, quantize, overrides)
+    adapters = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora or [])
+    base, tok_dir = path_or_preset, None
+    while os.path.isdir(base) and is_adapter_dir(base):  # adapters on adapters: merge from the bottom up
+        if len(adapters) > 16 or base in adapters:
+            raise ValueError(f"adapter directories name each other as base in a loop: {adapters}")
+        adapters.insert(0, base)
+        if tok_dir is None and os.path.exists(os.path.join(base, "tokenizer.json")):
+            tok_dir = base
+        base = adapter_base(base)
+    if adapters and quantize == "stored":
+        raise ValueError("quantize='stored' keeps a checkpoint's bytes, which merging LoRA adapters changes: "
+                         "use quantize='fp8' or 'fp4' to quantize the merged weights")
+    model, tok = _load(base, resolve_dtype(dtype), device, seed, tokenizer and tok_dir is None,
+                       None if adapters else quantize, overrides)
+    for directory in adapters:
+        merge_adapters(model, os.fspath(directory))
+    if tokenizer and tok_dir is not None:
+        from sparseek.tokenizer import Tokenizer
+
+        tok = Tokenizer.from_dir(tok_dir)
     if quantize in ("fp8", "fp4"):
         from sparseek.quant import quantize_model_
 

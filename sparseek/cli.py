@@ -20,6 +20,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="keep weights quantized in memory: 'stored' keeps a checkpoint's FP8/FP4 tensors as they are "
                         "(default: dequantized to --dtype on load); fp8 / fp4 also quantize the rest (routed experts "
                         "in that format, linear layers in FP8)")
+    p.add_argument("--lora", action="append", default=None, metavar="DIR",
+                   help="LoRA adapters (sparseek finetune --lora-rank's output) merged into the weights on load "
+                        "(repeatable, applied in order; -m can also name an adapter directory, whose base loads first)")
 
 
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
@@ -85,7 +88,7 @@ def _engine(a, **llm_kw):
     kv_fp8, compile_ = getattr(a, "kv_fp8", None), getattr(a, "compile", False)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8,
-                   compile=compile_, quantize=a.quantize, **llm_kw)
+                   compile=compile_, quantize=a.quantize, lora=a.lora, **llm_kw)
     import torch.distributed as dist
 
     import sparseek
@@ -96,7 +99,8 @@ def _engine(a, **llm_kw):
     if a.device != "cpu":
         a.device = device  # each rank its own GPU
     # sharded on the host: no device ever holds every expert
-    model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0), quantize=a.quantize)
+    model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0), quantize=a.quantize,
+                               lora=a.lora)
     model = shard_experts_(model).to(a.device)
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
         a.seed = _from_rank0(dist, random.randrange(2**31))
@@ -181,7 +185,7 @@ def cmd_serve(a) -> int:
     key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
     llm = LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=a.kv_fp8,
               compile=a.compile, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
-              quantize=a.quantize)
+              quantize=a.quantize, lora=a.lora)
     if llm.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json: the server takes text, so it needs one")
     if a.compile:  # compile before the first client waits for it
@@ -284,15 +288,32 @@ def cmd_finetune(a) -> int:
     import sparseek
     from sparseek.train.sft import SFTConfig, finetune
 
-    model, tok = sparseek.load(a.model, dtype=a.dtype or "float32", device=a.device)
+    if a.quantize:
+        raise ValueError("fine-tuning needs the weights unquantized (QLoRA is not built): drop --quantize")
+    model, tok = sparseek.load(a.model, dtype=a.dtype or "float32", device=a.device, lora=a.lora)
     if tok is None:
         raise ValueError(f"{a.model} has no tokenizer.json: fine-tuning needs one")
+    # new adapters sit on what was loaded: the base alone names it when nothing was merged into it
+    base = a.model if not a.lora else None
     cfg = SFTConfig(data=a.data, out=a.out, max_len=a.max_len, batch_size=a.batch_size, max_steps=a.max_steps,
-                    lr=a.lr, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, seed=a.seed)
+                    lr=a.lr, lora_rank=a.lora_rank, lora_alpha=a.lora_alpha, seed=a.seed, base=base)
     res = finetune(model, tok, cfg, log=lambda s: print(s, file=sys.stderr))
     kind = f"LoRA adapters (rank {a.lora_rank})" if a.lora_rank else "full model"
     print(f"{kind}: {res['trainable'] / 1e6:.2f}M trainable parameters, {res['examples']} conversations, "
           f"loss {res['losses'][0]:.3f} -> {res['final_loss']:.3f}; written to {res['out']}")
+    return 0
+
+
+def cmd_merge(a) -> int:
+    import sparseek
+    from sparseek.checkpoint import save_model
+    from sparseek.model.lora import is_adapter_dir
+
+    if not a.lora and not (os.path.isdir(a.model) and is_adapter_dir(a.model)):
+        raise ValueError(f"nothing to merge: {a.model} is not an adapter directory and no --lora was given")
+    model, tok = sparseek.load(a.model, dtype=a.dtype, device=a.device, lora=a.lora, quantize=a.quantize)
+    save_model(model, a.out, tokenizer=tok)
+    print(f"merged model written to {a.out} (try: sparseek chat -m {a.out})")
     return 0
 
 
@@ -338,6 +359,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thinking", action="store_true",
                    help="chat requests think by default (they can say otherwise: chat_template_kwargs.thinking)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("merge", help="merge LoRA adapters into their base model and write a full checkpoint")
+    _add_model_args(p)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(fn=cmd_merge)
 
     p = sub.add_parser("quantize", help="write a checkpoint in DeepSeek's FP8 / FP4 layout, with a quality report")
     p.add_argument("model", help="checkpoint directory or preset name")

@@ -132,7 +132,8 @@ class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
-                 batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None):
+                 batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None,
+                 lora=None):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). All running sequences verify their drafts in one forward and draft in
@@ -162,13 +163,21 @@ class LLM:
         DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``).
 
         ``quantize`` (with a path or preset): weights kept quantized in memory, as
-        ``sparseek.load(..., quantize=...)`` keeps them ("stored", "fp8", "fp4")."""
+        ``sparseek.load(..., quantize=...)`` keeps them ("stored", "fp8", "fp4").
+
+        ``lora`` (with a path or preset): LoRA adapter directories merged into the weights on load
+        (``sparseek.load(..., lora=...)``); a path that is itself an adapter directory loads its base
+        and merges it."""
         if isinstance(model, str):
             from sparseek import load
 
             extra = {} if kv_fp8 is None else {"kv_fp8": kv_fp8}
-            model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, quantize=quantize, **extra)
+            model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, quantize=quantize, lora=lora,
+                                     **extra)
             tokenizer = tokenizer or loaded_tok
+        elif lora is not None:
+            raise ValueError("lora applies while loading: pass a path / preset name to LLM, or merge the adapters "
+                             "with sparseek.model.lora.merge_adapters")
         elif quantize is not None:
             raise ValueError("quantize applies while loading: pass a path / preset name to LLM, or quantize the "
                              "model with sparseek.quant.quantize_model_")

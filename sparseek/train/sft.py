@@ -90,6 +90,7 @@ class SFTConfig:
     lora_rank: int = 0  # 0: full fine-tuning
     lora_alpha: float = 16.0
     seed: int = 0
+    base: str | None = None  # the base model's directory or preset, recorded in the adapters' config
     extra: dict = field(default_factory=dict)
 
 
@@ -117,7 +118,7 @@ def sft_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def finetune(model, tokenizer, cfg: SFTConfig, log=print) -> dict:
     """Fine-tune ``model`` in place (full or LoRA); writes the result to ``cfg.out``."""
     from sparseek.checkpoint import save_model
-    from sparseek.train.lora import add_lora, count_trainable, save_adapters
+    from sparseek.model.lora import add_lora, count_trainable, save_adapters
 
     torch.manual_seed(cfg.seed)
     rows = load_chat_jsonl(cfg.data)
@@ -141,12 +142,12 @@ def finetune(model, tokenizer, cfg: SFTConfig, log=print) -> dict:
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        history.append(float(loss))
+        history.append(float(loss.detach()))
         if step % 10 == 0 or step == cfg.max_steps - 1:
-            log(json.dumps({"step": step + 1, "loss": float(loss)}))
+            log(json.dumps({"step": step + 1, "loss": history[-1]}))
     model.eval()
     if cfg.lora_rank:
-        save_adapters(model, cfg.out)
+        save_adapters(model, cfg.out, base=cfg.base, tokenizer=tokenizer)
     else:
         save_model(model, cfg.out, tokenizer=tokenizer)
     return {"losses": history, "trainable": count_trainable(model), "seconds": time.perf_counter() - t0,

@@ -113,7 +113,7 @@ def test_sharding_refuses_what_it_cannot_split(tmp_path):
     import torch.distributed as dist
 
     from sparseek.parallel import shard_experts_
-    from sparseek.train.lora import add_lora
+    from sparseek.model.lora import add_lora
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
     dist.init_process_group("gloo", rank=0, world_size=1)

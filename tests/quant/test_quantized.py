@@ -202,7 +202,7 @@ def test_load_refuses_what_it_cannot_do(tmp_path, caplog):
     with pytest.raises(ValueError, match="has none"):
         sparseek.load("debug", quantize="stored")
     from sparseek.engine import LLM
-    from sparseek.train.lora import add_lora
+    from sparseek.model.lora import add_lora
 
     m, _ = sparseek.load("debug", tokenizer=False)
     with pytest.raises(ValueError, match="quantize"):

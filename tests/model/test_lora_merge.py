@@ -1,0 +1,176 @@
+"""LoRA adapters in inference: merged from their files into the weights (``merge_adapters``), loaded
+with their base by ``sparseek.load`` / ``LLM`` / the CLI, refused by name when they do not fit."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+import sparseek
+from sparseek.checkpoint import load_model, save_model
+from sparseek.engine import LLM, SamplingParams
+from sparseek.model import build_model
+from sparseek.model.lora import add_lora, merge_adapters, save_adapters
+from sparseek.tokenizer import default_tokenizer
+from tests.conftest import randomize_
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer(512)
+
+
+def _ids():
+    return torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _adapted(preset: str, seed: int, rank: int = 4, alpha: float = 8.0):
+    """A random model with random (non-zero) adapters on attention and experts, unmerged."""
+    model = randomize_(build_model(sparseek.preset(preset)), seed).eval()
+    add_lora(model, rank=rank, alpha=alpha)
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-v3"])
+def test_merged_from_file_equals_the_unmerged_adapters(preset, tmp_path):
+    adapted = _adapted(preset, 2)
+    with torch.no_grad():
+        want = adapted(_ids())
+    save_adapters(adapted, tmp_path)
+    base = randomize_(build_model(sparseek.preset(preset)), 2).eval()
+    with torch.no_grad():
+        before = base(_ids())
+    merge_adapters(base, str(tmp_path))
+    assert not any("lora" in type(m).__name__.lower() for m in base.modules())  # plain modules: fast paths stay
+    with torch.no_grad():
+        got = base(_ids())
+    assert (before - want).abs().max() > 1e-2  # the adapters change the output...
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)  # ...and merging keeps that change
+
+
+def test_merge_sums_in_fp32_and_rounds_once(tmp_path):
+    adapted = _adapted("debug", 3)
+    save_adapters(adapted, tmp_path)
+    base = randomize_(build_model(sparseek.preset("debug")), 3).to(torch.bfloat16)
+    w0 = base.layers[0].attn.wq_a.weight.detach().clone()
+    e0 = base.layers[0].ffn.experts.w2.detach().clone()
+    merge_adapters(base, str(tmp_path))
+    la = adapted.layers[0].attn.wq_a
+    want = (w0.float() + la.scale * (la.lora_B.float() @ la.lora_A.float())).to(torch.bfloat16)
+    assert torch.equal(base.layers[0].attn.wq_a.weight, want)
+    ex = adapted.layers[0].ffn.experts
+    want_e = (e0.float() + ex.scale * torch.bmm(ex.lora_B_w2.float(), ex.lora_A_w2.float())).to(torch.bfloat16)
+    assert torch.equal(base.layers[0].ffn.experts.w2, want_e)
+
+
+def test_adapters_that_do_not_fit_are_refused_by_name(tmp_path):
+    save_adapters(_adapted("debug", 1), tmp_path / "v4")
+    other = randomize_(build_model(sparseek.preset("debug-v3")), 1)
+    with pytest.raises(ValueError, match="do not fit this model: .*missing"):
+        merge_adapters(other, str(tmp_path / "v4"))
+    wider = randomize_(build_model(sparseek.preset("debug", moe_intermediate_size=48)), 1)
+    with pytest.raises(ValueError, match="of another shape .*lora_A_w2"):
+        merge_adapters(wider, str(tmp_path / "v4"))
+    with pytest.raises(FileNotFoundError, match="adapter_config.json is missing"):
+        merge_adapters(other, str(tmp_path))
+    with pytest.raises(ValueError, match="names no base model"):
+        sparseek.load(str(tmp_path / "v4"))
+
+
+def test_save_is_whole_and_names_its_base(tmp_path, tok):
+    adapted = _adapted("debug", 1)
+    save_adapters(adapted, tmp_path / "a", base="debug", tokenizer=tok)
+    names = sorted(os.listdir(tmp_path / "a"))
+    assert "adapter_model.safetensors" in names and "tokenizer.json" in names
+    assert not [n for n in names if n.startswith(".")]  # the staging directory is gone
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == "debug" and cfg["peft_type"] == "LORA"
+    save_adapters(adapted, tmp_path / "b", base=str(tmp_path / "a"))  # a directory is kept absolute
+    cfg = json.loads((tmp_path / "b" / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((tmp_path / "a").resolve())
+
+
+@pytest.fixture(scope="module")
+def finetuned(tmp_path_factory, tok):
+    """A saved base checkpoint and LoRA adapters trained on it by ``finetune`` (which records the base)."""
+    from sparseek.train.sft import SFTConfig, finetune
+
+    root = tmp_path_factory.mktemp("lora")
+    base = randomize_(build_model(sparseek.preset("debug")), 4).eval()
+    save_model(base, root / "base", tokenizer=tok)
+    data = root / "chat.jsonl"
+    with open(data, "w") as f:
+        for i in range(8):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                             {"role": "assistant", "content": f"number {i} it is"}]}) + "\n")
+    model = load_model(str(root / "base"), dtype=torch.float32)
+    finetune(model, tok, SFTConfig(data=str(data), out=str(root / "ft"), max_steps=6, lr=5e-3, batch_size=4,
+                                   lora_rank=4, warmup=1, base=str(root / "base")), log=lambda s: None)
+    with torch.no_grad():
+        want = model(_ids())  # the fine-tuned model, adapters unmerged
+    return root, want
+
+
+def test_load_an_adapter_directory_merges_onto_its_base(finetuned):
+    root, want = finetuned
+    model, tok = sparseek.load(str(root / "ft"), dtype="float32")
+    assert tok is not None
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), want, atol=2e-4, rtol=1e-4)
+    explicit, _ = sparseek.load(str(root / "base"), dtype="float32", lora=str(root / "ft"))
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), explicit.state_dict().values()))
+    with pytest.raises(ValueError, match="quantize='stored'"):
+        sparseek.load(str(root / "ft"), quantize="stored")
+    from sparseek.quant import quantize_model_
+
+    q, _ = sparseek.load(str(root / "ft"), dtype="float32", quantize="fp8")
+    assert any(type(m).__name__ == "QuantLinear" for m in q.modules())
+    quantize_model_(model, experts="fp8")  # the merged model quantized: what quantize= must give
+    with torch.no_grad():
+        assert torch.equal(q(_ids()), model(_ids()))
+
+
+def test_engine_and_cli_serve_the_fine_tune(finetuned, tmp_path, capsys):
+    from sparseek.cli import main
+
+    root, _ = finetuned
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    merged, tok = sparseek.load(str(root / "ft"), dtype="float32")
+    want = LLM(merged, tok).generate(["def f(x):"], params)[0].token_ids
+    assert LLM(str(root / "ft"), dtype="float32").generate(["def f(x):"], params)[0].token_ids == want
+    base = LLM(str(root / "base"), dtype="float32", lora=[str(root / "ft")])
+    assert base.generate(["def f(x):"], params)[0].token_ids == want
+    with pytest.raises(ValueError, match="lora applies while loading"):
+        LLM(merged, tok, lora=str(root / "ft"))
+
+    assert main(["merge", "-m", str(root / "ft"), "--dtype", "float32", "--out", str(tmp_path / "merged")]) == 0
+    again, _ = sparseek.load(str(tmp_path / "merged"), dtype="float32")
+    assert all(torch.equal(a, b) for a, b in zip(merged.state_dict().values(), again.state_dict().values()))
+    assert main(["merge", "-m", str(root / "base"), "--out", str(tmp_path / "x")]) == 2
+    assert "nothing to merge" in capsys.readouterr().err
+    capsys.readouterr()
+    assert main(["generate", "-m", str(root / "base"), "--lora", str(root / "ft"), "--dtype", "float32",
+                 "-p", "def f(x):", "--max-tokens", "8", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out.startswith("def f(x):" + tok.decode(want))
+
+
+def test_finetune_verb_writes_adapters_that_chat_loads(finetuned, tmp_path, capsys):
+    from sparseek.cli import main
+
+    root, _ = finetuned
+    out = tmp_path / "ft2"
+    assert main(["finetune", "-m", str(root / "ft"), "--data", str(root / "chat.jsonl"), "--out", str(out),
+                 "--lora-rank", "2", "--max-steps", "2"]) == 0  # adapters trained on the merged fine-tune
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["base_model_name_or_path"] == str((root / "ft").resolve()) and cfg["r"] == 2
+    stacked, _ = sparseek.load(str(out), dtype="float32")  # base, then ft, then ft2
+    by_hand, _ = sparseek.load(str(root / "base"), dtype="float32", lora=[str(root / "ft"), str(out)])
+    assert all(torch.equal(a, b) for a, b in zip(stacked.state_dict().values(), by_hand.state_dict().values()))
