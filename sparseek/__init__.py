@@ -67,7 +67,7 @@ QUANTIZE = ("stored", "fp8", "fp4")
 
 
 def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True,
-         quantize: str | None = None, lora=None, **overrides):
+         quantize: str | None = None, lora=None, prepare=None, **overrides):
     """Load a checkpoint directory, or build a named preset with random weights.
 
     Returns ``(model, tokenizer)``; the tokenizer is None when a checkpoint ships none.
@@ -88,6 +88,11 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     directory: its base (``base_model_name_or_path``, itself possibly adapters) loads first. With
     adapters, ``quantize="fp8"|"fp4"`` quantizes the merged weights; ``"stored"`` is refused
     (merging changes the stored bytes).
+
+    ``prepare(model)`` may swap modules before weights arrive (e.g.
+    ``sparseek.parallel.shard_experts_``: each rank then reads only its own experts from a
+    checkpoint); it runs on the meta device while a checkpoint loads as stored or dequantized,
+    and on the finished model otherwise (presets, LoRA merges, quantize="fp8"/"fp4").
     """
     from sparseek.model.lora import adapter_base, is_adapter_dir, merge_adapters
 
@@ -105,8 +110,10 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     if adapters and quantize == "stored":
         raise ValueError("quantize='stored' keeps a checkpoint's bytes, which merging LoRA adapters changes: "
                          "use quantize='fp8' or 'fp4' to quantize the merged weights")
+    checkpoint = os.path.isdir(base) or os.path.isfile(base)
+    early = prepare if checkpoint and not adapters and quantize not in ("fp8", "fp4") else None
     model, tok = _load(base, resolve_dtype(dtype), device, seed, tokenizer and tok_dir is None,
-                       None if adapters else quantize, overrides)
+                       None if adapters else quantize, overrides, early)
     for directory in adapters:
         merge_adapters(model, os.fspath(directory))
     if tokenizer and tok_dir is not None:
@@ -117,10 +124,13 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
         from sparseek.quant import quantize_model_
 
         quantize_model_(model, experts=quantize)
+    if prepare is not None and early is None:
+        model = prepare(model) or model
     return model, tok
 
 
-def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quantize: str | None, overrides: dict):
+def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quantize: str | None, overrides: dict,
+          prepare=None):
     device = resolve_device(device)
     if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
         from sparseek.checkpoint import load_model
@@ -138,7 +148,8 @@ def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quanti
         elif _slow_half(dtype, device):
             log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
                         "float32 here", _cpu(), _name(dtype))
-        model = load_model(path_or_preset, dtype=dtype, device=device, args=args, quantized=quantize is not None)
+        model = load_model(path_or_preset, dtype=dtype, device=device, args=args, quantized=quantize is not None,
+                           prepare=prepare)
         tok = None
         if tokenizer:
             from sparseek.tokenizer import Tokenizer

@@ -98,10 +98,11 @@ def _engine(a, **llm_kw):
     a.main = rank == 0
     if a.device != "cpu":
         a.device = device  # each rank its own GPU
-    # sharded on the host: no device ever holds every expert
+    # sharded on the host, as the checkpoint is read: each rank reads only its experts' bytes and no
+    # device ever holds every expert
     model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0), quantize=a.quantize,
-                               lora=a.lora)
-    model = shard_experts_(model).to(a.device)
+                               lora=a.lora, prepare=shard_experts_)
+    model = model.to(a.device)
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
         a.seed = _from_rank0(dist, random.randrange(2**31))
     a.share = lambda x: _from_rank0(dist, x)

@@ -103,11 +103,17 @@ def _logical_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
 
 
 def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
-               args: ModelArgs | None = None, quantized: bool = False) -> nn.Module:
+               args: ModelArgs | None = None, quantized: bool = False, prepare=None) -> nn.Module:
     """Build the model described by ``path/config.json`` and fill it from the safetensors files.
 
     ``quantized=True`` keeps FP8 / FP4 weights as they are stored (``sparseek.quant``'s layers
-    decode them in the forward) instead of dequantizing them to ``dtype`` on load."""
+    decode them in the forward) instead of dequantizing them to ``dtype`` on load.
+
+    ``prepare(model)`` runs on the model while it is still on the meta device, before any tensor
+    is read: it may swap modules (e.g. ``sparseek.parallel.shard_experts_``), and only what the
+    result holds is read. An expert stack holding part of a layer's experts says which with
+    ``first`` (its first expert's index) and ``total`` (the layer's count), so a rank reads only
+    its own experts' bytes."""
     path = os.fspath(path)
     args = args or ModelArgs.from_json(path)
     reader = _Reader(tensor_files(path))
@@ -140,8 +146,12 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     raw = _keep_quantized(model, plan, reader) if quantized else {}
     if quantized and not raw:
         log.warning("%s has no FP8 / FP4 weights to keep quantized: loaded as stored (%s)", path, dtype)
-    if raw:
+    if raw or prepare is not None:
+        if prepare is not None:
+            model = prepare(model) or model
         expected = {k: v for k, v in model.state_dict().items() if k in expected or k in raw}
+    span = {f"{n}.{p}": (getattr(m, "first", 0), getattr(m, "total", None) or m.n)  # stacked: (first, layer's count)
+            for n, m in model.named_modules() if isinstance(m, Experts) for p in ("w1", "w2", "w3")}
 
     missing, bad_shape = [], []
     for pname, ref in expected.items():
@@ -154,12 +164,12 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
             continue
         if pname in stacked and not any(t.fused for t, _ in weights):
             have = {t.expert for t, _ in weights}
-            lost = [e for e in range(ref.shape[0]) if e not in have]
+            lost = [e for e in range(span[pname][1]) if e not in have]
             if lost:
                 missing.append(f"{pname} experts {_ranges(lost)}")
         for t, n in weights:
             shape, dt = reader.meta(n)
-            want = _want_shape(t, ref.shape)
+            want = _want_shape(t, ref.shape if pname not in span else (span[pname][1], *ref.shape[1:]))
             got = _raw_shape(shape, dt) if pname in raw else _logical_shape(shape, dt)
             if got != want:
                 bad_shape.append(f"{n}: checkpoint {list(shape)} ({dt}), model expects {list(want)}")
@@ -178,9 +188,9 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     for pname, ref in expected.items():
         if pname in raw:
             src, part = raw[pname]
-            state[pname] = _materialize_raw(reader, plan[src], ref, part, src in stacked)
+            state[pname] = _materialize_raw(reader, plan[src], ref, part, span.get(src, (None,))[0])
             continue
-        state[pname] = _materialize(reader, plan[pname], ref, pname in stacked)
+        state[pname] = _materialize(reader, plan[pname], ref, span.get(pname, (None,))[0])
         dts = {reader.meta(n)[1] for t, n in plan[pname] if t.part == "weight"}
         if len(dts) == 1 and (dt := _SAFETENSORS_DTYPES.get(dts.pop())) is not None:
             source_dtypes[pname] = dt
@@ -247,15 +257,16 @@ def _raw_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
     return (*shape[:-1], shape[-1] * size)
 
 
-def _materialize_raw(reader: "_Reader", entries, ref: torch.Tensor, part: str, is_stacked: bool) -> torch.Tensor:
+def _materialize_raw(reader: "_Reader", entries, ref: torch.Tensor, part: str, first: int | None) -> torch.Tensor:
+    """``first``: the index of the stack's first expert (None: not a stack)."""
     from sparseek.quant.formats import raw_bytes
 
     names = {t.expert: n for t, n in entries if t.part == part}
-    if not is_stacked:
+    if first is None:
         return raw_bytes(reader.get(names[None]))
     out = torch.empty(ref.shape, dtype=torch.uint8)
     for e in range(ref.shape[0]):
-        out[e] = raw_bytes(reader.get(names[e]))
+        out[e] = raw_bytes(reader.get(names[first + e]))
     return out
 
 
@@ -292,21 +303,23 @@ def _read(reader: _Reader, entries: list[tuple[Target, str]], expert: int | None
     return w.to(dtype)
 
 
-def _materialize(reader: _Reader, entries, ref: torch.Tensor, is_stacked: bool) -> torch.Tensor:
+def _materialize(reader: _Reader, entries, ref: torch.Tensor, first: int | None) -> torch.Tensor:
+    """``first``: the index of the stack's first expert (None: not a stack); a stack of fewer
+    experts than the layer's reads only its own."""
     dtype = ref.dtype
-    if not is_stacked:
+    if first is None:
         return _read(reader, entries, None, dtype)  # .to(dtype) is a no-op view of the mmap when dtypes agree
     fused = [(t, n) for t, n in entries if t.fused]
     if fused:
         t, n = fused[0]
-        w = reader.get(n).to(dtype)
+        w = reader.handle(n).get_slice(n)[first:first + ref.shape[0]].to(dtype)
         if t.fused == "gate_up_proj":  # transformers packs [gate; up] along dim 1
             inter = ref.shape[1]
             w = w[:, :inter] if t.param.endswith(".w1") else w[:, inter:]
         return w.contiguous()
     out = torch.empty(ref.shape, dtype=dtype)
     for e in range(ref.shape[0]):
-        out[e] = _read(reader, entries, e, dtype)
+        out[e] = _read(reader, entries, first + e, dtype)
     return out
 
 

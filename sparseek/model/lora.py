@@ -216,16 +216,18 @@ def merge_adapters(model: nn.Module, directory: str) -> nn.Module:
     _refuse_quantized(model)
     scale = cfg["lora_alpha"] / cfg["r"]
     r = cfg["r"]
-    weights: dict[str, tuple[torch.Tensor, bool]] = {}  # adapter key stem -> (weight, stacked)
+    weights: dict[str, tuple[torch.Tensor, int | None]] = {}  # adapter key stem -> (weight, first expert or None)
     shapes: dict[str, tuple[int, ...]] = {}
     for _, _, child, q in _targets(model, set(cfg["target_modules"])):
         if isinstance(child, Experts):
+            # a stack holding part of a layer's experts (expert-sharded ranks) takes its part of the adapters
+            first, total = getattr(child, "first", 0), getattr(child, "total", None) or child.n
             for w in ("w1", "w2", "w3"):
                 t = getattr(child, w)
-                weights[f"{q}.lora_{{}}_{w}"] = (t, True)
-                shapes[f"{q}.lora_A_{w}"], shapes[f"{q}.lora_B_{w}"] = (t.shape[0], r, t.shape[2]), (t.shape[0], t.shape[1], r)
+                weights[f"{q}.lora_{{}}_{w}"] = (t, first)
+                shapes[f"{q}.lora_A_{w}"], shapes[f"{q}.lora_B_{w}"] = (total, r, t.shape[2]), (total, t.shape[1], r)
         else:
-            weights[f"{q}.lora_{{}}"] = (child.weight, False)
+            weights[f"{q}.lora_{{}}"] = (child.weight, None)
             shapes[f"{q}.lora_A"], shapes[f"{q}.lora_B"] = (r, child.in_features), (child.out_features, r)
     path = os.path.join(directory, ADAPTER_FILE)
     with safe_open(path, "pt") as f:
@@ -239,12 +241,12 @@ def merge_adapters(model: nn.Module, directory: str) -> nn.Module:
                              f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(bad)} of another "
                              f"shape {bad[:3]}")
         with torch.no_grad():
-            for stem, (w, stacked) in weights.items():
+            for stem, (w, first) in weights.items():
                 a = f.get_tensor(stem.format("A")).to(w.device, torch.float32)
                 b = f.get_tensor(stem.format("B")).to(w.device, torch.float32)
-                for e in range(w.shape[0]) if stacked else [None]:  # one expert at a time: no [E, out, in] fp32 copy
+                for e in range(w.shape[0]) if first is not None else [None]:  # one expert at a time: no [E, out, in] fp32 copy
                     dst = w if e is None else w[e]
-                    dst.copy_(dst.float() + scale * ((b if e is None else b[e]) @ (a if e is None else a[e])))
+                    dst.copy_(dst.float() + scale * (b @ a if e is None else b[first + e] @ a[first + e]))
     return model
 
 

@@ -96,6 +96,80 @@ def test_two_ranks_with_half_the_experts_each_give_one_rank_s_tokens(tmp_path, q
     assert got[0]["logits"] == got[1]["logits"]  # bit for bit: one all-reduce result on both ranks
 
 
+IDS = [[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26, 43, 38, 327, 95, 28, 84, 197, 169]]
+
+
+def _load_worker(rank, world, port, out, dirs):
+    """Each rank loads the checkpoints with ``prepare=shard_experts_`` and records which experts'
+    tensors it read."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import re
+
+    import torch.distributed as dist
+
+    import sparseek
+    from sparseek.checkpoint import io
+    from sparseek.parallel import init_distributed, shard_experts_
+
+    init_distributed()
+    reads = []
+    plain_get = io._Reader.get
+    io._Reader.get = lambda self, name: reads.append(name) or plain_get(self, name)
+    res = {}
+    for key, (path, quantize) in dirs.items():
+        reads.clear()
+        model, _ = sparseek.load(path, dtype="float32", quantize=quantize, tokenizer=False, prepare=shard_experts_)
+        with torch.no_grad():
+            logits = model(torch.tensor(IDS))
+        res[key] = {"read": sorted({int(m.group(1)) for n in reads if (m := re.search(r"experts\.(\d+)\.", n))}),
+                    "logits": logits.flatten().tolist()}
+    with open(os.path.join(out, f"load{rank}.json"), "w") as f:
+        json.dump(res, f)
+    dist.destroy_process_group()
+
+
+def test_each_rank_reads_only_its_experts_from_a_checkpoint(tmp_path):
+    """``sparseek.load(..., prepare=shard_experts_)`` (what torchrun's generate / chat / eval use)
+    reads a rank's own experts and no other's, in DeepSeek's per-expert layout, kept FP4 as stored,
+    and in transformers' fused layout; each gives the single process's logits."""
+    import sparseek
+    from sparseek.quant import quantize_model_
+
+    torch.set_num_threads(1)
+    model = _model()
+    sparseek.save(model, tmp_path / "ours")
+    sparseek.save(quantize_model_(_model(), experts="fp4", linears=None), tmp_path / "fp4")
+    dirs = {"ours": (str(tmp_path / "ours"), None), "fp4": (str(tmp_path / "fp4"), "stored")}
+    try:
+        import transformers
+        from safetensors.torch import save_file
+
+        hf = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path / "ours", dtype=torch.float32)
+        os.makedirs(tmp_path / "hf")
+        save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(tmp_path / "hf" / "model.safetensors"))
+        (tmp_path / "hf" / "config.json").write_text((tmp_path / "ours" / "config.json").read_text())
+        dirs["hf"] = (str(tmp_path / "hf"), None)
+    except ImportError:
+        pass
+    ref = {}
+    for key, (path, quantize) in dirs.items():
+        one, _ = sparseek.load(path, dtype="float32", quantize=quantize, tokenizer=False)
+        with torch.no_grad():
+            ref[key] = one(torch.tensor(IDS)).flatten()
+    mp.start_processes(_load_worker, args=(2, _free_port(), str(tmp_path), dirs), nprocs=2, join=True,
+                       start_method="spawn")
+    n = model.args.n_routed_experts
+    for r in range(2):
+        got = json.loads((tmp_path / f"load{r}.json").read_text())
+        for key in dirs:
+            if key != "hf":  # its experts are one fused tensor per layer, read by slice
+                assert got[key]["read"] == list(range(r * n // 2, (r + 1) * n // 2)), (r, key)
+            a = torch.tensor(got[key]["logits"])
+            assert (a - ref[key]).abs().max() <= 1e-4 * ref[key].abs().max(), (r, key)
+
+
 @pytest.mark.slow  # ~2.5 min of compiling
 def test_compiled_decode_step_with_sharded_experts(tmp_path):
     torch.set_num_threads(1)
