@@ -175,25 +175,32 @@ def cmd_chat(a) -> int:
 
 
 def cmd_serve(a) -> int:
-    import os
-
-    from sparseek.engine import LLM
     from sparseek.serve import serve
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("serve does not run across torchrun ranks yet (requests would have to reach every rank): "
-                         "start one process; expert-sharded ranks serve generate, chat and eval")
     key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
-    llm = LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=a.kv_fp8,
-              compile=a.compile, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
-              quantize=a.quantize, lora=a.lora)
+    llm = _engine(a, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens)
     if llm.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json: the server takes text, so it needs one")
-    if a.compile:  # compile before the first client waits for it
+    if a.compile:  # compile before the first client waits for it (every rank: the steps are collective)
         from sparseek.engine import SamplingParams
 
-        print("compiling the decode step (minutes on a CPU)...", file=sys.stderr)
+        if a.main:
+            print("compiling the decode step (minutes on a CPU)...", file=sys.stderr)
         llm.generate([[llm.tokenizer.bos_id or 0] * 2], SamplingParams(max_tokens=4, ignore_eos=True))
+    mirror = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # rank 0 serves; the others run its requests' steps
+        from sparseek.parallel.serving import Leader, control_channel, follow
+
+        send, recv = control_channel()
+        if not a.main:
+            import signal
+
+            # Ctrl-C reaches every rank: rank 0 stops the server and then tells the others, which
+            # must keep taking its messages until then (a rank gone early would leave its steps hanging)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            follow(llm, recv)
+            return 0
+        mirror = Leader(send)
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
     if not key and a.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"sparseek serve: warning: listening on {a.host} without an API key (--api-key or SPARSEEK_API_KEY)",
@@ -201,7 +208,7 @@ def cmd_serve(a) -> int:
     print(f"serving {name} at http://{a.host}:{a.port}/v1 (OpenAI API; batch {a.max_batch_size}, context "
           f"{llm.max_seq_len} tokens{', API key required' if key else ''})", file=sys.stderr)
     serve(llm, host=a.host, port=a.port, model_name=name, api_key=key or None, max_waiting=a.max_waiting,
-          thinking=a.thinking, stored_responses=a.stored_responses)
+          thinking=a.thinking, stored_responses=a.stored_responses, mirror=mirror)
     return 0
 
 

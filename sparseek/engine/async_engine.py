@@ -6,13 +6,20 @@ and sleeps on it when there is nothing to do), and a request whose reader goes a
 that disconnected) is aborted: its slot frees at the next step. An error inside a step (out of
 memory, a bug) fails the requests in flight with that error and the loop starts again with a
 fresh cache, so one bad step never takes the server down.
+
+Aborts take effect at the loop's next look at its inbox (before each step), as a snapshot taken
+on the engine thread. A ``mirror`` (``sparseek.parallel.serving.Leader``) is told, at each such
+look, which requests joined and which were aborted, so that other processes holding other parts
+of the model (expert-sharded ranks) can run the same steps on the same requests.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
+import random
 import threading
 from collections.abc import AsyncIterator, Sequence
 
@@ -36,6 +43,8 @@ class Request:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._open = len(seqs)  # completions not finished yet
+        self._abort = False  # asked for from any thread; applied by the engine thread
+        self.rid: int | None = None  # the mirror's name for it
         for s in seqs:
             s.sink = self
 
@@ -47,8 +56,7 @@ class Request:
     def abort(self) -> None:
         """End every unfinished completion (safe from any thread, any number of times)."""
         if self._open:
-            for s in self._seqs:
-                s.aborted = True
+            self._abort = True
             self._engine._wake()
 
     def _put(self, item) -> None:  # engine thread
@@ -79,9 +87,11 @@ class AsyncEngine:
     (bad input raises ``ValueError`` right there, naming the problem); ``max_waiting`` bounds the
     requests queued beyond the running batch (``submit`` raises ``EngineBusy`` past it)."""
 
-    def __init__(self, llm: LLM, max_waiting: int = 256):
+    def __init__(self, llm: LLM, max_waiting: int = 256, mirror=None):
         self.llm = llm
         self.max_waiting = max_waiting
+        self.mirror = mirror
+        self._failed = False  # a step failed since the mirror last heard
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._live: set[Request] = set()  # requests the engine thread has accepted, not finished
         self._lock = threading.Lock()
@@ -117,7 +127,11 @@ class AsyncEngine:
         """Queue one prompt (text or token ids); call from the event loop that will read it."""
         if self._stopping:
             raise EngineBusy("the engine is shutting down")
-        seqs = self.llm._requests([prompt], params or SamplingParams())  # bad input: ValueError here
+        params = params or SamplingParams()
+        if self.mirror is not None and not params.greedy and params.seed is None:
+            # every process must sample alike: the seed is drawn here, once, and travels with the request
+            params = dataclasses.replace(params, seed=random.randrange(2**62))
+        seqs = self.llm._requests([prompt], params)  # bad input: ValueError here
         with self._lock:
             if self._pending + len(self._live) >= self.max_batch_size + self.max_waiting:
                 raise EngineBusy(f"too many requests in flight ({self.max_batch_size} running, "
@@ -144,17 +158,32 @@ class AsyncEngine:
                 items.append(self._inbox.get_nowait())
             except queue.Empty:
                 break
-        if self._stopping:
-            return None
-        seqs = []
+        stop = self._stopping
+        added = []
         for req in items:
             if req is None:
                 continue
             with self._lock:
                 self._pending -= 1
-                self._live.add(req)
-            seqs.extend(req._seqs)
-        return seqs
+                if not stop:
+                    self._live.add(req)
+            if stop:  # never admitted: the loop will not run it
+                req._abort = True
+                req._put(EngineError("the engine is shutting down"))
+            else:
+                added.append(req)
+        with self._lock:
+            live = list(self._live)
+        aborted = []
+        for req in live:
+            if req._abort and not req._seqs[0].aborted:
+                for s in req._seqs:
+                    s.aborted = True
+                aborted.append(req)
+        if self.mirror is not None:
+            self.mirror.send(added, aborted, stop=stop, reset=self._failed)
+            self._failed = False
+        return None if stop else [s for req in added for s in req._seqs]
 
     def _main(self) -> None:
         while not self._stopping:
@@ -172,6 +201,7 @@ class AsyncEngine:
                         s.aborted = True
                     r._put(e)
                 self.llm._cache = None  # rows of the lost requests may be half-written
+                self._failed = True
 
     def _publish(self, seq: _Seq) -> None:
         req: Request = seq.sink

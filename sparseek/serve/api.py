@@ -34,13 +34,14 @@ log = logging.getLogger("sparseek")
 
 
 def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None, max_waiting: int = 256,
-              thinking: bool = False, stored_responses: int = 1024) -> FastAPI:
+              thinking: bool = False, stored_responses: int = 1024, mirror=None) -> FastAPI:
     """The FastAPI app serving ``llm`` as ``model_name``; ``thinking``: chat requests think unless
     they say otherwise (``chat_template_kwargs``, ``reasoning_effort``); ``stored_responses``: how
-    many Responses API responses are kept for ``previous_response_id`` (0: none)."""
+    many Responses API responses are kept for ``previous_response_id`` (0: none); ``mirror``: the
+    engine's ``AsyncEngine`` mirror (expert-sharded ranks: ``sparseek.parallel.serving``)."""
     if llm.tokenizer is None:
         raise ValueError("serving needs a tokenizer: the model has no tokenizer.json")
-    engine = AsyncEngine(llm, max_waiting=max_waiting)
+    engine = AsyncEngine(llm, max_waiting=max_waiting, mirror=mirror)
     tokens = TokenText(llm.tokenizer)
     stored = ResponseStore(stored_responses)
     created = now()

@@ -183,7 +183,7 @@ def test_compiled_decode_step_with_sharded_experts(tmp_path):
 
 def test_sharding_refuses_what_it_cannot_split(tmp_path):
     """LoRA experts are refused by name; the CLI's generate under torchrun prints once (rank 0)
-    what one process prints; serve refuses to start on several ranks."""
+    what one process prints."""
     import torch.distributed as dist
 
     from sparseek.parallel import shard_experts_
@@ -204,6 +204,3 @@ def test_sharding_refuses_what_it_cannot_split(tmp_path):
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.startswith("x = 1")
-    serve = subprocess.run([sys.executable, "-m", "sparseek.cli", "serve", "--model", "debug"], capture_output=True,
-                           text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "2"})
-    assert serve.returncode == 2 and "does not run across torchrun ranks" in serve.stderr
