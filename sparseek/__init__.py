@@ -94,7 +94,7 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     checkpoint); it runs on the meta device while a checkpoint loads as stored or dequantized,
     and on the finished model otherwise (presets, LoRA merges, quantize="fp8"/"fp4").
     """
-    from sparseek.model.lora import adapter_base, is_adapter_dir, merge_adapters
+    from sparseek.checkpoint.adapters import adapter_base, is_adapter_dir, merge_adapters
 
     if quantize is not None and quantize not in QUANTIZE:
         raise ValueError(f"unknown quantize={quantize!r}; use one of {QUANTIZE}")

@@ -315,7 +315,7 @@ def cmd_finetune(a) -> int:
 def cmd_merge(a) -> int:
     import sparseek
     from sparseek.checkpoint import save_model
-    from sparseek.model.lora import is_adapter_dir
+    from sparseek.checkpoint.adapters import is_adapter_dir
 
     if not a.lora and not (os.path.isdir(a.model) and is_adapter_dir(a.model)):
         raise ValueError(f"nothing to merge: {a.model} is not an adapter directory and no --lora was given")

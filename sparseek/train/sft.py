@@ -118,7 +118,8 @@ def sft_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def finetune(model, tokenizer, cfg: SFTConfig, log=print) -> dict:
     """Fine-tune ``model`` in place (full or LoRA); writes the result to ``cfg.out``."""
     from sparseek.checkpoint import save_model
-    from sparseek.model.lora import add_lora, count_trainable, save_adapters
+    from sparseek.checkpoint.adapters import save_adapters
+    from sparseek.model.lora import add_lora, count_trainable
 
     torch.manual_seed(cfg.seed)
     rows = load_chat_jsonl(cfg.data)

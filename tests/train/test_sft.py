@@ -10,7 +10,8 @@ import torch
 import sparseek
 from sparseek.model import build_model
 from sparseek.tokenizer import default_tokenizer
-from sparseek.model.lora import LoRAExperts, LoRALinear, add_lora, load_adapters, merge_lora, save_adapters
+from sparseek.checkpoint.adapters import load_adapters, save_adapters
+from sparseek.model.lora import LoRAExperts, LoRALinear, add_lora, merge_lora
 from sparseek.train.sft import IGNORE, SFTConfig, encode_example, finetune
 from tests.conftest import randomize_
 

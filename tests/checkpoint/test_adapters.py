@@ -1,4 +1,4 @@
-"""LoRA adapters in inference: merged from their files into the weights (``merge_adapters``), loaded
+"""LoRA adapters in inference: merged from their files into the weights (``merge_adapters``, ``sparseek.checkpoint.adapters``), loaded
 with their base by ``sparseek.load`` / ``LLM`` / the CLI, refused by name when they do not fit."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import sparseek
 from sparseek.checkpoint import load_model, save_model
 from sparseek.engine import LLM, SamplingParams
 from sparseek.model import build_model
-from sparseek.model.lora import add_lora, merge_adapters, save_adapters
+from sparseek.checkpoint.adapters import merge_adapters, save_adapters
+from sparseek.model.lora import add_lora
 from sparseek.tokenizer import default_tokenizer
 from tests.conftest import randomize_
 
@@ -174,3 +175,119 @@ def test_finetune_verb_writes_adapters_that_chat_loads(finetuned, tmp_path, caps
     stacked, _ = sparseek.load(str(out), dtype="float32")  # base, then ft, then ft2
     by_hand, _ = sparseek.load(str(root / "base"), dtype="float32", lora=[str(root / "ft"), str(out)])
     assert all(torch.equal(a, b) for a, b in zip(stacked.state_dict().values(), by_hand.state_dict().values()))
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-v3"])
+def test_peft_adapters_merge_to_peft_s_logits(preset, tmp_path):
+    """Adapters trained with PEFT on transformers' DeepSeek model, on its linear layers (attention,
+    compressors and indexers, shared experts, dense MLPs), with rsLoRA scaling and a per-module
+    alpha: merged by sparseek, the logits are PEFT's. On V3, transformers 5 hands PEFT its fused
+    routed-expert tensors for gate/up/down_proj: those adapters merge into every expert too."""
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    # moe_intermediate_size 16: 2 x 16 != hidden 64, or PEFT cannot tell a fused [E, 2I, D] tensor's in from its out
+    model = randomize_(build_model(sparseek.preset(preset, moe_intermediate_size=16)), 5).eval()
+    sparseek.save(model, tmp_path / "base")
+    cls = transformers.DeepseekV4ForCausalLM if model.args.is_v4 else transformers.DeepseekV3ForCausalLM
+    hf = cls.from_pretrained(tmp_path / "base", dtype=torch.float32).eval()
+    # transformers' V4 reads o_a_proj's weight directly (grouped output projection): PEFT cannot wrap it
+    targets = ["q_a_proj", "q_b_proj", "kv_proj", "o_b_proj", "gate_proj", "up_proj", "down_proj", "weights_proj"]
+    if not model.args.is_v4:  # transformers 5 turns gate/up/down_proj on its fused experts into target_parameters
+        targets = ["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", "gate_proj", "up_proj",
+                   "down_proj"]
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                          init_lora_weights=False, use_rslora=True,
+                          alpha_pattern={"o_b_proj" if model.args.is_v4 else "o_proj": 3.0, "q_b_proj": 5.0})
+    tuned = peft.get_peft_model(hf, cfg).eval()
+    with torch.no_grad():
+        want = tuned(_ids()).logits
+        base = model(_ids())
+    tuned.save_pretrained(tmp_path / "peft")
+    merged, _ = sparseek.load(str(tmp_path / "base"), dtype="float32", lora=str(tmp_path / "peft"), tokenizer=False)
+    with torch.no_grad():
+        got = merged(_ids())
+    assert (base - want).abs().max() > 1e-2
+    torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+    # PEFT records the base's path: the adapter directory alone loads as the fine-tuned model
+    alone, _ = sparseek.load(str(tmp_path / "peft"), dtype="float32", tokenizer=False)
+    assert all(torch.equal(a, b) for a, b in zip(alone.state_dict().values(), merged.state_dict().values()))
+    if not model.args.is_v4:  # the routed experts were adapted too, through the fused tensors
+        keys = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["target_parameters"]
+        assert sorted(keys) == ["down_proj", "gate_up_proj"]
+        plain = randomize_(build_model(sparseek.preset(preset, moe_intermediate_size=16)), 5)
+        moe = next(i for i, layer in enumerate(plain.layers) if hasattr(layer.ffn, "experts"))
+        for w in ("w1", "w2", "w3"):
+            assert not torch.equal(getattr(merged.layers[moe].ffn.experts, w), getattr(plain.layers[moe].ffn.experts, w))
+
+
+def _write_peft(directory, tensors: dict, **cfg):
+    from safetensors.torch import save_file
+
+    os.makedirs(directory, exist_ok=True)
+    save_file({f"base_model.model.{k}": v.clone().contiguous() for k, v in tensors.items()},
+              os.path.join(directory, "adapter_model.safetensors"))
+    with open(os.path.join(directory, "adapter_config.json"), "w") as f:
+        json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["gate_proj"], **cfg}, f)
+
+
+def test_peft_per_expert_modules_and_what_is_refused(tmp_path):
+    """Per-expert modules (DeepSeek's own layout, transformers before fused experts) merge into their
+    expert of the stack; DoRA, saved modules, biases and adapters that fit nothing are refused by name."""
+    model = randomize_(build_model(sparseek.preset("debug-v3")), 6).eval()
+    moe = next(i for i, layer in enumerate(model.layers) if hasattr(layer.ffn, "experts"))
+    experts = model.layers[moe].ffn.experts
+    g = torch.Generator().manual_seed(0)
+    inter, dim = experts.w1.shape[1:]
+    a, b = torch.randn(2, dim, generator=g), torch.randn(inter, 2, generator=g)
+    before = experts.w1.detach().clone()
+    _write_peft(tmp_path / "e", {f"model.layers.{moe}.mlp.experts.3.gate_proj.lora_A.weight": a,
+                                 f"model.layers.{moe}.mlp.experts.3.gate_proj.lora_B.weight": b})
+    merge_adapters(model, str(tmp_path / "e"))
+    assert torch.equal(experts.w1[3], before[3] + 2.0 * (b @ a))  # alpha / r = 2
+    assert torch.equal(torch.cat([experts.w1[:3], experts.w1[4:]]), torch.cat([before[:3], before[4:]]))
+    for name, cfg, match in (("dora", {"use_dora": True}, "DoRA"), ("save", {"modules_to_save": ["lm_head"]},
+                             "modules_to_save"), ("bias", {"bias": "all"}, "bias='all'")):
+        _write_peft(tmp_path / name, {f"model.layers.{moe}.mlp.experts.3.gate_proj.lora_A.weight": a,
+                                      f"model.layers.{moe}.mlp.experts.3.gate_proj.lora_B.weight": b}, **cfg)
+        with pytest.raises(ValueError, match=match):
+            merge_adapters(model, str(tmp_path / name))
+    _write_peft(tmp_path / "wrong", {"model.layers.0.self_attn.nonesuch.lora_A.weight": a,
+                                     "model.layers.0.self_attn.nonesuch.lora_B.weight": b,
+                                     f"model.layers.{moe}.mlp.experts.3.gate_proj.lora_A.weight": a.t(),
+                                     f"model.layers.{moe}.mlp.experts.3.gate_proj.lora_B.weight": b})
+    with pytest.raises(ValueError, match=r"1 unexpected .*nonesuch.*1 of another shape .*experts.3.gate_proj"):
+        merge_adapters(model, str(tmp_path / "wrong"))
+    with pytest.raises(ValueError, match="does not attach them"):
+        from sparseek.checkpoint.adapters import load_adapters
+
+        load_adapters(model, str(tmp_path / "e"))
+
+
+def test_a_part_of_the_experts_takes_its_part_of_the_adapters(tmp_path):
+    """An expert stack holding experts [first, first + n) of a layer (an expert-sharded rank) gets
+    exactly those experts' updates, from sparseek's stacked adapters and from PEFT's per-expert ones."""
+    from sparseek.model.common import Experts
+
+    save_adapters(_adapted("debug", 7), tmp_path / "ours")
+    full = randomize_(build_model(sparseek.preset("debug")), 7)
+    part = randomize_(build_model(sparseek.preset("debug")), 7)
+    n = full.args.n_routed_experts
+    layers = [i for i, layer in enumerate(part.layers) if hasattr(layer.ffn, "experts")]
+    for i in layers:
+        ex = part.layers[i].ffn.experts
+        half = Experts.wrap(*(getattr(ex, w)[n // 2:].clone() for w in ("w1", "w2", "w3")), ex.limit)
+        half.first, half.total = n // 2, n
+        part.layers[i].ffn.experts = half
+    g = torch.Generator().manual_seed(1)
+    inter, dim = full.layers[layers[0]].ffn.experts.w1.shape[1:]
+    peft_tensors = {}
+    for e in (1, n - 1):  # one expert of each half
+        peft_tensors[f"model.layers.{layers[0]}.ffn.experts.{e}.w1.lora_A.weight"] = torch.randn(2, dim, generator=g)
+        peft_tensors[f"model.layers.{layers[0]}.ffn.experts.{e}.w1.lora_B.weight"] = torch.randn(inter, 2, generator=g)
+    _write_peft(tmp_path / "peft", peft_tensors)
+    for model in (full, part):
+        merge_adapters(model, str(tmp_path / "ours"))
+        merge_adapters(model, str(tmp_path / "peft"))
+    for i in layers:
+        for w in ("w1", "w2", "w3"):
+            assert torch.equal(getattr(part.layers[i].ffn.experts, w), getattr(full.layers[i].ffn.experts, w)[n // 2:])
