@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import sys
 
-from sparseek import QUANTIZE
 from sparseek.evals.tasks import ARTICLE_TASKS, TASKS
 
 
@@ -20,7 +19,9 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="benchmarks (MMLU, HumanEval, GSM8K, MATH, HellaSwag, needle), offline",
                               description="Evaluate a checkpoint or preset with the standard protocols and print "
                                           "the article's table.")
-    p.add_argument("--model", "-m", default="nano", help="checkpoint directory or preset name (default: nano)")
+    from sparseek.cli import _add_model_args
+
+    _add_model_args(p)  # --model/--dtype/--device/--quantize/--lora, as every model verb has them
     p.add_argument("--tasks", "-t", default=",".join(ARTICLE_TASKS),
                    help=f"comma-separated, from {', '.join(TASKS)} (default: the article's five)")
     p.add_argument("--limit", type=int, default=None,
@@ -32,10 +33,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="results JSON path (a Markdown table is written beside it, same name, .md)")
     p.add_argument("--log-samples", action="store_true", help="keep every item's prediction in the JSON")
     p.add_argument("--num-fewshot", type=int, default=None, help="override the standard shot count (all tasks)")
-    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quantize", choices=QUANTIZE, default=None,
-                   help="evaluate with weights kept quantized in memory (as `sparseek generate --quantize`)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per log-likelihood forward")
     p.add_argument("--max-batch-size", type=int, default=8, help="concurrent sequences in generation")
     p.add_argument("--max-seq-len", type=int, default=4096)
