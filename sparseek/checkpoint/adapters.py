@@ -205,7 +205,7 @@ def _peft_plan(model: nn.Module, cfg: dict, shapes: dict):
             else:
                 items += fused
             continue
-        t = target_of(module + ".weight", model.args.is_v4, stacked)
+        t = target_of(module + ".weight", model.args.is_v4, stacked, model.args.num_hidden_layers)
         owner_name, attr = t.param.rsplit(".", 1)
         try:
             owner = model.get_submodule(owner_name)
@@ -241,7 +241,7 @@ def _peft_fused_items(model, module: str, shapes: dict, key_a: str, key_b: str, 
     from sparseek.checkpoint.names import target_of
 
     layer = module.split(".base_layer")[0]
-    t = target_of(layer + ".gate_up_proj", model.args.is_v4, stacked)
+    t = target_of(layer + ".gate_up_proj", model.args.is_v4, stacked, model.args.num_hidden_layers)
     if not t.fused:
         return f"{module}: no routed experts here in this model"
     owner = model.get_submodule(t.param.rsplit(".", 1)[0])

@@ -123,23 +123,21 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     stacked = stacked_params(model)
 
     plan: dict[str, list[tuple[Target, str]]] = defaultdict(list)
-    unexpected, ignored = [], []
+    unexpected = []
+    mtp_start = None if args.is_v4 else args.num_hidden_layers  # V3 numbers its MTP layer after the others
     for name in reader.files:
-        t = target_of(name, args.is_v4, stacked)
+        t = target_of(name, args.is_v4, stacked, mtp_start)
         if t.param in expected:
             plan[t.param].append((t, name))
             if t.fused == "gate_up_proj":  # one fused tensor feeds both w1 (gate) and w3 (up)
                 w3 = t.param[:-1] + "3"
                 plan[w3].append((Target(w3, fused=t.fused), name))
-        elif not args.is_v4 and _is_v3_mtp(t.param, args):
-            ignored.append(name)
-        else:
+        elif not _V3_MTP_SHARED.match(t.param):  # V3's MTP layer carries copies of the embedding and head
             unexpected.append(name)
-    if ignored:
-        log.info("ignoring %d tensors of the V3 MTP layer (not supported for V3)", len(ignored))
 
-    if args.is_v4 and len(model.mtp) and not any(p.startswith("mtp.") for p in plan):
-        log.warning("checkpoint has no MTP weights (mtp.*): loading without the MTP block")
+    if len(model.mtp) and not any(p.startswith("mtp.") for p in plan):
+        where = "mtp.*" if args.is_v4 else f"model.layers.{args.num_hidden_layers}.*"
+        log.warning("checkpoint has no MTP weights (%s): loading without the MTP block", where)
         model.mtp = nn.ModuleList()
         expected = {k: v for k, v in expected.items() if not k.startswith("mtp.")}
     # model tensor -> (the parameter whose plan entries fill it, "weight" / "scale"): kept as raw bytes
@@ -274,9 +272,7 @@ def stacked_params(model: nn.Module) -> set[str]:
     return {f"{n}.{p}" for n, m in model.named_modules() if isinstance(m, Experts) for p in ("w1", "w2", "w3")}
 
 
-def _is_v3_mtp(param: str, args: ModelArgs) -> bool:
-    m = re.match(r"^layers\.(\d+)\.", param)
-    return bool(m) and int(m.group(1)) >= args.num_hidden_layers
+_V3_MTP_SHARED = re.compile(r"^mtp\.\d+\.(embed_tokens|shared_head\.head)\.")
 
 
 def _want_shape(t: Target, ref_shape: torch.Size) -> tuple[int, ...]:
@@ -337,8 +333,16 @@ def checkpoint_state(model: nn.Module, state: dict[str, torch.Tensor] | None = N
         t = t.detach()
         if pname in dtypes and pname not in published:
             t = t.to(dtypes[pname])
-        for cname, e in checkpoint_names(pname, tuple(t.shape), stacked, args.is_v4):
+        for cname, e in checkpoint_names(pname, tuple(t.shape), stacked, args.is_v4, args.num_hidden_layers):
             out[cname] = (t[e] if e is not None else t).contiguous().cpu()
+    if not args.is_v4 and any(k.startswith("mtp.") for k in sd):
+        # V3's MTP layers publish their own copies of the embedding and head (vLLM and SGLang read them)
+        for k in range(args.n_mtp):
+            layer = f"model.layers.{args.num_hidden_layers + k}."
+            for cname in [n for n in out if n.startswith(("model.embed_tokens.", "lm_head."))]:
+                copy = layer + (cname.replace("model.embed_tokens.", "embed_tokens.") if cname.startswith("model.")
+                                else cname.replace("lm_head.", "shared_head.head."))
+                out[copy] = out[cname].clone()
     return out
 
 

@@ -10,7 +10,10 @@ Names we read:
   names modules (``self_attn.q_a_proj``, ``compressor.indexer.scorer.weights_proj``, fused
   ``experts.gate_up_proj`` ...);
 * V3/V2 hub names (``model.layers.L.self_attn.kv_a_proj_with_mqa.weight``, ``mlp.experts.E.gate_proj``),
-  which is also what ``save`` writes for those families (the format transformers loads).
+  which is also what ``save`` writes for those families (the format transformers loads). V3's MTP
+  layer sits after the main ones (``model.layers.61.*`` in V3 / R1: ``enorm``, ``hnorm``, ``eh_proj``,
+  ``shared_head.norm``, a decoder layer, and copies of the embedding and head) and is ``mtp.0.*``
+  here (``shared_head.norm`` -> ``mtp.0.norm``).
 Quantization companions (``.scale``, ``.weight_scale_inv``) follow their weight.
 """
 
@@ -92,13 +95,14 @@ def canonical_v4(name: str) -> str:
     return name
 
 
-def canonical_v3(name: str) -> str:
+def canonical_v3(name: str, mtp_start: int | None = None) -> str:
+    """``mtp_start``: the first MTP layer's index (``num_hidden_layers``); its layers become ``mtp.K``."""
     name = re.sub(r"^model\.", "", name)
     name = re.sub(r"^embed_tokens\.", "embed.", name)
     name = re.sub(r"^lm_head\.", "head.", name)
-    m = re.match(r"^(layers\.\d+)\.(.*)$", name)
+    m = re.match(r"^layers\.(\d+)\.(.*)$", name)
     if m:
-        head, rest = m.groups()
+        layer, rest = int(m.group(1)), m.group(2)
         rest = re.sub(r"^mlp\.experts\.(\d+)\.gate_proj\.", r"ffn.experts.\1.w1.", rest)
         rest = re.sub(r"^mlp\.experts\.(\d+)\.up_proj\.", r"ffn.experts.\1.w3.", rest)
         rest = re.sub(r"^mlp\.experts\.(\d+)\.down_proj\.", r"ffn.experts.\1.w2.", rest)
@@ -107,11 +111,15 @@ def canonical_v3(name: str) -> str:
             if rest == hf or rest.startswith(hf + "."):
                 rest = ours + rest[len(hf):]
                 break
-        name = f"{head}.{rest}"
+        if mtp_start is not None and layer >= mtp_start:
+            rest = re.sub(r"^shared_head\.norm\.", "norm.", rest)
+            name = f"mtp.{layer - mtp_start}.{rest}"
+        else:
+            name = f"layers.{layer}.{rest}"
     return re.sub(r"weight_scale_inv$", "scale", name)
 
 
-def hub_name_v3(name: str) -> str:
+def hub_name_v3(name: str, mtp_start: int | None = None) -> str:
     """Inverse of ``canonical_v3`` for saving (per-expert names, transformers' layout)."""
     if name in ("embed.weight",):
         return "model.embed_tokens.weight"
@@ -120,9 +128,17 @@ def hub_name_v3(name: str) -> str:
     if name == "norm.weight":
         return "model.norm.weight"
     m = re.match(r"^(layers\.\d+)\.(.*)$", name)
-    if not m:
+    k = re.match(r"^mtp\.(\d+)\.(.*)$", name)
+    if k and mtp_start is not None:
+        head, rest = f"layers.{mtp_start + int(k.group(1))}", k.group(2)
+        if re.match(r"^(enorm|hnorm|eh_proj|embed_tokens|shared_head)\.", rest):
+            return f"model.{head}.{rest}"
+        if rest.startswith("norm."):
+            return f"model.{head}.shared_head.{rest}"
+    elif m:
+        head, rest = m.groups()
+    else:
         raise KeyError(name)
-    head, rest = m.groups()
     e = re.match(r"^ffn\.experts\.(\d+)\.(w[123])\.(.*)$", rest)
     if e:
         proj = {"w1": "gate_proj", "w2": "down_proj", "w3": "up_proj"}[e.group(2)]
@@ -133,9 +149,10 @@ def hub_name_v3(name: str) -> str:
     raise KeyError(name)
 
 
-def target_of(name: str, family_v4: bool, stacked: set[str]) -> Target:
-    """Map a checkpoint tensor name onto the model (``stacked``: names of stacked expert params)."""
-    canon = canonical_v4(name) if family_v4 else canonical_v3(name)
+def target_of(name: str, family_v4: bool, stacked: set[str], mtp_start: int | None = None) -> Target:
+    """Map a checkpoint tensor name onto the model (``stacked``: names of stacked expert params;
+    ``mtp_start``: V3's first MTP layer index)."""
+    canon = canonical_v4(name) if family_v4 else canonical_v3(name, mtp_start)
     f = _FUSED_RE.match(canon)
     if f and f.group(1).replace(".mlp.", ".ffn.") + ".w1" in stacked:
         base = f.group(1).replace(".mlp.", ".ffn.")
@@ -148,7 +165,8 @@ def target_of(name: str, family_v4: bool, stacked: set[str]) -> Target:
     return Target(canon)
 
 
-def checkpoint_names(param: str, shape: tuple[int, ...], stacked: set[str], family_v4: bool) -> list[tuple[str, int | None]]:
+def checkpoint_names(param: str, shape: tuple[int, ...], stacked: set[str], family_v4: bool,
+                     mtp_start: int | None = None) -> list[tuple[str, int | None]]:
     """The published tensor names of one model tensor: (name, expert index or None)."""
     if param in stacked:
         prefix, w = param.rsplit(".", 1)
@@ -160,5 +178,5 @@ def checkpoint_names(param: str, shape: tuple[int, ...], stacked: set[str], fami
         names = [(param, None)]
     if not family_v4:
         # V3 / V2 checkpoints name a weight's scale `weight_scale_inv` (it multiplies all the same)
-        names = [(re.sub(r"\.scale$", ".weight_scale_inv", hub_name_v3(n)), e) for n, e in names]
+        names = [(re.sub(r"\.scale$", ".weight_scale_inv", hub_name_v3(n, mtp_start)), e) for n, e in names]
     return names

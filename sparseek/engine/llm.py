@@ -402,7 +402,7 @@ class LLM:
         whose ``aborted`` flag is set (from any thread) ends at the next step with
         finish_reason "abort" and frees its slot."""
         if self._cache is None:
-            self._cache = self.model.new_cache(self.max_batch_size, self.max_seq_len)
+            self._cache = self.model.new_cache(self.max_batch_size, self.max_seq_len, with_mtp=bool(self.speculative))
             if self._decode_fn is not None and self._cache.device.type == "cuda":
                 self._cache.mark_static()
         cache = self._cache

@@ -165,7 +165,7 @@ class Cache:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.mtp_pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
-        n_blocks = args.num_hidden_layers + (args.n_mtp if (with_mtp and args.is_v4) else 0)
+        n_blocks = args.num_hidden_layers + (args.n_mtp if with_mtp else 0)
         self.layers = [self._layer(i) for i in range(n_blocks)]
 
     def _layer(self, layer_id: int) -> LayerCache:
@@ -268,7 +268,7 @@ class Cache:
 
 
 def cache_bytes(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat16, batch_size: int = 1,
-                spare: int = Cache.SPARE) -> dict:
+                spare: int = Cache.SPARE, with_mtp: bool = True) -> dict:
     """Analytic size of the decode state, by layer type: what grows per token and what is fixed.
 
     V4 (DeepSeek-V4 report §2.3, §3.5): every layer keeps a window of ``sliding_window`` KV entries
@@ -281,7 +281,7 @@ def cache_bytes(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat
     entry = FP8KV(args.head_dim, args.qk_rope_head_dim, dtype).width if args.is_v4 and args.kv_fp8 else None
     per_type: dict[str, dict[str, float]] = {}
     total_fixed = total_grow = 0.0
-    n_blocks = args.num_hidden_layers + (args.n_mtp if args.is_v4 else 0)
+    n_blocks = args.num_hidden_layers + (args.n_mtp if with_mtp else 0)  # the MTP layers' own caches
     for i in range(n_blocks):
         if not args.is_v4:
             kind, grow, fixed = "mla", (args.kv_lora_rank + args.qk_rope_head_dim) * e, 0

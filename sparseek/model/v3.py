@@ -10,6 +10,11 @@ Two equivalent ways to attend:
 
 ``attn_impl`` picks one ("naive", "absorb") or lets the length decide ("auto": absorb for short
 chunks against a cache, naive for long prompts).
+
+V3 / R1 ship one multi-token-prediction layer (DeepSeek-V3 report §2.2; ``model.layers.61`` in the
+checkpoint, ``mtp.0`` here): ``MTPBlock`` reads the main model's last hidden state at t and the
+embedding of token t+1 and predicts token t+2 through one more decoder layer and the shared head.
+The engine drafts with it (speculative decoding); training adds its loss.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from torch import nn
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
 from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
-from sparseek.model.base import DecoderLM, attn_block_budget, init_params, logit_positions
+from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions
 
 
 def _rope_layout(args: ModelArgs) -> bool:
@@ -137,6 +142,27 @@ class Block(nn.Module):
         return x + self.ffn(h)
 
 
+class MTPBlock(Block):
+    """Multi-token prediction: h' = eh_proj([enorm(Emb(t+1)); hnorm(h_t)]), one decoder layer, then
+    the shared head after its own norm (``shared_head.norm``). h_t is the main model's last hidden
+    state after its final norm (what vLLM and SGLang feed DeepSeek-V3's MTP layer); chained drafts
+    feed the layer's own output back. Embedding and head are the main model's."""
+
+    def __init__(self, layer_id: int, args: ModelArgs, dtype=None):
+        super().__init__(layer_id, args, dtype)
+        d = args.hidden_size
+        self.enorm = RMSNorm(d, args.rms_norm_eps)
+        self.hnorm = RMSNorm(d, args.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * d, d, bias=False, dtype=dtype)
+        self.norm = RMSNorm(d, args.rms_norm_eps)
+
+    def forward(self, hidden_BTD, emb_BTD, cos, sin, latent, pos, decode):
+        """(the layer's output, normalized for the shared head)."""
+        x = self.eh_proj(torch.cat([self.enorm(emb_BTD), self.hnorm(hidden_BTD)], dim=-1))
+        x = super().forward(x, cos, sin, latent, pos, decode)
+        return x, self.norm(x)
+
+
 class DeepSeekV3(DecoderLM):
     def __init__(self, args: ModelArgs, dtype: torch.dtype | None = None):
         super().__init__()
@@ -152,7 +178,7 @@ class DeepSeekV3(DecoderLM):
             f = float(y["factor"])
             factor = yarn_mscale(f, ms) / yarn_mscale(f, ms_all) if (ms and ms_all) else yarn_mscale(f)
         self.rotary = Rotary(args.qk_rope_head_dim, args.rope_theta, y, attention_factor=factor)
-        self.mtp = nn.ModuleList()  # V3's MTP layer is not supported; its weights are skipped on load
+        self.mtp = nn.ModuleList(MTPBlock(args.num_hidden_layers + i, args, dtype) for i in range(args.n_mtp))
 
     @property
     def attn_impl(self) -> str:
@@ -167,6 +193,9 @@ class DeepSeekV3(DecoderLM):
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
                 at: torch.Tensor | None = None, return_hidden: bool = False):
+        """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence.
+        ``return_hidden``: also the last hidden states after the final norm (every position), what
+        the MTP layer reads."""
         B, T, _ = self._begin(input_ids, cache)  # MLA writes and masks by each row's own positions
         if cache is not None:
             pos = cache.pos
@@ -180,8 +209,36 @@ class DeepSeekV3(DecoderLM):
             x = layer(x, cos, sin, cache.layers[i].latent if cache is not None else None, pos, decode)
         if cache is not None:
             cache.pos += T
-        logits = self.head(self.norm(logit_positions(x, last_n, at))).float()
-        return (logits, x) if return_hidden else logits
+        if return_hidden:
+            h = self.norm(x)
+            return self.head(logit_positions(h, last_n, at)).float(), h
+        return self.head(self.norm(logit_positions(x, last_n, at))).float()
+
+    def forward_mtp(self, hidden_BTD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
+                    start: int | torch.Tensor = 0, *, last_n: int | None = None, at: torch.Tensor | None = None,
+                    return_hidden: bool = False):
+        """MTP logits predicting token t+2 from the hidden state at t (``forward(...,
+        return_hidden=True)``'s, or this layer's own output when drafts chain) and token t+1
+        (``next_ids``). With a cache the layer keeps its own latents (``cache.layers[-1]``) and
+        position counter (``cache.mtp_pos``); without one, the first entry sits at ``start``.
+        ``last_n`` / ``at`` pick positions as ``forward`` does; ``return_hidden``: also the layer's
+        output there (to chain the next draft on)."""
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP layer (num_nextn_predict_layers = 0)")
+        B, T = _check_ids(next_ids, self.args.vocab_size)
+        if cache is not None:
+            pos = cache.mtp_pos
+            latent = cache.layers[self.args.num_hidden_layers].latent
+        else:
+            pos = torch.full((B,), int(start), dtype=torch.long, device=next_ids.device)
+            latent = None
+        cos, sin = self.rotary(pos[:, None] + torch.arange(T, device=next_ids.device))
+        x, h = self.mtp[0](hidden_BTD, self.embed(next_ids), cos, sin, latent, pos,
+                           cache is not None and T == 1)
+        if cache is not None:
+            cache.mtp_pos += T
+        logits = self.head(logit_positions(h, last_n, at)).float()
+        return (logits, logit_positions(x, None, at) if at is not None else x) if return_hidden else logits
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
         init_params(self, std, seed)
@@ -192,4 +249,5 @@ class DeepSeekV3(DecoderLM):
         n_moe = sum(isinstance(layer.ffn, MoE) for layer in self.layers)
         idle = (a.n_routed_experts - a.num_experts_per_tok) * 3 * a.hidden_size * a.moe_intermediate_size * n_moe
         emb = self.embed.weight.numel()
-        return {"total": total, "active": total - idle - emb, "embedding": emb, "mtp": 0}
+        mtp = sum(p.numel() for p in self.mtp.parameters())
+        return {"total": total, "active": total - mtp - idle - emb, "embedding": emb, "mtp": mtp}

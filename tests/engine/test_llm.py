@@ -198,8 +198,14 @@ def test_loglikelihood_matches_the_model(model, tok):
     assert llm.loglikelihood([([5, 6, 7], path)])[0][1] is True
 
 
-@pytest.mark.parametrize("k", [1, 3])
-def test_mtp_speculative_greedy_equals_plain(model, tok, k):
+def _v3():
+    """DeepSeek-V3's layout with its MTP layer (``model.layers.61`` in V3 / R1)."""
+    return randomize_(build_model(sparseek.preset("debug-v3")), 5).eval()
+
+
+@pytest.mark.parametrize("k,v3", [(1, False), (3, False), (2, True)])
+def test_mtp_speculative_greedy_equals_plain(model, tok, k, v3):
+    model = _v3() if v3 else model
     params = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
     plain = LLM(model, tok, max_batch_size=2, max_seq_len=512).generate(PROMPTS[:3], params)
     spec = LLM(model, tok, max_batch_size=2, max_seq_len=512, speculative_tokens=k).generate(PROMPTS[:3], params)
@@ -248,14 +254,16 @@ def _static_steps(monkeypatch):
     monkeypatch.setattr(v4, "compile_hot_paths", lambda: None)
 
 
-@pytest.mark.parametrize("prefill_chunk,static", [(512, False), (16, False), (512, True)])
-def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, prefill_chunk, static):
+@pytest.mark.parametrize("prefill_chunk,static,v3", [(512, False, False), (16, False, False), (512, True, False),
+                                                     (16, False, True)])
+def test_speculative_drafts_come_from_the_mtp_block(model, tok, monkeypatch, prefill_chunk, static, v3):
     """Every draft is the MTP block's prediction as a one-shot run of the sequence gives it: the
     first from the main model's streams at the newest position, the second chained on the MTP
     block's own output -- whatever each row of the batch accepted (an oracle makes most drafts
     right and some wrong, so the rows accept different counts), after prompts prefilled together
     or (asking for prompt log-probabilities) alone, in one chunk or many, and through the
-    fixed-shape steps a compiled engine verifies and drafts with (``static``)."""
+    fixed-shape steps a compiled engine verifies and drafts with (``static``); V3's MTP layer too."""
+    model = _v3() if v3 else model
     params = SamplingParams(max_tokens=14, temperature=0, ignore_eos=True)
     refs = [_solo(model, tok, p, params).token_ids for p in PROMPTS[:3]]
     params = [params, params, SamplingParams(**{**params.__dict__, "prompt_logprobs": 1})]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -20,7 +22,10 @@ def test_v3_ours_to_transformers(tmp_path, seed):
     sparseek.save(ours, tmp_path)
     theirs, info = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path, dtype=torch.float32,
                                                                        output_loading_info=True)
-    assert not any(info.values()), info
+    # the MTP layer after the main ones is DeepSeek's layout (layer 61 in V3 / R1), which transformers skips
+    mtp = f"model.layers.{ours.args.num_hidden_layers}."
+    assert info["unexpected_keys"] and all(k.startswith(mtp) for k in info["unexpected_keys"])
+    assert not any(v for k, v in info.items() if k != "unexpected_keys"), info
     _compare(ours, theirs.eval(), seed)
 
 
@@ -105,3 +110,57 @@ def test_v3_rows_at_different_positions(v3):
             assert rel_err(got[0], v3(ids[0:1, :26])[0, 21:]) < 1e-4, impl
             assert rel_err(got[1], v3(ids[1:2, :56])[0, 51:]) < 1e-4, impl
         v3.attn_impl = "auto"
+
+
+def test_mtp_layer_by_hand_and_cached_equals_one_shot(v3):
+    """V3's MTP layer: eh_proj([enorm(Emb(t+1)); hnorm(h_t)]) through one decoder layer, then the
+    shared head after its own norm, h_t being the main model's last hidden state after the final
+    norm; run over a cache in chunks (its own latents and positions) it gives the one-shot logits."""
+    ids = torch.randint(0, 512, (2, 90), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        logits, h = v3(ids, return_hidden=True)
+        assert torch.equal(v3.head(h).float(), logits)  # the hidden state comes after the final norm
+        want = v3.forward_mtp(h[:, :-1], ids[:, 1:])
+        mtp = v3.mtp[0]
+        x = mtp.eh_proj(torch.cat([mtp.enorm(v3.embed(ids[:, 1:])), mtp.hnorm(h[:, :-1])], dim=-1))
+        cos, sin = v3.rotary(torch.arange(89)[None].expand(2, -1))
+        x = x + mtp.attn(mtp.attn_norm(x), cos, sin, None, torch.zeros(2, dtype=torch.long), False)
+        x = x + mtp.ffn(mtp.ffn_norm(x))
+        assert rel_err(want, v3.head(mtp.norm(x)).float()) < 1e-5
+        cache = v3.new_cache(2, 128)
+        got = [v3.forward_mtp(h[:, a:b], ids[:, a + 1:b + 1], cache) for a, b in ((0, 40), (40, 41), (41, 89))]
+        assert rel_err(torch.cat(got, dim=1), want) < 1e-4
+        assert cache.mtp_pos.tolist() == [89, 89] and cache.pos.tolist() == [0, 0]
+    assert v3.param_counts()["mtp"] == sum(p.numel() for p in v3.mtp.parameters()) > 0
+
+
+def test_mtp_layer_in_deepseek_s_layout(v3, tmp_path):
+    """Saved as V3 / R1 publish it (the layer after the main ones, its own copies of the embedding
+    and head, which loading reads as shared), read back bit for bit; a checkpoint without it loads
+    without the MTP layer."""
+    from safetensors import safe_open
+
+    sparseek.save(v3, tmp_path / "a")
+    L = v3.args.num_hidden_layers
+    with safe_open(str(tmp_path / "a" / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        assert torch.equal(f.get_tensor(f"model.layers.{L}.shared_head.head.weight"), v3.head.weight)
+        assert torch.equal(f.get_tensor(f"model.layers.{L}.embed_tokens.weight"), v3.embed.weight)
+    for name in ("enorm", "hnorm", "eh_proj", "shared_head.norm", "self_attn.kv_b_proj", "mlp.gate"):
+        assert f"model.layers.{L}.{name}.weight" in keys, name
+    back, _ = sparseek.load(str(tmp_path / "a"), dtype=torch.float32, tokenizer=False)
+    assert len(back.mtp) == 1 and all(torch.equal(a, b) for a, b in zip(back.state_dict().values(),
+                                                                        v3.state_dict().values()))
+    sparseek.save(back, tmp_path / "b")
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    from safetensors.torch import load_file, save_file
+
+    plain = {k: v for k, v in load_file(str(tmp_path / "a" / "model.safetensors")).items()
+             if not k.startswith(f"model.layers.{L}.")}
+    os.makedirs(tmp_path / "c")
+    save_file(plain, str(tmp_path / "c" / "model.safetensors"))
+    (tmp_path / "c" / "config.json").write_text((tmp_path / "a" / "config.json").read_text())
+    bare, _ = sparseek.load(str(tmp_path / "c"), dtype=torch.float32, tokenizer=False)
+    assert len(bare.mtp) == 0
+    with pytest.raises(ValueError, match="no MTP layer"):
+        bare.forward_mtp(torch.zeros(1, 2, v3.args.hidden_size), torch.zeros(1, 2, dtype=torch.long))

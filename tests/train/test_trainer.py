@@ -160,3 +160,14 @@ def test_activation_checkpointing_keeps_the_losses(tmp_path, corpus):
         for k in ("loss", "mtp_loss", "aux_loss", "indexer_loss"):
             assert abs(a[k] - b[k]) <= 1e-5 * abs(a[k]), k
     assert all(torch.allclose(p, q, atol=1e-5) for p, q in zip(runs[False][1], runs[True][1]))
+
+
+def test_v3_trains_its_mtp_layer(tmp_path, corpus):
+    """A V3-layout model trains its MTP layer (the one DeepSeek-V3 / R1 ship) with the MTP loss."""
+    t = Trainer(_cfg(tmp_path, corpus, preset="debug-v3", max_steps=3, eval_every=0, ckpt_every=0))
+    before = {k: v.detach().clone() for k, v in t.model.named_parameters() if k.startswith("mtp.")}
+    t.fit(progress=False)
+    recs = [json.loads(l) for l in open(t.log_path)]
+    assert all(r["mtp_loss"] > 0 for r in recs if "mtp_loss" in r) and "mtp_loss" in recs[-1]
+    moved = [k for k, v in t.model.named_parameters() if k in before and not torch.equal(v, before[k])]
+    assert "mtp.0.eh_proj.weight" in moved and "mtp.0.attn.wkv_b.weight" in moved
