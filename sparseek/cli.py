@@ -8,6 +8,7 @@ import logging
 import os
 import random
 import sys
+from dataclasses import replace
 
 from sparseek import QUANTIZE
 
@@ -31,28 +32,37 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (V4; a CUDA graph on a GPU: ~2x tokens/s there; "
                         "the first call compiles for a minute or more)")
+    p.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
+                   help="default sampling settings and end tokens: the checkpoint's generation_config.json "
+                        "(auto), none, or another folder / file")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-p", type=float, default=0.95)
-    p.add_argument("--top-k", type=int, default=0)
+    # None: the checkpoint's generation_config.json where it sets the field, else the value shown
+    dflt = "(default: the checkpoint's generation_config.json, else %s)"
+    p.add_argument("--max-tokens", type=int, default=None, help=dflt % 128)
+    p.add_argument("--temperature", type=float, default=None, help=dflt % 0.7)
+    p.add_argument("--top-p", type=float, default=None, help=dflt % 0.95)
+    p.add_argument("--top-k", type=int, default=None, help=dflt % "0: off")
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--min-p", type=float, default=0.0, help="drop tokens less likely than this times the top one")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already seen")
+    p.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than this times the top one " + dflt % "0: off")
+    p.add_argument("--repetition-penalty", type=float, default=None, help="> 1 discourages tokens already seen "
+                   + dflt % "1: off")
     p.add_argument("--presence-penalty", type=float, default=0.0)
     p.add_argument("--frequency-penalty", type=float, default=0.0)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
 
 
-def _sampling(a):
-    from sparseek.engine import SamplingParams
+_CLI_SAMPLING = {"max_tokens": 128, "temperature": 0.7, "top_p": 0.95, "top_k": 0, "min_p": 0.0,
+                 "repetition_penalty": 1.0}
 
-    return SamplingParams(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p, top_k=a.top_k,
-                          min_p=a.min_p, repetition_penalty=a.repetition_penalty,
-                          presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty,
-                          seed=a.seed, stop=a.stop)
+
+def _sampling(a, llm):
+    """The flags given, over the checkpoint's generation_config.json, over the CLI's defaults."""
+    given = {k: getattr(a, k) for k in _CLI_SAMPLING if getattr(a, k) is not None}
+    return replace(llm.default_sampling_params(**_CLI_SAMPLING), **given, seed=a.seed, stop=a.stop,
+                   presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty)
 
 
 def cmd_info(a) -> int:
@@ -86,9 +96,11 @@ def _engine(a, **llm_kw):
 
     a.main, a.share = True, lambda x: x
     kv_fp8, compile_ = getattr(a, "kv_fp8", None), getattr(a, "compile", False)
+    gen_cfg = getattr(a, "generation_config", "auto")
+    gen_cfg = None if gen_cfg == "none" else gen_cfg
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8,
-                   compile=compile_, quantize=a.quantize, lora=a.lora, **llm_kw)
+                   compile=compile_, quantize=a.quantize, lora=a.lora, generation_config=gen_cfg, **llm_kw)
     import torch.distributed as dist
 
     import sparseek
@@ -106,7 +118,12 @@ def _engine(a, **llm_kw):
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
         a.seed = _from_rank0(dist, random.randrange(2**31))
     a.share = lambda x: _from_rank0(dist, x)
-    return LLM(model, tok, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8, compile=compile_, **llm_kw)
+    if gen_cfg == "auto":
+        from sparseek.engine.llm import _generation_source
+
+        gen_cfg = _generation_source(a.model)
+    return LLM(model, tok, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8, compile=compile_, generation_config=gen_cfg,
+               **llm_kw)
 
 
 def _from_rank0(dist, x):
@@ -117,7 +134,7 @@ def _from_rank0(dist, x):
 
 def cmd_generate(a) -> int:
     llm = _engine(a)
-    params = _sampling(a)
+    params = _sampling(a, llm)
     prompt = a.share(a.prompt if a.prompt is not None or not a.main else sys.stdin.read())  # stdin: rank 0's
     out = sys.stdout if a.main else open(os.devnull, "w")  # other ranks run the same steps, silently
     out.write(prompt)
@@ -131,11 +148,11 @@ def cmd_generate(a) -> int:
 
 
 def cmd_chat(a) -> int:
-    from sparseek.tokenizer.chat import ContentDelta, ReasoningDelta, StreamingChatParser, encode_messages
+    from sparseek.tokenizer.chat import ContentDelta, ReasoningDelta
 
     llm = _engine(a)
     llm._need_tokenizer()
-    params = _sampling(a)
+    params = _sampling(a, llm)
     params.skip_special_tokens = False  # the parser needs </think> and the DSML markers
     mode = "thinking" if a.thinking else "chat"
     messages = [{"role": "system", "content": a.system}] if a.system else []
@@ -153,8 +170,11 @@ def cmd_chat(a) -> int:
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        prompt = llm.tokenizer.encode(encode_messages(messages, thinking_mode=mode))
-        parser = StreamingChatParser(mode)
+        # the checkpoint's own chat template where it has one (V3 / R1), else V4's format; the
+        # reply is parsed as the prompt leaves it (R1's template always opens <think>)
+        text, reply_mode = llm.tokenizer.chat_prompt(messages, thinking=a.thinking)
+        prompt = llm.tokenizer.encode(text)
+        parser = llm.tokenizer.reply_parser(reply_mode)
         reply = {"reasoning": "", "content": ""}
         for delta in llm.stream([prompt], params):
             try:
@@ -319,8 +339,11 @@ def cmd_merge(a) -> int:
 
     if not a.lora and not (os.path.isdir(a.model) and is_adapter_dir(a.model)):
         raise ValueError(f"nothing to merge: {a.model} is not an adapter directory and no --lora was given")
+    from sparseek.checkpoint.io import side_file
+
     model, tok = sparseek.load(a.model, dtype=a.dtype, device=a.device, lora=a.lora, quantize=a.quantize)
-    save_model(model, a.out, tokenizer=tok)
+    gen = side_file(a.model, "generation_config.json")
+    save_model(model, a.out, tokenizer=tok, extra_files=[gen] if gen else [])
     print(f"merged model written to {a.out} (try: sparseek chat -m {a.out})")
     return 0
 

@@ -356,9 +356,23 @@ def _published_quantized(model: nn.Module) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for name, m in _quantized_layers(model) for k, v in m.published().items()}
 
 
+def side_file(model, name: str) -> str | None:
+    """The file ``name`` (e.g. generation_config.json) that belongs with the checkpoint ``model``
+    (a path or preset name): in its folder, or for an adapter directory in its base's."""
+    if not isinstance(model, str) or not os.path.isdir(model):
+        return None
+    path = os.path.join(model, name)
+    if os.path.isfile(path):
+        return path
+    from sparseek.checkpoint.adapters import adapter_base, is_adapter_dir
+
+    return side_file(adapter_base(model), name) if is_adapter_dir(model) else None
+
+
 def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes: int = MAX_SHARD_BYTES,
-               state: dict[str, torch.Tensor] | None = None) -> None:
-    """Write config.json + sharded safetensors (+ tokenizer files) atomically into ``directory``.
+               state: dict[str, torch.Tensor] | None = None, extra_files=()) -> None:
+    """Write config.json + sharded safetensors (+ tokenizer files, + ``extra_files`` copied as
+    they are, e.g. the source's generation_config.json) atomically into ``directory``.
 
     Files are written into a temporary folder next to ``directory`` and moved in only when all of
     them are complete, so an interrupted save never leaves a half-written checkpoint behind.
@@ -394,6 +408,8 @@ def save_model(model: nn.Module, directory: str, tokenizer=None, max_shard_bytes
         _record_quantization(model, tmp)
         if tokenizer is not None:
             tokenizer.save(tmp)
+        for path in extra_files:
+            shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
         os.makedirs(directory, exist_ok=True)
         stale = [f for f in os.listdir(directory) if f.endswith(".safetensors") or f == INDEX_FILE]
         for f in stale:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from sparseek.engine.prefix import PrefixCache, prefix_hashes
-from sparseek.engine.sampling import SamplingParams, adjust, probs, sample
+from sparseek.engine.sampling import SamplingParams, adjust, probs, read_generation_config, sample
 from sparseek.engine.stops import StopChecker
 from sparseek.model.base import logit_positions
 from sparseek.model.cache import Cache
@@ -133,7 +133,7 @@ class LLM:
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
                  batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None,
-                 lora=None):
+                 lora=None, generation_config="auto"):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). All running sequences verify their drafts in one forward and draft in
@@ -167,7 +167,17 @@ class LLM:
 
         ``lora`` (with a path or preset): LoRA adapter directories merged into the weights on load
         (``sparseek.load(..., lora=...)``); a path that is itself an adapter directory loads its base
-        and merges it."""
+        and merges it.
+
+        ``generation_config``: where the default ``SamplingParams`` come from ("auto": the model
+        directory's ``generation_config.json``, or its base's for an adapter directory, if any; a
+        folder, a file or a dict; None: none). Its settings apply where ``params`` are not given
+        (``default_sampling_params()``; the server and the CLI apply them field by field), its
+        ``eos_token_id`` ids end every sequence (unless ``ignore_eos``)."""
+        if generation_config == "auto":
+            generation_config = _generation_source(model)
+        self.sampling_defaults, self.eos_ids = ({}, []) if generation_config is None else \
+            read_generation_config(generation_config)
         if isinstance(model, str):
             from sparseek import load
 
@@ -217,6 +227,11 @@ class LLM:
             compile_hot_paths()  # prefill: the mHC passes over the streams fuse (process-wide swap)
 
     # ------------------------------------------------------------------ public API
+    def default_sampling_params(self, **fallback) -> SamplingParams:
+        """SamplingParams with the checkpoint's generation_config.json settings (``fallback``: the
+        values to use for fields it does not set), as vLLM's ``get_default_sampling_params``."""
+        return SamplingParams(**{**fallback, **self.sampling_defaults})
+
     def generate(self, prompts, params: SamplingParams | Sequence[SamplingParams] | None = None,
                  use_tqdm: bool = False) -> list[RequestOutput]:
         """Complete every prompt (a string, a list of token ids, or a list of either): one output per
@@ -310,24 +325,28 @@ class LLM:
 
     def chat(self, messages: list[dict], params: SamplingParams | None = None, thinking: bool = False,
              tool_choice: str | None = None, **encode_kw) -> RequestOutput:
-        """One assistant turn in DeepSeek-V4's chat format; ``.message`` holds the parsed reply.
+        """One assistant turn (DeepSeek-V4's chat format, or the checkpoint's own template where it
+        has one: ``Tokenizer.chat_prompt``); ``.message`` holds the parsed reply.
         Tools ride on a system message (``{"role": "system", "content": ..., "tools": [...]}``);
         ``tool_choice`` "required" or a tool's name forces calls of them, held token by token to
         the format and the tools' schemas (needs xgrammar)."""
-        from sparseek.tokenizer.chat import encode_messages, parse_completion, reply_format
+        from sparseek.tokenizer.chat import reply_format
 
         self._need_tokenizer()
-        mode = "thinking" if thinking else "chat"
-        prompt = self.tokenizer.encode(encode_messages(messages, thinking_mode=mode, **encode_kw))
-        params = params or SamplingParams(max_tokens=512)
+        text, mode = self.tokenizer.chat_prompt(messages, thinking=thinking, **encode_kw)
+        prompt = self.tokenizer.encode(text)
+        params = params or self.default_sampling_params(max_tokens=512)
         if tool_choice not in (None, "auto", "none"):
+            if getattr(self.tokenizer, "chat_template", None) is not None:
+                raise ValueError("forcing tool calls (tool_choice) holds the reply to DeepSeek-V4's tool-call markup; "
+                                 "this checkpoint's own chat template writes them in another")
             tools = [t for m in messages if m.get("role") in ("system", "developer") for t in m.get("tools") or ()]
-            params = replace(params, structural_tag=reply_format(thinking, tools=tools, tool_choice=tool_choice),
+            params = replace(params, structural_tag=reply_format(mode == "thinking", tools=tools, tool_choice=tool_choice),
                              json_schema=None, regex=None)
         out = self.generate([prompt], params)[0]
         raw = self.tokenizer.decode(out.token_ids, skip_special_tokens=False)
         try:
-            out.message = parse_completion(raw, mode)
+            out.message = self.tokenizer.parse_reply(raw, mode)
         except ValueError:
             # a truncated or malformed reply: keep the text as content rather than fail
             out.message = {"role": "assistant", "content": out.text, "reasoning_content": "", "tool_calls": []}
@@ -345,7 +364,7 @@ class LLM:
         if not prompts:
             raise ValueError("no prompts given")
         if params is None or isinstance(params, SamplingParams):
-            params = [params or SamplingParams()] * len(prompts)
+            params = [params or self.default_sampling_params()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
         eos = getattr(self.tokenizer, "eos_id", None)
@@ -373,8 +392,10 @@ class LLM:
                 raise ValueError(f"prompt {i} is too long: {len(ids)} tokens, the engine's max_seq_len is "
                                  f"{self.max_seq_len}")
             stop_ids = set(sp.stop_token_ids)
-            if not sp.ignore_eos and eos is not None:
-                stop_ids.add(eos)
+            if not sp.ignore_eos:
+                stop_ids.update(self.eos_ids)
+                if eos is not None:
+                    stop_ids.add(eos)
             for j in range(sp.n):  # n completions: n sequences (equal lengths: they prefill in shared forwards)
                 gen = None
                 if not sp.greedy:
@@ -841,6 +862,14 @@ class LLM:
 
     def _bonus(self, s: _Seq, logits_V: torch.Tensor) -> int:
         return int(sample(_adjusted(s, logits_V, s.drafts)[None], [s.params], [s.generator])[0])
+
+
+def _generation_source(model) -> str | None:
+    """The generation_config.json a model loaded from ``model`` follows: its own, or for an adapter
+    directory its base's (a fine-tune keeps its base's recommended sampling)."""
+    from sparseek.checkpoint.io import side_file
+
+    return side_file(model, "generation_config.json")
 
 
 def _rows(x: torch.Tensor, n: int) -> torch.Tensor:

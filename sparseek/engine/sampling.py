@@ -170,3 +170,48 @@ def sample(logits_NV: torch.Tensor, params: list[SamplingParams], generators: li
     gumbel = -torch.log(-torch.log(u.clamp(1e-20, 1.0 - 1e-7)))
     out[rows] = (x + gumbel).argmax(dim=-1)
     return out
+
+
+# generation_config.json fields (transformers' names) -> SamplingParams fields they default
+_GENERATION_FIELDS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
+                      "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
+
+
+def read_generation_config(source) -> tuple[dict, list[int]]:
+    """(SamplingParams defaults, end-of-sequence token ids) from a checkpoint's
+    ``generation_config.json`` (``source``: its folder, the file, or the parsed dict), as vLLM
+    applies them: the sampling settings the model's authors recommend (R1: temperature 0.6,
+    top_p 0.95) where a request sets none. ``do_sample: false`` means greedy, as in transformers.
+    A folder without the file gives no defaults."""
+    import json
+    import os
+
+    where = "generation_config"
+    if isinstance(source, dict):
+        cfg = source
+    else:
+        path = os.path.join(source, "generation_config.json") if os.path.isdir(source) else source
+        if not os.path.exists(path):
+            if os.path.isdir(source):
+                return {}, []
+            raise FileNotFoundError(f"no generation config at {path}")
+        where = path
+        try:
+            with open(path, encoding="utf-8") as f:
+                cfg = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"{where}: expected a JSON object")
+    out = {ours: cfg[theirs] for theirs, ours in _GENERATION_FIELDS.items() if cfg.get(theirs) is not None}
+    if cfg.get("do_sample") is False:
+        out["temperature"] = 0.0
+    try:
+        SamplingParams(**out)
+    except ValueError as e:
+        raise ValueError(f"{where}: {str(e).replace('SamplingParams.', '')}") from None
+    eos = cfg.get("eos_token_id")
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(eos, list) or not all(isinstance(t, int) and t >= 0 for t in eos):
+        raise ValueError(f"{where}: eos_token_id must be a token id or a list of them, got {cfg.get('eos_token_id')!r}")
+    return out, eos

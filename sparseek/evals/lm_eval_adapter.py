@@ -62,6 +62,25 @@ class SparseekLM(LM):
     def tokenizer_name(self) -> str:
         return f"sparseek:{self.pretrained}"
 
+    # ---- chat models (lm-eval's --apply_chat_template)
+    def chat_template(self, chat_template: bool | str = False) -> str | None:
+        """What lm-eval hashes into its request cache: the checkpoint's own template, or V4's format."""
+        tok = self.model.llm.tokenizer
+        return tok.chat_template or "deepseek-v4-chat-format"
+
+    def apply_chat_template(self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The few-shot conversation as the model's chat prompt (``Tokenizer.chat_prompt``: V4's
+        format or the checkpoint's template). Without a generation prompt the last (assistant)
+        message is an answer prefix the model continues, not a closed turn. The leading BOS text
+        is left out: the engine adds BOS to every prompt."""
+        tok = self.model.llm.tokenizer
+        history, prefix = list(chat_history), ""
+        if not add_generation_prompt and history and history[-1].get("role") == "assistant":
+            prefix = history.pop()["content"] or ""
+        text = tok.chat_prompt(history)[0] + prefix
+        bos = tok.bos_token or ""
+        return text[len(bos):] if bos and text.startswith(bos) and self.model.llm.add_bos else text
+
     # ---- the three request types
     def loglikelihood(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
         args = [tuple(r.args) for r in requests]

@@ -87,7 +87,7 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
     checkpoint's own dtype, memory-mapped (nothing computes with it), so a bf16 checkpoint costs
     little more memory than its quantized copy."""
     import sparseek
-    from sparseek.checkpoint.io import save_model
+    from sparseek.checkpoint.io import save_model, side_file
     from sparseek.quant.modules import quantize_model_, quantized_bytes
 
     if os.path.abspath(src) == os.path.abspath(dst):
@@ -109,7 +109,8 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
     out.update(bytes_before=before, bytes_after=sum(quantized_bytes(model)))
     if report:
         out["report"] = {"data": origin, **compare(ref, next_token_logprobs(model, wins), wins)}
-    save_model(model, dst, tokenizer=tok)
+    gen = side_file(src, "generation_config.json")  # the recommended sampling stays with the model
+    save_model(model, dst, tokenizer=tok, extra_files=[gen] if gen else [])
     out.update(disk_bytes_before=files_bytes(src), disk_bytes_after=files_bytes(dst))
     if report:
         with open(os.path.join(dst, "quantization_report.json"), "w", encoding="utf-8") as f:

@@ -28,7 +28,7 @@ from sparseek.engine.llm import LLM, StreamDelta
 from sparseek.serve.protocol import (ChatRequest, ChatText, CompletionRequest, RequestError, TokenText, error_body,
                                      new_id, now, usage)
 from sparseek.serve.responses import ResponsesRequest, ResponseStore, ResponseWriter, response_usage
-from sparseek.tokenizer.chat import THINK_END, encode_messages
+from sparseek.tokenizer.chat import THINK_END
 
 log = logging.getLogger("sparseek")
 
@@ -115,8 +115,10 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         think, effort = body.thinking(default=thinking)
         conversation = body.conversation()  # its RequestErrors name their own fields
         try:
-            return encode_messages(conversation, thinking_mode="thinking" if think else "chat",
-                                   reasoning_effort=effort), think
+            # the checkpoint's own chat template where it has one (V3 / R1), else V4's format;
+            # the reply opens in reasoning where the prompt leaves it there (R1 always does)
+            text, mode = llm.tokenizer.chat_prompt(conversation, thinking=think, reasoning_effort=effort)
+            return text, mode == "thinking"
         except ValueError as e:
             raise RequestError(str(e), "messages") from None
 
@@ -125,13 +127,18 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         text, think = _chat_prompt(body)
         ids = llm.tokenizer.encode(text)
         limit = body.max_completion_tokens or body.max_tokens
-        max_tokens = _room(llm, len(ids), limit, limit_field) if limit else llm.max_seq_len - len(ids)
+        room = llm.max_seq_len - len(ids)
+        # no limit given: up to the context's end, or the checkpoint's max_new_tokens
+        max_tokens = _room(llm, len(ids), limit, limit_field) if limit else \
+            min(room, llm.sampling_defaults.get("max_tokens", room))
         if max_tokens < 1:
             raise RequestError(f"the prompt fills the context: {len(ids)} tokens, the server's max_seq_len is "
                                f"{llm.max_seq_len}", "messages", code="context_length_exceeded")
         want = (body.top_logprobs or 0) if body.logprobs else None
         # the parser needs </think> and the tool-call markup, which are special tokens
-        params = body.sampling(max_tokens, want, skip_special_tokens=False, structured=body.output_format(think))
+        structured = body.output_format(think, dsml=llm.tokenizer.chat_template is None)
+        params = body.sampling(max_tokens, want, skip_special_tokens=False, structured=structured,
+                               defaults=llm.sampling_defaults)
         return ids, think, params
 
     @v1.post("/completions")
@@ -139,10 +146,15 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         body = _parse(await _json(request), CompletionRequest)
         body.check()
         prompts = [_prompt_ids(llm, p, i) for i, p in enumerate(body.prompts())]
-        max_tokens = 16 if body.max_tokens is None else body.max_tokens
         want = body.logprobs
-        params = [body.sampling(_room(llm, len(ids), max_tokens, "max_tokens"), want,
-                                prompt_logprobs=want if body.echo and want is not None else None) for ids in prompts]
+        if body.max_tokens is None:  # the API's 16, or the checkpoint's max_new_tokens within the context
+            gen = llm.sampling_defaults.get("max_tokens")
+            limits = [16 if gen is None else max(1, min(gen, llm.max_seq_len - len(ids))) for ids in prompts]
+        else:
+            limits = [body.max_tokens] * len(prompts)
+        params = [body.sampling(_room(llm, len(ids), m, "max_tokens"), want, defaults=llm.sampling_defaults,
+                                prompt_logprobs=want if body.echo and want is not None else None)
+                  for ids, m in zip(prompts, limits)]
         reqs = _submit(engine, prompts, params)
         texts = [p if isinstance(p, str) else llm.tokenizer.decode(ids) for p, ids in zip(body.prompts(), prompts)]
         rid, n = new_id("cmpl"), body.n
@@ -200,7 +212,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
 
         if body.stream:
             async def events():
-                parsers, produced = [ChatText(think) for _ in range(n)], 0
+                parsers, produced = [ChatText(think, llm.tokenizer) for _ in range(n)], 0
                 for j in range(n):
                     yield chunk([{"index": j, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                   "finish_reason": None}])
@@ -222,7 +234,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         await _collect([req], request)
         choices = []
         for j, o in enumerate(req.outputs):
-            p = ChatText(think)
+            p = ChatText(think, llm.tokenizer)
             p.feed(o.text, True)
             message = {"role": "assistant", "content": p.content or (None if p.tool_calls else ""),
                        "reasoning_content": p.reasoning or None}
@@ -258,7 +270,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
             async def events():
                 for e in writer.start():
                     yield e
-                p, out = ChatText(think), None
+                p, out = ChatText(think, llm.tokenizer), None
                 async for _, d in _merged([req]):
                     for e in step(p, d.text, d.finish_reason is not None):
                         yield e
@@ -271,7 +283,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
 
         await _collect([req], request)
         o = req.outputs[0]
-        step(ChatText(think), o.text, True)
+        step(ChatText(think, llm.tokenizer), o.text, True)
         finish(o)
         return writer.final
 

@@ -87,7 +87,10 @@ class _Sampling(BaseModel):
         return {"json_schema": schema, "regex": self.guided_regex}
 
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
-                 skip_special_tokens: bool | None = None, structured: dict | None = None) -> SamplingParams:
+                 skip_special_tokens: bool | None = None, structured: dict | None = None,
+                 defaults: dict | None = None) -> SamplingParams:
+        """The engine's parameters; ``defaults`` (the checkpoint's generation_config.json, as vLLM
+        applies it) fill the sampling fields the request leaves out."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stop) > 16:
             raise RequestError("at most 16 stop sequences", "stop")
@@ -100,13 +103,17 @@ class _Sampling(BaseModel):
             raise RequestError("logit_bias keys must be token ids", "logit_bias") from None
         if any(not -100 <= v <= 100 for v in bias.values()):
             raise RequestError("logit_bias values must be in [-100, 100]", "logit_bias")
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
+                 if k in self.model_fields_set or k not in (defaults or {})}
+        given = {**{k: (defaults or {})[k] for k in ("temperature", "top_p", "top_k", "min_p",
+                                                    "repetition_penalty") if k not in given}, **given}
         kw = dict(
             max_tokens=max_tokens, n=self.n,
-            temperature=1.0 if self.temperature is None else self.temperature,
-            top_p=1.0 if self.top_p is None else self.top_p,
-            top_k=max(0, self.top_k or 0), min_p=self.min_p, seed=self.seed, stop=stop,
+            temperature=1.0 if given["temperature"] is None else given["temperature"],
+            top_p=1.0 if given["top_p"] is None else given["top_p"],
+            top_k=max(0, given["top_k"] or 0), min_p=given["min_p"], seed=self.seed, stop=stop,
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
-            min_tokens=self.min_tokens, repetition_penalty=self.repetition_penalty,
+            min_tokens=self.min_tokens, repetition_penalty=given["repetition_penalty"],
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
             skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
@@ -184,7 +191,7 @@ class ChatRequest(_Sampling):
             raise RequestError("chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
         return on, ({"high": "high", "xhigh": "max", "max": "max"}.get(effort) if on else None)
 
-    def output_format(self, thinking: bool) -> dict:
+    def output_format(self, thinking: bool, dsml: bool = True) -> dict:
         """What the reply is held to, token by token: the tool calls a forcing ``tool_choice`` asks
         for ("required" or a named function, each call's arguments held to its tool's schema), the
         calls a free answer may end in when a tool is ``strict`` (all tools' arguments then held),
@@ -210,6 +217,10 @@ class ChatRequest(_Sampling):
             what = "a forcing tool_choice" if forced is not None else "a strict tool"
             raise RequestError(f"{what} holds the reply to tool calls: give it or a structured output "
                                "(response_format / guided_json / guided_regex), not both", "tool_choice")
+        if (forced is not None or strict) and not dsml:
+            raise RequestError("forcing tool calls (tool_choice required or a named function, strict tools) holds "
+                               "the reply to DeepSeek-V4's tool-call markup; this model's own chat template writes "
+                               "them in another", "tool_choice")
         if strict:  # the answer stays free; a tool-call block it opens is held to the tools' schemas
             forced = "auto"
         if forced is None and (not thinking or (found["json_schema"] is None and found["regex"] is None)):
@@ -332,8 +343,10 @@ class ChatText:
     tool-call block, loses nothing: from the text not yet shown on, it is passed on as it is
     (as reasoning if the break came while reasoning, else as content)."""
 
-    def __init__(self, thinking: bool):
-        self.parser = StreamingChatParser("thinking" if thinking else "chat")
+    def __init__(self, thinking: bool, tokenizer=None):
+        mode = "thinking" if thinking else "chat"
+        # the tokenizer knows the reply's markup (a checkpoint's own template: V3 / R1 tool calls)
+        self.parser = tokenizer.reply_parser(mode) if tokenizer is not None else StreamingChatParser(mode)
         self.raw = ""
         self.broken = False
         self.reasoning = self.content = ""

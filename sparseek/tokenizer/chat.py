@@ -604,6 +604,12 @@ class StreamingChatParser:
     the completion was split into deltas. Tool calls are emitted whole, once their invoke closes.
     """
 
+    # the markers each text state watches for, and the one that opens the tool calls (a subclass
+    # reads another family's markup: sparseek.tokenizer.template.TemplateReplyParser)
+    _reasoning_markers, _reasoning_re = _REASONING_MARKERS, _REASONING_RE
+    _content_markers, _content_re = _CONTENT_MARKERS, _CONTENT_RE
+    _tools_open = TOOL_CALLS_START
+
     def __init__(self, thinking_mode: ThinkingMode = "chat") -> None:
         _check_mode(thinking_mode)
         # In thinking mode the prompt ended with <think>, so generation starts inside it.
@@ -678,9 +684,13 @@ class StreamingChatParser:
         if not self._buf:
             return False
         if self._state == "reasoning":
-            return self._text_step(events, final, _REASONING_RE, _REASONING_MARKERS)
+            return self._text_step(events, final, self._reasoning_re, self._reasoning_markers)
         if self._state == "content":
-            return self._text_step(events, final, _CONTENT_RE, _CONTENT_MARKERS)
+            return self._text_step(events, final, self._content_re, self._content_markers)
+        return self._tools_step(events)
+
+    def _tools_step(self, events: list[ChatEvent]) -> bool:
+        """The states after the tool-calls opener (DSML's here)."""
         if self._state == "tool_calls_open":  # the block holds at least one invoke
             return self._expect({"\n" + INVOKE_OPEN: "tool_calls_invoke"})
         if self._state == "tool_calls_invoke":
@@ -714,7 +724,7 @@ class StreamingChatParser:
             self._state = "content"
         elif self._state == "content" and marker == EOS:
             self._state = "done"
-        elif self._state == "content" and marker == TOOL_CALLS_START:
+        elif self._state == "content" and marker == self._tools_open:
             self._state = "tool_calls_open"
         else:
             raise _format_error(f"unexpected special token {marker!r} in the {self._state}", at)

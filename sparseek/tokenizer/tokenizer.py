@@ -17,7 +17,10 @@ from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from sparseek.tokenizer.chat import (ASSISTANT, BOS, DSML, EOS, EXTRACTED_URL, LATEST_REMINDER, TASK_TOKENS,
-                                     THINK_END, THINK_START, USER, encode_messages)
+                                     THINK_END, THINK_START, USER, ChatFormatError, StreamingChatParser,
+                                     encode_messages)
+from sparseek.tokenizer.template import (TemplateReplyParser, opens_reasoning, read_chat_template,
+                                         render_chat_template)
 
 # Special tokens of a freshly trained tokenizer, in id order.
 V4_SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER,
@@ -26,8 +29,10 @@ V4_SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LA
 
 class Tokenizer:
     def __init__(self, tk: _HFTokenizer, bos_token: str | None = BOS, eos_token: str | None = EOS,
-                 model_max_length: int = 1048576):
+                 model_max_length: int = 1048576, chat_template: str | None = None):
         self.tk = tk
+        # the checkpoint's own Jinja chat template (V3 / R1 / V2 ship one); None: DeepSeek-V4's format
+        self.chat_template = chat_template
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_id = tk.token_to_id(bos_token) if bos_token else None
         self.eos_id = tk.token_to_id(eos_token) if eos_token else None
@@ -37,7 +42,7 @@ class Tokenizer:
     @classmethod
     def from_file(cls, path: str, config_path: str | None = None) -> "Tokenizer":
         tk = _HFTokenizer.from_file(path)
-        bos, eos, max_len = BOS, EOS, 1048576
+        bos, eos, max_len, cfg = BOS, EOS, 1048576, {}
         if config_path and os.path.exists(config_path):
             with open(config_path, encoding="utf-8") as f:
                 cfg = json.load(f)
@@ -48,7 +53,8 @@ class Tokenizer:
             bos = None
         if eos and tk.token_to_id(eos) is None:
             eos = None
-        return cls(tk, bos, eos, max_len)
+        template = read_chat_template(os.path.dirname(config_path) if config_path else None, cfg)
+        return cls(tk, bos, eos, max_len, template)
 
     @classmethod
     def from_dir(cls, path: str) -> "Tokenizer":
@@ -66,6 +72,8 @@ class Tokenizer:
             "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
             "model_max_length": self.model_max_length,
         }
+        if self.chat_template:  # a fine-tune of R1 keeps R1's format
+            cfg["chat_template"] = self.chat_template
         with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
             json.dump(cfg, f, indent=2, ensure_ascii=False)
 
@@ -98,9 +106,35 @@ class Tokenizer:
             return bytes(table[c] for c in piece)
         return piece.encode("utf-8")  # an added token (BOS, <think>, ...) is its own text
 
+    def chat_prompt(self, messages: list[dict], thinking: bool = False, **kw) -> tuple[str, str]:
+        """(prompt text with BOS, how to parse the reply: "thinking" or "chat") for a conversation:
+        the checkpoint's own chat template where it has one, else DeepSeek-V4's format (``kw``:
+        ``encode_messages``' options, e.g. ``reasoning_effort``, which V4's format alone knows)."""
+        if self.chat_template is None:
+            mode = "thinking" if thinking else "chat"
+            return encode_messages(messages, thinking_mode=mode, **kw), mode
+        if kw.get("reasoning_effort") is not None:
+            raise ChatFormatError("reasoning_effort is a DeepSeek-V4 chat-format option; this checkpoint has "
+                                  "its own chat template")
+        text = render_chat_template(self.chat_template, messages, bos_token=self.bos_token,
+                                    eos_token=self.eos_token, thinking=thinking)
+        return text, "thinking" if opens_reasoning(text) else "chat"
+
+    def reply_parser(self, mode: str) -> StreamingChatParser:
+        """A streaming parser of replies to ``chat_prompt``'s prompts (``mode``: what it returned):
+        V4's DSML tool calls, or the V3 / R1 / V3.1 markup for a checkpoint's own template."""
+        return (StreamingChatParser if self.chat_template is None else TemplateReplyParser)(mode)
+
+    def parse_reply(self, text: str, mode: str) -> dict:
+        """A whole reply as ``{"role", "content", "reasoning_content", "tool_calls"}``."""
+        parser = self.reply_parser(mode)
+        parser.feed(text)
+        parser.finish()
+        return parser.message()
+
     def apply_chat(self, messages: list[dict], thinking_mode: str = "chat", **kw) -> list[int]:
-        """The V4 chat prompt (BOS included) as token ids."""
-        return self.encode(encode_messages(messages, thinking_mode=thinking_mode, **kw))
+        """The chat prompt (BOS included) as token ids (``chat_prompt``'s text)."""
+        return self.encode(self.chat_prompt(messages, thinking=thinking_mode == "thinking", **kw)[0])
 
     def stream_decoder(self, skip_special_tokens: bool = True) -> "IncrementalDecoder":
         return IncrementalDecoder(self, skip_special_tokens)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from sparseek.tokenizer.chat import ASSISTANT, EOS, THINK_END, THINK_START, encode_messages
+from sparseek.tokenizer.template import render_chat_template
 from sparseek.train.optim import apply_lr, build_optimizer, lr_schedule
 
 IGNORE = -100
@@ -44,8 +45,15 @@ def assistant_spans(text: str) -> list[tuple[int, int]]:
 
 def encode_example(tokenizer, messages: list[dict], thinking: bool = False, max_len: int | None = None
                    ) -> tuple[list[int], list[int]]:
-    """Token ids and labels (IGNORE outside assistant turns) of one conversation."""
-    text = encode_messages(messages, thinking_mode="thinking" if thinking else "chat", drop_thinking=False)
+    """Token ids and labels (IGNORE outside assistant turns) of one conversation, in the
+    checkpoint's own chat template where it has one (a fine-tune of R1 keeps R1's format), else
+    DeepSeek-V4's."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        text = render_chat_template(template, messages, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                                    add_generation_prompt=False, thinking=thinking)
+    else:
+        text = encode_messages(messages, thinking_mode="thinking" if thinking else "chat", drop_thinking=False)
     enc = tokenizer.tk.encode(text, add_special_tokens=False)
     spans = assistant_spans(text)
     labels = []
@@ -118,6 +126,7 @@ def sft_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 def finetune(model, tokenizer, cfg: SFTConfig, log=print) -> dict:
     """Fine-tune ``model`` in place (full or LoRA); writes the result to ``cfg.out``."""
     from sparseek.checkpoint import save_model
+    from sparseek.checkpoint.io import side_file
     from sparseek.checkpoint.adapters import save_adapters
     from sparseek.model.lora import add_lora, count_trainable
 
@@ -150,6 +159,7 @@ def finetune(model, tokenizer, cfg: SFTConfig, log=print) -> dict:
     if cfg.lora_rank:
         save_adapters(model, cfg.out, base=cfg.base, tokenizer=tokenizer)
     else:
-        save_model(model, cfg.out, tokenizer=tokenizer)
+        gen = side_file(cfg.base, "generation_config.json")
+        save_model(model, cfg.out, tokenizer=tokenizer, extra_files=[gen] if gen else [])
     return {"losses": history, "trainable": count_trainable(model), "seconds": time.perf_counter() - t0,
             "examples": len(examples), "out": cfg.out, "final_loss": history[-1] if history else math.nan}

@@ -112,3 +112,29 @@ def test_cli_entry_point(tmp_path, data, monkeypatch):
     assert files
     with open(files[0]) as f:
         assert "sparseek_hellaswag" in json.load(f)["results"]
+
+
+def test_apply_chat_template_for_chat_evaluation(tmp_path, data, lm):
+    """lm-eval's --apply_chat_template: few-shot turns in the model's chat format (BOS left to the
+    engine), an assistant prefix continued rather than closed; the whole harness runs with it."""
+    import copy
+
+    from tests.tokenizer.test_template import R1_STYLE
+
+    turns = [{"role": "user", "content": "Q: 1+1?"}, {"role": "assistant", "content": "A: 2"},
+             {"role": "user", "content": "Q: 2+2?"}]
+    tok = lm.model.llm.tokenizer
+    assert lm.apply_chat_template(turns) == tok.chat_prompt(turns)[0][len(tok.bos_token):]
+    assert lm.apply_chat_template(turns).endswith("<｜User｜>Q: 2+2?<｜Assistant｜></think>")
+    prefixed = lm.apply_chat_template([*turns, {"role": "assistant", "content": "A:"}], add_generation_prompt=False)
+    assert prefixed.endswith("<｜Assistant｜></think>A:")
+    assert lm.chat_template() == "deepseek-v4-chat-format"
+    r1 = SparseekLM(llm=lm.model.llm)
+    r1.model.llm = copy.copy(lm.model.llm)
+    r1.model.llm.tokenizer = copy.copy(tok)
+    r1.model.llm.tokenizer.chat_template = R1_STYLE
+    assert r1.apply_chat_template(turns).endswith("<｜Assistant｜><think>\n") and r1.chat_template() == R1_STYLE
+    res = lm_eval.simple_evaluate(model=lm, tasks=["sparseek_hellaswag"], task_manager=local_tasks(tmp_path, data),
+                                  limit=2, apply_chat_template=True, log_samples=True)
+    ctx = res["samples"]["sparseek_hellaswag"][0]["arguments"]
+    assert "<｜User｜>" in str(ctx) and "<｜Assistant｜>" in str(ctx)

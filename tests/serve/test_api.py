@@ -525,3 +525,77 @@ def test_forced_tool_choice_through_the_api(long_client):
         r = long_client.post("/v1/chat/completions", headers=AUTH, json={"messages": msgs, "tools": tools, **body})
         err = r.json()["error"]
         assert r.status_code == 400 and words in err["message"] and err["param"] == param, r.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_checkpoint_s_own_chat_template_through_the_server(model, tok, monkeypatch, stream):
+    """A tokenizer with a Jinja template (R1 style: every reply opens in reasoning) is served in
+    that format: the prompt is the template's, the reply's reasoning is split off without asking
+    for thinking mode, tool calls in V3 / R1's markup come back as tool_calls, and forcing them
+    (held to V4's markup) is refused by name."""
+    import copy
+
+    from tests.tokenizer.test_template import R1_STYLE
+
+    r1 = copy.copy(tok)
+    r1.chat_template = R1_STYLE
+    messages = [{"role": "user", "content": "2+2?"}]
+    with TestClient(build_app(_llm(model, r1), "r1", api_key=KEY)) as c:
+        n = c.post("/tokenize", headers=AUTH, json={"messages": messages}).json()["count"]
+        assert n == len(r1.encode(r1.chat_prompt(messages)[0]))
+        pos = _scripted(monkeypatch, tok, "Add them.</think>4")
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": messages, "max_tokens": 20,
+                                                               "stream": stream})
+        assert r.status_code == 200, r.text
+        if stream:
+            deltas = [ch["choices"][0]["delta"] for ch in _events(r.text)]
+            reasoning = "".join(d.get("reasoning_content", "") for d in deltas)
+            content = "".join(d.get("content", "") for d in deltas)
+        else:
+            msg = r.json()["choices"][0]["message"]
+            reasoning, content = msg["reasoning_content"], msg["content"]
+        assert (reasoning.strip(), content) == ("Add them.", "4") and pos[0] > 1
+        tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        pos = _scripted(monkeypatch, tok, "Call f.</think><｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function"
+                        '<｜tool▁sep｜>f\n```json\n{"x": 1}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜>')
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": messages, "tools": tools,
+                                                               "max_tokens": 160, "stream": stream})
+        if stream:
+            calls = [tc for ch in _events(r.text) for tc in ch["choices"][0]["delta"].get("tool_calls", [])]
+        else:
+            calls = r.json()["choices"][0]["message"]["tool_calls"]
+        assert [(tc["function"]["name"], tc["function"]["arguments"]) for tc in calls] == [("f", '{"x": 1}')]
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": messages, "tools": tools,
+                                                               "tool_choice": "required"})
+        assert r.status_code == 400 and "own chat template" in r.json()["error"]["message"]
+        pos = _scripted(monkeypatch, tok, "Add them.</think>4")
+    # the engine's chat() speaks the same format
+    pos[0] = 0
+    out = _llm(model, r1).chat(messages, SamplingParams(max_tokens=20))
+    assert out.prompt_token_ids == r1.encode(r1.chat_prompt(messages)[0])
+    assert out.message["reasoning_content"].strip() == "Add them." and out.message["content"] == "4"
+    with pytest.raises(ValueError, match="own chat template"):
+        _llm(model, r1).chat([{"role": "system", "content": "", "tools": [
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}, *messages],
+            tool_choice="required")
+
+
+def test_generation_config_fills_what_a_request_leaves_out(model, tok, specials):
+    """The checkpoint's generation_config.json (here: greedy, 5 new tokens) applies to the fields a
+    request does not give, as vLLM applies it; fields given win."""
+    bias = {int(k): v for k, v in specials.items()}
+    llm = _llm(model, tok, generation_config={"do_sample": False, "max_new_tokens": 5})
+    greedy = llm.generate(["def f("], SamplingParams(max_tokens=5, temperature=0, logit_bias=bias))[0]
+    sampled = llm.generate(["def f("], SamplingParams(max_tokens=5, temperature=1.0, seed=7, logit_bias=bias))[0]
+    assert greedy.text != sampled.text
+    with TestClient(build_app(llm, "gc", api_key=KEY)) as c:
+        def ask(**kw):
+            r = c.post("/v1/completions", headers=AUTH, json={"prompt": "def f(", "logit_bias": specials, **kw})
+            assert r.status_code == 200, r.text
+            return r.json()["choices"][0]
+        got = ask()
+        assert got["text"] == greedy.text and got["finish_reason"] == "length"  # 5 tokens, not the API's 16
+        assert ask(temperature=1.0, seed=7)["text"] == sampled.text
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": [{"role": "user", "content": "hi"}],
+                                                               "logit_bias": specials})
+        assert r.json()["usage"]["completion_tokens"] == 5

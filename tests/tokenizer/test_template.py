@@ -1,0 +1,182 @@
+"""Checkpoints with their own Jinja chat template (V3 / R1 style): read from the tokenizer's
+files, rendered as transformers renders them, and used by chat, the engine and fine-tuning."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import re
+
+import pytest
+
+from sparseek.tokenizer import ChatFormatError, Tokenizer, default_tokenizer
+from sparseek.tokenizer.template import opens_reasoning, render_chat_template
+
+# Written for these tests in the style of DeepSeek-R1's template: old reasoning stripped from the
+# history, every reply opened with "<think>\n", unknown roles refused through raise_exception.
+R1_STYLE = (
+    "{{ bos_token }}{% for m in messages if m['role'] == 'system' %}{{ m['content'] }}{% endfor %}\n"
+    "{% for m in messages %}\n"
+    "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}\n"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ (m['content'] or '').split('</think>')[-1] }}"
+    "<｜end▁of▁sentence｜>\n"
+    "{% elif m['role'] != 'system' %}{{ raise_exception('unknown role ' + m['role']) }}\n"
+    "{% endif %}\n"
+    "{% endfor %}\n"
+    "{% if add_generation_prompt %}<｜Assistant｜><think>\n"
+    "{% endif %}"
+)
+# V3.1 style: the caller's `thinking` picks the opening, tools rendered with tojson
+V31_STYLE = (
+    "{{ bos_token }}{% for m in messages %}"
+    "{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+    "{% elif m['role'] == 'assistant' %}<｜Assistant｜></think>{{ m['content'] }}<｜end▁of▁sentence｜>"
+    "{% else %}{{ m['content'] }}{% endif %}{% endfor %}"
+    "{% if meta is defined %}{{ meta | tojson }}{% endif %}"
+    "{% if tools %}## Tools{% for t in tools %}\n{{ t['function']['name'] }}: {{ t['function'] | tojson }}{% endfor %}"
+    "{% endif %}"
+    "{% if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>{% else %}</think>{% endif %}{% endif %}"
+)
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
+CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>add</think>4"}, {"role": "user", "content": "and 3+3? ü"}]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return default_tokenizer(512)
+
+
+def _with(tok, template):
+    t = copy.copy(tok)
+    t.chat_template = template
+    return t
+
+
+@pytest.mark.parametrize("template", [R1_STYLE, V31_STYLE])
+@pytest.mark.parametrize("thinking", [False, True])
+def test_renders_as_transformers_does(tok, template, thinking):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tk, bos_token=tok.bos_token,
+                                              eos_token=tok.eos_token)
+    hf.chat_template = template
+    for gen in (True, False):
+        want = hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=gen, thinking=thinking,
+                                      meta={"lang": "中文"})
+        got = render_chat_template(template, CHAT, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                                   add_generation_prompt=gen, thinking=thinking, meta={"lang": "中文"})
+        assert got == want
+    assert ("<think>add</think>" in got) == (template is V31_STYLE)  # R1 drops old reasoning
+
+
+def test_chat_prompt_picks_the_format_and_the_reply_s_opening(tok):
+    # no template: DeepSeek-V4's format, parsed in the mode asked for
+    text, mode = tok.chat_prompt(CHAT[:2])
+    assert text.endswith("<｜Assistant｜></think>") and mode == "chat"
+    assert tok.chat_prompt(CHAT[:2], thinking=True)[1] == "thinking"
+    # R1's template opens reasoning whatever is asked
+    r1 = _with(tok, R1_STYLE)
+    text, mode = r1.chat_prompt(CHAT)
+    assert text.endswith("<｜Assistant｜><think>\n") and mode == "thinking" and "</think>" not in text
+    assert r1.apply_chat(CHAT) == tok.encode(text)
+    v31 = _with(tok, V31_STYLE)
+    assert v31.chat_prompt(CHAT, thinking=False)[1] == "chat"
+    assert v31.chat_prompt(CHAT, thinking=True)[1] == "thinking"
+    assert opens_reasoning("x<think>\n") and not opens_reasoning("x</think>") and not opens_reasoning("<think>a")
+
+
+def test_template_errors_name_the_problem(tok):
+    r1 = _with(tok, R1_STYLE)
+    with pytest.raises(ChatFormatError, match="unknown role tool"):
+        r1.chat_prompt([{"role": "tool", "content": "42"}])
+    with pytest.raises(ChatFormatError, match=r"messages\[1\].tools"):
+        r1.chat_prompt([{"role": "system", "content": ""}, {"role": "user", "content": "hi", "tools": [WEATHER]}])
+    with pytest.raises(ChatFormatError, match="reasoning_effort"):
+        r1.chat_prompt(CHAT, reasoning_effort="high")
+    with pytest.raises(ChatFormatError, match=r"messages\[1\].content"):
+        r1.chat_prompt([{"role": "user", "content": "a"}, {"role": "user", "content": 3}])
+    with pytest.raises(ValueError, match="does not parse"):
+        _with(tok, "{% if %}").chat_prompt(CHAT)
+
+
+def test_template_read_from_the_tokenizer_files_and_saved_back(tok, tmp_path):
+    _with(tok, R1_STYLE).save(str(tmp_path / "a"))
+    assert Tokenizer.from_dir(str(tmp_path / "a")).chat_template == R1_STYLE
+    # transformers >= 4.43 writes chat_template.jinja beside the config; a named-template list too
+    (tmp_path / "a" / "chat_template.jinja").write_text(V31_STYLE, encoding="utf-8")
+    assert Tokenizer.from_dir(str(tmp_path / "a")).chat_template == V31_STYLE
+    tok.save(str(tmp_path / "b"))
+    cfg = json.loads((tmp_path / "b" / "tokenizer_config.json").read_text())
+    assert "chat_template" not in cfg and Tokenizer.from_dir(str(tmp_path / "b")).chat_template is None
+    cfg["chat_template"] = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": R1_STYLE}]
+    (tmp_path / "b" / "tokenizer_config.json").write_text(json.dumps(cfg))
+    assert Tokenizer.from_dir(str(tmp_path / "b")).chat_template == R1_STYLE
+
+
+def test_fine_tuning_examples_follow_the_template(tok):
+    from sparseek.train.sft import IGNORE, encode_example
+
+    r1 = _with(tok, R1_STYLE)
+    msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]
+    ids, labels = encode_example(r1, msgs)
+    text = render_chat_template(R1_STYLE, msgs, bos_token=tok.bos_token, eos_token=tok.eos_token,
+                                add_generation_prompt=False)
+    assert ids == tok.encode(text)
+    learned = tok.decode([t for t in labels if t != IGNORE])
+    assert learned == "hello there<｜end▁of▁sentence｜>"
+
+
+def test_tools_reach_the_template_as_transformers_passes_them(tok):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tk, bos_token=tok.bos_token,
+                                              eos_token=tok.eos_token)
+    hf.chat_template = V31_STYLE
+    want = hf.apply_chat_template(CHAT, tools=[WEATHER], tokenize=False, add_generation_prompt=True)
+    # sparseek's conversations carry tools on the system message (V4's convention)
+    ours = [{**CHAT[0], "tools": [WEATHER]}, *CHAT[1:]]
+    text, _ = _with(tok, V31_STYLE).chat_prompt(ours)
+    assert text == want and "get_weather: {" in text
+
+
+V3_CALLS = ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>get_weather\n```json\n"
+            '{"city": "Paris", "days": 3}\n```<｜tool▁call▁end｜>\n<｜tool▁call▁begin｜>function<｜tool▁sep｜>'
+            'get_time\n```json\n{"tz": "CET"}\n```<｜tool▁call▁end｜><｜tool▁calls▁end｜><｜end▁of▁sentence｜>')
+V31_CALLS = ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{"city": "Paris", "days": 3}'
+             '<｜tool▁call▁end｜><｜tool▁call▁begin｜>get_time<｜tool▁sep｜>{"tz":"CET"}<｜tool▁call▁end｜>'
+             "<｜tool▁calls▁end｜><｜end▁of▁sentence｜>")
+
+
+@pytest.mark.parametrize("calls", [V3_CALLS, V31_CALLS], ids=["v3-r1", "v3.1"])
+@pytest.mark.parametrize("mode", ["chat", "thinking"])
+def test_v3_family_replies_parse_alike_whole_or_streamed(tok, calls, mode):
+    r1 = _with(tok, R1_STYLE)
+    text = ("Paris in spring.</think>" if mode == "thinking" else "") + "Let me look.\n\n" + calls
+    msg = r1.parse_reply(text, mode)
+    assert msg["reasoning_content"] == ("Paris in spring." if mode == "thinking" else "")
+    assert msg["content"] == "Let me look.\n\n"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in msg["tool_calls"]] == [
+        ("get_weather", {"city": "Paris", "days": 3}), ("get_time", {"tz": "CET"})]
+    rng = random.Random(0)
+    for _ in range(40):  # any split of the text gives the same events
+        cuts = sorted(rng.sample(range(1, len(text)), rng.randint(1, 12)))
+        parser = r1.reply_parser(mode)
+        for a, b in zip([0, *cuts], [*cuts, len(text)]):
+            parser.feed(text[a:b])
+        parser.finish()
+        assert parser.message() == msg
+    # V4's parser (no template) does not read this markup: it would stay text
+    assert not tok.parse_reply(text, mode)["tool_calls"]
+
+
+@pytest.mark.parametrize("bad, words", [
+    ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>get_weather{}<｜tool▁call▁end｜>", "no '<｜tool▁sep｜>'"),
+    ('<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{"a": <｜tool▁call▁end｜>', "not JSON"),
+    ("<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>f<｜tool▁sep｜>{}", "unterminated"),
+    ("<｜tool▁calls▁begin｜>text", "expected"),
+])
+def test_malformed_v3_tool_calls_are_named(tok, bad, words):
+    with pytest.raises(ChatFormatError, match=re.escape(words)):
+        _with(tok, R1_STYLE).parse_reply(bad, "chat")
