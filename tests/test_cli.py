@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from sparseek.cli import main
 
 
@@ -100,3 +102,47 @@ def test_serve_builds_the_server_from_flags(monkeypatch, capsys):
     assert main(["serve", "--model", "/no/such/dir"]) == 2
     err = capsys.readouterr().err
     assert "neither a checkpoint directory nor a preset" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("template", [False, True])
+def test_chat_turns_in_the_checkpoint_s_format(tmp_path, monkeypatch, capsys, template):
+    """`sparseek chat` on a checkpoint: each turn's prompt in its chat format (V4's, or its own
+    template, R1 style), the reply's reasoning shown apart from the answer, the history kept."""
+    import torch
+
+    import sparseek
+    from sparseek.engine import llm as engine_llm
+    from sparseek.model import build_model
+    from sparseek.tokenizer import default_tokenizer
+    from tests.conftest import randomize_
+    from tests.tokenizer.test_template import R1_STYLE
+
+    tok = default_tokenizer(512)
+    tok.chat_template = R1_STYLE if template else None
+    sparseek.save(randomize_(build_model(sparseek.preset("debug")), 1), str(tmp_path / "ck"), tokenizer=tok)
+    script = tok.encode("Add.</think>4") + [tok.eos_id]
+    prompts, step = [], [0]
+
+    def sample(logits, params, generators):  # "samples" the script, from its start for each turn
+        step[0] += 1
+        return torch.tensor([script[min(step[0] - 1, len(script) - 1)]] * logits.shape[0])
+
+    real_requests = engine_llm.LLM._requests
+
+    def spy(self, p, params):
+        prompts.append(self.tokenizer.decode(p[0]))  # stream() passes [ids]
+        step[0] = 0
+        return real_requests(self, p, params)
+
+    monkeypatch.setattr(engine_llm, "sample", sample)
+    monkeypatch.setattr(engine_llm.LLM, "_requests", spy)
+    answers = iter(["2+2?", "and 3+3?", ""])
+    monkeypatch.setattr("builtins.input", lambda _: next(answers))
+    flags = [] if template else ["--thinking"]
+    assert main(["chat", "-m", str(tmp_path / "ck"), "--dtype", "float32", "--max-tokens", "40", *flags]) == 0
+    out = capsys.readouterr().out
+    # the reasoning dimmed (delta by delta), then the answer
+    assert out.replace("\033[2m", "").replace("\033[0m", "") == "Add.4\nAdd.4\n" and out.count("\033[0m4\n") == 2
+    opening = "<｜Assistant｜><think>\n" if template else "<｜Assistant｜><think>"
+    assert len(prompts) == 2 and all(p.endswith(opening) for p in prompts)
+    assert "<｜User｜>2+2?" in prompts[1] and "4<｜end▁of▁sentence｜>" in prompts[1]
