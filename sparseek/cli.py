@@ -198,7 +198,17 @@ def cmd_serve(a) -> int:
     from sparseek.serve import serve
 
     key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
-    llm = _engine(a, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens)
+    modules = None
+    if a.lora_modules:
+        bad = [m for m in a.lora_modules if "=" not in m or not m.split("=", 1)[0] or not m.split("=", 1)[1]]
+        if bad:
+            raise ValueError(f"--lora-modules takes NAME=DIR pairs, got {bad[0]!r}")
+        modules = dict(m.split("=", 1) for m in a.lora_modules)
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ValueError("--lora-modules is not built for expert-sharded ranks (torchrun): serve one process, "
+                             "or merge an adapter into the weights (-m ADAPTER_DIR)")
+    llm = _engine(a, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
+                  **({"lora_modules": modules} if modules else {}))
     if llm.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json: the server takes text, so it needs one")
     if a.compile:  # compile before the first client waits for it (every rank: the steps are collective)
@@ -387,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Responses API: responses kept in memory for previous_response_id (0: none)")
     p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: drafts per step")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                   help="LoRA adapters served unmerged, each under its own model name (a request's 'model' "
+                        "picks one; the base model stays servable); eager decoding, no prefix caching")
     p.add_argument("--thinking", action="store_true",
                    help="chat requests think by default (they can say otherwise: chat_template_kwargs.thinking)")
     p.set_defaults(fn=cmd_serve)

@@ -146,3 +146,8 @@ def test_chat_turns_in_the_checkpoint_s_format(tmp_path, monkeypatch, capsys, te
     opening = "<｜Assistant｜><think>\n" if template else "<｜Assistant｜><think>"
     assert len(prompts) == 2 and all(p.endswith(opening) for p in prompts)
     assert "<｜User｜>2+2?" in prompts[1] and "4<｜end▁of▁sentence｜>" in prompts[1]
+
+
+def test_serve_lora_modules_take_name_dir_pairs(capsys):
+    assert main(["serve", "-m", "debug", "--lora-modules", "no-equals-sign"]) == 2
+    assert "NAME=DIR" in capsys.readouterr().err

@@ -109,6 +109,17 @@ def load_adapters(model: nn.Module, directory: str) -> nn.Module:
     return model
 
 
+def read_adapters(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of sparseek's adapters in ``directory``, for serving them unmerged
+    (``sparseek.model.multi_lora``); PEFT's layout is merged on load instead."""
+    cfg = _adapter_config(directory)
+    state = load_file(os.path.join(directory, ADAPTER_FILE))
+    if any(k.startswith(PEFT_PREFIX) for k in state):
+        raise ValueError(f"{directory} holds PEFT adapters: serve them merged (-m {directory} / --lora), one per "
+                         "server; several at once take sparseek's layout (sparseek finetune --lora-rank)")
+    return cfg, state
+
+
 def merge_adapters(model: nn.Module, directory: str) -> nn.Module:
     """Fold the adapters saved in ``directory`` straight into ``model``'s weights (W += scale * B A,
     summed in fp32 from the file's tensors and rounded once to the model's dtype), with no module
@@ -272,5 +283,5 @@ def _peft_fused_items(model, module: str, shapes: dict, key_a: str, key_b: str, 
     return [(w2[e], key_a, key_b, part(first + e, 0, dim)) for e in range(n)]
 
 
-__all__ = ["save_adapters", "load_adapters", "merge_adapters", "is_adapter_dir", "adapter_base",
+__all__ = ["save_adapters", "load_adapters", "read_adapters", "merge_adapters", "is_adapter_dir", "adapter_base",
            "ADAPTER_FILE", "ADAPTER_CONFIG"]

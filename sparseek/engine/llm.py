@@ -133,7 +133,7 @@ class LLM:
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
                  batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None,
-                 lora=None, generation_config="auto"):
+                 lora=None, generation_config="auto", lora_modules: dict[str, str] | None = None):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). All running sequences verify their drafts in one forward and draft in
@@ -168,6 +168,11 @@ class LLM:
         ``lora`` (with a path or preset): LoRA adapter directories merged into the weights on load
         (``sparseek.load(..., lora=...)``); a path that is itself an adapter directory loads its base
         and merges it.
+
+        ``lora_modules`` ({name: adapter directory}, vLLM's multi-LoRA): adapters kept unmerged,
+        each request running with the one its ``SamplingParams.lora`` names (or the base model),
+        rows of one batch with different adapters (``sparseek.model.multi_lora``). Eager decoding
+        only (no ``compile``, no speculative decoding), no prefix caching.
 
         ``generation_config``: where the default ``SamplingParams`` come from ("auto": the model
         directory's ``generation_config.json``, or its base's for an adapter directory, if any; a
@@ -212,6 +217,16 @@ class LLM:
             raise ValueError("speculative decoding drafts with the MTP block, and this model has none")
         self.speculative = speculative_tokens
         self._decode_fn = self._verify_fn = self._mtp_fn = None
+        self.lora_rows = None
+        if lora_modules:
+            if compile or speculative_tokens:
+                raise ValueError("lora_modules (adapters per request) runs eager decoding: drop compile / "
+                                 "speculative_tokens, or merge one adapter into the weights (lora=...)")
+            from sparseek.checkpoint.adapters import read_adapters
+            from sparseek.model.multi_lora import attach_adapters
+
+            self.lora_rows = attach_adapters(model, {name: read_adapters(d) for name, d in lora_modules.items()})
+            self.prefix_cache = None  # kept rows would need the adapter in their key
         if compile:
             if not hasattr(model, "decode_step"):
                 raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
@@ -299,6 +314,8 @@ class LLM:
                 group.append(order[i + len(group)])
             ids = torch.tensor([items[j][0] for j in group], device=self.model.embed.weight.device)
             n_max = max(items[j][1] for j in group)
+            if self.lora_rows is not None:
+                self.lora_rows.slots = None  # scoring runs the base model
             logits = self.model(ids[:, :-1], last_n=n_max)
             lp = torch.log_softmax(logits.float(), dim=-1)
             for row, j in enumerate(group):
@@ -391,6 +408,11 @@ class LLM:
             if len(ids) >= self.max_seq_len:
                 raise ValueError(f"prompt {i} is too long: {len(ids)} tokens, the engine's max_seq_len is "
                                  f"{self.max_seq_len}")
+            if sp.lora is not None and self.lora_rows is None:
+                raise ValueError(f"prompt {i} asks for LoRA adapter {sp.lora!r}, and this engine holds none "
+                                 "(LLM(lora_modules={name: directory}))")
+            if self.lora_rows is not None:
+                self.lora_rows.slot(sp.lora)  # an unknown name fails here, by name
             stop_ids = set(sp.stop_token_ids)
             if not sp.ignore_eos:
                 stop_ids.update(self.eos_ids)
@@ -450,6 +472,7 @@ class LLM:
                     seq = waiting.popleft()
                     slot = len(running)
                     cache.reset([slot])
+                    self._set_adapter(cache, slot, seq)
                     view = cache.select(slot)
                     logits, hidden = self._prefill(seq, view)
                     seq.new_ids, seq.new_logprobs = [], []
@@ -476,6 +499,10 @@ class LLM:
                     self._finish(s, "length")
                 yield s
             self._retire(running, cache)
+
+    def _set_adapter(self, cache, row: int, seq: _Seq) -> None:
+        """The LoRA adapter slot the row's forwards run with (0: the base model)."""
+        cache.adapter[row] = self.lora_rows.slot(seq.params.lora) if self.lora_rows is not None else 0
 
     def _retire(self, running: list[_Seq], cache) -> None:
         """Drop finished sequences, keeping the live ones in slots [0, n)."""
@@ -517,17 +544,19 @@ class LLM:
         seen: set[tuple[int, ...]] = set()
         uniq, dups = [], []
         for q in batch:
-            key = tuple(q.out.prompt_token_ids)
+            key = (q.params.lora, *q.out.prompt_token_ids)  # one prompt under two adapters is two prompts
             (dups if key in seen else uniq).append(q)
             seen.add(key)
         found, built = self._find_prefixes(uniq, cache, len(running))
         # by start position, longest rest first
         order = sorted(range(len(uniq)), key=lambda i: (found[i][0], found[i][0] - len(uniq[i].out.prompt_token_ids)))
         uniq, found = [uniq[i] for i in order], [found[i] for i in order]
-        row_of = {tuple(q.out.prompt_token_ids): i for i, q in enumerate(uniq)}
+        row_of = {(q.params.lora, *q.out.prompt_token_ids): i for i, q in enumerate(uniq)}
         batch = uniq + dups
         n0, k, u = len(running), len(batch), len(uniq)
         cache.reset(list(range(n0, n0 + k)))
+        for i, q in enumerate(uniq):
+            self._set_adapter(cache, n0 + i, q)
         starts = [f[0] for f in found]
         last: list[torch.Tensor | None] = [None] * u
         hidden: list[torch.Tensor | None] = [None] * u  # speculative: main streams at the last position read
@@ -549,7 +578,7 @@ class LLM:
                 if hs is not None and st < n:
                     self.prefix_cache.put(q.out.prompt_token_ids, cache.snapshot(n0 + i), last[i], hidden[i], hs)
         for j, q in enumerate(dups):
-            src = row_of[tuple(q.out.prompt_token_ids)]
+            src = row_of[(q.params.lora, *q.out.prompt_token_ids)]
             q.out.num_cached_tokens = uniq[src].out.num_cached_tokens
             cache.copy_row(n0 + src, n0 + u + j)  # the cache, the MTP block's and both positions
             last.append(last[src])

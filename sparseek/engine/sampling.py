@@ -54,6 +54,9 @@ class SamplingParams:
     json_schema: dict | bool | None = None
     regex: str | None = None
     structural_tag: dict | None = None
+    # the LoRA adapter this request runs with, by the name the engine loaded it under
+    # (LLM(lora_modules={name: directory})); None: the base model
+    lora: str | None = None
 
     def __post_init__(self):
         if isinstance(self.stop, str):

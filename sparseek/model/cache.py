@@ -165,6 +165,8 @@ class Cache:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         self.mtp_pos = torch.zeros(batch_size, dtype=torch.long, device=self.device)
+        # each row's LoRA adapter slot when several are served at once (sparseek.model.multi_lora)
+        self.adapter = torch.zeros(batch_size, dtype=torch.long, device=self.device)
         n_blocks = args.num_hidden_layers + (args.n_mtp if with_mtp else 0)
         self.layers = [self._layer(i) for i in range(n_blocks)]
 
@@ -221,7 +223,7 @@ class Cache:
         v.__dict__.update(self.__dict__)
         r = slice(start, stop)
         v.batch_size = stop - start
-        v.pos, v.mtp_pos = self.pos[r], self.mtp_pos[r]
+        v.pos, v.mtp_pos, v.adapter = self.pos[r], self.mtp_pos[r], self.adapter[r]
         v.layers = [lc.rows(r) for lc in self.layers]
         return v
 
@@ -230,7 +232,7 @@ class Cache:
 
     def copy_row(self, src: int, dst: int) -> None:
         """Move a sequence between slots (the engine keeps live sequences in rows [0, n))."""
-        for t in [self.pos, self.mtp_pos] + [t for lc in self.layers for t in lc.tensors()]:
+        for t in [self.pos, self.mtp_pos, self.adapter] + [t for lc in self.layers for t in lc.tensors()]:
             t[dst] = t[src]
 
     def snapshot(self, row: int) -> list[torch.Tensor]:

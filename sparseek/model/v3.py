@@ -105,6 +105,9 @@ class MLA(nn.Module):
             q_lat = torch.einsum("bthn,hnr->bthr", q_nope, w_k)
         else:
             kv = torch.einsum("bsr,hnr->bshn", c_kv, w)
+            if hasattr(self.wkv_b, "delta"):  # per-row LoRA adapters (sparseek.model.multi_lora)
+                d = self.wkv_b.delta(c_kv)
+                kv = kv if d is None else kv + d.view(B, S, H, -1)
             k_nope, v = kv[..., :self.nope], kv[..., self.nope:]
         Qb = max(1, min(T, attn_block_budget(q_nope.device) // max(1, B * H * S)))
         ar = torch.arange(S, device=q_nope.device)

@@ -448,8 +448,11 @@ class Attention(nn.Module):
         o = apply_rope(o_BTHC, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, T, self.n_groups, -1)
         wo_a = linear_weight(self.wo_a, o.dtype).view(self.n_groups, self.o_rank, -1)
-        o = torch.einsum("btgi,gri->btgr", o, wo_a)
-        return self.wo_b(o.flatten(2))
+        out = torch.einsum("btgi,gri->btgr", o, wo_a)
+        if hasattr(self.wo_a, "grouped_delta"):  # per-row LoRA adapters (sparseek.model.multi_lora)
+            delta = self.wo_a.grouped_delta(o, self.n_groups)
+            out = out if delta is None else out + delta
+        return self.wo_b(out.flatten(2))
 
     # -- many tokens, all rows at the same start ------------------------------------------
     def _chunk(self, x, qr, q, kv, step: Step, lc: LayerCache | None):

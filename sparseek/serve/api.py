@@ -77,10 +77,14 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     async def health():
         return {"status": "ok", "model": model_name, **engine.load, "steps_failed": engine.steps_failed}
 
+    # LoRA adapters served per request (LLM(lora_modules=...)): a request names one as its model
+    adapters = list(llm.lora_rows.names) if llm.lora_rows is not None else []
+
     @v1.get("/models")
     async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": created,
-                                            "owned_by": "sparseek", "max_model_len": llm.max_seq_len}]}
+        base = {"object": "model", "created": created, "owned_by": "sparseek", "max_model_len": llm.max_seq_len}
+        return {"object": "list", "data": [{"id": model_name, **base}] + [
+            {"id": a, "parent": model_name, "root": a, **base} for a in adapters]}
 
     @app.post("/tokenize", dependencies=[Depends(check_key)])
     async def tokenize(request: Request):
@@ -138,7 +142,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         # the parser needs </think> and the tool-call markup, which are special tokens
         structured = body.output_format(think, dsml=llm.tokenizer.chat_template is None)
         params = body.sampling(max_tokens, want, skip_special_tokens=False, structured=structured,
-                               defaults=llm.sampling_defaults)
+                               defaults=llm.sampling_defaults, lora=body.model if body.model in adapters else None)
         return ids, think, params
 
     @v1.post("/completions")
@@ -153,6 +157,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         else:
             limits = [body.max_tokens] * len(prompts)
         params = [body.sampling(_room(llm, len(ids), m, "max_tokens"), want, defaults=llm.sampling_defaults,
+                                lora=body.model if body.model in adapters else None,
                                 prompt_logprobs=want if body.echo and want is not None else None)
                   for ids, m in zip(prompts, limits)]
         reqs = _submit(engine, prompts, params)
@@ -296,9 +301,10 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         return stored.delete(rid)
 
     def _check_model(name):
-        if name not in (None, "", model_name):
-            raise RequestError(f"The model `{name}` does not exist (this server serves `{model_name}`)", "model",
-                               status=404, code="model_not_found")
+        if name not in (None, "", model_name, *adapters):
+            also = f" and its LoRA adapters {', '.join(f'`{a}`' for a in adapters)}" if adapters else ""
+            raise RequestError(f"The model `{name}` does not exist (this server serves `{model_name}`{also})",
+                               "model", status=404, code="model_not_found")
 
     def _parse(data, cls):
         if not isinstance(data, dict):

@@ -88,7 +88,7 @@ class _Sampling(BaseModel):
 
     def sampling(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                  skip_special_tokens: bool | None = None, structured: dict | None = None,
-                 defaults: dict | None = None) -> SamplingParams:
+                 defaults: dict | None = None, lora: str | None = None) -> SamplingParams:
         """The engine's parameters; ``defaults`` (the checkpoint's generation_config.json, as vLLM
         applies it) fill the sampling fields the request leaves out."""
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -115,7 +115,7 @@ class _Sampling(BaseModel):
             stop_token_ids=list(self.stop_token_ids or []), ignore_eos=self.ignore_eos,
             min_tokens=self.min_tokens, repetition_penalty=given["repetition_penalty"],
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
-            logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
+            logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=prompt_logprobs, lora=lora,
             skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
             **(self.structured() if structured is None else structured))
         try:

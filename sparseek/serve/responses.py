@@ -53,11 +53,14 @@ class ResponsesRequest(BaseModel):
         effort = (self.reasoning or {}).get("effort")
         if effort is not None and effort not in EFFORTS:
             raise RequestError(f"reasoning.effort must be one of {', '.join(EFFORTS)}", "reasoning")
+        # sampling fields the request leaves out stay unset, so the checkpoint's generation_config fills them
+        given = {k: v for k, v in (("temperature", self.temperature), ("top_p", self.top_p), ("top_k", self.top_k))
+                 if v is not None}
         return ChatRequest(
-            messages=self.messages(previous or []), tools=self._tools(), tool_choice=self._tool_choice(),
-            parallel_tool_calls=self.parallel_tool_calls, max_tokens=self.max_output_tokens,
-            temperature=self.temperature, top_p=self.top_p, seed=self.seed, top_k=self.top_k,
-            response_format=self._format(), reasoning_effort=effort)
+            model=self.model, messages=self.messages(previous or []), tools=self._tools(),
+            tool_choice=self._tool_choice(), parallel_tool_calls=self.parallel_tool_calls,
+            max_tokens=self.max_output_tokens, seed=self.seed, response_format=self._format(),
+            reasoning_effort=effort, **given)
 
     def messages(self, previous: list[dict[str, Any]] = ()) -> list[dict[str, Any]]:
         """``instructions``, the ``previous`` conversation and ``input`` as chat messages: message

@@ -599,3 +599,38 @@ def test_generation_config_fills_what_a_request_leaves_out(model, tok, specials)
         r = c.post("/v1/chat/completions", headers=AUTH, json={"messages": [{"role": "user", "content": "hi"}],
                                                                "logit_bias": specials})
         assert r.json()["usage"]["completion_tokens"] == 5
+        # the Responses API too: greedy by the file, so the same answer as the chat's
+        chat = c.post("/v1/chat/completions", headers=AUTH, json={"messages": [{"role": "user", "content": "hi"}],
+                                                                  "max_tokens": 3}).json()
+        resp = c.post("/v1/responses", headers=AUTH, json={"input": "hi", "max_output_tokens": 3}).json()
+        text = "".join(p["text"] for o in resp["output"] if o["type"] == "message" for p in o["content"])
+        assert text == chat["choices"][0]["message"]["content"]
+
+
+def test_lora_adapters_served_by_model_name(model, tok, tmp_path, specials):
+    """--lora-modules: each adapter is a model name of its own (listed with its parent), requests
+    naming it run with it, the base model stays servable, unknown names are 404s."""
+    import copy
+
+    from tests.model.test_multi_lora import _adapters
+
+    dirs = _adapters(model, tmp_path, [("tuned", 4, ("wq_a", "experts"))])
+    llm = _llm(copy.deepcopy(model), tok, lora_modules=dirs)
+    bias = {int(k): v for k, v in specials.items()}
+    want = {n: llm.generate(["def f("], SamplingParams(max_tokens=8, temperature=0, logit_bias=bias, lora=n))[0].text
+            for n in ("tuned", None)}
+    assert want["tuned"] != want[None]
+    with TestClient(build_app(llm, "dbg", api_key=KEY)) as c:
+        ids = [(m["id"], m.get("parent")) for m in c.get("/v1/models", headers=AUTH).json()["data"]]
+        assert ids == [("dbg", None), ("tuned", "dbg")]
+        for name, n in (("tuned", "tuned"), ("dbg", None)):
+            r = c.post("/v1/completions", headers=AUTH, json={"model": name, "prompt": "def f(", "max_tokens": 8,
+                                                              "temperature": 0, "logit_bias": specials})
+            assert r.status_code == 200 and r.json()["choices"][0]["text"] == want[n]
+        r = c.post("/v1/chat/completions", headers=AUTH, json={"model": "tuned", "max_tokens": 2,
+                                                               "messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/responses", headers=AUTH, json={"model": "tuned", "input": "hi", "max_output_tokens": 2})
+        assert r.status_code == 200, r.text
+        r = c.post("/v1/completions", headers=AUTH, json={"model": "other", "prompt": "x"})
+        assert r.status_code == 404 and "`tuned`" in r.json()["error"]["message"]
