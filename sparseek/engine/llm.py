@@ -172,7 +172,7 @@ class LLM:
         ``lora_modules`` ({name: adapter directory}, vLLM's multi-LoRA): adapters kept unmerged,
         each request running with the one its ``SamplingParams.lora`` names (or the base model),
         rows of one batch with different adapters (``sparseek.model.multi_lora``). Eager decoding
-        only (no ``compile``, no speculative decoding), no prefix caching.
+        only (no ``compile``, no speculative decoding); prefix-cache snapshots are kept per adapter.
 
         ``generation_config``: where the default ``SamplingParams`` come from ("auto": the model
         directory's ``generation_config.json``, or its base's for an adapter directory, if any; a
@@ -226,7 +226,6 @@ class LLM:
             from sparseek.model.multi_lora import attach_adapters
 
             self.lora_rows = attach_adapters(model, {name: read_adapters(d) for name, d in lora_modules.items()})
-            self.prefix_cache = None  # kept rows would need the adapter in their key
         if compile:
             if not hasattr(model, "decode_step"):
                 raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
@@ -576,7 +575,8 @@ class LLM:
             for i, (q, (st, _, hs)) in enumerate(zip(uniq, found)):
                 n = len(q.out.prompt_token_ids)
                 if hs is not None and st < n:
-                    self.prefix_cache.put(q.out.prompt_token_ids, cache.snapshot(n0 + i), last[i], hidden[i], hs)
+                    self.prefix_cache.put(q.out.prompt_token_ids, cache.snapshot(n0 + i), last[i], hidden[i], hs,
+                                          q.params.lora)
         for j, q in enumerate(dups):
             src = row_of[(q.params.lora, *q.out.prompt_token_ids)]
             q.out.num_cached_tokens = uniq[src].out.num_cached_tokens
@@ -643,8 +643,8 @@ class LLM:
         if weights != self._weights:  # snapshots of other weights would be silently wrong
             pc.clear()
             self._weights = weights
-        hashes = [prefix_hashes(q.out.prompt_token_ids) if len(q.out.prompt_token_ids) >= pc.min_tokens else None
-                  for q in seqs]
+        hashes = [prefix_hashes(q.out.prompt_token_ids, q.params.lora) if len(q.out.prompt_token_ids) >= pc.min_tokens
+                  else None for q in seqs]
         others: dict[int, int] = {}
         for hs in hashes:
             for bh in set(pc.block_hashes(hs or [])):
@@ -655,10 +655,11 @@ class LLM:
                 found.append((0, None, None))
                 continue
             ids = q.out.prompt_token_ids
-            snap = pc.longest(ids, hs)
+            snap = pc.longest(ids, hs, q.params.lora)
             q.out.num_cached_tokens = len(snap.key) if snap else 0  # kept before: what a built one adds is read now
             n = pc.shared(ids, hs, others)
             if n > (len(snap.key) if snap else 0):
+                self._set_adapter(cache, scratch, q)
                 view = cache.select(scratch)
                 view.reset()
                 prev = None
@@ -666,7 +667,7 @@ class LLM:
                     view.restore(snap.state, 0)
                     prev = snap.hidden
                 logits, h = self._feed(ids[len(snap.key) if snap else 0:n], view, prev)
-                new = pc.put(ids[:n], view.snapshot(0), logits, h, hs)
+                new = pc.put(ids[:n], view.snapshot(0), logits, h, hs, q.params.lora)
                 if new is not None:
                     snap = new
                     built.add(id(q))
@@ -701,7 +702,7 @@ class LLM:
         if (pc is None or self.speculative or s.last_logits is None or len(fed) < pc.min_tokens
                 or int(cache.pos[row]) != len(fed)):
             return
-        pc.put(fed, cache.snapshot(row), s.last_logits, None, prefix_hashes(fed))
+        pc.put(fed, cache.snapshot(row), s.last_logits, None, prefix_hashes(fed, s.params.lora), s.params.lora)
 
     def _decode(self, running: list[_Seq], cache) -> torch.Tensor:
         """Next-token logits [n, V] for the live sequences (slots [0, n))."""

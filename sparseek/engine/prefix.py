@@ -16,6 +16,10 @@ snapshots reused. All of them are dropped when the model's weights change (an op
 ``load_state_dict``: parameters' version counters or storage move), so a snapshot never outlives
 the weights that computed it.
 
+Snapshots live in namespaces: a prompt read under a LoRA adapter (``SamplingParams.lora``) gives
+other entries than the same prompt under the base model, so its hashes start from the adapter's
+name and its snapshots only serve prompts under that adapter.
+
 Lookup walks a prompt once: a rolling hash of every prefix (Python's tuple hash, deterministic for
 ints), checked against the kept snapshots' hashes (exact keys compared on a hit) and, at block
 boundaries, against the blocks of kept and waiting prompts.
@@ -28,9 +32,14 @@ from dataclasses import dataclass
 import torch
 
 
-def prefix_hashes(ids) -> list[int]:
-    """h[i] identifies ids[:i + 1]."""
-    h, out = 0, []
+def namespace_seed(ns) -> int:
+    """Where a namespace's prefix hashes start (0: the base model's)."""
+    return 0 if ns is None else hash(("namespace", ns))
+
+
+def prefix_hashes(ids, ns=None) -> list[int]:
+    """h[i] identifies ids[:i + 1] read in namespace ``ns``."""
+    h, out = namespace_seed(ns), []
     for t in ids:
         h = hash((h, t))
         out.append(h)
@@ -45,6 +54,7 @@ class Snapshot:
     hidden: torch.Tensor | None  # [1, 1, S, D] main streams at the last position (speculative decoding)
     nbytes: int
     blocks: list[int]  # hashes of its whole-block prefixes, as ``PrefixCache.blocks`` counts them
+    ns: object = None  # what else the entries depend on (a LoRA adapter's name)
     hits: int = 0
     used: int = 0
 
@@ -66,12 +76,12 @@ class PrefixCache:
         self.blocks.clear()
         self.nbytes = 0
 
-    def longest(self, ids, hashes: list[int] | None = None) -> Snapshot | None:
-        """The kept snapshot of the longest prefix of ``ids`` (all of it included)."""
-        hashes = hashes or prefix_hashes(ids)
+    def longest(self, ids, hashes: list[int] | None = None, ns=None) -> Snapshot | None:
+        """The kept snapshot of the longest prefix of ``ids`` (all of it included) in ``ns``."""
+        hashes = hashes or prefix_hashes(ids, ns)
         for n in range(len(ids), self.min_tokens - 1, -1):
             s = self.snaps.get(hashes[n - 1])
-            if s is not None and len(s.key) == n and s.key == tuple(ids[:n]):
+            if s is not None and len(s.key) == n and s.ns == ns and s.key == tuple(ids[:n]):
                 return s
         return None
 
@@ -98,12 +108,12 @@ class PrefixCache:
             self.hits += 1
             self.tokens_saved += len(s.key)
 
-    def put(self, key, state, logits, hidden, hashes: list[int]) -> Snapshot | None:
-        """Keep a snapshot (None when it alone exceeds the budget)."""
+    def put(self, key, state, logits, hidden, hashes: list[int], ns=None) -> Snapshot | None:
+        """Keep a snapshot of ``key`` read in ``ns`` (None when it alone exceeds the budget)."""
         key = tuple(key)
         h = hashes[len(key) - 1]
         old = self.snaps.get(h)
-        if old is not None and old.key == key:
+        if old is not None and old.key == key and old.ns == ns:
             self.touch(old, reused=False)
             return old
         tensors = state + [logits] + ([hidden] if hidden is not None else [])
@@ -115,7 +125,7 @@ class PrefixCache:
         while self.nbytes + nbytes > self.capacity:
             self._evict()
         s = Snapshot(key, state, logits.clone(), hidden.clone() if hidden is not None else None, nbytes,
-                     self.block_hashes(hashes[:len(key)]))
+                     self.block_hashes(hashes[:len(key)]), ns)
         self.snaps[h] = s
         self.nbytes += nbytes
         for bh in s.blocks:

@@ -93,3 +93,35 @@ def test_engine_serves_adapters_per_request(tmp_path):
         LLM(copy.deepcopy(base), tok).generate([[1, 2]], SamplingParams(lora="a"))
     with pytest.raises(ValueError, match="eager decoding"):
         LLM(copy.deepcopy(base), tok, compile=True, lora_modules=dirs)
+
+
+def test_prefix_cache_keeps_snapshots_per_adapter(tmp_path):
+    """A prompt read under one adapter is never restored for another (or the base model): each
+    request's tokens equal its adapter's alone, and only a repeat under the same adapter hits."""
+    from sparseek.engine import LLM, SamplingParams
+    from sparseek.tokenizer import default_tokenizer
+
+    tok = default_tokenizer(512)
+    base = randomize_(build_model(sparseek.preset("debug")), 7).eval()
+    dirs = _adapters(base, tmp_path, [("a", 4, ("wq_a", "wkv", "wo_a", "experts"))])
+    llm = LLM(copy.deepcopy(base), tok, max_batch_size=2, max_seq_len=160, lora_modules=dirs)
+    assert llm.prefix_cache is not None
+    system = list(range(40, 88))  # 48 tokens: three blocks of a kept prefix
+
+    def run(lora, tail):
+        sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True, lora=lora)
+        return llm.generate([system + tail], sp)[0]
+
+    def alone(lora, tail):
+        m = base if lora is None else merge_adapters(copy.deepcopy(base), dirs[lora])
+        return LLM(m, tok, max_batch_size=1, max_seq_len=160, prefix_cache_bytes=0).generate(
+            [system + tail], SamplingParams(max_tokens=6, temperature=0, ignore_eos=True))[0].token_ids
+
+    first = run("a", [3, 4, 5])
+    assert first.token_ids == alone("a", [3, 4, 5]) and llm.prefix_cache.hits == 0
+    other = run(None, [3, 4, 5])  # the same prompt, the base model: nothing of "a" restored
+    assert other.num_cached_tokens == 0 and llm.prefix_cache.hits == 0
+    assert other.token_ids == alone(None, [3, 4, 5]) != first.token_ids
+    again = run("a", [3, 4, 5, 6, 7])  # the same adapter: its kept prompt restored
+    assert again.num_cached_tokens >= len(system) and llm.prefix_cache.hits == 1
+    assert again.token_ids == alone("a", [3, 4, 5, 6, 7])
