@@ -171,8 +171,9 @@ class LLM:
 
         ``lora_modules`` ({name: adapter directory}, vLLM's multi-LoRA): adapters kept unmerged,
         each request running with the one its ``SamplingParams.lora`` names (or the base model),
-        rows of one batch with different adapters (``sparseek.model.multi_lora``). Eager decoding
-        only (no ``compile``, no speculative decoding); prefix-cache snapshots are kept per adapter.
+        rows of one batch with different adapters (``sparseek.model.multi_lora``). Eager or
+        compiled decoding (each token gathers its slot's pair in the compiled step), not
+        speculative decoding; prefix-cache snapshots are kept per adapter.
 
         ``generation_config``: where the default ``SamplingParams`` come from ("auto": the model
         directory's ``generation_config.json``, or its base's for an adapter directory, if any; a
@@ -219,8 +220,8 @@ class LLM:
         self._decode_fn = self._verify_fn = self._mtp_fn = None
         self.lora_rows = None
         if lora_modules:
-            if compile or speculative_tokens:
-                raise ValueError("lora_modules (adapters per request) runs eager decoding: drop compile / "
+            if speculative_tokens:
+                raise ValueError("lora_modules (adapters per request) does not draft with the MTP block: drop "
                                  "speculative_tokens, or merge one adapter into the weights (lora=...)")
             from sparseek.checkpoint.adapters import read_adapters
             from sparseek.model.multi_lora import attach_adapters
@@ -345,7 +346,8 @@ class LLM:
         has one: ``Tokenizer.chat_prompt``); ``.message`` holds the parsed reply.
         Tools ride on a system message (``{"role": "system", "content": ..., "tools": [...]}``);
         ``tool_choice`` "required" or a tool's name forces calls of them, held token by token to
-        the format and the tools' schemas (needs xgrammar)."""
+        the format (V4's DSML, or the tool-call layout of the checkpoint's own template) and the
+        tools' schemas (needs xgrammar)."""
         from sparseek.tokenizer.chat import reply_format
 
         self._need_tokenizer()
@@ -353,11 +355,10 @@ class LLM:
         prompt = self.tokenizer.encode(text)
         params = params or self.default_sampling_params(max_tokens=512)
         if tool_choice not in (None, "auto", "none"):
-            if getattr(self.tokenizer, "chat_template", None) is not None:
-                raise ValueError("forcing tool calls (tool_choice) holds the reply to DeepSeek-V4's tool-call markup; "
-                                 "this checkpoint's own chat template writes them in another")
+            markup = self.tokenizer.tool_markup()  # the checkpoint's template's layout, or V4's DSML
             tools = [t for m in messages if m.get("role") in ("system", "developer") for t in m.get("tools") or ()]
-            params = replace(params, structural_tag=reply_format(mode == "thinking", tools=tools, tool_choice=tool_choice),
+            params = replace(params, structural_tag=reply_format(mode == "thinking", tools=tools, tool_choice=tool_choice,
+                                                                  markup=markup),
                              json_schema=None, regex=None)
         out = self.generate([prompt], params)[0]
         raw = self.tokenizer.decode(out.token_ids, skip_special_tokens=False)
@@ -710,6 +711,8 @@ class LLM:
         if self._decode_fn is not None:  # fixed shapes: all slots, idle ones on a dummy token
             tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=cache.device)
             tokens[:n, 0] = torch.tensor([s.last_token for s in running], device=cache.device)
+            if self.lora_rows is not None:  # the step is called directly: no forward hook sets the rows
+                self.lora_rows.slots = cache.adapter
             logits = self._decode_fn(tokens, cache)[:n]
             cache.pos[n:] = 0  # idle slots must not drift past the cache
             return logits

@@ -110,12 +110,13 @@ def make_guide(tokenizer, vocab_size: int, stop_ids, json_schema=None, regex: st
     or ``structural_tag`` (xgrammar's JSON form); a bad spec raises ``ValueError`` naming it."""
     if tokenizer is None:
         raise ValueError("structured outputs need the model's tokenizer (the grammar is over its tokens)")
+    # keys as given, never sorted: xgrammar writes an object's properties in its schema's order
     if structural_tag is not None:
-        kind, spec, what = "tag", json.dumps(structural_tag, sort_keys=True, ensure_ascii=False), "structural_tag"
+        kind, spec, what = "tag", json.dumps(structural_tag, ensure_ascii=False), "structural_tag"
     elif regex is not None:
         kind, spec, what = "regex", regex, f"regex {regex!r}"
     else:
-        kind, spec, what = "json", json.dumps(json_schema, sort_keys=True), "json_schema"
+        kind, spec, what = "json", json.dumps(json_schema), "json_schema"
     stops = tuple(sorted(stop_ids))
     markers = tuple(sorted(i for i, t in tokenizer.tk.get_added_tokens_decoder().items()
                            if kind == "tag" and t.content in spec and i not in stops))

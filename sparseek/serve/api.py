@@ -140,7 +140,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
                                f"{llm.max_seq_len}", "messages", code="context_length_exceeded")
         want = (body.top_logprobs or 0) if body.logprobs else None
         # the parser needs </think> and the tool-call markup, which are special tokens
-        structured = body.output_format(think, dsml=llm.tokenizer.chat_template is None)
+        structured = body.output_format(think, llm.tokenizer)
         params = body.sampling(max_tokens, want, skip_special_tokens=False, structured=structured,
                                defaults=llm.sampling_defaults, lora=body.model if body.model in adapters else None)
         return ids, think, params

@@ -191,12 +191,13 @@ class ChatRequest(_Sampling):
             raise RequestError("chat_template_kwargs.thinking must be true or false", "chat_template_kwargs")
         return on, ({"high": "high", "xhigh": "max", "max": "max"}.get(effort) if on else None)
 
-    def output_format(self, thinking: bool, dsml: bool = True) -> dict:
+    def output_format(self, thinking: bool, tokenizer=None) -> dict:
         """What the reply is held to, token by token: the tool calls a forcing ``tool_choice`` asks
         for ("required" or a named function, each call's arguments held to its tool's schema), the
         calls a free answer may end in when a tool is ``strict`` (all tools' arguments then held),
         or the structured output ``response_format`` (or ``guided_json`` / ``guided_regex``) asks for.
-        In thinking mode the reasoning before ``</think>`` stays free."""
+        In thinking mode the reasoning before ``</think>`` stays free. Tool calls take the markup
+        of ``tokenizer``'s chat format (V4's DSML, or the layout its own template writes)."""
         fmt, found = self.response_format or {}, self.structured()
         kind = fmt.get("type", "text")
         if kind == "json_schema":
@@ -217,17 +218,19 @@ class ChatRequest(_Sampling):
             what = "a forcing tool_choice" if forced is not None else "a strict tool"
             raise RequestError(f"{what} holds the reply to tool calls: give it or a structured output "
                                "(response_format / guided_json / guided_regex), not both", "tool_choice")
-        if (forced is not None or strict) and not dsml:
-            raise RequestError("forcing tool calls (tool_choice required or a named function, strict tools) holds "
-                               "the reply to DeepSeek-V4's tool-call markup; this model's own chat template writes "
-                               "them in another", "tool_choice")
+        markup = None
+        if (forced is not None or strict) and tokenizer is not None:
+            try:
+                markup = tokenizer.tool_markup()
+            except ChatFormatError as e:
+                raise RequestError(str(e), "tool_choice") from None
         if strict:  # the answer stays free; a tool-call block it opens is held to the tools' schemas
             forced = "auto"
         if forced is None and (not thinking or (found["json_schema"] is None and found["regex"] is None)):
             return found  # free, or held to JSON / regex from its first token
         try:
             tag = reply_format(thinking, tools=self.tools, tool_choice=forced,
-                               parallel_tool_calls=self.parallel_tool_calls is not False, **found)
+                               parallel_tool_calls=self.parallel_tool_calls is not False, markup=markup, **found)
         except ChatFormatError as e:
             raise RequestError(str(e), "tools" if str(e).startswith("tools") else "tool_choice") from None
         return {"json_schema": None, "regex": None, "structural_tag": tag}

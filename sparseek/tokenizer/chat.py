@@ -363,7 +363,7 @@ def encode_messages(
 
 def reply_format(thinking: bool, *, tools: list[dict[str, Any]] | None = None, tool_choice: str | None = None,
                  parallel_tool_calls: bool = True, json_schema: Any = None, regex: str | None = None,
-                 ) -> dict[str, Any]:
+                 markup=None) -> dict[str, Any]:
     """The layout one assistant reply must take, as an xgrammar structural tag (its JSON form, for
     ``SamplingParams(structural_tag=...)``), so that a constrained reply always parses.
 
@@ -374,10 +374,14 @@ def reply_format(thinking: bool, *, tools: list[dict[str, Any]] | None = None, t
     one call of it, "auto": a free answer that may end in such a block (strict tools) --
     each call's parameters held to its tool's JSON schema and written as DSML
     parameters (``string="true"`` for strings, JSON otherwise); or an answer held to ``json_schema``
-    (True: any JSON value) or ``regex``. ``ChatFormatError`` names a bad tool or tool choice."""
+    (True: any JSON value) or ``regex``. ``ChatFormatError`` names a bad tool or tool choice.
+
+    ``markup``: another tool-call layout (a checkpoint's own template: ``sparseek.tokenizer.template
+    .TemplateMarkup``), a callable ({name: parameters schema}, parallel) -> {"open": text, "calls":
+    the calls' format, "close": text, "excludes": markers free text may not hold}."""
     free = _free_text()
     if tool_choice is not None:
-        body = _tool_calls_format(tools or [], tool_choice, parallel_tool_calls)
+        body = _tool_calls_format(tools or [], tool_choice, parallel_tool_calls, markup or _dsml_calls)
     elif regex is not None:
         body = {"type": "regex", "pattern": regex}
     elif json_schema is not None:
@@ -390,12 +394,12 @@ def reply_format(thinking: bool, *, tools: list[dict[str, Any]] | None = None, t
     return {"type": "structural_tag", "format": body}
 
 
-def _free_text() -> dict[str, Any]:
+def _free_text(extra=()) -> dict[str, Any]:
     """Any text without a special token in it (a structural tag's ``end`` may still be one)."""
-    return {"type": "any_text", "excludes": list(SPECIAL_TOKENS)}
+    return {"type": "any_text", "excludes": list(dict.fromkeys([*SPECIAL_TOKENS, *extra]))}
 
 
-def _tool_calls_format(tools: list[dict[str, Any]], tool_choice: str, parallel: bool) -> dict[str, Any]:
+def _tool_calls_format(tools: list[dict[str, Any]], tool_choice: str, parallel: bool, markup) -> dict[str, Any]:
     functions = {}
     for j, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
@@ -413,15 +417,22 @@ def _tool_calls_format(tools: list[dict[str, Any]], tool_choice: str, parallel: 
         functions, parallel = {tool_choice: functions[tool_choice]}, False
     if not functions:
         raise ChatFormatError("tool_choice 'required' needs at least one tool")
+    m = markup(functions, parallel)
+    free = _free_text(m["excludes"])
+    block = [m["calls"], {"type": "const_string", "value": m["close"]}]
+    if tool_choice == "auto":  # a free answer, or one that opens a tool-call block, which is then held
+        return {"type": "or", "elements": [free, {"type": "sequence", "elements": [
+            {"type": "tag", "begin": "", "content": free, "end": m["open"]}, *block]}]}
+    return {"type": "sequence", "elements": [{"type": "const_string", "value": m["open"]}, *block]}
+
+
+def _dsml_calls(functions: dict[str, Any], parallel: bool) -> dict[str, Any]:
+    """DeepSeek-V4's DSML tool-call block, each call's parameters as ``_render_tool_calls`` writes them."""
     invokes = [{"type": "tag", "begin": f'{INVOKE_OPEN}{name}">\n', "content": _parameters_format(name, schema),
                 "end": INVOKE_CLOSE + "\n"} for name, schema in functions.items()]
     calls = {"type": "tags_with_separator", "tags": invokes, "separator": "", "at_least_one": True,
              "stop_after_first": not parallel}
-    block = [calls, {"type": "const_string", "value": TOOL_CALLS_END}]
-    if tool_choice == "auto":  # a free answer, or one that opens a tool-call block, which is then held
-        return {"type": "or", "elements": [_free_text(), {"type": "sequence", "elements": [
-            {"type": "tag", "begin": "", "content": _free_text(), "end": TOOL_CALLS_START + "\n"}, *block]}]}
-    return {"type": "sequence", "elements": [{"type": "const_string", "value": TOOL_CALLS_START + "\n"}, *block]}
+    return {"open": TOOL_CALLS_START + "\n", "calls": calls, "close": TOOL_CALLS_END, "excludes": ()}
 
 
 def _parameters_format(tool: str, schema: dict[str, Any]) -> dict[str, Any]:

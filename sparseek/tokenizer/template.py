@@ -20,13 +20,15 @@ from __future__ import annotations
 import functools
 import json
 import os
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
 from sparseek.tokenizer.chat import (EOS, THINK_END, THINK_START, ChatEvent, ChatFormatError, StreamingChatParser,
                                      ToolCall, _format_error, _json, _marker_regex)
 
-__all__ = ["read_chat_template", "render_chat_template", "opens_reasoning", "TemplateReplyParser"]
+__all__ = ["read_chat_template", "render_chat_template", "opens_reasoning", "TemplateReplyParser", "TemplateMarkup",
+           "tool_call_markup"]
 
 # DeepSeek-V3 / R1 / V3.1 tool-call markup (special tokens of their vocabulary)
 CALLS_BEGIN, CALLS_END = "<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>"
@@ -185,3 +187,77 @@ def _parse_call(body: str, offset: int) -> tuple[str, str]:
     if not isinstance(arguments, dict):
         raise _format_error(f"tool call {name!r}: arguments must be a JSON object", offset)
     return name, _json(arguments)
+
+
+@dataclass(frozen=True)
+class TemplateMarkup:
+    """How a template writes one tool call, read off the template itself (``tool_call_markup``):
+    ``CALL_BEGIN + prefix + NAME + middle + ARGUMENTS + suffix + CALL_END``, calls joined by
+    ``separator`` inside ``CALLS_BEGIN ... CALLS_END``. As ``sparseek.tokenizer.chat.reply_format``'s
+    ``markup``: forced tool calls held to it, the arguments to each tool's JSON schema."""
+
+    prefix: str
+    middle: str
+    suffix: str
+    separator: str
+
+    def render(self, calls: list[tuple[str, str]]) -> str:
+        """The tool-call block of ``calls`` ((name, arguments JSON) pairs)."""
+        return CALLS_BEGIN + self.separator.join(f"{CALL_BEGIN}{self.prefix}{name}{self.middle}{args}{self.suffix}"
+                                                 f"{CALL_END}" for name, args in calls) + CALLS_END
+
+    def __call__(self, functions: dict[str, Any], parallel: bool) -> dict[str, Any]:
+        tags = [{"type": "tag", "begin": f"{CALL_BEGIN}{self.prefix}{name}{self.middle}",
+                 "content": {"type": "json_schema", "json_schema": schema, "max_whitespace_cnt": 1},
+                 "end": f"{self.suffix}{CALL_END}"} for name, schema in functions.items()]
+        calls = {"type": "tags_with_separator", "tags": tags, "separator": self.separator, "at_least_one": True,
+                 "stop_after_first": not parallel}
+        return {"open": CALLS_BEGIN, "calls": calls, "close": CALLS_END, "excludes": _MARKUP}
+
+
+_PROBE = (("probe_fn_a", '{"probe_arg": 1}'), ("probe_fn_b", '{"probe_arg": 2}'))
+
+
+@functools.lru_cache(maxsize=8)
+def tool_call_markup(template: str, bos_token: str | None = None, eos_token: str | None = None
+                     ) -> TemplateMarkup | None:
+    """The tool-call layout ``template`` writes, found by rendering an assistant turn with two
+    probe calls and reading where their names and arguments land; None when it writes none that
+    ``TemplateReplyParser`` reads back (sparseek then refuses to force tool calls for it)."""
+    calls = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
+             for i, (n, a) in enumerate(_PROBE)]
+    text = None
+    for content in (None, ""):  # V3's template writes the calls only for an assistant turn without content
+        messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content, "tool_calls": calls}]
+        try:
+            text = render_chat_template(template, messages, bos_token=bos_token, eos_token=eos_token,
+                                        add_generation_prompt=False)
+        except (ChatFormatError, ValueError, TypeError):
+            continue
+        if CALLS_BEGIN in text and CALLS_END in text:
+            break
+    else:
+        return None
+    block = text[text.index(CALLS_BEGIN) + len(CALLS_BEGIN):text.index(CALLS_END)]
+    if not block.startswith(CALL_BEGIN):
+        return None
+    first, _, rest = block[len(CALL_BEGIN):].partition(CALL_END)
+    separator, _, second = rest.partition(CALL_BEGIN)
+    found = []
+    for body, (name, args) in zip((first, second.partition(CALL_END)[0]), _PROBE):
+        i, j = body.find(name), body.find(args)
+        if i == -1 or j < i + len(name):
+            return None
+        found.append((body[:i], body[i + len(name):j], body[j + len(args):]))
+    if found[0] != found[1]:
+        return None
+    markup = TemplateMarkup(*found[0], separator)
+    # only what the reply parser reads back: a layout it would misread is not offered
+    parser = TemplateReplyParser("chat")
+    try:
+        parser.feed(markup.render(list(_PROBE)) + EOS)
+        parser.finish()
+    except ValueError:
+        return None
+    got = [(c["function"]["name"], c["function"]["arguments"]) for c in parser.message().get("tool_calls") or ()]
+    return markup if got == [(n, _json(json.loads(a))) for n, a in _PROBE] else None

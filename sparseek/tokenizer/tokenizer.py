@@ -19,8 +19,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 from sparseek.tokenizer.chat import (ASSISTANT, BOS, DSML, EOS, EXTRACTED_URL, LATEST_REMINDER, TASK_TOKENS,
                                      THINK_END, THINK_START, USER, ChatFormatError, StreamingChatParser,
                                      encode_messages)
-from sparseek.tokenizer.template import (TemplateReplyParser, opens_reasoning, read_chat_template,
-                                         render_chat_template)
+from sparseek.tokenizer.template import (TemplateMarkup, TemplateReplyParser, opens_reasoning, read_chat_template,
+                                         render_chat_template, tool_call_markup)
 
 # Special tokens of a freshly trained tokenizer, in id order.
 V4_SPECIAL_TOKENS = [BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER,
@@ -119,6 +119,19 @@ class Tokenizer:
         text = render_chat_template(self.chat_template, messages, bos_token=self.bos_token,
                                     eos_token=self.eos_token, thinking=thinking)
         return text, "thinking" if opens_reasoning(text) else "chat"
+
+    def tool_markup(self) -> TemplateMarkup | None:
+        """The markup forced tool calls are held to (``reply_format``'s ``markup``): None for V4's
+        DSML, else the layout the checkpoint's own template writes (read off the template). Raises
+        ``ChatFormatError`` for a template that writes none ``reply_parser`` reads back."""
+        if self.chat_template is None:
+            return None
+        markup = tool_call_markup(self.chat_template, self.bos_token, self.eos_token)
+        if markup is None:
+            raise ChatFormatError("forcing tool calls (tool_choice required or a named function, strict tools) "
+                                  "needs the tool-call layout of the checkpoint's own chat template, and this one "
+                                  "writes none that sparseek reads back (DeepSeek-V3 / R1 / V3.1 markup)")
+        return markup
 
     def reply_parser(self, mode: str) -> StreamingChatParser:
         """A streaming parser of replies to ``chat_prompt``'s prompts (``mode``: what it returned):

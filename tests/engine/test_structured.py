@@ -48,6 +48,11 @@ def test_structured_streaming_and_bad_specs(model, tok):
     sp = SamplingParams(max_tokens=80, temperature=0.7, seed=3, json_schema=SCHEMA)
     text = "".join(d.text for d in llm.stream("q", sp))
     assert text == llm.generate(["q"], sp)[0].text and json.loads(text)["kind"] in ("cat", "dog", "eel")
+    # properties come in the schema's order, not sorted (xgrammar follows the order it is given)
+    unsorted = {"type": "object", "properties": {"zeta": {"enum": [1]}, "alpha": {"enum": [2]}},
+                "required": ["zeta", "alpha"]}
+    assert llm.generate(["q"], SamplingParams(max_tokens=40, temperature=0, json_schema=unsorted))[0].text == \
+        '{"zeta": 1, "alpha": 2}'
     with pytest.raises(ValueError, match="regex"):
         llm.generate(["q"], SamplingParams(regex="([a-z"))
     with pytest.raises(ValueError, match="json_schema"):
@@ -184,3 +189,29 @@ def test_llm_chat_forces_a_named_tool(model, tok):
     assert out.finish_reason == "stop" and _calls(out.message) == [("ping", {})] and not out.message["content"]
     with pytest.raises(ChatFormatError, match="not among the tools"):
         llm.chat(msgs, tool_choice="fly")
+
+
+@pytest.mark.parametrize("style", ["V3_TOOLS_STYLE", "V31_TOOLS_STYLE"])
+def test_forced_tool_calls_in_a_template_s_layout(model, tok, style):
+    """A checkpoint with its own template (V3 / R1, V3.1): forced calls are held to the layout the
+    template writes, the arguments to each tool's schema; what a random model samples parses."""
+    import copy
+
+    import tests.tokenizer.test_template as templates
+
+    t = copy.copy(tok)
+    t.chat_template = getattr(templates, style)
+    markup = t.tool_markup()
+    required = reply_format(False, tools=TOOLS, tool_choice="required", markup=markup)
+    for calls, ok in (([("go", {"to": "yz", "n": 3}), ("ping", {})], True), ([("opt", {"b": 2})], True),
+                      ([("go", {"to": "q", "n": 3})], False), ([("nope", {})], False), ([], False)):
+        g = _guide(t, required)
+        text = markup.render([(n, json.dumps(a)) for n, a in calls])
+        assert (g.matcher.accept_string(text) and g.matcher.accept_token(tok.eos_id)) == ok, text
+        assert not ok or _calls(t.parse_reply(text, "chat")) == calls
+    llm = _llm(model, t, max_seq_len=1024)
+    msgs = [{"role": "system", "content": "", "tools": TOOLS}, {"role": "user", "content": "go"}]
+    out = llm.chat(msgs, SamplingParams(max_tokens=300, temperature=1.0, seed=3), tool_choice="go")
+    [(name, a)] = _calls(out.message)
+    assert out.finish_reason == "stop" and name == "go" and not out.message["content"]
+    assert a["to"] in ("x", "yz") and 1 <= a["n"] <= 9 and set(a) <= {"to", "n", "fast", "tag"}

@@ -580,6 +580,35 @@ def test_a_checkpoint_s_own_chat_template_through_the_server(model, tok, monkeyp
             tool_choice="required")
 
 
+def test_forced_tool_calls_in_a_template_s_layout_through_the_api(model, tok):
+    """A checkpoint whose template writes V3 / R1's tool-call markup: tool_choice "required" holds
+    the reply to that markup (read off the template), streamed or whole, as tool_calls."""
+    pytest.importorskip("xgrammar")
+    import copy
+
+    from tests.tokenizer.test_template import V3_TOOLS_STYLE
+
+    v3 = copy.copy(tok)
+    v3.chat_template = V3_TOOLS_STYLE
+    tools = [{"type": "function", "function": {"name": "go", "parameters": {
+        "type": "object", "properties": {"to": {"enum": ["x", "y"]}}, "required": ["to"]}}}]
+    with TestClient(build_app(_llm(model, v3, max_seq_len=512), "v3", api_key=KEY)) as c:
+        for stream in (False, True):
+            r = c.post("/v1/chat/completions", headers=AUTH, json={
+                "messages": [{"role": "user", "content": "where?"}], "tools": tools, "tool_choice": "required",
+                "parallel_tool_calls": False, "max_tokens": 200, "temperature": 1.0, "seed": 1, "stream": stream})
+            assert r.status_code == 200, r.text
+            if stream:
+                chunks = _events(r.text)
+                calls = [tc for ch in chunks for tc in ch["choices"][0]["delta"].get("tool_calls", [])]
+                reason = chunks[-1]["choices"][0]["finish_reason"]
+            else:
+                [ch] = r.json()["choices"]
+                calls, reason = ch["message"]["tool_calls"], ch["finish_reason"]
+            assert reason == "tool_calls" and len(calls) == 1 and calls[0]["function"]["name"] == "go"
+            assert json.loads(calls[0]["function"]["arguments"]) in ({"to": "x"}, {"to": "y"})
+
+
 def test_generation_config_fills_what_a_request_leaves_out(model, tok, specials):
     """The checkpoint's generation_config.json (here: greedy, 5 new tokens) applies to the fields a
     request does not give, as vLLM applies it; fields given win."""

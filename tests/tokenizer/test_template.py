@@ -39,6 +39,18 @@ V31_STYLE = (
     "{% if add_generation_prompt %}<｜Assistant｜>{% if thinking %}<think>{% else %}</think>{% endif %}{% endif %}"
 )
 
+# The tool-call layouts of V3 / R1 (type, name, fenced JSON; calls on their own lines) and V3.1
+# (name, JSON), written for these tests; an assistant turn with calls and no content writes only them.
+_TURN = ("{% for m in messages %}{% if m['role'] == 'user' %}<｜User｜>{{ m['content'] }}"
+         "{% elif m['role'] == 'assistant' and m['content'] is none %}<｜Assistant｜><｜tool▁calls▁begin｜>"
+         "{% for t in m['tool_calls'] %}CALL{% endfor %}<｜tool▁calls▁end｜><｜end▁of▁sentence｜>"
+         "{% elif m['role'] == 'assistant' %}<｜Assistant｜>{{ m['content'] }}<｜end▁of▁sentence｜>"
+         "{% endif %}{% endfor %}{% if add_generation_prompt %}<｜Assistant｜>{% endif %}")
+V3_TOOLS_STYLE = _TURN.replace("CALL", "{{ ('' if loop.first else '\\n') + '<｜tool▁call▁begin｜>' + t['type'] + "
+                                       "'<｜tool▁sep｜>' + t['function']['name'] + '\\n```json\\n' + "
+                                       "t['function']['arguments'] + '\\n```<｜tool▁call▁end｜>' }}")
+V31_TOOLS_STYLE = _TURN.replace("CALL", "{{ '<｜tool▁call▁begin｜>' + t['function']['name'] + '<｜tool▁sep｜>' + "
+                                        "t['function']['arguments'] + '<｜tool▁call▁end｜>' }}")
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
                                             "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"},
@@ -180,3 +192,26 @@ def test_v3_family_replies_parse_alike_whole_or_streamed(tok, calls, mode):
 def test_malformed_v3_tool_calls_are_named(tok, bad, words):
     with pytest.raises(ChatFormatError, match=re.escape(words)):
         _with(tok, R1_STYLE).parse_reply(bad, "chat")
+
+
+@pytest.mark.parametrize("template,sep", [(V3_TOOLS_STYLE, "\n"), (V31_TOOLS_STYLE, "")])
+def test_tool_call_layout_is_read_off_the_template(tok, template, sep):
+    """The layout forced tool calls are held to is the one the template writes: rendering calls
+    with it gives the template's own text, which the reply parser reads back."""
+    t = _with(tok, template)
+    markup = t.tool_markup()
+    assert markup.separator == sep
+    calls = [("get_weather", '{"city": "Paris"}'), ("now", "{}"), ("add", '{"a": [1, 2], "b": {"c": "ü"}}')]
+    turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": n, "arguments": a}} for n, a in calls]}]
+    text = render_chat_template(template, turn, bos_token=None, eos_token=None, add_generation_prompt=False)
+    assert text.endswith(markup.render(calls) + "<｜end▁of▁sentence｜>")
+    got = t.parse_reply(markup.render(calls) + "<｜end▁of▁sentence｜>", "chat")["tool_calls"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in got] == \
+        [(n, json.loads(a)) for n, a in calls]
+
+
+def test_templates_without_a_tool_layout_refuse_forced_calls(tok):
+    assert tok.tool_markup() is None  # V4's format: DSML
+    with pytest.raises(ChatFormatError, match="writes none that sparseek reads back"):
+        _with(tok, R1_STYLE).tool_markup()
