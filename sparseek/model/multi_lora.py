@@ -15,7 +15,10 @@ Every swapped module adds its row's update:
   added after the FFN): prefill runs the experts one by one, each its rows' adapters as above;
   the fixed-shape decode step gathers each (token, slot)'s expert pair as it gathers the weights.
 
-A batch whose rows all run the base model takes the plain paths (grouped GEMMs). Adapters come
+A batch whose rows all run the base model takes the plain paths (grouped GEMMs). Under
+torch.compile (the engine's compiled decode step, ``LLM(compile=True)``) every token gathers its
+own slot's pair instead (punica's BGMV: fixed shapes, no host synchronization, slot 0 adding
+zeros), so the step compiles to one graph and can be captured as a CUDA graph. Adapters come
 from ``sparseek finetune --lora-rank`` directories (``sparseek.checkpoint.adapters``).
 """
 
@@ -45,7 +48,7 @@ class AdapterRows:
         """The slot of each of ``n_tokens`` flattened tokens (rows' tokens are contiguous), or None
         when every row runs the base model."""
         s = self.slots
-        if s is None or not bool(s.any()):
+        if s is None or (not torch.compiler.is_compiling() and not bool(s.any())):
             return None
         if n_tokens % s.shape[0]:
             raise RuntimeError(f"{n_tokens} tokens do not split into {s.shape[0]} adapter rows")
@@ -68,7 +71,11 @@ def _stack(pairs: list[tuple[torch.Tensor, torch.Tensor, float] | None], lead: t
 
 
 def _add_updates(y: torch.Tensor, x: torch.Tensor, slots: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> None:
-    """y[t] += B[s_t] (A[s_t] x[t]) for every token t (flattened [N, ...]), one adapter at a time."""
+    """y[t] += B[s_t] (A[s_t] x[t]) for every token t (flattened [N, ...]), one adapter at a time
+    (compiled: each token its gathered pair)."""
+    if torch.compiler.is_compiling():
+        y += torch.einsum("nr,nor->no", torch.einsum("nd,nrd->nr", x, A[slots]), B[slots]).to(y.dtype)
+        return
     for k in slots.unique().tolist():
         if k:
             rows = (slots == k).nonzero().squeeze(1)
@@ -110,6 +117,10 @@ class MultiLoRALinear(nn.Module):
             return None
         B, T, G, I = o_BTGI.shape
         o = o_BTGI.reshape(B * T, G, I)
+        if torch.compiler.is_compiling():
+            t = torch.einsum("ngi,nri->ngr", o, self.A[slots])
+            Bs = self.B[slots].view(B * T, G, -1, self.B.shape[-1])
+            return torch.einsum("ngr,ngor->ngo", t, Bs).to(o.dtype).view(B, T, G, -1)
         out = torch.zeros(B * T, G, self.B.shape[1] // G, dtype=o.dtype, device=o.device)
         for k in slots.unique().tolist():
             if k:
@@ -131,6 +142,7 @@ class MultiLoRAExperts(Experts):
             self.register_buffer(f"A_{name}", A, persistent=False)
             self.register_buffer(f"B_{name}", B, persistent=False)
 
+    @torch.compiler.disable  # prefill's experts one by one (data-dependent shapes) stay eager
     def pairs(self, x_ND, token_of, e_sorted, w_sorted, w13=None, batched=None):
         slots = self.rows.per_token(x_ND.shape[0])
         if slots is None:

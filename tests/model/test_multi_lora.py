@@ -91,8 +91,8 @@ def test_engine_serves_adapters_per_request(tmp_path):
         llm.generate([[1, 2]], SamplingParams(lora="c"))
     with pytest.raises(ValueError, match="holds none"):
         LLM(copy.deepcopy(base), tok).generate([[1, 2]], SamplingParams(lora="a"))
-    with pytest.raises(ValueError, match="eager decoding"):
-        LLM(copy.deepcopy(base), tok, compile=True, lora_modules=dirs)
+    with pytest.raises(ValueError, match="does not draft"):
+        LLM(copy.deepcopy(base), tok, speculative_tokens=1, lora_modules=dirs)
 
 
 def test_prefix_cache_keeps_snapshots_per_adapter(tmp_path):
@@ -125,3 +125,36 @@ def test_prefix_cache_keeps_snapshots_per_adapter(tmp_path):
     again = run("a", [3, 4, 5, 6, 7])  # the same adapter: its kept prompt restored
     assert again.num_cached_tokens >= len(system) and llm.prefix_cache.hits == 1
     assert again.token_ids == alone("a", [3, 4, 5, 6, 7])
+
+
+def _compiled_engine_equals_eager(tmp_path, monkeypatch, compiled: bool):
+    from sparseek.engine import LLM, SamplingParams
+    from sparseek.tokenizer import default_tokenizer
+
+    if not compiled:  # the fixed-shape step run uncompiled: the engine's side in seconds
+        from sparseek.engine import compile as engine_compile
+        from sparseek.model import v4
+
+        monkeypatch.setattr(engine_compile, "CompiledStep", lambda fn, device, **kw: fn)
+        monkeypatch.setattr(v4, "compile_hot_paths", lambda: None)
+    tok = default_tokenizer(512)
+    base = randomize_(build_model(sparseek.preset("debug")), 11).eval()
+    dirs = _adapters(base, tmp_path, [("a", 4, ("wq_a", "wkv", "wo_a", "wo_b", "experts")), ("b", 2, ("experts",))])
+    prompts = [[5, 9, 200, 17], list(range(30, 70)), [7] * 12, [5, 9, 200, 17]]
+    params = [SamplingParams(max_tokens=8 + i, temperature=0, ignore_eos=True, lora=n)
+              for i, n in enumerate(["a", "b", None, "b"])]
+    want = LLM(copy.deepcopy(base), tok, max_batch_size=3, max_seq_len=128, lora_modules=dirs).generate(prompts, params)
+    llm = LLM(copy.deepcopy(base), tok, max_batch_size=3, max_seq_len=128, compile=True, lora_modules=dirs)
+    got = llm.generate(prompts, params)
+    assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    assert got[0].token_ids != got[3].token_ids  # one prompt, two adapters
+
+
+def test_fixed_shape_decode_step_runs_each_row_s_adapter(tmp_path, monkeypatch):
+    _compiled_engine_equals_eager(tmp_path, monkeypatch, compiled=False)
+
+
+@pytest.mark.slow
+def test_compiled_decode_runs_each_row_s_adapter(tmp_path, monkeypatch, eager_hot_paths):
+    """The compiled step gathers each token's pair (one graph for any mix of adapters)."""
+    _compiled_engine_equals_eager(tmp_path, monkeypatch, compiled=True)
