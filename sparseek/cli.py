@@ -29,6 +29,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-fp8", action="store_true", default=None,
                    help="FP8 KV cache as DeepSeek's runtime keeps it (V4 models; ~40%% fewer cache bytes)")
+    p.add_argument("--index-fp4", action="store_true", default=None,
+                   help="the lightning indexer's queries and keys rotated and rounded to FP4 as DeepSeek's runtime "
+                        "does (V4 models: its picks are then DeepSeek's own)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (V4; a CUDA graph on a GPU: ~2x tokens/s there; "
                         "the first call compiles for a minute or more)")
@@ -95,11 +98,13 @@ def _engine(a, **llm_kw):
     from sparseek.engine import LLM
 
     a.main, a.share = True, lambda x: x
-    kv_fp8, compile_ = getattr(a, "kv_fp8", None), getattr(a, "compile", False)
+    compile_ = getattr(a, "compile", False)
+    switches = {k: getattr(a, k, None) for k in ("kv_fp8", "index_fp4")}
+    switches = {k: v for k, v in switches.items() if v is not None}
     gen_cfg = getattr(a, "generation_config", "auto")
     gen_cfg = None if gen_cfg == "none" else gen_cfg
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8,
+        return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, **switches,
                    compile=compile_, quantize=a.quantize, lora=a.lora, generation_config=gen_cfg, **llm_kw)
     import torch.distributed as dist
 
@@ -113,7 +118,7 @@ def _engine(a, **llm_kw):
     # sharded on the host, as the checkpoint is read: each rank reads only its experts' bytes and no
     # device ever holds every expert
     model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0), quantize=a.quantize,
-                               lora=a.lora, prepare=shard_experts_)
+                               lora=a.lora, prepare=shard_experts_, **switches)
     model = model.to(a.device)
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
         a.seed = _from_rank0(dist, random.randrange(2**31))
@@ -122,7 +127,7 @@ def _engine(a, **llm_kw):
         from sparseek.engine.llm import _generation_source
 
         gen_cfg = _generation_source(a.model)
-    return LLM(model, tok, max_seq_len=a.max_seq_len, kv_fp8=kv_fp8, compile=compile_, generation_config=gen_cfg,
+    return LLM(model, tok, max_seq_len=a.max_seq_len, **switches, compile=compile_, generation_config=gen_cfg,
                **llm_kw)
 
 
@@ -375,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=4096)
     p.set_defaults(fn=cmd_generate)
 
-    p = sub.add_parser("chat", help="interactive chat in DeepSeek-V4's chat format")
+    p = sub.add_parser("chat", help="interactive chat (DeepSeek-V4's chat format, or the checkpoint's own template)")
     _add_model_args(p)
     _add_engine_args(p)
     _add_sampling_args(p)

@@ -99,6 +99,9 @@ class ModelArgs:
     # DeepSeek's runtime rounds the non-rope dims of cached V4 KV entries to FP8 (64-blocks, power-of-
     # two scales) and serving stacks store them so; transformers' port keeps them in bf16.
     kv_fp8: bool = False
+    # DeepSeek's runtime rotates the lightning indexer's queries and keys by a Hadamard matrix and
+    # rounds them to FP4 (32-blocks, power-of-two scales); transformers' port does neither.
+    index_fp4: bool = False
     # Everything else a config.json carries (architectures, quantization_config, torch_dtype,
     # runtime fields of inference/config.json ...) is kept verbatim so a round trip loses nothing.
     extra: dict = field(default_factory=dict)
@@ -279,6 +282,7 @@ class ModelArgs:
             self._validate_v4(need)
         else:
             need(not self.kv_fp8, "kv_fp8", "the FP8 KV cache is DeepSeek-V4's (MLA caches stay in the model dtype)")
+            need(not self.index_fp4, "index_fp4", "the FP4 lightning indexer is DeepSeek-V4's")
             self._validate_mla(need)
 
     def _validate_v4(self, need) -> None:
@@ -294,6 +298,9 @@ class ModelArgs:
         nope = self.head_dim - self.qk_rope_head_dim
         need(not self.kv_fp8 or (nope > 0 and nope % min(64, nope) == 0), "kv_fp8",
              f"FP8 KV rounds the non-rope dims in blocks of 64: head_dim - qk_rope_head_dim = {nope}")
+        idim = self.index_head_dim
+        need(not self.index_fp4 or idim & (idim - 1) == 0, "index_fp4",
+             f"the FP4 indexer's Hadamard rotation needs a power-of-two index_head_dim, got {idim}")
         need(self.hc_mult >= 1, "hc_mult", "must be >= 1")
         need(self.hc_sinkhorn_iters >= 1, "hc_sinkhorn_iters", "must be >= 1")
         need(0 <= self.num_hash_layers <= self.num_hidden_layers, "num_hash_layers",
@@ -357,7 +364,7 @@ _V4_ONLY = ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_r
             "hc_sinkhorn_iters", "hc_eps", "expert_dtype")
 _V3_ONLY = ("intermediate_size", "first_k_dense_replace", "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim",
             "v_head_dim", "n_group", "topk_group")
-_SPARSEEK_SWITCHES = ("clamp_shared_expert", "kv_fp8")
+_SPARSEEK_SWITCHES = ("clamp_shared_expert", "kv_fp8", "index_fp4")
 
 
 def _drop_derived_mla(known: dict, extra: dict) -> None:

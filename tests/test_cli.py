@@ -41,7 +41,7 @@ def test_unusable_device_is_one_line(monkeypatch, capsys):
 
 
 def test_engine_flags_reach_the_engine(monkeypatch, capsys):
-    """--compile and --kv-fp8 are passed to LLM (compiling itself is tested in tests/engine)."""
+    """--compile, --kv-fp8 and --index-fp4 are passed to LLM (compiling itself is tested in tests/engine)."""
     import sparseek.engine
 
     seen = {}
@@ -55,11 +55,12 @@ def test_engine_flags_reach_the_engine(monkeypatch, capsys):
     for verb in ("generate", "chat"):
         seen.clear()
         try:
-            main([verb, "--model", "debug", "--compile", "--kv-fp8", "--prompt", "x"] if verb == "generate"
-                 else [verb, "--model", "debug", "--compile", "--kv-fp8"])
+            flags = ["--model", "debug", "--compile", "--kv-fp8", "--index-fp4"]
+            main([verb, *flags, "--prompt", "x"] if verb == "generate" else [verb, *flags])
         except SystemExit:
             pass
-        assert seen["compile"] is True and seen["kv_fp8"] is True and seen["model"] == "debug"
+        assert seen["compile"] is True and seen["kv_fp8"] is True and seen["index_fp4"] is True
+        assert seen["model"] == "debug"
 
 
 def test_train_indexer_flags_reach_the_trainer(monkeypatch):

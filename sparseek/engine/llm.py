@@ -132,6 +132,7 @@ class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
+                 index_fp4: bool | None = None,
                  batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None,
                  lora=None, generation_config="auto", lora_modules: dict[str, str] | None = None):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
@@ -161,6 +162,9 @@ class LLM:
 
         ``kv_fp8=True`` (with a path or preset) rounds the cached KV to FP8 and stores it so, as
         DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``).
+        ``index_fp4=True`` (with a path or preset) rounds the lightning indexer's rotated queries
+        and keys to FP4 as DeepSeek's runtime does (``sparseek.model.qat``): its picks are then
+        DeepSeek's own.
 
         ``quantize`` (with a path or preset): weights kept quantized in memory, as
         ``sparseek.load(..., quantize=...)`` keeps them ("stored", "fp8", "fp4").
@@ -187,7 +191,7 @@ class LLM:
         if isinstance(model, str):
             from sparseek import load
 
-            extra = {} if kv_fp8 is None else {"kv_fp8": kv_fp8}
+            extra = {k: v for k, v in (("kv_fp8", kv_fp8), ("index_fp4", index_fp4)) if v is not None}
             model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, quantize=quantize, lora=lora,
                                      **extra)
             tokenizer = tokenizer or loaded_tok
@@ -197,9 +201,11 @@ class LLM:
         elif quantize is not None:
             raise ValueError("quantize applies while loading: pass a path / preset name to LLM, or quantize the "
                              "model with sparseek.quant.quantize_model_")
-        elif kv_fp8 is not None and kv_fp8 != model.args.kv_fp8:
-            raise ValueError("kv_fp8 changes how the model computes: load it with sparseek.load(..., kv_fp8=True) "
-                             "or pass a path / preset name to LLM")
+        else:
+            for name, want in (("kv_fp8", kv_fp8), ("index_fp4", index_fp4)):
+                if want is not None and want != getattr(model.args, name):
+                    raise ValueError(f"{name} changes how the model computes: load it with sparseek.load(..., "
+                                     f"{name}={want}) or pass a path / preset name to LLM")
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.args = model.args

@@ -30,6 +30,7 @@ from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model import common, kernels
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions, query_block
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
+from sparseek.model.qat import fp4_round, hadamard
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
 
 # Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
@@ -236,10 +237,11 @@ class Compressor(nn.Module):
     window's entry, the second half its *own*; an entry is a per-channel softmax over 2m slots.
     """
 
-    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, fp8_dims: int = 0):
+    def __init__(self, args: ModelArgs, ratio: int, head_dim: int, fp8_dims: int = 0, fp4: bool = False):
         super().__init__()
         self.ratio, self.dim = ratio, head_dim
         self.fp8_dims = fp8_dims  # leading dims of each entry rounded to FP8 (kv_fp8; attention entries only)
+        self.fp4 = fp4  # entries rotated and rounded to FP4 (index_fp4; the indexer's keys only)
         self.overlap = ratio == CSA_RATIO
         coff = 2 if self.overlap else 1
         self.wkv = nn.Linear(args.hidden_size, coff * head_dim, bias=False, dtype=torch.float32)
@@ -257,6 +259,8 @@ class Compressor(nn.Module):
         entries = self.norm(pooled.to(dtype))
         cos, sin = rotary(first_pos)
         entries = apply_rope(entries, cos, sin)
+        if self.fp4:
+            return fp4_round(hadamard(entries))
         return fp8_round(entries, self.fp8_dims) if self.fp8_dims else entries
 
     def _pool(self, kv_BWLC, sc_BWLC) -> torch.Tensor:
@@ -339,8 +343,9 @@ class Indexer(nn.Module):
     """Lightning indexer: picks, per query, the top-k compressed entries of a CSA layer.
 
     score(t, s) = sum_h w[t, h] * relu(q[t, h] . k[s]); queries reuse the attention's normalized
-    low-rank query ``qr``. (DeepSeek also rotates q/k by a Hadamard matrix and rounds them to FP4;
-    the rotation is orthonormal and leaves the dot products unchanged, so we skip both.)
+    low-rank query ``qr``. DeepSeek's runtime also rotates q and k by a Hadamard matrix and rounds
+    them to FP4 (``args.index_fp4``, ``sparseek.model.qat``); the rotation alone is orthonormal and
+    leaves the dot products unchanged, so without the rounding both are skipped.
     """
 
     def __init__(self, args: ModelArgs, dtype=None):
@@ -348,13 +353,16 @@ class Indexer(nn.Module):
         self.n_heads, self.dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
         self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.dim, bias=False, dtype=dtype)
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False, dtype=dtype)
-        self.compressor = Compressor(args, CSA_RATIO, self.dim)
+        self.fp4 = args.index_fp4
+        self.compressor = Compressor(args, CSA_RATIO, self.dim, fp4=self.fp4)
         self.scale = self.dim ** -0.5 * self.n_heads ** -0.5
 
     def queries(self, x_BTD, qr_BTR, cos, sin):
         B, T, _ = x_BTD.shape
         q = self.wq_b(qr_BTR).view(B, T, self.n_heads, self.dim)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
+        if self.fp4:
+            q = fp4_round(hadamard(q))
         w = self.weights_proj(x_BTD).float() * self.scale
         return q, w
 

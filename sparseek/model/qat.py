@@ -1,0 +1,72 @@
+"""DeepSeek's runtime rounding of the lightning indexer (``index_fp4``).
+
+DeepSeek's inference code rotates the indexer's queries and keys by a Hadamard matrix and rounds
+them to FP4 before scoring: the indexer then runs in FP4 (the tech report's "FP4 indexer
+attention"), and its keys are cached at 68 bytes instead of 256. The rotation is orthonormal, so
+without the rounding it would change nothing (transformers' port skips both); with it, the scores
+-- and so, near ties, the picked entries -- are DeepSeek's own. ``index_fp4=True`` emulates the
+round trip; the cache still keeps the rounded keys in the model's dtype.
+
+* ``hadamard``: the normalized Walsh-Hadamard transform in Sylvester (natural) order over the last
+  dim (a power of two), scale d^-1/2 -- what ``fast_hadamard_transform`` computes.
+* ``fp4_round``: e2m1 values {0, 0.5, 1, 1.5, 2, 3, 4, 6} in blocks of 32 with one power-of-two
+  scale each (ue8m0: the smallest 2^e with amax / 2^e <= 6), values rounded to the nearest code,
+  ties to the even code (as a hardware cast rounds). In training the gradient passes straight
+  through the rounding (quantization-aware training's estimator).
+"""
+
+from __future__ import annotations
+
+import torch
+
+FP4_BLOCK = 32
+FP4_MAX = 6.0
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x @ H / sqrt(d) over the last dim, H the Sylvester Hadamard matrix; computed in fp32 (or x's
+    wider dtype) with
+    log2(d) butterfly passes, returned in x's dtype."""
+    d = x.shape[-1]
+    if d & (d - 1):
+        raise ValueError(f"the Hadamard rotation needs a power-of-two dim, got {d}")
+    y = x.to(torch.promote_types(x.dtype, torch.float32))
+    h = 1
+    while h < d:
+        y = y.unflatten(-1, (d // (2 * h), 2, h))
+        a, b = y.unbind(-2)
+        y = torch.stack((a + b, a - b), dim=-2).flatten(-3)
+        h *= 2
+    return (y * d ** -0.5).to(x.dtype)
+
+
+def _pow2_ceil(x: torch.Tensor) -> torch.Tensor:
+    """The smallest power of two >= x (x > 0), exactly (frexp: x = m * 2^e with m in [0.5, 1))."""
+    m, e = torch.frexp(x)
+    return torch.ldexp(torch.ones_like(x), torch.where(m == 0.5, e - 1, e))
+
+
+def fp4_round(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
+    """``x`` rounded to FP4 (e2m1) with one power-of-two scale per ``block`` values along the last
+    dim (fewer dims than a block: one block), returned in x's dtype."""
+    n = x.shape[-1]
+    block = min(block, n)
+    if n % block:
+        raise ValueError(f"FP4 rounds in blocks of {block} values, got a last dim of {n}")
+    xb = x.float().unflatten(-1, (n // block, block))
+    amax = xb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
+    scale = _pow2_ceil(amax * torch.tensor(1.0 / FP4_MAX))  # times the fp32 reciprocal, as the kernel does
+    q = (xb / scale).clamp(-FP4_MAX, FP4_MAX)
+    mid = torch.tensor(_MIDPOINTS, device=x.device)
+    lo, hi = torch.bucketize(q.abs(), mid), torch.bucketize(q.abs(), mid, right=True)
+    code = torch.where(lo % 2 == 0, lo, hi)  # equal unless |q| is a midpoint: then the even code
+    value = torch.tensor(_E2M1, device=x.device)[code].copysign(q)
+    y = (value * scale).flatten(-2)
+    if x.requires_grad and torch.is_grad_enabled():  # training: the straight-through estimator of QAT
+        y = x.float() + (y - x.float()).detach()
+    return y.to(x.dtype)
+
+
+__all__ = ["hadamard", "fp4_round", "FP4_BLOCK"]
