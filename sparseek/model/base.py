@@ -27,11 +27,12 @@ class DecoderLM(nn.Module):
     args = None
 
     def new_cache(self, batch_size: int, max_seq_len: int, dtype=None, device=None,
-                  fp8_storage: bool | None = None, with_mtp: bool = True) -> Cache:
+                  fp8_storage: bool | None = None, with_mtp: bool = True, fp4_storage: bool | None = None) -> Cache:
         """``with_mtp=False``: no room for the MTP layers (what decoding without drafts needs)."""
         p = self.embed.weight
         return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype,
-                     fp8_storage=fp8_storage, with_mtp=with_mtp and len(getattr(self, "mtp", ())) > 0)
+                     fp8_storage=fp8_storage, fp4_storage=fp4_storage,
+                     with_mtp=with_mtp and len(getattr(self, "mtp", ())) > 0)
 
     def _begin(self, input_ids: torch.Tensor, cache: Cache | None) -> tuple[int, int, bool]:
         """Validate a forward's inputs -> (B, T, rows_apart: several tokens per row, rows at

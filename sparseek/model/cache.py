@@ -13,7 +13,8 @@ architecture needs to continue a sequence:
 With ``kv_fp8`` (DeepSeek's production format) the window and compressed entries are stored as
 FP8 e4m3 for the non-rope dims (1x64 blocks, power-of-two scales) plus the rope dims in the model
 dtype: 583 bytes per V4-Flash entry instead of 1,024 in bf16. The model rounds those dims to FP8
-before it uses them (as DeepSeek's code does), so storing them is lossless.
+before it uses them (as DeepSeek's code does), so storing them is lossless. With ``index_fp4`` the
+indexer keys, rounded to FP4 by the model, are stored as FP4 bytes (68 per 128-dim key, not 256).
 
 ``pos`` counts the tokens each row has consumed; rows may differ (decode steps of sequences of
 different lengths), except that a multi-token chunk needs all rows at the same position.
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from sparseek.config import CSA_RATIO, ModelArgs
+from sparseek.model.qat import FP4Keys
 
 
 FP8_MAX = 448.0
@@ -119,6 +121,7 @@ class LayerCache:
     index_state: CompressorState | None = None
     latent: torch.Tensor | None = None  # [B, cap, kv_lora_rank + rope]  (MLA)
     codec: FP8KV | None = None  # set: window and comp hold packed FP8 entries (uint8)
+    key_codec: FP4Keys | None = None  # set: index_keys hold packed FP4 keys (uint8)
 
     def rows(self, r: slice) -> "LayerCache":
         """A view of some rows; writes through it land in this cache."""
@@ -126,7 +129,7 @@ class LayerCache:
             return None if t is None else t[r]
         return LayerCache(cut(self.window), cut(self.comp), self.comp_state.rows(r) if self.comp_state else None,
                           cut(self.index_keys), self.index_state.rows(r) if self.index_state else None,
-                          cut(self.latent), self.codec)
+                          cut(self.latent), self.codec, self.key_codec)
 
     def encode(self, kv: torch.Tensor) -> torch.Tensor:
         """KV entries as the window / comp buffers store them."""
@@ -134,6 +137,13 @@ class LayerCache:
 
     def decode(self, stored: torch.Tensor) -> torch.Tensor:
         return stored if self.codec is None else self.codec.decode(stored)
+
+    def encode_keys(self, keys: torch.Tensor | None) -> torch.Tensor | None:
+        """Indexer keys as ``index_keys`` stores them."""
+        return keys if self.key_codec is None or keys is None else self.key_codec.encode(keys)
+
+    def decode_keys(self, stored: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return stored if self.key_codec is None else self.key_codec.decode(stored, dtype)
 
     def tensors(self) -> list[torch.Tensor]:
         out = [t for t in (self.window, self.comp, self.index_keys, self.latent) if t is not None]
@@ -149,15 +159,20 @@ class Cache:
     SPARE = 8
 
     def __init__(self, args: ModelArgs, batch_size: int, max_seq_len: int, device=None,
-                 dtype: torch.dtype = torch.float32, with_mtp: bool = True, fp8_storage: bool | None = None):
+                 dtype: torch.dtype = torch.float32, with_mtp: bool = True, fp8_storage: bool | None = None,
+                 fp4_storage: bool | None = None):
         """``fp8_storage`` (default: ``args.kv_fp8``) packs window and compressed entries as FP8;
-        False keeps the (FP8-rounded) values in ``dtype``, with identical results."""
+        False keeps the (FP8-rounded) values in ``dtype``, with identical results.
+        ``fp4_storage`` (default: ``args.index_fp4``) packs the indexer keys as FP4 the same way."""
         if max_seq_len <= 0 or batch_size <= 0:
             raise ValueError(f"cache needs a positive batch size and length, got {batch_size} x {max_seq_len}")
         if fp8_storage and not args.kv_fp8:
             raise ValueError("fp8_storage needs a model that rounds its KV to FP8 (kv_fp8=True); storing "
                              "unrounded entries in FP8 would silently change the results")
+        if fp4_storage and not args.index_fp4:
+            raise ValueError("fp4_storage needs a model that rounds its indexer keys to FP4 (index_fp4=True)")
         self.fp8_storage = args.kv_fp8 if fp8_storage is None else fp8_storage
+        self.fp4_storage = args.index_fp4 if fp4_storage is None else fp4_storage
         self.args = args
         self.batch_size = batch_size
         self.max_seq_len = max_seq_len
@@ -186,7 +201,10 @@ class Cache:
             lc.comp = torch.zeros(B, self.max_seq_len // m, width, dtype=kv_dtype, device=dev)
             lc.comp_state = CompressorState.empty(B, m, c, overlap, dev, spare)
             if overlap:
-                lc.index_keys = torch.zeros(B, self.max_seq_len // m, a.index_head_dim, dtype=self.dtype, device=dev)
+                lc.key_codec = FP4Keys(a.index_head_dim) if self.fp4_storage else None
+                width, key_dtype = (lc.key_codec.width, torch.uint8) if lc.key_codec else (a.index_head_dim,
+                                                                                           self.dtype)
+                lc.index_keys = torch.zeros(B, self.max_seq_len // m, width, dtype=key_dtype, device=dev)
                 lc.index_state = CompressorState.empty(B, m, a.index_head_dim, True, dev, spare)
         return lc
 
@@ -277,7 +295,8 @@ def cache_bytes(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat
     (K = V, ``head_dim`` wide); a CSA layer adds one entry and one ``index_head_dim`` indexer key
     per 4 tokens, an HCA layer one entry per 128 tokens. Compressor rings hold fp32 projections of
     the last window(s). V3: one latent of ``kv_lora_rank + qk_rope_head_dim`` per token per layer.
-    With ``args.kv_fp8`` an entry takes FP8 bytes for its non-rope dims plus one scale byte per 64.
+    With ``args.kv_fp8`` an entry takes FP8 bytes for its non-rope dims plus one scale byte per 64;
+    with ``args.index_fp4`` an indexer key half a byte per dim plus one scale byte per 32.
     """
     e = torch.tensor([], dtype=dtype).element_size()
     entry = FP8KV(args.head_dim, args.qk_rope_head_dim, dtype).width if args.is_v4 and args.kv_fp8 else None
@@ -297,7 +316,7 @@ def cache_bytes(args: ModelArgs, seq_len: int, dtype: torch.dtype = torch.bfloat
                 fixed += 2 * (coff * m + spare) * coff * c * 4
                 grow += entry_bytes / m
                 if m == CSA_RATIO:
-                    grow += args.index_head_dim * e / m
+                    grow += (FP4Keys(args.index_head_dim).width if args.index_fp4 else args.index_head_dim * e) / m
                     fixed += 2 * (2 * m + spare) * 2 * args.index_head_dim * 4
         slot = per_type.setdefault(kind, {"layers": 0, "bytes_per_token": 0.0, "fixed_bytes": 0})
         slot["layers"] += 1

@@ -69,4 +69,36 @@ def fp4_round(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     return y.to(x.dtype)
 
 
-__all__ = ["hadamard", "fp4_round", "FP4_BLOCK"]
+class FP4Keys:
+    """Indexer keys already rounded by ``fp4_round`` as bytes, as DeepSeek's runtime caches them:
+    two e2m1 codes per byte (low nibble first, sign in bit 3) and one e8m0 exponent byte per block
+    -- 68 bytes per 128-dim key instead of 256 in bf16. Lossless on rounded values: each block is
+    stored with the smallest power-of-two scale that holds its largest value, under which every
+    value of the block is again a grid value (a grid value times a power of two up to 6 is one)."""
+
+    def __init__(self, dim: int):
+        self.dim, self.block = dim, min(FP4_BLOCK, dim)
+        if dim % 2 or dim % self.block:
+            raise ValueError(f"FP4 keys need an even dim in whole blocks of {self.block}, got {dim}")
+        self.width = dim // 2 + dim // self.block
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        xb = x.float().unflatten(-1, (-1, self.block))
+        amax = xb.abs().amax(-1, keepdim=True).clamp(min=FP4_MAX * 2.0 ** -126)
+        scale = _pow2_ceil(amax / FP4_MAX)  # exact here: amax is a grid value times a power of two
+        q = xb / scale
+        code = torch.bucketize(q.abs(), torch.tensor(_MIDPOINTS, device=x.device)) | (q < 0).to(torch.long) << 3
+        code = code.flatten(-2).to(torch.uint8).unflatten(-1, (-1, 2))
+        exps = torch.frexp(scale)[1].squeeze(-1) - 1 + 127  # scale = 2^(e - 1) for frexp's e
+        return torch.cat([code[..., 0] | code[..., 1] << 4, exps.to(torch.uint8)], dim=-1)
+
+    def decode(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        n = self.dim // 2
+        b = packed[..., :n].long()
+        codes = torch.stack((b & 15, b >> 4), dim=-1).flatten(-2)
+        grid = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), device=packed.device)
+        scale = torch.exp2(packed[..., n:].float() - 127)
+        return (grid[codes].unflatten(-1, (-1, self.block)) * scale[..., None]).flatten(-2).to(dtype)
+
+
+__all__ = ["hadamard", "fp4_round", "FP4Keys", "FP4_BLOCK"]

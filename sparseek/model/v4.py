@@ -495,7 +495,11 @@ class Attention(nn.Module):
                 xi, qri = (x.detach(), qr.detach()) if learn else (x, qr)
                 if select or learn or self._keeps_index_keys(lc):
                     new_k = self.indexer.compressor.chunk(xi, step.positions, s, lc.index_state if lc else None, rot)
-                    idx_keys = self._store(lc.index_keys if lc else None, new_k, s // m, (s + T) // m)
+                    if lc is None:
+                        idx_keys = new_k
+                    else:  # stored (FP4 bytes with index_fp4), read back whole
+                        stored = self._store(lc.index_keys, lc.encode_keys(new_k), s // m, (s + T) // m)
+                        idx_keys = lc.decode_keys(stored, new_k.dtype)
                 if select or learn:
                     q_idx, w_idx = self.indexer.queries(xi, qri, *step.rope["compress"])
 
@@ -672,10 +676,10 @@ class Attention(nn.Module):
             comp = lc.comp[:, :n]
             if self._keeps_index_keys(lc):
                 k_entry, _ = self.indexer.compressor.step(x, pos_BT, lc.index_state, rot, step.static)
-                self._write_entry(lc.index_keys, k_entry, pos_BT // m, closes, step.static)
+                self._write_entry(lc.index_keys, lc.encode_keys(k_entry), pos_BT // m, closes, step.static)
             if self._selects(n):
                 q_idx, w_idx = self.indexer.queries(x, qr, *step.rope["compress"])
-                idx = self.indexer.select(q_idx, w_idx, lc.index_keys[:, :n], n_vis)[:, None]
+                idx = self.indexer.select(q_idx, w_idx, lc.decode_keys(lc.index_keys[:, :n], x.dtype), n_vis)[:, None]
             else:
                 comp_mask = (torch.arange(n, device=x.device) < n_vis[..., None])[:, None]
                 comp = lc.decode(comp)

@@ -11,7 +11,8 @@ import torch
 import sparseek
 from sparseek.config import ConfigError
 from sparseek.model import build_model
-from sparseek.model.qat import fp4_round, hadamard
+from sparseek.model.cache import Cache, cache_bytes
+from sparseek.model.qat import FP4Keys, fp4_round, hadamard
 
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
 
@@ -92,8 +93,43 @@ def test_fp4_indexer_only_changes_the_picks():
         cache = small_on.new_cache(2, 256)
         a = small_on(ids, cache)
         assert not torch.equal(a, small_off(ids))
-        keys = [lc.index_keys for lc in cache.layers if lc.index_keys is not None]
-        assert keys and all(torch.equal(fp4_round(k[:, :50]), k[:, :50]) for k in keys)  # entries of 200 tokens
+        # the cache keeps the keys as FP4 bytes (9 per 16-dim key), which decode to the rounded keys
+        layers = [lc for lc in cache.layers if lc.index_keys is not None]
+        assert layers and all(lc.index_keys.dtype == torch.uint8 and lc.index_keys.shape[-1] == 9 for lc in layers)
+        keys = [lc.key_codec.decode(lc.index_keys[:, :50], torch.float32) for lc in layers]  # 200 tokens' entries
+        assert all(torch.equal(fp4_round(k), k) and k.abs().sum() > 0 for k in keys)
+        # the bytes lose nothing: the same forward keeping the rounded keys in fp32 is bit-identical
+        assert torch.equal(small_on(ids, small_on.new_cache(2, 256, fp4_storage=False)), a)
+    with pytest.raises(ValueError, match="index_fp4"):
+        small_off.new_cache(1, 16, fp4_storage=True)
+
+
+def test_fp4_key_bytes_round_trip_exactly():
+    for dim in (128, 16):
+        x = fp4_round(torch.randn(4, 7, dim) * torch.logspace(-4, 4, 7)[:, None])
+        x[0, 0] = 0.0
+        codec = FP4Keys(dim)
+        assert codec.width == dim // 2 + dim // min(32, dim)
+        for dtype in (torch.float32, torch.bfloat16):
+            packed = codec.encode(x.to(dtype))
+            assert packed.dtype == torch.uint8 and torch.equal(codec.decode(packed, dtype), x.to(dtype))
+            assert torch.equal(codec.decode(packed[:, 2:5], dtype), x[:, 2:5].to(dtype))
+
+
+@pytest.mark.parametrize("name", ["v4-flash", "v4-pro"])
+def test_production_cache_size_equals_analytic(name):
+    """FP8 KV + FP4 indexer keys, DeepSeek's production layout: a CSA layer keeps a 583-byte entry
+    and a 68-byte key per 4 tokens (the spec's ~576 + 68)."""
+    a = sparseek.preset(name, kv_fp8=True, index_fp4=True)
+    n = 1 << 20
+    with torch.device("meta"):
+        c = Cache(a, batch_size=1, max_seq_len=n, device="meta", dtype=torch.bfloat16)
+    got = cache_bytes(a, n)
+    assert c.nbytes() == pytest.approx(got["total_bytes"], rel=1e-9)
+    csa = got["per_layer_type"]["csa"]
+    assert csa["bytes_per_token"] == csa["layers"] * (583 + 68) / 4
+    fp8_only = cache_bytes(sparseek.preset(name, kv_fp8=True), n)
+    assert got["bytes_per_token"] < fp8_only["bytes_per_token"]
 
 
 def test_fp4_indexer_cached_decode_follows_the_full_forward():
@@ -124,3 +160,21 @@ def test_index_fp4_config_errors(kw, words):
 def test_index_fp4_is_written_back_only_when_on():
     on, off = sparseek.preset("debug", index_fp4=True), sparseek.preset("debug")
     assert on.to_dict()["index_fp4"] is True and "index_fp4" not in off.to_dict()
+
+
+def test_engine_runs_the_production_cache():
+    """FP8 KV + FP4 keys through the engine: batched, prefix-cached and fixed-shape decoding give
+    each prompt the tokens it gets alone."""
+    from sparseek.engine import LLM, SamplingParams
+    from sparseek.tokenizer import default_tokenizer
+
+    m = _model(index_topk=3, kv_fp8=True)
+    tok = default_tokenizer(512)
+    prompts = [list(range(20, 90)), list(range(20, 60)) + [7] * 9, [5, 6, 7]]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    alone = [LLM(m, tok, max_batch_size=1, max_seq_len=128, prefix_cache_bytes=0).generate([p], sp)[0].token_ids
+             for p in prompts]
+    llm = LLM(m, tok, max_batch_size=3, max_seq_len=128)
+    assert [o.token_ids for o in llm.generate(prompts, sp)] == alone
+    again = llm.generate(prompts[:2], sp)  # restored from the prefix cache's snapshots (FP4 bytes too)
+    assert [o.token_ids for o in again] == alone[:2] and again[0].num_cached_tokens > 0
