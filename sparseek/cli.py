@@ -68,6 +68,25 @@ def _sampling(a, llm):
                    presence_penalty=a.presence_penalty, frequency_penalty=a.frequency_penalty)
 
 
+def _cache_census(args) -> dict:
+    """Decode-state bytes per token and per sequence at 128K / 1M tokens (bf16; V4 also with
+    DeepSeek's FP8 KV and FP4 indexer keys): what a long context costs before loading anything."""
+    import dataclasses
+
+    from sparseek.model.cache import cache_bytes
+
+    layouts = {"bf16": {}}
+    if args.is_v4:
+        layouts.update({"fp8_kv": {"kv_fp8": True}, "fp8_kv_fp4_index": {"kv_fp8": True, "index_fp4": True}})
+    out = {}
+    for name, switches in layouts.items():
+        a = dataclasses.replace(args, **switches)
+        out[name] = {"bytes_per_token": round(cache_bytes(a, 1)["bytes_per_token"], 1),
+                     **{f"GiB_at_{label}": round(cache_bytes(a, n)["total_bytes"] / 2**30, 2)
+                        for label, n in (("128K", 1 << 17), ("1M", 1 << 20))}}
+    return out
+
+
 def cmd_info(a) -> int:
     import sparseek
     from sparseek.config import ModelArgs
@@ -85,6 +104,7 @@ def cmd_info(a) -> int:
         "params_active_per_token": counts["active"],
         "params_embedding": counts["embedding"],
         "params_mtp": counts["mtp"],
+        "kv_cache": _cache_census(args),
     }
     print(json.dumps(info, indent=2))
     return 0

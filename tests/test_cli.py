@@ -13,6 +13,9 @@ def test_info(capsys):
     assert main(["info", "v4-pro"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["layer_kinds"] == {"csa": 30, "hca": 31} and info["params_active_per_token"] > 40e9
+    kv = info["kv_cache"]  # the analytic counts (tests/model/test_cache_size.py), three layouts
+    assert kv["bf16"]["bytes_per_token"] == 9848 and round(kv["fp8_kv_fp4_index"]["bytes_per_token"]) == 5024
+    assert kv["fp8_kv"]["GiB_at_1M"] < kv["bf16"]["GiB_at_1M"]
 
 
 def test_generate_streams_a_completion(capsys):
