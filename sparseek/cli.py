@@ -263,7 +263,7 @@ def cmd_serve(a) -> int:
     print(f"serving {name} at http://{a.host}:{a.port}/v1 (OpenAI API; batch {a.max_batch_size}, context "
           f"{llm.max_seq_len} tokens{', API key required' if key else ''})", file=sys.stderr)
     serve(llm, host=a.host, port=a.port, model_name=name, api_key=key or None, max_waiting=a.max_waiting,
-          thinking=a.thinking, stored_responses=a.stored_responses, mirror=mirror)
+          thinking=a.thinking, stored_responses=a.stored_responses, mirror=mirror, runtime_lora=a.allow_runtime_lora)
     return 0
 
 
@@ -424,7 +424,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: drafts per step")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
                    help="LoRA adapters served unmerged, each under its own model name (a request's 'model' "
-                        "picks one; the base model stays servable); eager decoding, no prefix caching")
+                        "picks one; the base model stays servable)")
+    p.add_argument("--allow-runtime-lora", action="store_true",
+                   help="POST /v1/load_lora_adapter {lora_name, lora_path} and /v1/unload_lora_adapter change the "
+                        "served adapters while running (vLLM's; they read directories on this machine)")
     p.add_argument("--thinking", action="store_true",
                    help="chat requests think by default (they can say otherwise: chat_template_kwargs.thinking)")
     p.set_defaults(fn=cmd_serve)

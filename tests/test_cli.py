@@ -155,3 +155,13 @@ def test_chat_turns_in_the_checkpoint_s_format(tmp_path, monkeypatch, capsys, te
 def test_serve_lora_modules_take_name_dir_pairs(capsys):
     assert main(["serve", "-m", "debug", "--lora-modules", "no-equals-sign"]) == 2
     assert "NAME=DIR" in capsys.readouterr().err
+
+
+def test_serve_passes_allow_runtime_lora(monkeypatch):
+    import sparseek.serve
+
+    seen = {}
+    monkeypatch.setattr(sparseek.serve, "serve", lambda llm, **kw: seen.update(kw))
+    assert main(["serve", "-m", "debug", "--allow-runtime-lora"]) == 0
+    assert seen["runtime_lora"] is True
+    assert main(["serve", "-m", "debug"]) == 0 and seen["runtime_lora"] is False

@@ -145,6 +145,16 @@ class AsyncEngine:
     def max_batch_size(self) -> int:
         return self.llm.max_batch_size
 
+    async def call(self, fn):
+        """Run ``fn(llm)`` on the engine thread between two steps (loading or unloading a LoRA
+        adapter) and return its result; its exception is raised here."""
+        if self._stopping:
+            raise EngineBusy("the engine is shutting down")
+        loop = asyncio.get_running_loop()
+        done = loop.create_future()
+        self._inbox.put(_Call(fn, loop, done))
+        return await done
+
     # ------------------------------------------------------------------ engine thread
     def _wake(self) -> None:
         self._inbox.put(None)  # a sleeping loop rechecks (aborts, shutdown)
@@ -162,6 +172,16 @@ class AsyncEngine:
         added = []
         for req in items:
             if req is None:
+                continue
+            if isinstance(req, _Call):
+                req.run(self.llm, stop)
+                continue
+            lora = req._seqs[0].params.lora
+            if not stop and lora is not None and (self.llm.lora_rows is None or lora not in self.llm.lora_rows.names):
+                # unloaded between its check at submit and now: it fails alone, not the step
+                with self._lock:
+                    self._pending -= 1
+                req._put(EngineError(f"LoRA adapter {lora!r} was unloaded before the request started"))
                 continue
             with self._lock:
                 self._pending -= 1
@@ -213,6 +233,30 @@ class AsyncEngine:
             with self._lock:
                 self._live.discard(req)
         req._put(delta)
+
+
+class _Call:
+    """A function to run on the engine thread, and the asyncio future that waits for it."""
+
+    def __init__(self, fn, loop, done):
+        self.fn, self.loop, self.done = fn, loop, done
+
+    def run(self, llm: LLM, stopping: bool) -> None:
+        try:
+            if stopping:
+                raise EngineBusy("the engine is shutting down")
+            result, error = self.fn(llm), None
+        except Exception as e:  # the caller's to handle (a bad adapter directory, an adapter in use)
+            result, error = None, e
+        self.loop.call_soon_threadsafe(self._settle, result, error)
+
+    def _settle(self, result, error) -> None:
+        if self.done.cancelled():
+            return
+        if error is not None:
+            self.done.set_exception(error)
+        else:
+            self.done.set_result(result)
 
 
 class EngineBusy(RuntimeError):

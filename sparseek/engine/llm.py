@@ -225,6 +225,7 @@ class LLM:
         self.speculative = speculative_tokens
         self._decode_fn = self._verify_fn = self._mtp_fn = None
         self.lora_rows = None
+        self._queues: tuple = ((), ())  # the waiting and running sequences of the loop (load / unload_lora)
         if lora_modules:
             if speculative_tokens:
                 raise ValueError("lora_modules (adapters per request) does not draft with the MTP block: drop "
@@ -248,6 +249,66 @@ class LLM:
             compile_hot_paths()  # prefill: the mHC passes over the streams fuse (process-wide swap)
 
     # ------------------------------------------------------------------ public API
+    def load_lora(self, name: str, directory: str) -> None:
+        """Serve one more LoRA adapter per request (vLLM's ``/v1/load_lora_adapter``): requests
+        naming ``name`` in ``SamplingParams.lora`` run with it from now on. Adapters already
+        loaded keep their slots; the compiled step (if any) compiles again for the new stacks.
+        Call it between ``generate`` calls (a server runs it on its engine thread)."""
+        from sparseek.checkpoint.adapters import read_adapters
+
+        if self.speculative:
+            raise ValueError("adapters per request do not draft with the MTP block: this engine runs "
+                             "speculative decoding")
+        current = dict(self.lora_rows.adapters) if self.lora_rows is not None else {}
+        if name in current:
+            raise ValueError(f"LoRA adapter {name!r} is already loaded")
+        if not name or not isinstance(name, str):
+            raise ValueError("a LoRA adapter needs a non-empty name")
+        self._restack({**current, name: read_adapters(directory)})
+
+    def unload_lora(self, name: str) -> None:
+        """Stop serving adapter ``name`` and free its weights (vLLM's ``/v1/unload_lora_adapter``);
+        refused while a running or waiting sequence uses it."""
+        current = dict(self.lora_rows.adapters) if self.lora_rows is not None else {}
+        if name not in current:
+            raise ValueError(f"unknown LoRA adapter {name!r} (loaded: {', '.join(current) or 'none'})")
+        users = sum(s.params.lora == name and s.out.finish_reason is None for q in self._queues for s in q)
+        if users:
+            raise ValueError(f"LoRA adapter {name!r} is in use by {users} running or waiting sequence(s)")
+        del current[name]
+        self._restack(current)
+
+    def _restack(self, adapters: dict) -> None:
+        """Serve exactly ``adapters`` ({name: (config, tensors)}, in slot order): the model's
+        modules swapped anew, running rows moved to their adapter's new slot."""
+        from sparseek.model.multi_lora import attach_adapters, detach_adapters
+
+        before = self.lora_rows
+        old = before.names if before is not None else []
+        if before is not None:
+            detach_adapters(self.model, before)
+        # the stacks are model buffers: plain tensors even when called from the loop (inference mode)
+        try:
+            with torch.inference_mode(False):
+                self.lora_rows = attach_adapters(self.model, adapters) if adapters else None
+        except Exception as e:  # an adapter that does not fit the model: serve what was served
+            with torch.inference_mode(False):
+                self.lora_rows = attach_adapters(self.model, before.adapters) if before is not None else None
+            adapters = before.adapters if before is not None else {}
+            error = ValueError(f"the LoRA adapters do not fit this model: {e}")
+        else:
+            error = None
+        if self._cache is not None:
+            slot = [0] + [self.lora_rows.slot(n) if n in adapters else 0 for n in old]
+            with torch.inference_mode():  # the cache was made under it
+                self._cache.adapter.copy_(torch.tensor(slot, device=self._cache.device)[self._cache.adapter])
+        if self._decode_fn is not None:  # its graph was traced over the old stacks' shapes
+            from sparseek.engine.compile import CompiledStep
+
+            self._decode_fn = CompiledStep(self.model.decode_step, next(self.model.parameters()).device)
+        if error is not None:
+            raise error
+
     def default_sampling_params(self, **fallback) -> SamplingParams:
         """SamplingParams with the checkpoint's generation_config.json settings (``fallback``: the
         values to use for fields it does not set), as vLLM's ``get_default_sampling_params``."""
@@ -458,6 +519,7 @@ class LLM:
         waiting = deque(requests)
         running: list[_Seq] = []
         while True:
+            self._queues = (waiting, running)
             if feed is not None:
                 more = feed(not (waiting or running))
                 if more is None and not (waiting or running):

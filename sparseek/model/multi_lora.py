@@ -36,6 +36,10 @@ class AdapterRows:
     def __init__(self, names: list[str]):
         self.names = list(names)  # slot k + 1 holds names[k]
         self.slots: torch.Tensor | None = None
+        self.adapters: dict[str, tuple[dict, dict]] = {}  # what attach_adapters stacked, by name
+        self._undo: list = []  # (parent, attribute, module swapped out), for detach_adapters
+        self._hook = None
+        self._attn_impl: str | None = None
 
     def slot(self, name: str | None) -> int:
         if name is None:
@@ -190,6 +194,8 @@ def attach_adapters(model: nn.Module, adapters: dict[str, tuple[dict, dict]]) ->
 
     check_unquantized(model)
     rows = AdapterRows(list(adapters))
+    rows.adapters = dict(adapters)
+    rows._attn_impl = getattr(model, "attn_impl", None)
     targets = set().union(*(set(cfg["target_modules"]) for cfg, _ in adapters.values())) if adapters else set()
     for parent, attr, child, q in lora_targets(model, targets):
         def pair(cfg, state, key_a, key_b):
@@ -202,10 +208,12 @@ def attach_adapters(model: nn.Module, adapters: dict[str, tuple[dict, dict]]) ->
                      for w in ("w1", "w2", "w3")}
             if any(p is not None for ps in pairs.values() for p in ps):
                 setattr(parent, attr, MultiLoRAExperts(child, pairs, rows))
+                rows._undo.append((parent, attr, child))
         else:
             pairs = [pair(cfg, st, f"{q}.lora_A", f"{q}.lora_B") for cfg, st in adapters.values()]
             if any(p is not None for p in pairs):
                 setattr(parent, attr, MultiLoRALinear(child, pairs, rows))
+                rows._undo.append((parent, attr, child))
                 if attr == "wkv_b" and hasattr(model, "attn_impl"):
                     # MLA's absorbed form reads wkv_b as a matrix; the naive form runs it per token
                     model.attn_impl = "naive"
@@ -217,12 +225,24 @@ def attach_adapters(model: nn.Module, adapters: dict[str, tuple[dict, dict]]) ->
         if cache is not None:
             rows.slots = cache.adapter
 
-    model.register_forward_pre_hook(follow_cache, with_kwargs=True)
+    rows._hook = model.register_forward_pre_hook(follow_cache, with_kwargs=True)
     return rows
+
+
+def detach_adapters(model: nn.Module, rows: AdapterRows) -> None:
+    """Undo ``attach_adapters``: the swapped modules go back, the model runs as before."""
+    for parent, attr, child in reversed(rows._undo):
+        setattr(parent, attr, child)
+    rows._undo.clear()
+    if rows._hook is not None:
+        rows._hook.remove()
+        rows._hook = None
+    if rows._attn_impl is not None:
+        model.attn_impl = rows._attn_impl
 
 
 def child_device(m: nn.Module) -> torch.device:
     return next(m.parameters()).device
 
 
-__all__ = ["AdapterRows", "MultiLoRALinear", "MultiLoRAExperts", "attach_adapters"]
+__all__ = ["AdapterRows", "MultiLoRALinear", "MultiLoRAExperts", "attach_adapters", "detach_adapters"]

@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import ValidationError
 
 from sparseek.engine.async_engine import AsyncEngine, EngineBusy, EngineError
@@ -34,11 +34,14 @@ log = logging.getLogger("sparseek")
 
 
 def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None, max_waiting: int = 256,
-              thinking: bool = False, stored_responses: int = 1024, mirror=None) -> FastAPI:
+              thinking: bool = False, stored_responses: int = 1024, mirror=None, runtime_lora: bool = False) -> FastAPI:
     """The FastAPI app serving ``llm`` as ``model_name``; ``thinking``: chat requests think unless
     they say otherwise (``chat_template_kwargs``, ``reasoning_effort``); ``stored_responses``: how
     many Responses API responses are kept for ``previous_response_id`` (0: none); ``mirror``: the
-    engine's ``AsyncEngine`` mirror (expert-sharded ranks: ``sparseek.parallel.serving``)."""
+    engine's ``AsyncEngine`` mirror (expert-sharded ranks: ``sparseek.parallel.serving``);
+    ``runtime_lora``: ``POST /v1/load_lora_adapter`` / ``unload_lora_adapter`` may change the served
+    adapters (vLLM's, behind its ``VLLM_ALLOW_RUNTIME_LORA_UPDATING``: they read directories on the
+    server's disk, so they are off unless asked for)."""
     if llm.tokenizer is None:
         raise ValueError("serving needs a tokenizer: the model has no tokenizer.json")
     engine = AsyncEngine(llm, max_waiting=max_waiting, mirror=mirror)
@@ -85,6 +88,48 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         base = {"object": "model", "created": created, "owned_by": "sparseek", "max_model_len": llm.max_seq_len}
         return {"object": "list", "data": [{"id": model_name, **base}] + [
             {"id": a, "parent": model_name, "root": a, **base} for a in adapters]}
+
+    def _lora_name(data) -> str:
+        if not runtime_lora:
+            raise RequestError("loading LoRA adapters at run time is off: start the server with "
+                               "--allow-runtime-lora", status=403, code="runtime_lora_disabled")
+        name = data.get("lora_name") if isinstance(data, dict) else None
+        if not isinstance(name, str) or not name:
+            raise RequestError("lora_name must be a non-empty string", "lora_name")
+        if mirror is not None:
+            raise RequestError("LoRA adapters per request are not built for expert-sharded ranks", status=400)
+        return name
+
+    @v1.post("/load_lora_adapter")
+    async def load_lora_adapter(request: Request):
+        """vLLM's: ``{"lora_name", "lora_path"}`` -> served from now on under that model name."""
+        data = await _json(request)
+        name = _lora_name(data)
+        path = data.get("lora_path")
+        if not isinstance(path, str) or not path:
+            raise RequestError("lora_path must be the adapter directory on the server", "lora_path")
+        if name == model_name:
+            raise RequestError(f"`{name}` is the base model's name", "lora_name")
+        try:
+            await engine.call(lambda llm: llm.load_lora(name, path))
+        except (ValueError, OSError) as e:
+            raise RequestError(str(e), "lora_path" if isinstance(e, OSError) else "lora_name") from None
+        adapters.append(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
+
+    @v1.post("/unload_lora_adapter")
+    async def unload_lora_adapter(request: Request):
+        data = await _json(request)
+        name = _lora_name(data)
+        if name not in adapters:
+            raise RequestError(f"The LoRA adapter `{name}` is not loaded", "lora_name", status=404,
+                               code="model_not_found")
+        try:
+            await engine.call(lambda llm: llm.unload_lora(name))
+        except ValueError as e:
+            raise RequestError(str(e), "lora_name") from None
+        adapters.remove(name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
 
     @app.post("/tokenize", dependencies=[Depends(check_key)])
     async def tokenize(request: Request):

@@ -158,3 +158,51 @@ def test_fixed_shape_decode_step_runs_each_row_s_adapter(tmp_path, monkeypatch):
 def test_compiled_decode_runs_each_row_s_adapter(tmp_path, monkeypatch, eager_hot_paths):
     """The compiled step gathers each token's pair (one graph for any mix of adapters)."""
     _compiled_engine_equals_eager(tmp_path, monkeypatch, compiled=True)
+
+
+def test_adapters_load_and_unload_at_run_time(tmp_path):
+    """LLM.load_lora / unload_lora: adapters come and go between calls, each request still getting
+    its adapter's tokens; an engine without adapters takes a first one and, without any again,
+    runs the base model plainly; bad adapters are refused and change nothing."""
+    from sparseek.engine import LLM, SamplingParams
+    from sparseek.tokenizer import default_tokenizer
+
+    tok = default_tokenizer(512)
+    base = randomize_(build_model(sparseek.preset("debug")), 5).eval()
+    dirs = _adapters(base, tmp_path, [("a", 4, ("wq_a", "wo_a", "experts")), ("b", 2, ("wkv", "experts"))])
+    prompts = [[5, 9, 200, 17], list(range(30, 50))]
+
+    def alone(name, p):
+        m = base if name is None else merge_adapters(copy.deepcopy(base), dirs[name])
+        return LLM(m, tok, max_batch_size=1, max_seq_len=96).generate([p], SamplingParams(
+            max_tokens=8, temperature=0, ignore_eos=True))[0].token_ids
+
+    def run(llm, names):
+        sps = [SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, lora=n) for n in names]
+        return [o.token_ids for o in llm.generate(prompts, sps)]
+
+    llm = LLM(copy.deepcopy(base), tok, max_batch_size=2, max_seq_len=96)
+    llm.load_lora("b", dirs["b"])  # the first adapter of an engine started without any
+    assert run(llm, ["b", None]) == [alone("b", prompts[0]), alone(None, prompts[1])]
+    llm.load_lora("a", dirs["a"])
+    assert llm.lora_rows.names == ["b", "a"]
+    assert run(llm, ["a", "b"]) == [alone("a", prompts[0]), alone("b", prompts[1])]
+    with pytest.raises(ValueError, match="already loaded"):
+        llm.load_lora("a", dirs["a"])
+    with pytest.raises((ValueError, OSError)):
+        llm.load_lora("c", str(tmp_path / "nowhere"))
+    other = _adapters(randomize_(build_model(sparseek.preset("debug", hidden_size=48)), 1), tmp_path / "x",
+                      [("wide", 2, ("wq_a",))])
+    with pytest.raises(ValueError, match="do not fit"):
+        llm.load_lora("wide", other["wide"])
+    assert llm.lora_rows.names == ["b", "a"] and run(llm, ["a", "b"]) == [alone("a", prompts[0]),
+                                                                          alone("b", prompts[1])]
+    llm.unload_lora("b")
+    with pytest.raises(ValueError, match="unknown LoRA adapter 'b'"):
+        run(llm, ["b", None])
+    assert run(llm, [None, "a"]) == [alone(None, prompts[0]), alone("a", prompts[1])]
+    llm.unload_lora("a")
+    assert llm.lora_rows is None and not any("Multi" in type(m).__name__ for m in llm.model.modules())
+    assert run(llm, [None, None]) == [alone(None, p) for p in prompts]
+    with pytest.raises(ValueError, match="unknown LoRA adapter"):
+        llm.unload_lora("a")

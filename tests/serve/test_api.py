@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from sparseek.checkpoint.adapters import merge_adapters
 from sparseek.engine import LLM, SamplingParams
 from sparseek.engine.async_engine import AsyncEngine, EngineBusy
 from sparseek.serve import build_app
@@ -607,6 +608,71 @@ def test_forced_tool_calls_in_a_template_s_layout_through_the_api(model, tok):
                 calls, reason = ch["message"]["tool_calls"], ch["finish_reason"]
             assert reason == "tool_calls" and len(calls) == 1 and calls[0]["function"]["name"] == "go"
             assert json.loads(calls[0]["function"]["arguments"]) in ({"to": "x"}, {"to": "y"})
+
+
+def test_lora_adapters_load_and_unload_through_the_api(model, tok, tmp_path, specials):
+    """vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter (with --allow-runtime-lora): a loaded
+    adapter is a model name at once, an unloaded one a 404; both are 403s unless allowed."""
+    import copy
+
+    from tests.model.test_multi_lora import _adapters
+
+    dirs = _adapters(model, tmp_path, [("tuned", 4, ("wq_a", "experts"))])
+    want = LLM(merge_adapters(copy.deepcopy(model), dirs["tuned"]), tok, max_seq_len=256).generate(
+        ["def f("], SamplingParams(max_tokens=8, temperature=0, logit_bias={int(k): v for k, v in specials.items()})
+    )[0].text
+    body = {"lora_name": "tuned", "lora_path": dirs["tuned"]}
+    with TestClient(build_app(_llm(copy.deepcopy(model), tok), "dbg", api_key=KEY)) as c:
+        r = c.post("/v1/load_lora_adapter", headers=AUTH, json=body)
+        assert r.status_code == 403 and "--allow-runtime-lora" in r.json()["error"]["message"]
+    with TestClient(build_app(_llm(copy.deepcopy(model), tok), "dbg", api_key=KEY, runtime_lora=True)) as c:
+        r = c.post("/v1/load_lora_adapter", headers=AUTH, json=body)
+        assert r.status_code == 200 and "added" in r.text
+        assert [m["id"] for m in c.get("/v1/models", headers=AUTH).json()["data"]] == ["dbg", "tuned"]
+        r = c.post("/v1/completions", headers=AUTH, json={"model": "tuned", "prompt": "def f(", "max_tokens": 8,
+                                                          "temperature": 0, "logit_bias": specials})
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want
+        for bad, param in (({"lora_name": "tuned", "lora_path": dirs["tuned"]}, "lora_name"),  # loaded already
+                           ({"lora_name": "x", "lora_path": str(tmp_path / "none")}, "lora_path"),
+                           ({"lora_name": "", "lora_path": "p"}, "lora_name"),
+                           ({"lora_name": "dbg", "lora_path": dirs["tuned"]}, "lora_name")):
+            r = c.post("/v1/load_lora_adapter", headers=AUTH, json=bad)
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert c.post("/v1/unload_lora_adapter", headers=AUTH, json={"lora_name": "tuned"}).status_code == 200
+        r = c.post("/v1/completions", headers=AUTH, json={"model": "tuned", "prompt": "x"})
+        assert r.status_code == 404
+        assert c.post("/v1/unload_lora_adapter", headers=AUTH, json={"lora_name": "tuned"}).status_code == 404
+
+
+def test_unloading_an_adapter_spares_the_running_requests(model, tok, tmp_path):
+    """On the engine thread between steps: an adapter in use is not unloaded; unloading another
+    moves the running rows' slots, and their requests end with the tokens they get alone."""
+    import copy
+
+    from tests.model.test_multi_lora import _adapters
+
+    dirs = _adapters(model, tmp_path, [("a", 4, ("wq_a", "experts")), ("b", 2, ("wkv", "experts"))])
+    keep = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True, lora="b")
+    alone = LLM(merge_adapters(copy.deepcopy(model), dirs["b"]), tok, max_seq_len=256).generate(
+        ["hello world"], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))[0].token_ids
+    engine = AsyncEngine(_llm(copy.deepcopy(model), tok, lora_modules=dirs)).start()
+
+    async def run():
+        req = engine.submit("hello world", keep)
+        ids = []
+        async for d in req:
+            ids += d.token_ids
+            if len(ids) == 4:
+                with pytest.raises(ValueError, match="in use by 1"):
+                    await engine.call(lambda llm: llm.unload_lora("b"))
+                await engine.call(lambda llm: llm.unload_lora("a"))  # "b" moves from slot 2 to 1
+        return ids
+
+    try:
+        assert asyncio.run(run()) == alone
+        assert engine.llm.lora_rows.names == ["b"]
+    finally:
+        engine.shutdown()
 
 
 def test_generation_config_fills_what_a_request_leaves_out(model, tok, specials):
