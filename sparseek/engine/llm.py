@@ -176,8 +176,9 @@ class LLM:
         ``lora_modules`` ({name: adapter directory}, vLLM's multi-LoRA): adapters kept unmerged,
         each request running with the one its ``SamplingParams.lora`` names (or the base model),
         rows of one batch with different adapters (``sparseek.model.multi_lora``). Eager or
-        compiled decoding (each token gathers its slot's pair in the compiled step), not
-        speculative decoding; prefix-cache snapshots are kept per adapter.
+        compiled decoding (each token gathers its slot's pair in the compiled step), speculative
+        decoding too (the MTP block runs each row's adapter); prefix-cache snapshots are kept per
+        adapter; ``load_lora`` / ``unload_lora`` change the set between calls.
 
         ``generation_config``: where the default ``SamplingParams`` come from ("auto": the model
         directory's ``generation_config.json``, or its base's for an adapter directory, if any; a
@@ -227,9 +228,6 @@ class LLM:
         self.lora_rows = None
         self._queues: tuple = ((), ())  # the waiting and running sequences of the loop (load / unload_lora)
         if lora_modules:
-            if speculative_tokens:
-                raise ValueError("lora_modules (adapters per request) does not draft with the MTP block: drop "
-                                 "speculative_tokens, or merge one adapter into the weights (lora=...)")
             from sparseek.checkpoint.adapters import read_adapters
             from sparseek.model.multi_lora import attach_adapters
 
@@ -256,9 +254,6 @@ class LLM:
         Call it between ``generate`` calls (a server runs it on its engine thread)."""
         from sparseek.checkpoint.adapters import read_adapters
 
-        if self.speculative:
-            raise ValueError("adapters per request do not draft with the MTP block: this engine runs "
-                             "speculative decoding")
         current = dict(self.lora_rows.adapters) if self.lora_rows is not None else {}
         if name in current:
             raise ValueError(f"LoRA adapter {name!r} is already loaded")
@@ -568,6 +563,12 @@ class LLM:
                 yield s
             self._retire(running, cache)
 
+    def _follow_adapters(self, cache) -> None:
+        """Before a step called other than as ``model(ids, cache)`` (the compiled steps, the MTP
+        block), whose forward hook would set it: each row runs with its own adapter."""
+        if self.lora_rows is not None:
+            self.lora_rows.slots = cache.adapter
+
     def _set_adapter(self, cache, row: int, seq: _Seq) -> None:
         """The LoRA adapter slot the row's forwards run with (0: the base model)."""
         cache.adapter[row] = self.lora_rows.slot(seq.params.lora) if self.lora_rows is not None else 0
@@ -779,8 +780,7 @@ class LLM:
         if self._decode_fn is not None:  # fixed shapes: all slots, idle ones on a dummy token
             tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=cache.device)
             tokens[:n, 0] = torch.tensor([s.last_token for s in running], device=cache.device)
-            if self.lora_rows is not None:  # the step is called directly: no forward hook sets the rows
-                self.lora_rows.slots = cache.adapter
+            self._follow_adapters(cache)
             logits = self._decode_fn(tokens, cache)[:n]
             cache.pos[n:] = 0  # idle slots must not drift past the cache
             return logits
@@ -865,6 +865,7 @@ class LLM:
         n, T = ids_NT.shape
         if at_N is None:
             at_N = torch.full((n,), T - 1, dtype=torch.long, device=ids_NT.device)
+        self._follow_adapters(cache)
         if self._mtp_fn is None or cache is not self._cache:
             logits, h = self.model.forward_mtp(h_NTSD, ids_NT, cache, at=at_N, return_hidden=True)
             return logits[:, -1], h
@@ -883,6 +884,7 @@ class LLM:
         else:
             nxt = ids_BC[:, 1:]
         if nxt.shape[1]:
+            self._follow_adapters(cache)
             self.model.forward_mtp(h_BCSD[:, :nxt.shape[1]], nxt, cache, last_n=1)
 
     def _first_drafts(self, seqs: list[_Seq], cache, hidden_N1SD: torch.Tensor) -> None:
@@ -913,6 +915,7 @@ class LLM:
         cache.mtp_pos.copy_(cache.pos)  # forget the chained drafts' MTP positions
         tokens = torch.tensor([[s.last_token] + s.drafts for s in seqs], device=cache.device)
         if self._verify_fn is not None:  # fixed shapes: all slots, idle ones on dummy tokens
+            self._follow_adapters(cache)
             logits, hidden = self._verify_fn(_rows(tokens, self.max_batch_size), cache)
             cache.pos[n:] = 0
             logits, hidden = logits[:n], hidden[:n]

@@ -146,6 +146,13 @@ class MultiLoRAExperts(Experts):
             self.register_buffer(f"A_{name}", A, persistent=False)
             self.register_buffer(f"B_{name}", B, persistent=False)
 
+    def forward(self, x_ND, weights_NK, idx_NK, batched=None):
+        if torch.compiler.is_compiling():
+            # a compiled step (decode, a speculative verify): each (token, slot) gathers its expert
+            # and adapter pair, fixed shapes, no break out of the graph
+            return self.forward_static(x_ND, weights_NK, idx_NK)
+        return super().forward(x_ND, weights_NK, idx_NK, batched)
+
     @torch.compiler.disable  # prefill's experts one by one (data-dependent shapes) stay eager
     def pairs(self, x_ND, token_of, e_sorted, w_sorted, w13=None, batched=None):
         slots = self.rows.per_token(x_ND.shape[0])

@@ -91,8 +91,12 @@ def test_engine_serves_adapters_per_request(tmp_path):
         llm.generate([[1, 2]], SamplingParams(lora="c"))
     with pytest.raises(ValueError, match="holds none"):
         LLM(copy.deepcopy(base), tok).generate([[1, 2]], SamplingParams(lora="a"))
-    with pytest.raises(ValueError, match="does not draft"):
-        LLM(copy.deepcopy(base), tok, speculative_tokens=1, lora_modules=dirs)
+    # MTP speculative decoding with adapters (the MTP block's own attention adapted too): greedy
+    # tokens as plain decoding gives them
+    spec = LLM(copy.deepcopy(base), tok, max_batch_size=3, max_seq_len=128, lora_modules=dirs, speculative_tokens=2)
+    drafted = spec.generate(prompts, params)
+    assert [o.token_ids for o in drafted] == [o.token_ids for o in got] and all(o.drafted for o in drafted)
+    assert any(".mtp." in f".{n}" and "MultiLoRA" in type(m).__name__ for n, m in spec.model.named_modules())
 
 
 def test_prefix_cache_keeps_snapshots_per_adapter(tmp_path):
@@ -147,6 +151,9 @@ def _compiled_engine_equals_eager(tmp_path, monkeypatch, compiled: bool):
     llm = LLM(copy.deepcopy(base), tok, max_batch_size=3, max_seq_len=128, compile=True, lora_modules=dirs)
     got = llm.generate(prompts, params)
     assert [o.token_ids for o in got] == [o.token_ids for o in want]
+    spec = LLM(copy.deepcopy(base), tok, max_batch_size=3, max_seq_len=128, compile=True, lora_modules=dirs,
+               speculative_tokens=2)  # the fixed-shape verify and MTP steps with adapters
+    assert [o.token_ids for o in spec.generate(prompts, params)] == [o.token_ids for o in want]
     assert got[0].token_ids != got[3].token_ids  # one prompt, two adapters
 
 
