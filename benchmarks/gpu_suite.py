@@ -55,13 +55,14 @@ from bench_engine import bandwidth_gbs  # noqa: E402
 T0 = time.perf_counter()
 
 
-def flash6(smoke: bool):
+def flash6(smoke: bool, **switches):
+    """``switches``: config switches such as DeepSeek's runtime rounding (kv_fp8, index_fp4)."""
     if smoke:
-        return sparseek.preset("debug")
+        return sparseek.preset("debug", **switches)
     a = sparseek.preset("v4-flash")
     n = 6
     return sparseek.preset("v4-flash", num_hidden_layers=n, n_routed_experts=64,
-                           compress_ratios=a.compress_ratios[:n] + [0])
+                           compress_ratios=a.compress_ratios[:n] + [0], **switches)
 
 
 def sync(dev):
@@ -551,13 +552,16 @@ def main():
     ap.add_argument("--with-transformers", action="store_true")
     ap.add_argument("--only", nargs="+", choices=SECTIONS, default=SECTIONS,
                     help="run only these sections (a short rerun after a change)")
+    ap.add_argument("--runtime-rounding", action="store_true",
+                    help="the model with DeepSeek's runtime rounding and cache layout: FP8 KV (583-byte entries) "
+                         "and the FP4 indexer (68-byte keys): e.g. --only decode-long for the 1M-token row")
     a = ap.parse_args()
     want = set(a.only)
     dev = torch.device("cuda" if torch.cuda.is_available() and not a.smoke else "cpu")
     rep = Report(a.out, a.budget)
     bw, flops = ceilings(rep, dev, a.smoke)
-    args = flash6(a.smoke)
-    name = "debug" if a.smoke else "v4-flash-dims 6 layers"
+    args = flash6(a.smoke, **({"kv_fp8": True, "index_fp4": True} if a.runtime_rounding else {}))
+    name = ("debug" if a.smoke else "v4-flash-dims 6 layers") + (" (FP8 KV, FP4 indexer)" if a.runtime_rounding else "")
     dtype = torch.bfloat16
     with torch.device(dev):
         model = build_model(args, dtype=dtype)
@@ -565,7 +569,7 @@ def main():
     model.eval()
     c = model.param_counts()
     rep.add("model", params_total=c["total"], params_active=c["active"], layers=args.num_hidden_layers,
-            experts=args.n_routed_experts, dtype=str(dtype))
+            experts=args.n_routed_experts, dtype=str(dtype), kv_fp8=args.kv_fp8, index_fp4=args.index_fp4)
     # sections in order of what the issues need most, so a run cut short by the lease loses the least
     short_T, lengths, chunk = (256, (512, 2048), 256) if a.smoke else (2048, (16384, 131072, 65536), 16384)
     tb, ts = (2, 128) if a.smoke else (4, 2048)
