@@ -10,7 +10,8 @@ Adapters are random (B drawn so that each changes the model) on the attention's 
 the experts (routed and shared). Prompts are random token ids of 64 tokens; completions greedy with
 ``ignore_eos``; prefix caching off. Printed per row: decode tokens/s (output tokens after the
 first, over the decode time: the fastest full run minus the fastest first-token-only run, each
-over all rounds after an untimed warm-up) and its ratio to the base row of the same mode.
+over all rounds after an untimed warm-up) and the prefill time (the fastest first-token-only run:
+every prompt prefilled, one token each), each with its ratio to the base row of the same mode.
 Checked: the mixed rows' tokens equal each adapter merged and run alone (eager).
 """
 
@@ -109,9 +110,11 @@ def main() -> None:
     print(f"# {a.model} {a.dtype}, batch {a.batch}, {a.adapters} adapters of rank {a.rank} on {', '.join(TARGETS)}, "
           f"{a.max_tokens} tokens, fastest of {a.rounds} rounds after a warm-up; torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads")
-    print(f"{'mode':9} {'row':34} {'decode tok/s':>12} {'vs base':>8}")
+    print(f"{'mode':9} {'row':34} {'decode tok/s':>12} {'vs base':>8} {'prefill s':>10} {'vs base':>8}")
     for (mode, row), rate in best.items():
-        print(f"{mode:9} {row:34} {rate:12.1f} {rate / best[mode, 'base']:8.2f}x")
+        t = first[mode, row]
+        print(f"{mode:9} {row:34} {rate:12.1f} {rate / best[mode, 'base']:8.2f}x {t:10.3f} "
+              f"{t / first[mode, 'base']:8.2f}x")
     for mode in a.modes:
         same = tokens[mode, f"lora_modules, {len(names)} adapters mixed"] == alone
         print(f"{mode}: mixed rows' tokens equal each adapter merged and run alone: {same}")
