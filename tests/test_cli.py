@@ -55,7 +55,7 @@ def test_engine_flags_reach_the_engine(monkeypatch, capsys):
             raise SystemExit(0)
 
     monkeypatch.setattr(sparseek.engine, "LLM", Fake)
-    for verb in ("generate", "chat"):
+    for verb in ("generate", "chat", "eval"):
         seen.clear()
         try:
             flags = ["--model", "debug", "--compile", "--kv-fp8", "--index-fp4"]

@@ -19,9 +19,10 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("eval", help="benchmarks (MMLU, HumanEval, GSM8K, MATH, HellaSwag, needle), offline",
                               description="Evaluate a checkpoint or preset with the standard protocols and print "
                                           "the article's table.")
-    from sparseek.cli import _add_model_args
+    from sparseek.cli import _add_engine_args, _add_model_args
 
     _add_model_args(p)  # --model/--dtype/--device/--quantize/--lora, as every model verb has them
+    _add_engine_args(p)  # --kv-fp8 / --index-fp4 (scores under DeepSeek's runtime rounding), --compile, ...
     p.add_argument("--tasks", "-t", default=",".join(ARTICLE_TASKS),
                    help=f"comma-separated, from {', '.join(TASKS)} (default: the article's five)")
     p.add_argument("--limit", type=int, default=None,
