@@ -32,14 +32,9 @@ from dataclasses import dataclass
 import torch
 
 
-def namespace_seed(ns) -> int:
-    """Where a namespace's prefix hashes start (0: the base model's)."""
-    return 0 if ns is None else hash(("namespace", ns))
-
-
 def prefix_hashes(ids, ns=None) -> list[int]:
-    """h[i] identifies ids[:i + 1] read in namespace ``ns``."""
-    h, out = namespace_seed(ns), []
+    """h[i] identifies ids[:i + 1] read in namespace ``ns`` (the base model's starts from 0)."""
+    h, out = 0 if ns is None else hash(("namespace", ns)), []
     for t in ids:
         h = hash((h, t))
         out.append(h)

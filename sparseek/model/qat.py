@@ -5,7 +5,7 @@ them to FP4 before scoring: the indexer then runs in FP4 (the tech report's "FP4
 attention"), and its keys are cached at 68 bytes instead of 256. The rotation is orthonormal, so
 without the rounding it would change nothing (transformers' port skips both); with it, the scores
 -- and so, near ties, the picked entries -- are DeepSeek's own. ``index_fp4=True`` emulates the
-round trip; the cache still keeps the rounded keys in the model's dtype.
+round trip, and the cache stores the rounded keys as FP4 bytes (``FP4Keys``).
 
 * ``hadamard``: the normalized Walsh-Hadamard transform in Sylvester (natural) order over the last
   dim (a power of two), scale d^-1/2 -- what ``fast_hadamard_transform`` computes.
@@ -21,7 +21,7 @@ import torch
 
 FP4_BLOCK = 32
 FP4_MAX = 6.0
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # codes 0-7; 8-15 the same negated (checkpoint.quant's table)
 _MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
 
 
@@ -77,6 +77,11 @@ class FP4Keys:
     value of the block is again a grid value (a grid value times a power of two up to 6 is one)."""
 
     def __init__(self, dim: int):
+        # the checkpoints' FP4 / e8m0 byte decoders (one table gather per byte); imported here, as
+        # sparseek.quant imports the model
+        from sparseek.quant.formats import scales, values
+
+        self._values, self._scales = values, scales
         self.dim, self.block = dim, min(FP4_BLOCK, dim)
         if dim % 2 or dim % self.block:
             raise ValueError(f"FP4 keys need an even dim in whole blocks of {self.block}, got {dim}")
@@ -94,11 +99,8 @@ class FP4Keys:
 
     def decode(self, packed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         n = self.dim // 2
-        b = packed[..., :n].long()
-        codes = torch.stack((b & 15, b >> 4), dim=-1).flatten(-2)
-        grid = torch.tensor(_E2M1 + tuple(-v for v in _E2M1), device=packed.device)
-        scale = torch.exp2(packed[..., n:].float() - 127)
-        return (grid[codes].unflatten(-1, (-1, self.block)) * scale[..., None]).flatten(-2).to(dtype)
+        v = self._values(packed[..., :n], "fp4").unflatten(-1, (-1, self.block))
+        return (v * self._scales(packed[..., n:], "e8m0")[..., None]).flatten(-2).to(dtype)
 
 
 __all__ = ["hadamard", "fp4_round", "FP4Keys", "FP4_BLOCK"]

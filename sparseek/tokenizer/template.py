@@ -226,7 +226,6 @@ def tool_call_markup(template: str, bos_token: str | None = None, eos_token: str
     ``TemplateReplyParser`` reads back (sparseek then refuses to force tool calls for it)."""
     calls = [{"id": f"call_{i}", "type": "function", "function": {"name": n, "arguments": a}}
              for i, (n, a) in enumerate(_PROBE)]
-    text = None
     for content in (None, ""):  # V3's template writes the calls only for an assistant turn without content
         messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": content, "tool_calls": calls}]
         try:
