@@ -76,7 +76,7 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     AVX512-BF16 / AMX: torch runs them in scalar loops, ~100x slower) a half-precision default
     becomes float32, with a warning, and an explicit half dtype is kept, with a warning. ``overrides`` replace config fields that do not change the weights'
     shapes, e.g. ``kv_fp8=True`` (DeepSeek's FP8 KV cache), ``index_fp4=True`` (its FP4 lightning
-    indexer) or ``clamp_shared_expert=True``.
+    indexer), ``act_fp8=True`` (its FP8 inputs to quantized GEMMs) or ``clamp_shared_expert=True``.
 
     ``quantize`` keeps weights quantized in memory (``sparseek.quant``; ``dtype`` is then the
     compute dtype): ``"stored"`` keeps a checkpoint's FP8 / FP4 tensors as stored instead of

@@ -32,6 +32,9 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--index-fp4", action="store_true", default=None,
                    help="the lightning indexer's queries and keys rotated and rounded to FP4 as DeepSeek's runtime "
                         "does (V4 models: its picks are then DeepSeek's own)")
+    p.add_argument("--act-fp8", action="store_true", default=None,
+                   help="the inputs of the FP8 / FP4 weights' products rounded to FP8 (1x128 blocks) as DeepSeek's "
+                        "runtime feeds its GEMMs; with --kv-fp8 --index-fp4: DeepSeek's inference numerics")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (V4; a CUDA graph on a GPU: ~2x tokens/s there; "
                         "the first call compiles for a minute or more)")
@@ -119,7 +122,7 @@ def _engine(a, **llm_kw):
 
     a.main, a.share = True, lambda x: x
     compile_ = getattr(a, "compile", False)
-    switches = {k: getattr(a, k, None) for k in ("kv_fp8", "index_fp4")}
+    switches = {k: getattr(a, k, None) for k in ("kv_fp8", "index_fp4", "act_fp8")}
     switches = {k: v for k, v in switches.items() if v is not None}
     gen_cfg = getattr(a, "generation_config", "auto")
     gen_cfg = None if gen_cfg == "none" else gen_cfg
@@ -273,7 +276,8 @@ def cmd_quantize(a) -> int:
     experts = None if a.experts == "none" else a.experts
     linears = None if a.linears == "none" else a.linears
     res = quantize_checkpoint(a.model, a.out, experts=experts, linears=linears, report=not a.no_report,
-                              sources=a.eval_data, windows=a.eval_windows, seq_len=a.eval_len, device=a.device)
+                              sources=a.eval_data, windows=a.eval_windows, seq_len=a.eval_len, device=a.device,
+                              act_fp8=a.act_fp8)
     gb = 1e9
     line = f"{a.out}: weights {res['bytes_before'] / gb:.3f} GB -> {res['bytes_after'] / gb:.3f} GB in memory"
     if res.get("disk_bytes_after") is not None:
@@ -448,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-len", type=int, default=256, help="tokens per window")
     p.add_argument("--no-report", action="store_true", help="skip the comparison with the original")
+    p.add_argument("--act-fp8", action="store_true",
+                   help="measure the quantized model as DeepSeek's runtime runs it: the inputs of its FP8 / FP4 "
+                        "products rounded to FP8 (1x128 blocks)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_quantize)
 

@@ -102,6 +102,9 @@ class ModelArgs:
     # DeepSeek's runtime rotates the lightning indexer's queries and keys by a Hadamard matrix and
     # rounds them to FP4 (32-blocks, power-of-two scales); transformers' port does neither.
     index_fp4: bool = False
+    # DeepSeek's runtime rounds the inputs of its FP8 / FP4 weights' GEMMs to FP8 (1 x 128 blocks per
+    # token); transformers' port, which dequantizes the weights, does not.
+    act_fp8: bool = False
     # Everything else a config.json carries (architectures, quantization_config, torch_dtype,
     # runtime fields of inference/config.json ...) is kept verbatim so a round trip loses nothing.
     extra: dict = field(default_factory=dict)
@@ -110,6 +113,19 @@ class ModelArgs:
     @property
     def is_v4(self) -> bool:
         return self.model_type == V4
+
+    @property
+    def act_scale_fmt(self) -> str | None:
+        """How ``act_fp8`` scales its blocks (None: off): powers of two ("e8m0") where the
+        checkpoint's ``quantization_config`` (or the runtime's ``scale_fmt``) says ``ue8m0`` -- V4,
+        V3.1 -- and for V4 models without one; amax / 448 exactly ("f32") as V3 / R1 run."""
+        if not self.act_fp8:
+            return None
+        qc = self.extra.get("quantization_config") or {}
+        fmt = qc.get("scale_fmt", self.extra.get("scale_fmt"))
+        if fmt is None:
+            return "e8m0" if self.is_v4 else "f32"
+        return "e8m0" if fmt == "ue8m0" else "f32"
 
     @property
     def n_mtp(self) -> int:
@@ -364,7 +380,7 @@ _V4_ONLY = ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "compress_r
             "hc_sinkhorn_iters", "hc_eps", "expert_dtype")
 _V3_ONLY = ("intermediate_size", "first_k_dense_replace", "moe_layer_freq", "kv_lora_rank", "qk_nope_head_dim",
             "v_head_dim", "n_group", "topk_group")
-_SPARSEEK_SWITCHES = ("clamp_shared_expert", "kv_fp8", "index_fp4")
+_SPARSEEK_SWITCHES = ("clamp_shared_expert", "kv_fp8", "index_fp4", "act_fp8")
 
 
 def _drop_derived_mla(known: dict, extra: dict) -> None:

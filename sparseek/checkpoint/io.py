@@ -235,7 +235,8 @@ def _keep_quantized(model: nn.Module, plan: dict, reader: "_Reader") -> dict[str
                 fmt, scale_fmt = fmts.pop()
                 n, inter, dim = child.w1.shape
                 try:
-                    setattr(parent, name, QuantExperts(n, dim, inter, child.limit, fmt, scale_fmt, device="meta"))
+                    setattr(parent, name, QuantExperts(n, dim, inter, child.limit, fmt, scale_fmt, device="meta",
+                                                                  act=child.act_fp8))
                 except ValueError:
                     continue
                 for p in params:

@@ -132,7 +132,7 @@ class LLM:
     def __init__(self, model="nano", tokenizer=None, dtype=None, device="cpu", max_batch_size: int = 8,
                  max_seq_len: int = 4096, prefill_chunk: int = 512, add_bos: bool = True, seed: int = 0,
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
-                 index_fp4: bool | None = None,
+                 index_fp4: bool | None = None, act_fp8: bool | None = None,
                  batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None,
                  lora=None, generation_config="auto", lora_modules: dict[str, str] | None = None):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
@@ -164,7 +164,10 @@ class LLM:
         DeepSeek's runtime does: V4 cache bytes drop by ~40% (see ``sparseek.model.cache``).
         ``index_fp4=True`` (with a path or preset) rounds the lightning indexer's rotated queries
         and keys to FP4 as DeepSeek's runtime does (``sparseek.model.qat``): its picks are then
-        DeepSeek's own.
+        DeepSeek's own. ``act_fp8=True`` (with a path or preset) rounds the inputs of the
+        projections and experts that DeepSeek's checkpoints store in FP8 / FP4 to FP8 (1 x 128
+        blocks) as its runtime feeds its GEMMs. The three together compute as DeepSeek's own
+        inference code does.
 
         ``quantize`` (with a path or preset): weights kept quantized in memory, as
         ``sparseek.load(..., quantize=...)`` keeps them ("stored", "fp8", "fp4").
@@ -192,7 +195,8 @@ class LLM:
         if isinstance(model, str):
             from sparseek import load
 
-            extra = {k: v for k, v in (("kv_fp8", kv_fp8), ("index_fp4", index_fp4)) if v is not None}
+            extra = {k: v for k, v in (("kv_fp8", kv_fp8), ("index_fp4", index_fp4), ("act_fp8", act_fp8))
+                     if v is not None}
             model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, quantize=quantize, lora=lora,
                                      **extra)
             tokenizer = tokenizer or loaded_tok
@@ -203,7 +207,7 @@ class LLM:
             raise ValueError("quantize applies while loading: pass a path / preset name to LLM, or quantize the "
                              "model with sparseek.quant.quantize_model_")
         else:
-            for name, want in (("kv_fp8", kv_fp8), ("index_fp4", index_fp4)):
+            for name, want in (("kv_fp8", kv_fp8), ("index_fp4", index_fp4), ("act_fp8", act_fp8)):
                 if want is not None and want != getattr(model.args, name):
                     raise ValueError(f"{name} changes how the model computes: load it with sparseek.load(..., "
                                      f"{name}={want}) or pass a path / preset name to LLM")

@@ -27,10 +27,9 @@ from dataclasses import dataclass
 import torch
 
 from sparseek.config import CSA_RATIO, ModelArgs
-from sparseek.model.qat import FP4Keys
+from sparseek.model.qat import FP4Keys, fp8_dequant, fp8_quant
 
 
-FP8_MAX = 448.0
 FP8_BLOCK = 64
 
 
@@ -45,21 +44,7 @@ def fp8_block(n: int) -> int:
 def fp8_round(x: torch.Tensor, n: int) -> torch.Tensor:
     """Round the first ``n`` dims of ``x`` to FP8 e4m3 with one power-of-two scale per 64 values and
     back (DeepSeek's quantization-aware round trip of cached KV); the rest pass unchanged."""
-    codes, exps = _fp8_quant(x[..., :n], fp8_block(n))
-    return torch.cat([_fp8_dequant(codes, exps, x.dtype), x[..., n:]], dim=-1)
-
-
-def _fp8_quant(x: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    xb = x.float().unflatten(-1, (-1, block))
-    amax = xb.abs().amax(-1, keepdim=True).clamp(min=1e-4)
-    exps = torch.ceil(torch.log2(amax / FP8_MAX))  # ue8m0: the scale is a power of two
-    codes = (xb * torch.exp2(-exps)).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
-    return codes.flatten(-2), exps.squeeze(-1)
-
-
-def _fp8_dequant(codes: torch.Tensor, exps: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    x = codes.float().unflatten(-1, (exps.shape[-1], -1)) * torch.exp2(exps).unsqueeze(-1)
-    return x.flatten(-2).to(dtype)
+    return torch.cat([fp8_dequant(*fp8_quant(x[..., :n], fp8_block(n)), x.dtype), x[..., n:]], dim=-1)
 
 
 class FP8KV:
@@ -75,16 +60,17 @@ class FP8KV:
         self.width = self.rope_bytes + self.n + self.n // self.block
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
-        codes, exps = _fp8_quant(x[..., :self.n], self.block)
+        codes, scale = fp8_quant(x[..., :self.n], self.block)
         rope = x[..., self.n:].to(self.dtype).contiguous().view(torch.uint8)
-        return torch.cat([rope, codes.view(torch.uint8), (exps + 127).to(torch.uint8)], dim=-1)
+        exps = torch.frexp(scale)[1] - 1 + 127  # the power-of-two scale as its e8m0 byte
+        return torch.cat([rope, codes.view(torch.uint8), exps.to(torch.uint8)], dim=-1)
 
     def decode(self, packed: torch.Tensor) -> torch.Tensor:
         rb, n = self.rope_bytes, self.n
         rope = _bytes_as(packed[..., :rb], self.dtype)
         codes = _bytes_as(packed[..., rb:rb + n], torch.float8_e4m3fn)
-        exps = packed[..., rb + n:].float() - 127
-        return torch.cat([_fp8_dequant(codes, exps, self.dtype), rope], dim=-1)
+        scale = torch.exp2(packed[..., rb + n:].float() - 127)
+        return torch.cat([fp8_dequant(codes, scale, self.dtype), rope], dim=-1)
 
 
 def _bytes_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

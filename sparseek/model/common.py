@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import ModelArgs
+from sparseek.model.qat import act_round
 
 
 def fp32_region():
@@ -170,10 +171,11 @@ class Gate(nn.Module):
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None, scale: torch.Tensor | None = None,
-           dtype: torch.dtype | None = None) -> torch.Tensor:
+           dtype: torch.dtype | None = None, act: str | None = None) -> torch.Tensor:
     """silu(gate) * up in fp32 (DeepSeek clamps both at ``limit``), times ``scale`` (the routing
-    weights, applied before w2), cast to ``dtype``. One function for the whole chain, so that
-    ``compile_hot_paths`` fuses it into one pass."""
+    weights, applied before w2), cast to ``dtype``, then rounded as w2's FP8 input with ``act``
+    (``act_fp8``'s scale format). One function for the whole chain, so that ``compile_hot_paths``
+    fuses it into one pass."""
     gate, up = gate.float(), up.float()
     if limit:
         up = up.clamp(-limit, limit)
@@ -181,7 +183,7 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None, scale: tor
     h = F.silu(gate) * up
     if scale is not None:
         h = h * scale
-    return h if dtype is None else h.to(dtype)
+    return act_round(h if dtype is None else h.to(dtype), act)
 
 
 def linear_weight(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
@@ -193,26 +195,32 @@ def linear_weight(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:
 
 
 def expert_ffn(mm, x: torch.Tensor, gate_up: list[torch.Tensor], w2: torch.Tensor, limit: float | None,
-               scale: torch.Tensor | None, dtype: torch.dtype, dim: int = -1) -> torch.Tensor:
+               scale: torch.Tensor | None, dtype: torch.dtype, dim: int = -1, act: str | None = None) -> torch.Tensor:
     """The routed experts' SwiGLU FFN with the products done by ``mm(x, w)``: ``gate_up`` is [w1, w3]
-    or their [E, 2I, D] concatenation, split along ``dim`` of its product."""
+    or their [E, 2I, D] concatenation, split along ``dim`` of its product; ``act``: see ``swiglu``
+    (``x`` arrives rounded: the MoE rounds each token once for all its experts)."""
     parts = [mm(x, w) for w in gate_up]
     gate, up = parts if len(parts) == 2 else parts[0].split(w2.shape[-1], dim)
-    return mm(swiglu(gate, up, limit, scale, dtype), w2)
+    if dim == -1:
+        return mm(swiglu(gate, up, limit, scale, dtype, act), w2)
+    # features along ``dim``: the rounding's blocks run along them
+    return mm(act_round(swiglu(gate, up, limit, scale, dtype).movedim(dim, -1), act).movedim(-1, dim), w2)
 
 
 class MLP(nn.Module):
     """Dense SwiGLU FFN (the shared expert, and V3's first dense layers)."""
 
-    def __init__(self, dim: int, inter: int, limit: float | None = None, dtype=None):
+    def __init__(self, dim: int, inter: int, limit: float | None = None, dtype=None, act: str | None = None):
         super().__init__()
         self.w1 = nn.Linear(dim, inter, bias=False, dtype=dtype)
         self.w2 = nn.Linear(inter, dim, bias=False, dtype=dtype)
         self.w3 = nn.Linear(dim, inter, bias=False, dtype=dtype)
         self.limit = limit
+        self.act_fp8 = act  # ModelArgs.act_scale_fmt: the FP8 rounding of each GEMM's input
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit, dtype=x.dtype))
+        x = act_round(x, self.act_fp8)
+        return self.w2(swiglu(self.w1(x), self.w3(x), self.limit, dtype=x.dtype, act=self.act_fp8))
 
 
 @torch.compiler.disable
@@ -256,7 +264,7 @@ def gate_up_view(w1: torch.Tensor, w3: torch.Tensor) -> torch.Tensor | None:
 
 def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor,
                 limit: float | None, scale_M: torch.Tensor | None = None, pad: bool | None = None,
-                w13: torch.Tensor | None = None, batched: bool | None = None) -> torch.Tensor:
+                w13: torch.Tensor | None = None, batched: bool | None = None, act: str | None = None) -> torch.Tensor:
     """Rows ``xs`` sorted by expert (``expert_M`` non-decreasing) through their experts' SwiGLU FFNs
     (``w*`` stacked [E, out, in]; ``scale_M`` multiplies before w2), as three grouped GEMMs, or two
     given ``w13`` (``gate_up_view(w1, w3)``: w1 and w3 as one matrix).
@@ -284,7 +292,7 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
     if batched is None:
         batched = not torch.compiler.is_compiling()
     if batched and not pad and dev.type == "cpu" and not torch.is_grad_enabled() and CPU_BATCHED_EXPERTS:
-        return torch.ops.sparseek.experts_batched(xs_MD, expert_M, gate_up, w2, scale_M, limit).to(out_dtype)
+        return torch.ops.sparseek.experts_batched(xs_MD, expert_M, gate_up, w2, scale_M, limit, act).to(out_dtype)
     counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
     if not pad:
         buf, offs, dest, scale_P1 = xs_MD, counts.cumsum(0).to(torch.int32), None, None
@@ -303,7 +311,7 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
         if scale_M is not None:
             scale_P1 = torch.zeros(P, 1, dtype=torch.float32, device=dev).index_copy(0, dest, scale_M.float()[:, None])
     out = expert_ffn(lambda a, w: _grouped_mm(a, w.transpose(-2, -1), offs), buf, gate_up, w2, limit, scale_P1,
-                     xs_MD.dtype)
+                     xs_MD.dtype, act=act)
     return (out if dest is None else out[dest]).to(out_dtype)
 
 
@@ -360,7 +368,7 @@ def batched_rows(counts: list[int]) -> int:
 
 @torch.library.custom_op("sparseek::experts_batched", mutates_args=())
 def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[torch.Tensor], w2: torch.Tensor,
-                    scale_M: torch.Tensor | None, limit: float | None) -> torch.Tensor:
+                    scale_M: torch.Tensor | None, limit: float | None, act: str | None = None) -> torch.Tensor:
     """``grouped_ffn`` for CPU inference: up to L rows of every expert in one batched GEMM per
     matrix (``bmm``, padding rows zero), the rows past L (crowded experts) one library GEMM per
     expert (``batched_rows`` picks L).
@@ -379,7 +387,7 @@ def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[t
     L = batched_rows(counts.tolist())
     scale_M1 = None if scale_M is None else scale_M.float()[:, None]
     if L == 0:
-        return _grouped_rows(xs_MD, counts, gate_up, w2, scale_M1, limit)
+        return _grouped_rows(xs_MD, counts, gate_up, w2, scale_M1, limit, act)
     rank_M = torch.arange(M) - (counts.cumsum(0) - counts)[expert_M]
     rest = (rank_M >= L).nonzero().squeeze(1) if L < int(counts.max()) else None
     batched = (rank_M < L).nonzero().squeeze(1) if rest is not None else None
@@ -393,30 +401,30 @@ def experts_batched(xs_MD: torch.Tensor, expert_M: torch.Tensor, gate_up: list[t
         scale_EL1 = scale_M1.new_zeros(E * L).index_copy_(0, slot, pick(scale_M1[:, 0])).view(E, L, 1)
     if _x_first(L):
         out_ELD = expert_ffn(lambda a, w: torch.bmm(a, w.transpose(1, 2)), x_ELD, gate_up, w2, limit, scale_EL1,
-                             xs_MD.dtype)
+                             xs_MD.dtype, act=act)
     else:  # the transposed product W @ x^T (columns = rows of x)
         scale_E1L = None if scale_EL1 is None else scale_EL1.transpose(1, 2)
         out_ELD = expert_ffn(lambda a, w: torch.bmm(w, a), x_ELD.transpose(1, 2).contiguous(), gate_up, w2, limit,
-                             scale_E1L, xs_MD.dtype, dim=1).transpose(1, 2)
+                             scale_E1L, xs_MD.dtype, dim=1, act=act).transpose(1, 2)
     out_MD = out_ELD.reshape(E * L, D)[slot]
     if rest is None:
         return out_MD
     full = torch.empty_like(xs_MD)
     full[batched] = out_MD
     full[rest] = _grouped_rows(xs_MD[rest], (counts - L).clamp(min=0), gate_up, w2,
-                               None if scale_M1 is None else scale_M1[rest], limit)
+                               None if scale_M1 is None else scale_M1[rest], limit, act)
     return full
 
 
-def _grouped_rows(xs_MD, counts, gate_up, w2, scale_M1, limit):
+def _grouped_rows(xs_MD, counts, gate_up, w2, scale_M1, limit, act):
     """Rows sorted by expert (``counts`` per expert) through one library GEMM per expert and matrix."""
     offs = counts.cumsum(0).to(torch.int32)
     return expert_ffn(lambda a, w: torch._grouped_mm(a, w.transpose(-2, -1), offs=offs), xs_MD, gate_up, w2, limit,
-                      scale_M1, xs_MD.dtype)
+                      scale_M1, xs_MD.dtype, act=act)
 
 
 @experts_batched.register_fake
-def _(xs_MD, expert_M, gate_up, w2, scale_M, limit):
+def _(xs_MD, expert_M, gate_up, w2, scale_M, limit, act=None):
     return torch.empty_like(xs_MD)
 
 
@@ -428,9 +436,12 @@ class Experts(nn.Module):
     names; the state-dict adapter splits and stacks.
     """
 
-    def __init__(self, n: int, dim: int, inter: int, limit: float | None, dtype=None):
+    # ModelArgs.act_scale_fmt: w2's input rounded to FP8 (act_fp8); the MoE rounds x before them
+    act_fp8: str | None = None
+
+    def __init__(self, n: int, dim: int, inter: int, limit: float | None, dtype=None, act: str | None = None):
         super().__init__()
-        self.n = n
+        self.n, self.act_fp8 = n, act
         gate_up = torch.empty(n, 2 * inter, dim, dtype=dtype)  # w1 and w3 as halves: see gate_up_view
         self.w1 = nn.Parameter(gate_up[:, :inter])
         self.w2 = nn.Parameter(torch.empty(n, dim, inter, dtype=dtype))
@@ -438,11 +449,12 @@ class Experts(nn.Module):
         self.limit = limit
 
     @classmethod
-    def wrap(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float | None) -> "Experts":
+    def wrap(cls, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor, limit: float | None,
+             act: str | None = None) -> "Experts":
         """Experts over existing stacks (no allocation): a merged LoRA, decoded quantized experts."""
         out = cls.__new__(cls)
         nn.Module.__init__(out)
-        out.n, out.limit = w1.shape[0], limit
+        out.n, out.limit, out.act_fp8 = w1.shape[0], limit, act
         out.w1, out.w2, out.w3 = w1, w2, w3
         return out
 
@@ -483,7 +495,7 @@ class Experts(nn.Module):
         """Sum over (token, expert, weight) pairs, sorted by expert, of weight * expert(x[token])."""
         if self.grouped and type(self).proj is Experts.proj:
             out = grouped_ffn(x_ND[token_of], e_sorted, self.w1, self.w2, self.w3, self.limit, w_sorted,
-                              w13=w13, batched=batched)
+                              w13=w13, batched=batched, act=self.act_fp8)
         else:
             out = self._forward_loop(x_ND[token_of], e_sorted, w_sorted.unsqueeze(-1))
         return torch.zeros_like(x_ND).index_add_(0, token_of, out)
@@ -498,7 +510,7 @@ class Experts(nn.Module):
             xs = x_sorted[start:start + c]
             # the routing weight multiplies before w2, as in DeepSeek's code (equal by linearity)
             h = swiglu(self.proj(xs, e, "w1"), self.proj(xs, e, "w3"), self.limit, w_sorted[start:start + c],
-                       x_sorted.dtype)
+                       x_sorted.dtype, self.act_fp8)
             out[start:start + c] = self.proj(h, e, "w2")
             start += c
         return out
@@ -518,7 +530,7 @@ class Experts(nn.Module):
             e_N = idx_NK[:, j]
             gate = torch.einsum("nd,nid->ni", x_ND, self.gathered("w1", e_N, x_ND.dtype))
             up = torch.einsum("nd,nid->ni", x_ND, self.gathered("w3", e_N, x_ND.dtype))
-            h = swiglu(gate, up, self.limit, weights_NK[:, j, None], x_ND.dtype)
+            h = swiglu(gate, up, self.limit, weights_NK[:, j, None], x_ND.dtype, self.act_fp8)
             y_ND = y_ND + torch.einsum("ni,ndi->nd", h, self.gathered("w2", e_N, x_ND.dtype)).float()
         return y_ND.to(x_ND.dtype)
 
@@ -531,13 +543,14 @@ class MoE(nn.Module):
     def __init__(self, args: ModelArgs, hash_routed: bool, dtype=None, with_bias: bool = True):
         super().__init__()
         self.gate = Gate(args, hash_routed=hash_routed, with_bias=with_bias)
+        act = args.act_scale_fmt
         self.experts = Experts(args.n_routed_experts, args.hidden_size, args.moe_intermediate_size,
-                               args.swiglu_limit, dtype=dtype)
+                               args.swiglu_limit, dtype=dtype, act=act)
         self.shared_experts = None
         if args.n_shared_experts:
             shared_limit = args.swiglu_limit if args.clamp_shared_expert else None
             self.shared_experts = MLP(args.hidden_size, args.moe_intermediate_size * args.n_shared_experts,
-                                      shared_limit, dtype=dtype)
+                                      shared_limit, dtype=dtype, act=act)
         # Routing statistics of the last forward, for the balancing update and the sequence-wise
         # loss (train/): set only when `record_routing` is on, so inference pays nothing.
         self.record_routing = False
@@ -565,10 +578,13 @@ class MoE(nn.Module):
         w, idx, scores = self.gate(x, ids)
         if self.record_routing:
             self.last_routing = (idx.view(*shape[:-1], -1), scores.view(*shape[:-1], -1))
+        # the router reads x as it is; the experts' first GEMMs read it rounded (act_fp8), each token
+        # once for all its experts (the shared expert rounds its own input)
+        xr = act_round(x, self.experts.act_fp8)
         if static and self._gathers(x, idx):
-            y = self.experts.forward_static(x, w, idx)
+            y = self.experts.forward_static(xr, w, idx)
         else:
-            y = self.experts(x, w, idx, batched=True if static else None)
+            y = self.experts(xr, w, idx, batched=True if static else None)
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)

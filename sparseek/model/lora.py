@@ -53,7 +53,7 @@ class LoRAExperts(Experts):
 
     def __init__(self, base: Experts, rank: int, alpha: float):
         nn.Module.__init__(self)
-        self.n, self.limit = base.n, base.limit
+        self.n, self.limit, self.act_fp8 = base.n, base.limit, base.act_fp8
         self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3
         self.scale = alpha / rank
         for name in ("w1", "w2", "w3"):
@@ -75,7 +75,7 @@ class LoRAExperts(Experts):
                 a, b = getattr(self, f"lora_A_{name}"), getattr(self, f"lora_B_{name}")
                 w = getattr(self, name)
                 w.copy_(w.float() + self.scale * torch.bmm(b.float(), a.float()))
-        return Experts.wrap(self.w1, self.w2, self.w3, self.limit)
+        return Experts.wrap(self.w1, self.w2, self.w3, self.limit, self.act_fp8)
 
 
 def lora_targets(model: nn.Module, targets) -> list[tuple[nn.Module, str, nn.Module, str]]:

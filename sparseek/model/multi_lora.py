@@ -137,7 +137,7 @@ class MultiLoRALinear(nn.Module):
 class MultiLoRAExperts(Experts):
     def __init__(self, base: Experts, pairs: dict[str, list], rows: AdapterRows):
         nn.Module.__init__(self)
-        self.n, self.limit = base.n, base.limit
+        self.n, self.limit, self.act_fp8 = base.n, base.limit, base.act_fp8
         self.w1, self.w2, self.w3 = base.w1, base.w2, base.w3
         self.rows = rows
         for name in ("w1", "w2", "w3"):
@@ -166,7 +166,7 @@ class MultiLoRAExperts(Experts):
                 continue
             xs, ss = x_sorted[start:start + c], s_sorted[start:start + c]
             h = swiglu(self._proj(xs, e, "w1", ss), self._proj(xs, e, "w3", ss), self.limit,
-                       w_sorted[start:start + c, None], x_ND.dtype)
+                       w_sorted[start:start + c, None], x_ND.dtype, self.act_fp8)
             out[start:start + c] = self._proj(h, e, "w2", ss)
             start += c
         return torch.zeros_like(x_ND).index_add_(0, token_of, out)
@@ -189,7 +189,8 @@ class MultiLoRAExperts(Experts):
                 return (torch.einsum("nd,nid->ni", x, self.gathered(name, e_N, x.dtype))
                         + torch.einsum("nr,nir->ni", torch.einsum("nd,nrd->nr", x, a), b))
 
-            h = swiglu(proj(x_ND, "w1"), proj(x_ND, "w3"), self.limit, weights_NK[:, j, None], x_ND.dtype)
+            h = swiglu(proj(x_ND, "w1"), proj(x_ND, "w3"), self.limit, weights_NK[:, j, None], x_ND.dtype,
+                       self.act_fp8)
             y_ND = y_ND + proj(h, "w2").float()
         return y_ND.to(x_ND.dtype)
 

@@ -1,4 +1,5 @@
-"""DeepSeek's runtime rounding of the lightning indexer (``index_fp4``).
+"""DeepSeek's runtime rounding: the lightning indexer's FP4 (``index_fp4``) and the FP8 inputs of
+its quantized matrix products (``act_fp8``).
 
 DeepSeek's inference code rotates the indexer's queries and keys by a Hadamard matrix and rounds
 them to FP4 before scoring: the indexer then runs in FP4 (the tech report's "FP4 indexer
@@ -13,6 +14,12 @@ round trip, and the cache stores the rounded keys as FP4 bytes (``FP4Keys``).
   scale each (ue8m0: the smallest 2^e with amax / 2^e <= 6), values rounded to the nearest code,
   ties to the even code (as a hardware cast rounds). In training the gradient passes straight
   through the rounding (quantization-aware training's estimator).
+* ``fp8_act_round``: DeepSeek's runtime feeds every FP8 / FP4 weight's GEMM FP8 activations, each
+  token's row quantized in blocks of 128 along the contracted dim with one scale per block (amax /
+  448, amax floored at 1e-4; a power of two for V4's and V3.1's ``ue8m0`` scales, exact for V3's).
+  ``act_fp8=True`` rounds those inputs the same way (the GEMM's own arithmetic is then the
+  checkpoint's weights times the rounded activations, accumulated in the compute dtype instead of
+  per-block fp32 partial sums). transformers' port, which dequantizes the weights, rounds nothing.
 """
 
 from __future__ import annotations
@@ -69,6 +76,62 @@ def fp4_round(x: torch.Tensor, block: int = FP4_BLOCK) -> torch.Tensor:
     return y.to(x.dtype)
 
 
+FP8_MAX = 448.0
+ACT_BLOCK = 128
+ACT_SCALE_FORMATS = ("e8m0", "f32")
+
+
+def fp8_quant(x: torch.Tensor, block: int, pow2: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x`` (last dim a multiple of ``block``) as e4m3 codes and one fp32 scale per ``block`` values:
+    amax / 448 (amax floored at 1e-4), rounded up to a power of two with ``pow2``, as DeepSeek's
+    ``act_quant`` computes it; the codes are x / scale clamped to +-448 and cast (ties to even)."""
+    xb = x.float().unflatten(-1, (-1, block))
+    amax = xb.abs().amax(-1, keepdim=True).clamp(min=1e-4)
+    scale = amax / FP8_MAX
+    if pow2:
+        scale = _pow2_ceil(scale)
+    codes = (xb / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return codes.flatten(-2), scale.squeeze(-1)
+
+
+def fp8_dequant(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    x = codes.float().unflatten(-1, (scale.shape[-1], -1)) * scale.unsqueeze(-1)
+    return x.flatten(-2).to(dtype)
+
+
+def fp8_act_round(x: torch.Tensor, scale_fmt: str = "e8m0", block: int = ACT_BLOCK) -> torch.Tensor:
+    """``x`` as DeepSeek's runtime hands it to an FP8 / FP4 GEMM: each row's blocks of ``block``
+    values along the last dim rounded to e4m3 with their own scale (``scale_fmt`` "e8m0": a power of
+    two; "f32": amax / 448 exactly), returned in x's dtype. A last dim not a multiple of ``block``
+    (small presets) ends in a shorter block. Straight-through in training, like ``fp4_round``."""
+    if scale_fmt not in ACT_SCALE_FORMATS:
+        raise ValueError(f"unknown activation scale format {scale_fmt!r}; use one of {ACT_SCALE_FORMATS}")
+    n = x.shape[-1]
+    pad = -n % block
+    xp = torch.nn.functional.pad(x, (0, pad)) if pad else x  # zeros change no block's amax
+    y = fp8_dequant(*fp8_quant(xp, block, scale_fmt == "e8m0"), torch.float32)[..., :n]
+    if x.requires_grad and torch.is_grad_enabled():
+        y = x.float() + (y - x.float()).detach()
+    return y.to(x.dtype)
+
+
+def act_round(x: torch.Tensor, scale_fmt: str | None) -> torch.Tensor:
+    """``fp8_act_round`` where the model rounds activations (``scale_fmt`` set), else ``x``."""
+    return x if scale_fmt is None else fp8_act_round(x, scale_fmt)
+
+
+def set_act_fp8_(model: torch.nn.Module, scale_fmt: str | None) -> torch.nn.Module:
+    """Switch the FP8 activation rounding of a built model's layers (``scale_fmt``: "e8m0", "f32" or
+    None: off) without touching its config, e.g. to measure a quantized model as DeepSeek's runtime
+    runs it; a model built with ``act_fp8=True`` has it on from the start."""
+    if scale_fmt is not None and scale_fmt not in ACT_SCALE_FORMATS:
+        raise ValueError(f"unknown activation scale format {scale_fmt!r}; use one of {ACT_SCALE_FORMATS}")
+    for m in model.modules():
+        if hasattr(m, "act_fp8"):
+            m.act_fp8 = scale_fmt
+    return model
+
+
 class FP4Keys:
     """Indexer keys already rounded by ``fp4_round`` as bytes, as DeepSeek's runtime caches them:
     two e2m1 codes per byte (low nibble first, sign in bit 3) and one e8m0 exponent byte per block
@@ -103,4 +166,4 @@ class FP4Keys:
         return (v * self._scales(packed[..., n:], "e8m0")[..., None]).flatten(-2).to(dtype)
 
 
-__all__ = ["hadamard", "fp4_round", "FP4Keys", "FP4_BLOCK"]
+__all__ = ["hadamard", "fp4_round", "FP4Keys", "FP4_BLOCK", "fp8_quant", "fp8_dequant", "fp8_act_round", "act_round", "set_act_fp8_"]

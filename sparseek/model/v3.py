@@ -25,6 +25,7 @@ from torch import nn
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
 from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
+from sparseek.model.qat import act_round
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions
 
 
@@ -65,6 +66,10 @@ class MLA(nn.Module):
         if y and y.get("mscale_all_dim"):
             self.scale *= yarn_mscale(float(y["factor"]), y["mscale_all_dim"]) ** 2
         self.attn_impl = "auto"
+        self.act_fp8 = args.act_scale_fmt  # the FP8 rounding of each quantized GEMM's input
+
+    def act(self, x):
+        return act_round(x, self.act_fp8)
 
     def _rot(self, x, cos, sin):
         return apply_rope(x, cos, sin) if self.interleaved else apply_rope_half(x, cos, sin)
@@ -73,10 +78,11 @@ class MLA(nn.Module):
         """``latent_BSR``: cache rows to write the new tokens into and attend over ([B, cap, rank+rope]),
         or None (no cache: attend within this chunk)."""
         B, T, _ = x_BTD.shape
-        q = self.wq_b(self.q_norm(self.wq_a(x_BTD))) if hasattr(self, "wq_a") else self.wq(x_BTD)
+        xr = self.act(x_BTD)
+        q = self.wq_b(self.act(self.q_norm(self.wq_a(xr)))) if hasattr(self, "wq_a") else self.wq(xr)
         q = q.view(B, T, self.n_heads, -1)
         q_nope, q_pe = q[..., :self.nope], self._rot(q[..., self.nope:], cos[:, :, None], sin[:, :, None])
-        kv = self.wkv_a(x_BTD)
+        kv = self.wkv_a(xr)
         lat = torch.cat([self.kv_norm(kv[..., :self.rank]), self._rot(kv[..., self.rank:], cos, sin)], dim=-1)
         if latent_BSR is not None:
             rows = torch.arange(B, device=x_BTD.device)[:, None]
@@ -93,7 +99,7 @@ class MLA(nn.Module):
         if impl == "auto":
             impl = "absorb" if (latent_BSR is not None and T <= 16) else "naive"
         o = self._attend(q_nope, q_pe, keys, q_pos, impl)
-        return self.wo(o.flatten(2))
+        return self.wo(self.act(o.flatten(2)))
 
     def _attend(self, q_nope, q_pe, keys_BSR, q_pos_BT, impl: str):
         B, T, H, _ = q_nope.shape
@@ -134,7 +140,7 @@ class Block(nn.Module):
         super().__init__()
         self.attn = MLA(args, dtype)
         dense = layer_id < args.first_k_dense_replace or layer_id % args.moe_layer_freq != 0
-        self.ffn = (MLP(args.hidden_size, args.intermediate_size, dtype=dtype) if dense
+        self.ffn = (MLP(args.hidden_size, args.intermediate_size, dtype=dtype, act=args.act_scale_fmt) if dense
                     else MoE(args, hash_routed=False, dtype=dtype, with_bias=args.topk_method == "noaux_tc"))
         self.attn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.ffn_norm = RMSNorm(args.hidden_size, args.rms_norm_eps)

@@ -30,7 +30,7 @@ from sparseek.config import CSA_RATIO, ModelArgs
 from sparseek.model import common, kernels
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions, query_block
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
-from sparseek.model.qat import fp4_round, hadamard
+from sparseek.model.qat import act_round, fp4_round, hadamard
 from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
 
 # Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
@@ -354,12 +354,13 @@ class Indexer(nn.Module):
         self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.dim, bias=False, dtype=dtype)
         self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False, dtype=dtype)
         self.fp4 = args.index_fp4
+        self.act_fp8 = args.act_scale_fmt
         self.compressor = Compressor(args, CSA_RATIO, self.dim, fp4=self.fp4)
         self.scale = self.dim ** -0.5 * self.n_heads ** -0.5
 
     def queries(self, x_BTD, qr_BTR, cos, sin):
         B, T, _ = x_BTD.shape
-        q = self.wq_b(qr_BTR).view(B, T, self.n_heads, self.dim)
+        q = self.wq_b(act_round(qr_BTR, self.act_fp8)).view(B, T, self.n_heads, self.dim)
         q = apply_rope(q, cos[:, :, None], sin[:, :, None])
         if self.fp4:
             q = fp4_round(hadamard(q))
@@ -419,6 +420,9 @@ class Attention(nn.Module):
         # kv_fp8: the non-rope dims of every cached entry are rounded to FP8, as DeepSeek's runtime
         # does, so a cache may store them in FP8 losslessly
         self.fp8_dims = self.head_dim - self.rope_dim if args.kv_fp8 else 0
+        # act_fp8: the inputs of the FP8 projections rounded as DeepSeek's runtime feeds its GEMMs
+        # (wo_a excepted: its conversion dequantizes it to bf16); the compressor's are bf16 weights
+        self.act_fp8 = args.act_scale_fmt
         self.compressor = Compressor(args, self.ratio, self.head_dim, self.fp8_dims) if self.ratio else None
         self.indexer = Indexer(args, dtype) if self.ratio == CSA_RATIO else None
         # training: the indexer learns from a KL loss to the main attention (``_indexer_kl``) when
@@ -442,10 +446,11 @@ class Attention(nn.Module):
         """-> the low-rank query ``qr`` (the indexer reuses it), the queries [B, T, H, C] and the
         shared key/value entry [B, T, C], normalized and rotated."""
         B, T, _ = x_BTD.shape
-        qr = self.q_norm(self.wq_a(x_BTD))
-        q = self.wq_b(qr).view(B, T, self.n_heads, self.head_dim)
+        xr = act_round(x_BTD, self.act_fp8)
+        qr = self.q_norm(self.wq_a(xr))
+        q = self.wq_b(act_round(qr, self.act_fp8)).view(B, T, self.n_heads, self.head_dim)
         q = apply_rope(rms_unweighted(q, self.eps), cos[:, :, None], sin[:, :, None])
-        kv = apply_rope(self.kv_norm(self.wkv(x_BTD)), cos, sin)
+        kv = apply_rope(self.kv_norm(self.wkv(xr)), cos, sin)
         if self.fp8_dims:
             kv = fp8_round(kv, self.fp8_dims)
         return qr, q, kv
@@ -460,7 +465,7 @@ class Attention(nn.Module):
         if hasattr(self.wo_a, "grouped_delta"):  # per-row LoRA adapters (sparseek.model.multi_lora)
             delta = self.wo_a.grouped_delta(o, self.n_groups)
             out = out if delta is None else out + delta
-        return self.wo_b(out.flatten(2))
+        return self.wo_b(act_round(out.flatten(2), self.act_fp8))
 
     # -- many tokens, all rows at the same start ------------------------------------------
     def _chunk(self, x, qr, q, kv, step: Step, lc: LayerCache | None):
@@ -787,10 +792,12 @@ class MTPBlock(Block):
         self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))
         self.eps = (args.rms_norm_eps, args.hc_eps)
+        self.act_fp8 = args.act_scale_fmt
 
     def forward(self, hidden_BTSD, emb_BTD, step: Step, lc: LayerCache | None, next_ids_BT):
         """(output streams, normalized merged state for the shared head)."""
-        x = self.e_proj(self.enorm(emb_BTD)).unsqueeze(2) + self.h_proj(self.hnorm(hidden_BTSD))
+        e, h = (act_round(t, self.act_fp8) for t in (self.enorm(emb_BTD), self.hnorm(hidden_BTSD)))
+        x = self.e_proj(e).unsqueeze(2) + self.h_proj(h)
         x = super().forward(x, step, lc, next_ids_BT)
         return x, self.norm(hc_head(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, *self.eps))
 

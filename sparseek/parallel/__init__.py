@@ -55,7 +55,7 @@ class EPExperts(nn.Module):
             raise ValueError(f"{experts.n} experts cannot be split evenly over {self.world} ranks")
         self.n, self.n_local = experts.n, experts.n // self.world
         self.first = rank * self.n_local
-        self.limit = experts.limit
+        self.limit, self.act_fp8 = experts.limit, experts.act_fp8
         sl = slice(self.first, self.first + self.n_local)
         for name in ("w1", "w2", "w3"):
             setattr(self, name, nn.Parameter(getattr(experts, name)[sl].detach().clone()))
@@ -82,7 +82,8 @@ class EPExperts(nn.Module):
         dist.all_to_all_single(e_recv, expert.contiguous(), r, s, group=self.group)
         local = e_recv - self.first
         o2 = local.argsort(stable=True)
-        y_sorted = grouped_ffn(x_recv[o2], local[o2], self.w1, self.w2, self.w3, self.limit)
+        # (with act_fp8, w2's input is rounded before the routing weight, not after as elsewhere)
+        y_sorted = grouped_ffn(x_recv[o2], local[o2], self.w1, self.w2, self.w3, self.limit, act=self.act_fp8)
         y_recv = y_sorted[torch.argsort(o2)]  # back to the order the rows arrived in
         y_back = all_to_all_single(x_ND.new_empty(sum(s), x_ND.shape[1]), y_recv, s, r, group=self.group)
         # the routing weight multiplies after w2 here (equal by linearity), on the token's own rank
@@ -138,6 +139,7 @@ class ShardedExperts(_Sharded, Experts):
         nn.Module.__init__(self)
         sl = self._place(experts, group)
         self.n, self.limit, inter = sl.stop - sl.start, experts.limit, experts.w1.shape[1]
+        self.act_fp8 = experts.act_fp8
         with torch.no_grad():  # w1 and w3 as halves of one buffer, as Experts keeps them
             gate_up = torch.cat([experts.w1[sl], experts.w3[sl]], dim=1)
             self.w1, self.w3 = nn.Parameter(gate_up[:, :inter]), nn.Parameter(gate_up[:, inter:])
@@ -152,6 +154,7 @@ class ShardedQuantExperts(_Sharded, QuantExperts):
         nn.Module.__init__(self)
         sl = self._place(experts, group)
         self.n, self.limit, self.fmt, self.scale_fmt = sl.stop - sl.start, experts.limit, experts.fmt, experts.scale_fmt
+        self.act_fp8 = experts.act_fp8
         self.shapes = dict(experts.shapes)
         for name in self.shapes:
             for buf in (name, f"{name}_scale"):

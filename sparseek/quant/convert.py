@@ -77,7 +77,7 @@ def files_bytes(path: str) -> int | None:
 
 def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears: str | None = "fp8",
                         scale_fmt: str | None = None, report: bool = True, sources=None, windows: int = 4,
-                        seq_len: int = 256, device: str = "cpu") -> dict:
+                        seq_len: int = 256, device: str = "cpu", act_fp8: bool = False) -> dict:
     """Quantize the checkpoint (or preset) ``src`` into ``dst`` (config, tokenizer, safetensors) and
     return what happened: sizes before and after and, with ``report``, the quality comparison
     (also written to ``dst/quantization_report.json``).
@@ -85,10 +85,12 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
     The model is held in memory once: the original's log-probabilities are computed first, then
     its layers are swapped for quantized ones in place. Without ``report`` it loads in the
     checkpoint's own dtype, memory-mapped (nothing computes with it), so a bf16 checkpoint costs
-    little more memory than its quantized copy."""
+    little more memory than its quantized copy. With ``act_fp8`` the quantized model is measured
+    as DeepSeek's runtime runs it, its GEMMs' inputs rounded to FP8 (``sparseek.model.qat``); the
+    checkpoint written is the same."""
     import sparseek
     from sparseek.checkpoint.io import save_model, side_file
-    from sparseek.quant.modules import quantize_model_, quantized_bytes
+    from sparseek.quant.modules import default_scale_format, quantize_model_, quantized_bytes
 
     if os.path.abspath(src) == os.path.abspath(dst):
         raise ValueError(f"quantize writes a new checkpoint: the output {dst!r} is the input")
@@ -108,7 +110,12 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
     quantize_model_(model, experts=experts, linears=linears, scale_fmt=scale_fmt)
     out.update(bytes_before=before, bytes_after=sum(quantized_bytes(model)))
     if report:
-        out["report"] = {"data": origin, **compare(ref, next_token_logprobs(model, wins), wins)}
+        from sparseek.model.qat import set_act_fp8_
+
+        act = (scale_fmt or default_scale_format(model)) if act_fp8 else None
+        set_act_fp8_(model, act)
+        out["report"] = {"data": origin, "act_fp8": act, **compare(ref, next_token_logprobs(model, wins), wins)}
+        set_act_fp8_(model, model.args.act_scale_fmt)
     gen = side_file(src, "generation_config.json")  # the recommended sampling stays with the model
     save_model(model, dst, tokenizer=tok, extra_files=[gen] if gen else [])
     out.update(disk_bytes_before=files_bytes(src), disk_bytes_after=files_bytes(dst))

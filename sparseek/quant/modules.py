@@ -84,10 +84,10 @@ class QuantExperts(Experts):
     (``experts.E.w1.weight`` / ``.scale``)."""
 
     def __init__(self, n: int, dim: int, inter: int, limit: float | None, fmt: str = "fp4", scale_fmt: str = "e8m0",
-                 device=None):
+                 device=None, act: str | None = None):
         nn.Module.__init__(self)
         _check(fmt, scale_fmt)
-        self.n, self.limit = n, limit
+        self.n, self.limit, self.act_fp8 = n, limit, act
         self.fmt, self.scale_fmt = fmt, scale_fmt
         self.shapes = {"w1": (inter, dim), "w2": (dim, inter), "w3": (inter, dim)}
         for name, (o, i) in self.shapes.items():
@@ -100,7 +100,7 @@ class QuantExperts(Experts):
     @classmethod
     def from_experts(cls, experts: Experts, fmt: str = "fp4", scale_fmt: str = "e8m0") -> "QuantExperts":
         n, inter, dim = experts.w1.shape
-        q = cls(n, dim, inter, experts.limit, fmt, scale_fmt, device=experts.w1.device)
+        q = cls(n, dim, inter, experts.limit, fmt, scale_fmt, device=experts.w1.device, act=experts.act_fp8)
         for name in q.shapes:
             w = getattr(experts, name).detach()
             parts = [quantize(w[e], fmt, scale_fmt) for e in range(n)]
@@ -123,7 +123,8 @@ class QuantExperts(Experts):
         w1, w3 = self.decoded("w1", dtype, idx), self.decoded("w3", dtype, idx)
         gate_up = torch.cat([w1, w3], dim=1)
         inter = w1.shape[1]
-        return Experts.wrap(gate_up[:, :inter], self.decoded("w2", dtype, idx), gate_up[:, inter:], self.limit)
+        return Experts.wrap(gate_up[:, :inter], self.decoded("w2", dtype, idx), gate_up[:, inter:], self.limit,
+                            self.act_fp8)
 
     def pairs(self, x_ND: torch.Tensor, token_of: torch.Tensor, e_sorted: torch.Tensor, w_sorted: torch.Tensor,
               w13: torch.Tensor | None = None, batched: bool | None = None) -> torch.Tensor:
