@@ -7,7 +7,8 @@ loads the base and merges the adapters: inference then runs at the base model's 
 adapter math per token. ``load_adapters`` attaches them unmerged (training goes on);
 ``merge_adapters`` folds them into the weights straight from the file. Adapters trained with
 PEFT on transformers' DeepSeek models (``base_model.model.<module>.lora_A.weight``) merge the same
-way, their module names mapped onto sparseek's as checkpoint names are.
+way, their module names mapped onto sparseek's as checkpoint names are; ``read_adapters(dir,
+model)`` converts them to sparseek's layout for serving unmerged (``sparseek.model.multi_lora``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from safetensors import safe_open
@@ -109,15 +112,52 @@ def load_adapters(model: nn.Module, directory: str) -> nn.Module:
     return model
 
 
-def read_adapters(directory: str) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(config, tensors) of sparseek's adapters in ``directory``, for serving them unmerged
-    (``sparseek.model.multi_lora``); PEFT's layout is merged on load instead."""
+def read_adapters(directory: str, model: nn.Module | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(config, tensors) of the adapters in ``directory`` in sparseek's layout, for serving them
+    unmerged (``sparseek.model.multi_lora``). PEFT's layout is converted for ``model`` (its module
+    names mapped as ``merge_adapters`` maps them; each pair's scale -- rsLoRA, alpha and rank
+    patterns -- folded into its B, so the config says r = lora_alpha = 1)."""
     cfg = _adapter_config(directory)
-    state = load_file(os.path.join(directory, ADAPTER_FILE))
-    if any(k.startswith(PEFT_PREFIX) for k in state):
-        raise ValueError(f"{directory} holds PEFT adapters: serve them merged (-m {directory} / --lora), one per "
-                         "server; several at once take sparseek's layout (sparseek finetune --lora-rank)")
-    return cfg, state
+    path = os.path.join(directory, ADAPTER_FILE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{directory} has {ADAPTER_CONFIG} but no {ADAPTER_FILE}")
+    with safe_open(path, "pt") as f:
+        peft = any(k.startswith(PEFT_PREFIX) for k in f.keys())
+    if not peft:
+        return cfg, load_file(path)
+    if model is None:
+        raise ValueError(f"{directory} holds PEFT adapters: converting them needs the model they apply to")
+    return _peft_as_native(model, directory, cfg)
+
+
+def _peft_as_native(model: nn.Module, directory: str, cfg: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """PEFT's pairs as sparseek's: ``<linear>.lora_A`` [r, in] / ``.lora_B`` [out, r], and per expert
+    stack ``<experts>.lora_A_w1`` [E, r, in] / ``.lora_B_w1`` [E, out, r] (experts PEFT did not adapt
+    zero; ranks of one stack padded to its largest)."""
+    updates = _plan_or_raise(model, cfg, directory, peft=True)
+    state: dict[str, torch.Tensor] = {}
+    stacks: dict[tuple[str, str], list] = {}
+    with safe_open(os.path.join(directory, ADAPTER_FILE), "pt") as f:
+        held: dict[str, torch.Tensor] = {}
+        for u in updates:
+            for k in (u.key_a, u.key_b):
+                if k not in held:
+                    held[k] = f.get_tensor(k).float()
+            a, b = u.pair(held[u.key_a], held[u.key_b])
+            if u.expert is None:
+                state[f"{u.module}.lora_A"], state[f"{u.module}.lora_B"] = a.clone(), u.scale * b
+            else:
+                stacks.setdefault((u.module, u.attr), []).append((u.expert, a, u.scale * b, u.dst.shape))
+    for (module, w), parts in stacks.items():
+        n = model.get_submodule(module).n
+        r = max(a.shape[0] for _, a, _, _ in parts)
+        out, fan_in = parts[0][3]
+        A, B = torch.zeros(n, r, fan_in), torch.zeros(n, out, r)
+        for e, a, b, _ in parts:
+            A[e, :a.shape[0]], B[e, :, :b.shape[1]] = a, b
+        state[f"{module}.lora_A_{w}"], state[f"{module}.lora_B_{w}"] = A, B
+    targets = sorted({k.rsplit(".", 2)[-2] for k in state})
+    return {"peft_type": "LORA", "r": 1, "lora_alpha": 1.0, "target_modules": targets}, state
 
 
 def merge_adapters(model: nn.Module, directory: str) -> nn.Module:
@@ -132,22 +172,48 @@ def merge_adapters(model: nn.Module, directory: str) -> nn.Module:
     path = os.path.join(directory, ADAPTER_FILE)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{directory} has {ADAPTER_CONFIG} but no {ADAPTER_FILE}")
+    updates = _plan_or_raise(model, cfg, directory)
     with safe_open(path, "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        peft = any(k.startswith(PEFT_PREFIX) for k in shapes)
-        plan = _peft_plan(model, cfg, shapes) if peft else _native_plan(model, cfg, shapes)
-        missing, unexpected, bad, items = plan
-        if missing or unexpected or bad:
-            raise ValueError(f"the adapters in {directory} do not fit this model: {len(missing)} missing "
-                             f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(bad)} of another "
-                             f"shape {bad[:3]}")
         held: dict[str, torch.Tensor] = {}  # the adapter pair being applied, read once in fp32
         with torch.no_grad():
-            for dst, key_a, key_b, delta in items:  # one matrix (one expert) at a time: no [E, out, in] fp32 copy
-                if key_a not in held:
-                    held = {k: f.get_tensor(k).to(dst.device, torch.float32) for k in (key_a, key_b)}
-                dst.copy_(dst.float() + delta(held[key_a], held[key_b]))
+            for u in updates:  # one matrix (one expert) at a time: no [E, out, in] fp32 copy
+                if u.key_a not in held:
+                    held = {k: f.get_tensor(k).to(u.dst.device, torch.float32) for k in (u.key_a, u.key_b)}
+                a, b = u.pair(held[u.key_a], held[u.key_b])
+                u.dst.copy_(u.dst.float() + u.scale * (b @ a))
     return model
+
+
+@dataclass
+class _Update:
+    """One low-rank update of one matrix: ``dst`` += scale * B @ A, with (A [r, in], B [out, r]) =
+    ``pair`` of the file's tensors ``key_a`` / ``key_b``; ``dst`` is ``module``'s ``attr`` (expert
+    ``expert`` of a stack, or the whole matrix: None)."""
+    dst: torch.Tensor
+    key_a: str
+    key_b: str
+    pair: Callable
+    scale: float
+    module: str
+    attr: str
+    expert: int | None = None
+
+
+def _whole(a, b):
+    return a, b
+
+
+def _plan_or_raise(model: nn.Module, cfg: dict, directory: str, peft: bool | None = None) -> list[_Update]:
+    with safe_open(os.path.join(directory, ADAPTER_FILE), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if peft is None:
+        peft = any(k.startswith(PEFT_PREFIX) for k in shapes)
+    missing, unexpected, bad, updates = (_peft_plan if peft else _native_plan)(model, cfg, shapes)
+    if missing or unexpected or bad:
+        raise ValueError(f"the adapters in {directory} do not fit this model: {len(missing)} missing "
+                         f"{missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, {len(bad)} of another "
+                         f"shape {bad[:3]}")
+    return updates
 
 
 def _native_plan(model: nn.Module, cfg: dict, shapes: dict):
@@ -163,11 +229,11 @@ def _native_plan(model: nn.Module, cfg: dict, shapes: dict):
             for w in ("w1", "w2", "w3"):
                 t = getattr(child, w)
                 want[f"{q}.lora_A_{w}"], want[f"{q}.lora_B_{w}"] = (total, r, t.shape[2]), (total, t.shape[1], r)
-                items += [(t[e], f"{q}.lora_A_{w}", f"{q}.lora_B_{w}", lambda a, b, i=first + e: scale * (b[i] @ a[i]))
-                          for e in range(t.shape[0])]
+                items += [_Update(t[e], f"{q}.lora_A_{w}", f"{q}.lora_B_{w}", lambda a, b, i=first + e: (a[i], b[i]),
+                                  scale, q, w, e) for e in range(t.shape[0])]
         else:
             want[f"{q}.lora_A"], want[f"{q}.lora_B"] = (r, child.in_features), (child.out_features, r)
-            items.append((child.weight, f"{q}.lora_A", f"{q}.lora_B", lambda a, b: scale * (b @ a)))
+            items.append(_Update(child.weight, f"{q}.lora_A", f"{q}.lora_B", _whole, scale, q, "weight"))
     missing = sorted(k for k in want if k not in shapes)
     unexpected = sorted(k for k in shapes if k not in want)
     bad = [f"{k}: adapters {list(shapes[k])}, model {list(want[k])}"
@@ -226,6 +292,7 @@ def _peft_plan(model: nn.Module, cfg: dict, shapes: dict):
         if not isinstance(w, torch.Tensor):
             unexpected.append(f"{stem} (no {t.param} in this model)")
             continue
+        e = None
         if t.expert is not None:  # one expert of a stack (of this rank's part of it, when sharded)
             e = t.expert - getattr(owner, "first", 0)
             if not 0 <= e < w.shape[0]:
@@ -237,7 +304,7 @@ def _peft_plan(model: nn.Module, cfg: dict, shapes: dict):
                        f"weight {list(w.shape)}")
             continue
         scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
-        items.append((w, stem + suffix_a, stem + suffix_b, lambda a, b, scale=scale: scale * (b @ a)))
+        items.append(_Update(w, stem + suffix_a, stem + suffix_b, _whole, scale, owner_name, attr, e))
     return missing, unexpected, bad, items
 
 
@@ -255,9 +322,9 @@ def _peft_fused_items(model, module: str, shapes: dict, key_a: str, key_b: str, 
     t = target_of(layer + ".gate_up_proj", model.args.is_v4, stacked, model.args.num_hidden_layers)
     if not t.fused:
         return f"{module}: no routed experts here in this model"
-    owner = model.get_submodule(t.param.rsplit(".", 1)[0])
-    w1, w2, w3 = owner.w1, owner.w2, owner.w3
-    n, inter, dim = w1.shape
+    owner_name = t.param.rsplit(".", 1)[0]
+    owner = model.get_submodule(owner_name)
+    n, inter, dim = owner.w1.shape
     first, total = getattr(owner, "first", 0), getattr(owner, "total", None) or owner.n
     (rows, fan_in), (fan_out, cols) = shapes[key_a], shapes[key_b]
     if rows % total or rows != cols:
@@ -272,15 +339,14 @@ def _peft_fused_items(model, module: str, shapes: dict, key_a: str, key_b: str, 
     alpha = _pattern_value(cfg.get("alpha_pattern"), f"{layer}.{tensor}", cfg["lora_alpha"])
     scale = alpha / math.sqrt(r) if cfg.get("use_rslora") else alpha / r
 
-    def part(e: int, lo: int, hi: int):
-        def delta(a, b):
-            return scale * (b.view(fan_out, r, total)[lo:hi, :, e] @ a.view(total, r, fan_in)[e])
-        return delta
+    def part(w: str, e: int, lo: int, hi: int) -> _Update:
+        def pair(a, b):
+            return a.view(total, r, fan_in)[first + e], b.view(fan_out, r, total)[lo:hi, :, first + e]
+        return _Update(getattr(owner, w)[e], key_a, key_b, pair, scale, owner_name, w, e)
 
     if tensor == "gate_up_proj":
-        return [item for e in range(n) for item in ((w1[e], key_a, key_b, part(first + e, 0, inter)),
-                                                     (w3[e], key_a, key_b, part(first + e, inter, 2 * inter)))]
-    return [(w2[e], key_a, key_b, part(first + e, 0, dim)) for e in range(n)]
+        return [u for e in range(n) for u in (part("w1", e, 0, inter), part("w3", e, inter, 2 * inter))]
+    return [part("w2", e, 0, dim) for e in range(n)]
 
 
 __all__ = ["save_adapters", "load_adapters", "read_adapters", "merge_adapters", "is_adapter_dir", "adapter_base",

@@ -235,7 +235,7 @@ class LLM:
             from sparseek.checkpoint.adapters import read_adapters
             from sparseek.model.multi_lora import attach_adapters
 
-            self.lora_rows = attach_adapters(model, {name: read_adapters(d) for name, d in lora_modules.items()})
+            self.lora_rows = attach_adapters(model, {name: read_adapters(d, model) for name, d in lora_modules.items()})
         if compile:
             if not hasattr(model, "decode_step"):
                 raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
@@ -263,7 +263,7 @@ class LLM:
             raise ValueError(f"LoRA adapter {name!r} is already loaded")
         if not name or not isinstance(name, str):
             raise ValueError("a LoRA adapter needs a non-empty name")
-        self._restack({**current, name: read_adapters(directory)})
+        self._restack({**current, name: read_adapters(directory, self.model)})
 
     def unload_lora(self, name: str) -> None:
         """Stop serving adapter ``name`` and free its weights (vLLM's ``/v1/unload_lora_adapter``);

@@ -197,34 +197,46 @@ class MultiLoRAExperts(Experts):
 
 def attach_adapters(model: nn.Module, adapters: dict[str, tuple[dict, dict]]) -> AdapterRows:
     """Swap the modules any of ``adapters`` ({name: (adapter_config, state)} in sparseek's layout,
-    ``sparseek.checkpoint.adapters.read_adapters``) targets; returns the rows selector."""
-    from sparseek.model.lora import check_unquantized, lora_targets
+    ``sparseek.checkpoint.adapters.read_adapters``) has tensors for -- any linear layer (attention,
+    indexer, compressor, shared and dense FFNs, MTP projections) and routed-expert stacks; returns
+    the rows selector. Tensors for modules the model lacks, or cannot adapt, are refused by name."""
+    from sparseek.model.lora import check_unquantized
 
     check_unquantized(model)
     rows = AdapterRows(list(adapters))
     rows.adapters = dict(adapters)
     rows._attn_impl = getattr(model, "attn_impl", None)
-    targets = set().union(*(set(cfg["target_modules"]) for cfg, _ in adapters.values())) if adapters else set()
-    for parent, attr, child, q in lora_targets(model, targets):
+    keys = set().union(*(set(state) for _, state in adapters.values())) if adapters else set()
+    used: set[str] = set()
+    for q, child in list(model.named_modules()):
+        if not q:
+            continue
+
         def pair(cfg, state, key_a, key_b):
             if key_a not in state:
                 return None
+            used.update((key_a, key_b))
             return state[key_a].to(child_device(child)), state[key_b].to(child_device(child)), \
                 cfg["lora_alpha"] / cfg["r"]
-        if isinstance(child, Experts):
+        parent_name, attr = q.rpartition(".")[::2]
+        parent = model.get_submodule(parent_name) if parent_name else model
+        if isinstance(child, Experts) and any(f"{q}.lora_A_{w}" in keys for w in ("w1", "w2", "w3")):
             pairs = {w: [pair(cfg, st, f"{q}.lora_A_{w}", f"{q}.lora_B_{w}") for cfg, st in adapters.values()]
                      for w in ("w1", "w2", "w3")}
-            if any(p is not None for ps in pairs.values() for p in ps):
-                setattr(parent, attr, MultiLoRAExperts(child, pairs, rows))
-                rows._undo.append((parent, attr, child))
-        else:
+            setattr(parent, attr, MultiLoRAExperts(child, pairs, rows))
+            rows._undo.append((parent, attr, child))
+        elif isinstance(child, nn.Linear) and f"{q}.lora_A" in keys:
             pairs = [pair(cfg, st, f"{q}.lora_A", f"{q}.lora_B") for cfg, st in adapters.values()]
-            if any(p is not None for p in pairs):
-                setattr(parent, attr, MultiLoRALinear(child, pairs, rows))
-                rows._undo.append((parent, attr, child))
-                if attr == "wkv_b" and hasattr(model, "attn_impl"):
-                    # MLA's absorbed form reads wkv_b as a matrix; the naive form runs it per token
-                    model.attn_impl = "naive"
+            setattr(parent, attr, MultiLoRALinear(child, pairs, rows))
+            rows._undo.append((parent, attr, child))
+            if attr == "wkv_b" and hasattr(model, "attn_impl"):
+                # MLA's absorbed form reads wkv_b as a matrix; the naive form runs it per token
+                model.attn_impl = "naive"
+    if keys - used:
+        detach_adapters(model, rows)
+        left = sorted(keys - used)
+        raise ValueError(f"{len(left)} adapter tensors name no linear layer or expert stack of this model "
+                         f"(e.g. {left[:3]}); serve such adapters merged (--lora / -m)")
 
     def follow_cache(module, args, kwargs):
         # a forward over a cache runs each row with the adapter the cache row holds (Cache.adapter);

@@ -230,6 +230,14 @@ def attend(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK,
     return (o, lse.detach()) if with_lse else o
 
 
+def _plus_delta(y: torch.Tensor, m: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``y`` (= x @ m.weight^T, computed from the weight) plus the rows' LoRA updates where ``m``
+    carries per-row adapters (``sparseek.model.multi_lora``)."""
+    delta = getattr(m, "delta", None)
+    d = None if delta is None else delta(x.to(m.weight.dtype))
+    return y if d is None else y + d.float()
+
+
 class Compressor(nn.Module):
     """Gated pooling of every ``ratio`` tokens into one KV entry (fp32, as DeepSeek runs it).
 
@@ -252,8 +260,8 @@ class Compressor(nn.Module):
     def project(self, x_BTD: torch.Tensor, positions_BT: torch.Tensor):
         x = x_BTD.float()
         with fp32_region():
-            return (F.linear(x, self.wkv.weight.float()),
-                    F.linear(x, self.wgate.weight.float()) + self.ape[positions_BT % self.ratio].float())
+            kv, gate = (_plus_delta(F.linear(x, m.weight.float()), m, x) for m in (self.wkv, self.wgate))
+            return kv, gate + self.ape[positions_BT % self.ratio].float()
 
     def _finish(self, pooled: torch.Tensor, first_pos: torch.Tensor, rotary: Rotary, dtype) -> torch.Tensor:
         entries = self.norm(pooled.to(dtype))

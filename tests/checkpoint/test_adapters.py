@@ -3,6 +3,7 @@ with their base by ``sparseek.load`` / ``LLM`` / the CLI, refused by name when t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -177,12 +178,11 @@ def test_finetune_verb_writes_adapters_that_chat_loads(finetuned, tmp_path, caps
     assert all(torch.equal(a, b) for a, b in zip(stacked.state_dict().values(), by_hand.state_dict().values()))
 
 
-@pytest.mark.parametrize("preset", ["debug", "debug-v3"])
-def test_peft_adapters_merge_to_peft_s_logits(preset, tmp_path):
-    """Adapters trained with PEFT on transformers' DeepSeek model, on its linear layers (attention,
-    compressors and indexers, shared experts, dense MLPs), with rsLoRA scaling and a per-module
-    alpha: merged by sparseek, the logits are PEFT's. On V3, transformers 5 hands PEFT its fused
-    routed-expert tensors for gate/up/down_proj: those adapters merge into every expert too."""
+def _peft_adapters(preset: str, tmp_path, ids):
+    """A random model saved as ``base`` and PEFT adapters trained (randomly) on transformers' copy of
+    it, on its linear layers (attention, compressors and indexers, shared experts, dense MLPs), with
+    rsLoRA scaling and a per-module alpha, saved as ``peft``: (model, PEFT's logits on ``ids``). On
+    V3, transformers 5 hands PEFT its fused routed-expert tensors for gate/up/down_proj."""
     transformers = pytest.importorskip("transformers")
     peft = pytest.importorskip("peft")
     # moe_intermediate_size 16: 2 x 16 != hidden 64, or PEFT cannot tell a fused [E, 2I, D] tensor's in from its out
@@ -200,9 +200,18 @@ def test_peft_adapters_merge_to_peft_s_logits(preset, tmp_path):
                           alpha_pattern={"o_b_proj" if model.args.is_v4 else "o_proj": 3.0, "q_b_proj": 5.0})
     tuned = peft.get_peft_model(hf, cfg).eval()
     with torch.no_grad():
-        want = tuned(_ids()).logits
-        base = model(_ids())
+        want = tuned(ids).logits
     tuned.save_pretrained(tmp_path / "peft")
+    return model, want
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-v3"])
+def test_peft_adapters_merge_to_peft_s_logits(preset, tmp_path):
+    """PEFT's adapters (``_peft_adapters``) merged by sparseek: the logits are PEFT's; on V3 the fused
+    routed-expert adapters merge into every expert too."""
+    model, want = _peft_adapters(preset, tmp_path, _ids())
+    with torch.no_grad():
+        base = model(_ids())
     merged, _ = sparseek.load(str(tmp_path / "base"), dtype="float32", lora=str(tmp_path / "peft"), tokenizer=False)
     with torch.no_grad():
         got = merged(_ids())
@@ -218,6 +227,68 @@ def test_peft_adapters_merge_to_peft_s_logits(preset, tmp_path):
         moe = next(i for i, layer in enumerate(plain.layers) if hasattr(layer.ffn, "experts"))
         for w in ("w1", "w2", "w3"):
             assert not torch.equal(getattr(merged.layers[moe].ffn.experts, w), getattr(plain.layers[moe].ffn.experts, w))
+
+
+@pytest.mark.parametrize("preset", ["debug", "debug-v3"])
+def test_peft_adapters_serve_unmerged_per_row(preset, tmp_path):
+    """The same PEFT adapters kept unmerged beside the base (vLLM's --lora-modules): converted to
+    sparseek's layout, they adapt the compressors (read as weights) and the shared experts too; a
+    row running them gives PEFT's logits (one-shot, chunked prefill + cached decode, V4's fixed-shape
+    step), a row without them the base model's, and the engine's tokens equal the merged model's."""
+    import copy
+
+    from sparseek.checkpoint.adapters import read_adapters
+    from sparseek.model.multi_lora import attach_adapters
+
+    ids = _ids()
+    model, want = _peft_adapters(preset, tmp_path, ids)
+    cfg, state = read_adapters(str(tmp_path / "peft"), model)
+    assert cfg["r"] == cfg["lora_alpha"] == 1  # the scales went into B
+    if model.args.is_v4:  # PEFT's kv_proj / gate_proj also matched the compressors
+        assert any(".compressor.wkv.lora_A" in k for k in state) and any(".compressor.wgate.lora_A" in k for k in state)
+        assert any(".shared_experts.w2.lora_A" in k for k in state)
+    else:
+        assert any(k.endswith("experts.lora_A_w1") for k in state)
+    multi = copy.deepcopy(model)
+    rows = attach_adapters(multi, {"peft": (cfg, state)})
+    rows.slots = torch.tensor([1, 0])
+    both = torch.cat([ids[:1], ids[:1]])  # the same tokens, with and without the adapters
+    with torch.no_grad():
+        got = multi(both)
+        torch.testing.assert_close(got[:1], want[:1], atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(got[1:], model(ids[:1]), atol=1e-5, rtol=1e-5)
+        cache = multi.new_cache(2, 64)
+        cache.adapter[:] = rows.slots
+        steps = [multi(both[:, :15], cache)] + [multi(both[:, t:t + 1], cache) for t in range(15, 24)]
+        torch.testing.assert_close(torch.cat(steps, 1), got, atol=1e-4, rtol=1e-4)
+        if hasattr(multi, "decode_step"):
+            cache = multi.new_cache(2, 64)
+            cache.adapter[:] = rows.slots
+            multi(both[:, :23], cache)
+            torch.testing.assert_close(multi.decode_step(both[:, 23:24], cache), got[:, -1], atol=1e-4, rtol=1e-4)
+    sp = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    llm = LLM(str(tmp_path / "base"), dtype="float32", lora_modules={"peft": str(tmp_path / "peft")})
+    served = llm.generate([[3, 4, 5]], dataclasses.replace(sp, lora="peft"))[0].token_ids
+    assert served == LLM(str(tmp_path / "peft"), dtype="float32").generate([[3, 4, 5]], sp)[0].token_ids
+
+
+def test_adapters_for_modules_the_model_cannot_adapt_unmerged_are_refused(tmp_path):
+    from sparseek.checkpoint.adapters import read_adapters
+    from sparseek.model.multi_lora import attach_adapters
+
+    model = randomize_(build_model(sparseek.preset("debug")), 6).eval()
+    g = torch.Generator().manual_seed(0)
+    n, dim = model.layers[0].ffn.gate.weight.shape
+    # the router is a weight sparseek reads itself, not a linear layer: merge only
+    _write_peft(tmp_path / "router", {"model.layers.0.mlp.gate.lora_A.weight": torch.randn(2, dim, generator=g),
+                                      "model.layers.0.mlp.gate.lora_B.weight": torch.randn(n, 2, generator=g)},
+                target_modules=["gate"])
+    before = [m for m in model.modules()]
+    with pytest.raises(ValueError, match="name no linear layer or expert stack"):
+        attach_adapters(model, {"r": read_adapters(str(tmp_path / "router"), model)})
+    assert [m for m in model.modules()] == before  # nothing left swapped
+    with pytest.raises(ValueError, match="needs the model"):
+        read_adapters(str(tmp_path / "router"))
 
 
 def _write_peft(directory, tensors: dict, **cfg):
