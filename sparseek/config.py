@@ -20,6 +20,7 @@ import copy
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -203,13 +204,18 @@ class ModelArgs:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "ModelArgs":
         path = os.fspath(path)
-        if os.path.isdir(path):
+        folder = path if os.path.isdir(path) else None
+        if folder is not None:
             path = os.path.join(path, "config.json")
         try:
             with open(path, encoding="utf-8") as f:
                 d = json.load(f)
         except FileNotFoundError:
-            raise ConfigError(f"no config.json at {path}") from None
+            hint = ""
+            if folder is not None and any(re.fullmatch(r"model\d+-mp\d+\.safetensors", f) for f in os.listdir(folder)):
+                hint = (" (DeepSeek's inference/convert.py writes none beside its model{i}-mp{N} files: copy the "
+                        "model's config.json or its inference/config.json there)")
+            raise ConfigError(f"no config.json at {path}{hint}") from None
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path} is not valid JSON: {e}") from None
         return cls.from_dict(d)

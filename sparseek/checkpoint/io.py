@@ -37,8 +37,36 @@ class CheckpointError(ValueError):
 
 
 # ---------------------------------------------------------------------------- reading
+# DeepSeek's inference/convert.py writes one file per tensor-parallel rank, model{i}-mp{N}.safetensors
+_MP_FILE = re.compile(r"model(\d+)-mp(\d+)\.safetensors")
+# ... splitting these (by the name's module) along a dim: column-parallel on 0, row-parallel on 1
+_MP_DIMS = {"embed": 0, "head": 0, "wq": 0, "wq_b": 0, "wkv_b": 0, "wo_a": 0, "attn_sink": 0, "weights_proj": 0,
+            "w1": 0, "w3": 0, "wo": 1, "wo_b": 1, "w2": 1}
+
+
+def tensor_parallel_files(path: str) -> list[str] | None:
+    """The rank files of a directory DeepSeek's ``convert.py --model-parallel N`` wrote, in rank
+    order (None: not such a directory); a missing rank is an error that names it."""
+    if not os.path.isdir(path):
+        return None
+    found = {int(m[1]): int(m[2]) for f in os.listdir(path) if (m := _MP_FILE.fullmatch(f))}
+    if not found:
+        return None
+    sizes = set(found.values())
+    if len(sizes) != 1:
+        raise CheckpointError(f"{path} mixes tensor-parallel files of several sizes (mp {sorted(sizes)})")
+    n = sizes.pop()
+    lost = [i for i in range(n) if i not in found]
+    if lost:
+        raise CheckpointError(f"{path} lacks the tensor-parallel files of ranks {lost} (model{{i}}-mp{n}.safetensors)")
+    return [os.path.join(path, f"model{i}-mp{n}.safetensors") for i in range(n)]
+
+
 def tensor_files(path: str) -> dict[str, str]:
-    """tensor name -> file, from an index, a directory of .safetensors, or one file."""
+    """tensor name -> file, from an index, a directory of .safetensors, or one file (for
+    tensor-parallel rank files, the first rank's file holding the name)."""
+    if (ranks := tensor_parallel_files(path)) is not None:
+        return {k: v[0] for k, v in _rank_parts(ranks).items()}
     if os.path.isfile(path):
         files = [path]
         root = os.path.dirname(path)
@@ -72,32 +100,91 @@ def tensor_files(path: str) -> dict[str, str]:
     return out
 
 
+def _rank_parts(ranks: list[str]) -> dict[str, list[str]]:
+    parts: dict[str, list[str]] = defaultdict(list)
+    for fp in ranks:
+        with safe_open(fp, framework="pt") as f:
+            for k in f.keys():
+                parts[k].append(fp)
+    return parts
+
+
 class _Reader:
     def __init__(self, files: dict[str, str]):
         self.files = files
         self._open: dict[str, object] = {}
 
-    def handle(self, name: str):
-        fp = self.files[name]
+    @classmethod
+    def of(cls, path: str) -> "_Reader":
+        ranks = tensor_parallel_files(path)
+        return _Reader(tensor_files(path)) if ranks is None else _RankReader(_rank_parts(ranks))
+
+    def open(self, fp: str):
         if fp not in self._open:
             self._open[fp] = safe_open(fp, framework="pt")
         return self._open[fp]
+
+    def handle(self, name: str):
+        return self.open(self.files[name])
 
     def meta(self, name: str) -> tuple[tuple[int, ...], str]:
         s = self.handle(name).get_slice(name)
         return tuple(s.get_shape()), s.get_dtype()
 
     def get(self, name: str) -> torch.Tensor:
-        return self.handle(name).get_tensor(name)
+        return _fp4_bytes(self.handle(name).get_tensor(name))
 
 
-_QUANT_DTYPES = {"F8_E4M3": "fp8", "I8": "fp4", "U8": "fp4"}
+class _RankReader(_Reader):
+    """DeepSeek's tensor-parallel rank files read as one checkpoint: a routed expert lives in its
+    rank's file under its global name; tensors its ``convert.py`` splits (``_MP_DIMS``) are
+    concatenated back along their dim, unless every rank holds the same copy (versions of the
+    script differ on the shared experts: the weights' first rows decide, a scale follows its weight)."""
+
+    def __init__(self, parts: dict[str, list[str]]):
+        super().__init__({k: v[0] for k, v in parts.items()})
+        self.parts = parts
+        self._dims: dict[str, int | None] = {}
+
+    def split_dim(self, name: str) -> int | None:
+        weight = name[:-len("scale")] + "weight"
+        if name.endswith(".scale") and weight in self.parts:
+            return self.split_dim(weight)  # a scale is split as its weight (its rows could agree by chance)
+        if name not in self._dims:
+            files, dim = self.parts[name], None
+            parts = name.split(".")
+            key = parts[-2] if parts[-1] in ("weight", "scale") and len(parts) > 1 else parts[-1]
+            if len(files) > 1 and key in _MP_DIMS:
+                heads = [_fp4_bytes(self.open(f).get_slice(name)[0:1]) for f in files[:2]]
+                dim = None if torch.equal(heads[0], heads[1]) else _MP_DIMS[key]
+            self._dims[name] = dim
+        return self._dims[name]
+
+    def meta(self, name: str) -> tuple[tuple[int, ...], str]:
+        shape, dt = super().meta(name)
+        if (d := self.split_dim(name)) is not None:
+            shape = (*shape[:d], shape[d] * len(self.parts[name]), *shape[d + 1:])
+        return shape, dt
+
+    def get(self, name: str) -> torch.Tensor:
+        if (d := self.split_dim(name)) is None:
+            return super().get(name)
+        return torch.cat([_fp4_bytes(self.open(f).get_tensor(name)) for f in self.parts[name]], dim=d)
+
+
+def _fp4_bytes(t: torch.Tensor) -> torch.Tensor:
+    """FP4 pairs stored with torch's own dtype (safetensors' F4, as DeepSeek's convert.py writes
+    them) as the int8 bytes the checkpoint layout uses elsewhere."""
+    return t.view(torch.int8) if t.dtype == torch.float4_e2m1fn_x2 else t
+
+
+_QUANT_DTYPES = {"F8_E4M3": "fp8", "I8": "fp4", "U8": "fp4", "F4": "fp4"}
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I64": torch.int64,
                        "I32": torch.int32}
 
 
 def _logical_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
-    if _QUANT_DTYPES.get(dtype) == "fp4":
+    if dtype in ("I8", "U8"):  # two FP4 values a byte (F4 states its shape in values already)
         return (*shape[:-1], shape[-1] * 2)
     return shape
 
@@ -116,7 +203,7 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
     its own experts' bytes."""
     path = os.fspath(path)
     args = args or ModelArgs.from_json(path)
-    reader = _Reader(tensor_files(path))
+    reader = _Reader.of(path)
     with torch.device("meta"):
         model = build_model(args, dtype=dtype)
     expected = {k: v for k, v in model.state_dict().items()}
@@ -252,6 +339,8 @@ def _keep_quantized(model: nn.Module, plan: dict, reader: "_Reader") -> dict[str
 
 def _raw_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:
     """The shape of a checkpoint tensor viewed as bytes."""
+    if dtype == "F4":
+        return (*shape[:-1], shape[-1] // 2)
     size = {"F32": 4, "BF16": 2, "F16": 2}.get(dtype, 1)
     return (*shape[:-1], shape[-1] * size)
 

@@ -219,3 +219,70 @@ def test_half_checkpoints_on_cpus_without_half_products(tmp_path, monkeypatch, c
         caplog.clear()
         kept = sparseek.load(str(tmp_path), dtype="bfloat16", tokenizer=False)[0]
         assert kept.embed.weight.dtype == torch.bfloat16 and "~100x slower" in caplog.text
+
+
+# DeepSeek's convert.py (spec 7.2): these modules' tensors split over ranks, column-parallel on dim 0,
+# row-parallel on dim 1; routed experts by index range; wo_a dequantized to bf16; FP4 experts
+# stored with torch's FP4 dtype, or (--expert-dtype fp8) cast to FP8 with 128 x 128 scales
+_TP_DIMS = {"embed": 0, "wq_b": 0, "wo_a": 0, "head": 0, "attn_sink": 0, "weights_proj": 0, "w1": 0, "w3": 0,
+            "wo_b": 1, "w2": 1}
+
+
+def _tensor_parallel_dir(src, dst, mp: int, n_experts: int, expert_dtype: str = "fp4", split_shared: bool = True):
+    """Write the checkpoint in ``src`` (DeepSeek's names, FP8 / FP4) as DeepSeek's convert.py would
+    for ``mp`` ranks (our own reading of the spec, not DeepSeek's code)."""
+    os.makedirs(dst, exist_ok=True)
+    ranks = [{} for _ in range(mp)]
+    per_rank = n_experts // mp
+    for name, t in _tensors(src).items():
+        if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
+            continue
+        parts = name.split(".")
+        key = parts[-2] if parts[-1] in ("weight", "scale") else parts[-1]
+        routed = ".experts." in name and "shared_experts" not in name
+        dim = None if routed or (not split_shared and "shared_experts" in name) else _TP_DIMS.get(key)
+        for i in range(mp):
+            if routed and not i * per_rank <= int(parts[-3]) < (i + 1) * per_rank:
+                continue
+            ranks[i][name] = t if dim is None else t.chunk(mp, dim)[i].contiguous()
+    for sd in ranks:
+        for name in [n for n in sd if n.endswith("wo_a.weight")]:
+            sd[name] = dequant_fp8(sd[name], sd.pop(name[:-len("weight")] + "scale"), torch.bfloat16)
+        for name in [n for n in sd if sd[n].dtype == torch.int8]:
+            if expert_dtype == "fp8":
+                scale = name[:-len("weight")] + "scale"
+                sd[name], sd[scale] = quant_fp8(dequant_fp4(sd[name], sd[scale], torch.float32),
+                                                scale_dtype=torch.float8_e8m0fnu)
+            else:
+                sd[name] = sd[name].view(torch.float4_e2m1fn_x2)
+    for i, sd in enumerate(ranks):
+        save_file(sd, os.path.join(dst, f"model{i}-mp{mp}.safetensors"))
+
+
+@pytest.mark.parametrize("mp,expert_dtype,split_shared", [(2, "fp4", True), (4, "fp4", False), (2, "fp8", True)])
+def test_deepseeks_tensor_parallel_files_load_as_one_checkpoint(tmp_path, mp, expert_dtype, split_shared):
+    """The output of DeepSeek's inference/convert.py (model{i}-mp{N}.safetensors: split tensors,
+    experts by rank, wo_a in bf16, FP4 experts in torch's FP4 dtype or cast to FP8) loads as the
+    checkpoint it came from: the same logits, dequantized and kept quantized."""
+    # split dims and FP8 blocks that divide into 128-row blocks per rank, as in DeepSeek's models
+    v4 = randomize_(build_model(sparseek.preset("debug", hidden_size=128, head_dim=128, o_lora_rank=256,
+                                                moe_intermediate_size=512, index_head_dim=64)), 11).eval()
+    sparseek.save(v4, tmp_path / "plain")
+    _quantize_dir(tmp_path / "plain", tmp_path / "q", fp4_experts=True, scale_name="scale")
+    _tensor_parallel_dir(tmp_path / "q", tmp_path / "tp", mp, v4.args.n_routed_experts, expert_dtype, split_shared)
+    with pytest.raises(Exception, match="convert.py writes none"):
+        sparseek.load(str(tmp_path / "tp"), dtype=torch.float32, tokenizer=False)
+    (tmp_path / "tp" / "config.json").write_text((tmp_path / "q" / "config.json").read_text())
+    ref, _ = sparseek.load(str(tmp_path / "q"), dtype=torch.float32, tokenizer=False)
+    got, _ = sparseek.load(str(tmp_path / "tp"), dtype=torch.float32, tokenizer=False)
+    kept, _ = sparseek.load(str(tmp_path / "tp"), dtype=torch.float32, tokenizer=False, quantize="stored")
+    with torch.no_grad():
+        want = ref(_ids())
+        assert torch.equal(got(_ids()), want)  # the FP8 cast of FP4 experts is lossless (scales 2^6 apart at most)
+        assert rel_err(kept(_ids()), want) < 1e-5
+    from sparseek.quant.modules import QuantExperts
+
+    assert isinstance(kept.layers[1].ffn.experts, QuantExperts) and kept.layers[1].ffn.experts.fmt == expert_dtype
+    os.remove(tmp_path / "tp" / f"model1-mp{mp}.safetensors")
+    with pytest.raises(CheckpointError, match=r"lacks the tensor-parallel files of ranks \[1\]"):
+        sparseek.load(str(tmp_path / "tp"), dtype=torch.float32, tokenizer=False)
