@@ -221,24 +221,38 @@ def test_half_checkpoints_on_cpus_without_half_products(tmp_path, monkeypatch, c
         assert kept.embed.weight.dtype == torch.bfloat16 and "~100x slower" in caplog.text
 
 
-# DeepSeek's convert.py (spec 7.2): these modules' tensors split over ranks, column-parallel on dim 0,
-# row-parallel on dim 1; routed experts by index range; wo_a dequantized to bf16; FP4 experts
-# stored with torch's FP4 dtype, or (--expert-dtype fp8) cast to FP8 with 128 x 128 scales
-_TP_DIMS = {"embed": 0, "wq_b": 0, "wo_a": 0, "head": 0, "attn_sink": 0, "weights_proj": 0, "w1": 0, "w3": 0,
-            "wo_b": 1, "w2": 1}
+# DeepSeek's convert.py (spec 7.2; V3's version also renames transformers' modules): these modules'
+# tensors split over ranks, column-parallel on dim 0, row-parallel on dim 1; routed experts by index
+# range; V4's wo_a dequantized to bf16; FP4 experts stored with torch's FP4 dtype, or (--expert-dtype
+# fp8) cast to FP8 with 128 x 128 scales
+_TP_DIMS = {"embed": 0, "wq": 0, "wq_b": 0, "wkv_b": 0, "wo_a": 0, "head": 0, "attn_sink": 0, "weights_proj": 0,
+            "w1": 0, "w3": 0, "wo": 1, "wo_b": 1, "w2": 1}
+_V3_NAMES = {"embed_tokens": "embed", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "q_proj": "wq", "q_a_proj": "wq_a", "q_a_layernorm": "q_norm", "q_b_proj": "wq_b",
+             "kv_a_proj_with_mqa": "wkv_a", "kv_a_layernorm": "kv_norm", "kv_b_proj": "wkv_b", "o_proj": "wo",
+             "gate_proj": "w1", "down_proj": "w2", "up_proj": "w3", "lm_head": "head"}
 
 
-def _tensor_parallel_dir(src, dst, mp: int, n_experts: int, expert_dtype: str = "fp4", split_shared: bool = True):
-    """Write the checkpoint in ``src`` (DeepSeek's names, FP8 / FP4) as DeepSeek's convert.py would
-    for ``mp`` ranks (our own reading of the spec, not DeepSeek's code)."""
+def _tensor_parallel_dir(src, dst, mp: int, n_experts: int, expert_dtype: str = "fp4", split_shared: bool = True,
+                         skip_layer: int | None = None):
+    """Write the checkpoint in ``src`` (FP8 / FP4) as DeepSeek's convert.py would for ``mp`` ranks
+    (our own reading of the spec, not DeepSeek's code); ``skip_layer``: V3's MTP layer, which V3's
+    script leaves out."""
     os.makedirs(dst, exist_ok=True)
     ranks = [{} for _ in range(mp)]
     per_rank = n_experts // mp
     for name, t in _tensors(src).items():
+        if skip_layer is not None and f"model.layers.{skip_layer}." in name:
+            continue
+        name = name.removeprefix("model.")
         if name.startswith("mtp.") and ("emb" in name or name.endswith("head.weight")):
             continue
+        name = name.replace("self_attn", "attn").replace("mlp", "ffn").replace("weight_scale_inv", "scale")
+        name = name.replace("e_score_correction_bias", "bias")
         parts = name.split(".")
-        key = parts[-2] if parts[-1] in ("weight", "scale") else parts[-1]
+        at = -2 if parts[-1] in ("weight", "scale", "bias") else -1
+        parts[at] = _V3_NAMES.get(parts[at], parts[at])
+        name, key = ".".join(parts), parts[at]
         routed = ".experts." in name and "shared_experts" not in name
         dim = None if routed or (not split_shared and "shared_experts" in name) else _TP_DIMS.get(key)
         for i in range(mp):
@@ -286,3 +300,25 @@ def test_deepseeks_tensor_parallel_files_load_as_one_checkpoint(tmp_path, mp, ex
     os.remove(tmp_path / "tp" / f"model1-mp{mp}.safetensors")
     with pytest.raises(CheckpointError, match=r"lacks the tensor-parallel files of ranks \[1\]"):
         sparseek.load(str(tmp_path / "tp"), dtype=torch.float32, tokenizer=False)
+
+
+def test_deepseek_v3_tensor_parallel_files(tmp_path, caplog):
+    """V3 / R1's convert.py output (transformers' names renamed to DeepSeek's, weight_scale_inv ->
+    scale, the MTP layer left out): the same logits as the FP8 checkpoint it came from."""
+    # every split dim a multiple of 128 per rank (FP8 blocks), as in DeepSeek's models
+    v3 = randomize_(build_model(sparseek.preset("debug-v3", hidden_size=128, num_attention_heads=16,
+                                                qk_nope_head_dim=48, qk_rope_head_dim=16, v_head_dim=16,
+                                                intermediate_size=512, moe_intermediate_size=512)), 2).eval()
+    sparseek.save(v3, tmp_path / "plain")
+    _quantize_dir(tmp_path / "plain", tmp_path / "q", fp4_experts=False, scale_name="weight_scale_inv")
+    _tensor_parallel_dir(tmp_path / "q", tmp_path / "tp", 2, v3.args.n_routed_experts,
+                         skip_layer=v3.args.num_hidden_layers)
+    with safe_open(str(tmp_path / "tp" / "model0-mp2.safetensors"), "pt") as f:
+        assert "layers.0.attn.wkv_b.scale" in f.keys() and "embed.weight" in f.keys()
+    (tmp_path / "tp" / "config.json").write_text((tmp_path / "q" / "config.json").read_text())
+    ref, _ = sparseek.load(str(tmp_path / "q"), dtype=torch.float32, tokenizer=False)
+    ref.mtp = torch.nn.ModuleList()  # the rank files have no MTP layer: compare the main model
+    got, _ = sparseek.load(str(tmp_path / "tp"), dtype=torch.float32, tokenizer=False)
+    assert "no MTP weights" in caplog.text and not len(got.mtp)
+    with torch.no_grad():
+        assert torch.equal(got(_ids()), ref(_ids()))
