@@ -21,6 +21,7 @@ import logging
 import queue
 import random
 import threading
+import time
 from collections.abc import AsyncIterator, Sequence
 
 from sparseek.engine.llm import LLM, StreamDelta, _delta, _Seq
@@ -45,6 +46,7 @@ class Request:
         self._open = len(seqs)  # completions not finished yet
         self._abort = False  # asked for from any thread; applied by the engine thread
         self.rid: int | None = None  # the mirror's name for it
+        self.submitted = time.monotonic()
         for s in seqs:
             s.sink = self
 
@@ -100,6 +102,9 @@ class AsyncEngine:
         self._thread = threading.Thread(target=self._main, name="sparseek-engine", daemon=True)
         self.steps_failed = 0
         self.aborted = 0  # sequences ended by an abort (readers gone)
+        # called on the engine thread with (request, sequence, delta) for every published delta
+        # (the server's metrics); one that raises is logged, never fails the step
+        self.listeners: list = []
 
     # ------------------------------------------------------------------ public
     def start(self) -> "AsyncEngine":
@@ -229,6 +234,11 @@ class AsyncEngine:
         if delta is None:
             return
         self.aborted += delta.finish_reason == "abort"
+        for listen in self.listeners:
+            try:
+                listen(req, seq, delta)
+            except Exception:
+                log.exception("a delta listener failed")
         if delta.finish_reason is not None and all(s.out.finish_reason is not None for s in req._seqs):
             with self._lock:
                 self._live.discard(req)

@@ -1,6 +1,6 @@
 """An OpenAI-compatible HTTP server over the engine (``sparseek serve``).
 
-Endpoints: ``GET /health``, ``GET /v1/models``, ``POST /v1/completions``, ``POST
+Endpoints: ``GET /health``, ``GET /metrics`` (Prometheus, ``sparseek.serve.metrics``), ``GET /v1/models``, ``POST /v1/completions``, ``POST
 /v1/chat/completions``, ``POST /v1/responses`` (streaming as server-sent events, ``n``, log-probabilities, stop
 sequences, penalties, seeds, tools and reasoning in DeepSeek-V4's chat format). Every request
 joins the engine's running batch between decode steps; a client that disconnects frees its slot
@@ -20,13 +20,14 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from sparseek.engine.async_engine import AsyncEngine, EngineBusy, EngineError
 from sparseek.engine.llm import LLM, StreamDelta
 from sparseek.serve.protocol import (ChatRequest, ChatText, CompletionRequest, RequestError, TokenText, error_body,
                                      new_id, now, usage)
+from sparseek.serve.metrics import ServerMetrics
 from sparseek.serve.responses import ResponsesRequest, ResponseStore, ResponseWriter, response_usage
 from sparseek.tokenizer.chat import THINK_END
 
@@ -45,6 +46,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     if llm.tokenizer is None:
         raise ValueError("serving needs a tokenizer: the model has no tokenizer.json")
     engine = AsyncEngine(llm, max_waiting=max_waiting, mirror=mirror)
+    metrics = ServerMetrics(engine, model_name)
     tokens = TokenText(llm.tokenizer)
     stored = ResponseStore(stored_responses)
     created = now()
@@ -79,6 +81,11 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     @app.get("/health")
     async def health():
         return {"status": "ok", "model": model_name, **engine.load, "steps_failed": engine.steps_failed}
+
+    @app.get("/metrics")  # Prometheus' scrape, unauthenticated as /health (vLLM's too)
+    async def prometheus():
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
 
     # LoRA adapters served per request (LLM(lora_modules=...)): a request names one as its model
     adapters = list(llm.lora_rows.names) if llm.lora_rows is not None else []

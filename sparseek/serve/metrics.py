@@ -1,0 +1,123 @@
+"""``GET /metrics``: the server's state and history in Prometheus' text format (``prometheus_client``).
+
+The names follow vLLM's (``vllm:num_requests_running`` -> ``sparseek:num_requests_running``, ...), so
+dashboards and alerts built for a vLLM deployment need only the prefix changed:
+
+* gauges, read when scraped: requests running (sequences in the batch) and waiting (queued in the
+  engine loop or not yet taken by it), the batch's slots;
+* counters: prompt and generated tokens, finished requests by ``finished_reason`` (stop / length /
+  abort), prompt tokens read from the prefix cache, speculative draft tokens proposed and accepted,
+  engine steps that failed;
+* histograms: time to first token, time per output token after the first, end-to-end latency,
+  prompt and generation lengths per request.
+
+Every sequence is observed on the engine thread as its deltas are published
+(``AsyncEngine.listeners``), so the times are the engine's, not the network's. A request of
+``n`` completions counts once per completion, as vLLM counts them.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+PREFIX = "sparseek:"
+# vLLM's buckets (seconds, tokens), cut to the ranges a single-node server sees
+_TTFT = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0,
+         80.0, 160.0, 640.0)
+_TPOT = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0)
+_E2E = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+        960.0, 1920.0, 7680.0)
+_TOKENS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000, 200000, 500000,
+           1000000)
+
+
+class ServerMetrics:
+    """The metrics of one served model; ``observe`` is the engine's listener."""
+
+    def __init__(self, engine, model_name: str):
+        self.registry = CollectorRegistry()
+        self.engine, self.model_name = engine, model_name
+        lab = ["model_name"]
+
+        def counter(name, doc, extra=()):
+            return Counter(PREFIX + name, doc, lab + list(extra), registry=self.registry)
+
+        def histogram(name, doc, buckets):
+            return Histogram(PREFIX + name, doc, lab, buckets=buckets, registry=self.registry)
+
+        self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of the requests started")
+        self.generation_tokens = counter("generation_tokens", "Tokens generated")
+        self.finished = counter("request_success", "Requests finished, by reason", ["finished_reason"])
+        self.cached_tokens = counter("prefix_cache_hit_tokens", "Prompt tokens restored from the prefix cache")
+        self.drafted = counter("spec_decode_num_draft_tokens", "MTP draft tokens proposed")
+        self.accepted = counter("spec_decode_num_accepted_tokens", "MTP draft tokens accepted")
+        self.ttft = histogram("time_to_first_token_seconds", "Time from submission to the first token", _TTFT)
+        self.tpot = histogram("time_per_output_token_seconds", "Time per output token after the first", _TPOT)
+        self.e2e = histogram("e2e_request_latency_seconds", "Time from submission to the last token", _E2E)
+        self.prompt_len = histogram("request_prompt_tokens", "Prompt tokens per request", _TOKENS)
+        self.gen_len = histogram("request_generation_tokens", "Tokens generated per request", _TOKENS)
+        self.registry.register(_EngineState(self))
+        self._seen: dict[int, float] = {}  # id(seq) -> time of its last token (unfinished sequences)
+        self._lock = threading.Lock()
+        engine.listeners.append(self.observe)
+
+    def observe(self, req, seq, delta) -> None:
+        """One published delta of ``seq`` (a sequence of ``req``), on the engine thread."""
+        now, m = time.monotonic(), self.model_name
+        n = len(delta.token_ids)
+        with self._lock:
+            last = self._seen.get(id(seq))  # when its previous tokens came
+            if last is None and n:  # its first token(s): the prompt was read
+                self.ttft.labels(m).observe(now - req.submitted)
+                self.prompt_tokens.labels(m).inc(len(seq.out.prompt_token_ids))
+                self.cached_tokens.labels(m).inc(seq.out.num_cached_tokens)
+            elif n:  # a speculative step may bring several: each gets its share of the wait
+                for _ in range(n):
+                    self.tpot.labels(m).observe((now - last) / n)
+            if n:
+                self._seen[id(seq)] = now
+                self.generation_tokens.labels(m).inc(n)
+            if delta.finish_reason is not None:
+                self._seen.pop(id(seq), None)
+                out = seq.out
+                self.finished.labels(m, delta.finish_reason).inc()
+                self.e2e.labels(m).observe(now - req.submitted)
+                self.prompt_len.labels(m).observe(len(out.prompt_token_ids))
+                self.gen_len.labels(m).observe(len(out.token_ids))
+                self.drafted.labels(m).inc(out.drafted)
+                self.accepted.labels(m).inc(out.accepted)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text a scrape gets, and its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _EngineState:
+    """Gauges and counters read off the engine at scrape time."""
+
+    def __init__(self, metrics: ServerMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        engine, m = self.metrics.engine, self.metrics.model_name
+        waiting, running = (len(q) for q in engine.llm._queues)
+        load = engine.load
+        for name, doc, value in (
+                ("num_requests_running", "Sequences in the running batch", running),
+                ("num_requests_waiting", "Sequences waiting for a slot (in the engine loop or its inbox)",
+                 waiting + load["queued"]),
+                ("num_batch_slots", "Sequences the batch holds at most (max_batch_size)", engine.max_batch_size)):
+            g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
+            g.add_metric([m], value)
+            yield g
+        c = CounterMetricFamily(PREFIX + "engine_steps_failed", "Engine steps that raised (their requests failed)",
+                                labels=["model_name"])
+        c.add_metric([m], engine.steps_failed)
+        yield c
+
+
+__all__ = ["ServerMetrics", "PREFIX"]

@@ -1,0 +1,82 @@
+"""``GET /metrics``: what the server did, in Prometheus' format -- token counters equal the usage
+the responses reported, one latency observation per completion, gauges back to idle; a listener
+that raises does not fail the engine's step."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparseek.engine import LLM
+from sparseek.serve import build_app
+
+pytest.importorskip("fastapi")
+parser = pytest.importorskip("prometheus_client.parser")
+from fastapi.testclient import TestClient  # noqa: E402
+
+
+def _scrape(client) -> dict:
+    """{(metric sample name, frozenset of its labels): value}."""
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for family in parser.text_string_to_metric_families(r.text):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return out
+
+
+def _value(scrape: dict, name: str, **labels) -> float:
+    key = (f"sparseek:{name}", frozenset({"model_name": "dbg", **labels}.items()))
+    return scrape.get(key, 0.0)
+
+
+def test_metrics_count_what_the_requests_used(model, tok):
+    llm = LLM(model, tok, max_batch_size=4, max_seq_len=256)
+    with TestClient(build_app(llm, "dbg", api_key="k")) as client:
+        before = _scrape(client)  # served without a key, as /health
+        assert _value(before, "num_batch_slots") == 4 and _value(before, "num_requests_running") == 0
+        usage = []
+        ban = {str(i): -100 for i in range(16)}  # no special tokens: every completion runs to its length
+        for body in ({"prompt": ["def f(", "import os\n"], "max_tokens": 7, "temperature": 0, "logit_bias": ban},
+                     {"prompt": "class A:", "max_tokens": 5, "temperature": 0, "n": 2, "seed": 1,
+                      "logit_bias": ban}):
+            r = client.post("/v1/completions", headers={"Authorization": "Bearer k"}, json=body)
+            assert r.status_code == 200, r.text
+            usage.append(r.json()["usage"])
+        r = client.post("/v1/chat/completions", headers={"Authorization": "Bearer k"},
+                        json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "stream": True,
+                              "stream_options": {"include_usage": True}, "logit_bias": ban})
+        chunks = [ln for ln in r.text.split("\n") if ln.startswith("data: {")]
+        usage.append(json.loads(chunks[-1][len("data: "):])["usage"])
+        got = _scrape(client)
+    completions = 2 + 2 + 1
+    assert _value(got, "generation_tokens_total") == sum(u["completion_tokens"] for u in usage)
+    # usage counts a prompt of n completions once; the metrics once per completion (vLLM's way)
+    prompts = usage[0]["prompt_tokens"] + 2 * usage[1]["prompt_tokens"] + usage[2]["prompt_tokens"]
+    assert _value(got, "prompt_tokens_total") == prompts
+    assert _value(got, "request_success_total", finished_reason="length") == completions
+    for hist in ("time_to_first_token_seconds", "e2e_request_latency_seconds", "request_prompt_tokens",
+                 "request_generation_tokens"):
+        assert _value(got, f"{hist}_count") == completions, hist
+    assert _value(got, "request_generation_tokens_sum") == _value(got, "generation_tokens_total")
+    # every token after a completion's first waited for its step
+    assert _value(got, "time_per_output_token_seconds_count") == _value(got, "generation_tokens_total") - completions
+    assert _value(got, "e2e_request_latency_seconds_sum") >= _value(got, "time_to_first_token_seconds_sum") > 0
+    assert _value(got, "num_requests_running") == _value(got, "num_requests_waiting") == 0
+    assert _value(got, "engine_steps_failed_total") == 0
+
+
+def test_a_listener_that_fails_never_fails_the_step(model, tok):
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=128)
+    app = build_app(llm, "dbg")
+    engine = app.state.engine
+
+    def broken(*_):
+        raise RuntimeError("listener bug")
+    engine.listeners.insert(0, broken)
+    with TestClient(app) as client:
+        r = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 3, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+        assert _value(_scrape(client), "generation_tokens_total") == 3  # the metrics listener still ran
