@@ -232,9 +232,6 @@ def cmd_serve(a) -> int:
         if bad:
             raise ValueError(f"--lora-modules takes NAME=DIR pairs, got {bad[0]!r}")
         modules = dict(m.split("=", 1) for m in a.lora_modules)
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ValueError("--lora-modules is not built for expert-sharded ranks (torchrun): serve one process, "
-                             "or merge an adapter into the weights (-m ADAPTER_DIR)")
     llm = _engine(a, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
                   **({"lora_modules": modules} if modules else {}))
     if llm.tokenizer is None:

@@ -221,9 +221,17 @@ def attach_adapters(model: nn.Module, adapters: dict[str, tuple[dict, dict]]) ->
         parent_name, attr = q.rpartition(".")[::2]
         parent = model.get_submodule(parent_name) if parent_name else model
         if isinstance(child, Experts) and any(f"{q}.lora_A_{w}" in keys for w in ("w1", "w2", "w3")):
-            pairs = {w: [pair(cfg, st, f"{q}.lora_A_{w}", f"{q}.lora_B_{w}") for cfg, st in adapters.values()]
+            # a stack holding experts [first, first + n) of the layer (an expert-sharded rank) takes
+            # their pairs; its class may say how it serves adapters (``multi_lora_class``)
+            first, total = getattr(child, "first", 0), getattr(child, "total", None) or child.n
+
+            def part(p):
+                if p is not None and p[0].shape[0] != total:
+                    raise ValueError(f"{q}: adapters for {p[0].shape[0]} experts, the layer has {total}")
+                return None if p is None else (p[0][first:first + child.n], p[1][first:first + child.n], p[2])
+            pairs = {w: [part(pair(cfg, st, f"{q}.lora_A_{w}", f"{q}.lora_B_{w}")) for cfg, st in adapters.values()]
                      for w in ("w1", "w2", "w3")}
-            setattr(parent, attr, MultiLoRAExperts(child, pairs, rows))
+            setattr(parent, attr, getattr(child, "multi_lora_class", MultiLoRAExperts)(child, pairs, rows))
             rows._undo.append((parent, attr, child))
         elif isinstance(child, nn.Linear) and f"{q}.lora_A" in keys:
             pairs = [pair(cfg, st, f"{q}.lora_A", f"{q}.lora_B") for cfg, st in adapters.values()]

@@ -25,6 +25,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sparseek.model.common import Experts, gate_up_view, grouped_ffn
+from sparseek.model.multi_lora import MultiLoRAExperts
 from sparseek.quant.modules import QuantExperts
 
 
@@ -144,6 +145,19 @@ class ShardedExperts(_Sharded, Experts):
             gate_up = torch.cat([experts.w1[sl], experts.w3[sl]], dim=1)
             self.w1, self.w3 = nn.Parameter(gate_up[:, :inter]), nn.Parameter(gate_up[:, inter:])
             self.w2 = nn.Parameter(experts.w2[sl].clone())
+
+
+class ShardedMultiLoRAExperts(_Sharded, MultiLoRAExperts):
+    """This rank's share of a layer's experts with per-row LoRA adapters (``sparseek.model.multi_lora``,
+    attached to a ``ShardedExperts``): each rank adds its own experts' adapted outputs, the
+    all-reduce sums them, as without adapters."""
+
+    def __init__(self, base: "ShardedExperts", pairs, rows):
+        MultiLoRAExperts.__init__(self, base, pairs, rows)
+        self.group, self.total, self.first = base.group, base.total, base.first
+
+
+ShardedExperts.multi_lora_class = ShardedMultiLoRAExperts
 
 
 class ShardedQuantExperts(_Sharded, QuantExperts):

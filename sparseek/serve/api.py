@@ -104,7 +104,8 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
         if not isinstance(name, str) or not name:
             raise RequestError("lora_name must be a non-empty string", "lora_name")
         if mirror is not None:
-            raise RequestError("LoRA adapters per request are not built for expert-sharded ranks", status=400)
+            raise RequestError("loading LoRA adapters while serving is not built for expert-sharded ranks: "
+                               "name them at start (--lora-modules)", status=400)
         return name
 
     @v1.post("/load_lora_adapter")

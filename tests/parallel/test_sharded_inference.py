@@ -204,3 +204,52 @@ def test_sharding_refuses_what_it_cannot_split(tmp_path):
                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert one.returncode == two.returncode == 0, two.stderr
     assert two.stdout == one.stdout and one.stdout.startswith("x = 1")
+
+
+def _lora_run(model, dirs):
+    """Greedy tokens of three prompts, each under another adapter (or none), in one batch."""
+    from sparseek.engine import LLM, SamplingParams
+    from sparseek.tokenizer import default_tokenizer
+
+    llm = LLM(model, default_tokenizer(512), max_batch_size=3, max_seq_len=256, lora_modules=dirs or None)
+    names = ("a", None, "b") if dirs else (None,) * 3
+    sp = [SamplingParams(max_tokens=10, temperature=0, ignore_eos=True, lora=name) for name in names]
+    return [o.token_ids for o in llm.generate(PROMPTS, sp)]
+
+
+def _lora_worker(rank, world, port, out, dirs):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from sparseek.parallel import ShardedMultiLoRAExperts, init_distributed, shard_experts_
+
+    init_distributed()
+    model = shard_experts_(_model())
+    tokens = _lora_run(model, dirs)
+    adapted = [(m.first, m.n, tuple(m.A_w1.shape)) for m in model.modules() if isinstance(m, ShardedMultiLoRAExperts)]
+    with open(os.path.join(out, f"lora{rank}.json"), "w") as f:
+        json.dump({"tokens": tokens, "adapted": adapted}, f)
+    dist.destroy_process_group()
+
+
+def test_lora_adapters_per_request_on_expert_sharded_ranks(tmp_path):
+    """Per-request LoRA adapters (on attention and routed experts) served from two ranks that each
+    keep half of the experts: each rank holds its experts' share of every adapter, and both give the
+    single process's tokens for a batch mixing two adapters and the base model."""
+    from tests.model.test_multi_lora import _adapters
+
+    torch.set_num_threads(1)
+    dirs = _adapters(_model(), tmp_path, [("a", 4, ("wq_a", "wo_b", "experts")), ("b", 2, ("experts",))])
+    ref = _lora_run(_model(), dirs)
+    base = _lora_run(_model(), {})
+    assert ref[1] == base[1] and ref[0] != base[0] and ref[2] != base[2]  # the adapters change their rows
+    mp.start_processes(_lora_worker, args=(2, _free_port(), str(tmp_path), dirs), nprocs=2, join=True,
+                       start_method="spawn")
+    n = _model().args.n_routed_experts
+    for r in range(2):
+        got = json.loads((tmp_path / f"lora{r}.json").read_text())
+        assert got["tokens"] == ref
+        # 3 slots (none, a, b) x this rank's n / 2 experts
+        assert got["adapted"] and all(a[:2] == [r * n // 2, n // 2] and a[2][:2] == [3, n // 2] for a in got["adapted"])

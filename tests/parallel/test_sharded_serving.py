@@ -26,18 +26,18 @@ from sparseek.tokenizer import default_tokenizer
 from tests.conftest import randomize_
 
 
-def _llm():
+def _llm(**kw):
     model = randomize_(build_model(sparseek.preset("debug")), 21).eval()
-    return LLM(model, default_tokenizer(512), max_batch_size=2, max_seq_len=256)  # requests wait for slots
+    return LLM(model, default_tokenizer(512), max_batch_size=2, max_seq_len=256, **kw)  # requests wait for slots
 
 
 class _Pair:
     """Rank 0's engine with a ``Leader`` and a follower engine in a thread, joined by a queue."""
 
-    def __init__(self):
+    def __init__(self, **kw):
         self.channel: queue.SimpleQueue = queue.SimpleQueue()
-        self.engine = AsyncEngine(_llm(), mirror=Leader(self.channel.put))
-        self.follower = _llm()
+        self.engine = AsyncEngine(_llm(**kw), mirror=Leader(self.channel.put))
+        self.follower = _llm(**kw)
         self.seen: dict[int, dict[int, list[int]]] = {}  # rid -> sample -> tokens
         self.finish: dict[int, dict[int, str]] = {}
         self.thread = threading.Thread(target=follow, args=(self.follower, self.channel.get, self._publish))
@@ -117,6 +117,25 @@ def test_follower_runs_rank_0_s_requests_to_the_same_tokens():
         assert aborted.finish_reason == "abort" and p.finish[reqs[3].rid][0] == "abort"
         assert p.seen[reqs[3].rid][0] == aborted.token_ids and len(aborted.token_ids) < 60
         assert later[0] == p.seen[max(p.seen)][0] == _llm().generate(["y ="], plain)[0].token_ids
+
+
+def test_follower_runs_each_request_s_lora_adapter(tmp_path):
+    """Requests naming LoRA adapters (``--lora-modules`` on every rank): the follower runs each with
+    rank 0's adapter, to the same tokens."""
+    from tests.model.test_multi_lora import _adapters
+
+    dirs = _adapters(_llm().model, tmp_path, [("a", 4, ("wq_a", "experts")), ("b", 2, ("experts",))])
+    params = {name: SamplingParams(max_tokens=8, temperature=0, ignore_eos=True, lora=name) for name in ("a", "b", None)}
+    with _Pair(lora_modules=dirs) as p:
+        async def run():
+            reqs = [p.engine.submit([5, 9, 17, 33, 2, 71], params[n]) for n in ("a", None, "b")]
+            return reqs, await asyncio.gather(*[_collect(r) for r in reqs])
+
+        reqs, outs = asyncio.run(run())
+        p.caught_up(3)
+        for r, out in zip(reqs, outs):
+            assert p.seen[r.rid][0] == out[0]
+        assert outs[0][0] != outs[1][0] and outs[2][0] != outs[1][0]  # the adapters were applied
 
 
 def test_failed_steps_start_both_ranks_again():
