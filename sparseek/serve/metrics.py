@@ -4,7 +4,7 @@ The names follow vLLM's (``vllm:num_requests_running`` -> ``sparseek:num_request
 dashboards and alerts built for a vLLM deployment need only the prefix changed:
 
 * gauges, read when scraped: requests running (sequences in the batch) and waiting (queued in the
-  engine loop or not yet taken by it), the batch's slots;
+  engine loop or not yet taken by it), the batch's slots, the share of the cache's positions in use;
 * counters: prompt and generated tokens, finished requests by ``finished_reason`` (stop / length /
   abort), prompt tokens read from the prefix cache, speculative draft tokens proposed and accepted,
   engine steps that failed;
@@ -104,13 +104,19 @@ class _EngineState:
 
     def collect(self):
         engine, m = self.metrics.engine, self.metrics.model_name
-        waiting, running = (len(q) for q in engine.llm._queues)
+        llm = engine.llm
+        waiting_q, running_q = (list(q) for q in llm._queues)
+        waiting, running = len(waiting_q), len(running_q)
         load = engine.load
+        # the cache holds max_seq_len positions a row: the share the running sequences fill
+        used = sum(len(s.out.prompt_token_ids) + len(s.out.token_ids) for s in running_q)
+        usage = used / (llm.max_batch_size * llm.max_seq_len)
         for name, doc, value in (
                 ("num_requests_running", "Sequences in the running batch", running),
                 ("num_requests_waiting", "Sequences waiting for a slot (in the engine loop or its inbox)",
                  waiting + load["queued"]),
-                ("num_batch_slots", "Sequences the batch holds at most (max_batch_size)", engine.max_batch_size)):
+                ("num_batch_slots", "Sequences the batch holds at most (max_batch_size)", engine.max_batch_size),
+                ("kv_cache_usage_perc", "Share of the cache's positions the running sequences fill (0-1)", usage)):
             g = GaugeMetricFamily(PREFIX + name, doc, labels=["model_name"])
             g.add_metric([m], value)
             yield g

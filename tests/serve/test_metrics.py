@@ -65,6 +65,7 @@ def test_metrics_count_what_the_requests_used(model, tok):
     assert _value(got, "time_per_output_token_seconds_count") == _value(got, "generation_tokens_total") - completions
     assert _value(got, "e2e_request_latency_seconds_sum") >= _value(got, "time_to_first_token_seconds_sum") > 0
     assert _value(got, "num_requests_running") == _value(got, "num_requests_waiting") == 0
+    assert _value(got, "kv_cache_usage_perc") == 0
     assert _value(got, "engine_steps_failed_total") == 0
 
 
@@ -80,3 +81,15 @@ def test_a_listener_that_fails_never_fails_the_step(model, tok):
         r = client.post("/v1/completions", json={"prompt": "x = ", "max_tokens": 3, "temperature": 0})
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
         assert _value(_scrape(client), "generation_tokens_total") == 3  # the metrics listener still ran
+
+
+def test_gauges_read_the_engine_when_scraped(model, tok):
+    from types import SimpleNamespace
+
+    llm = LLM(model, tok, max_batch_size=4, max_seq_len=100)
+    app = build_app(llm, "dbg")
+    seq = SimpleNamespace(out=SimpleNamespace(prompt_token_ids=[1] * 30, token_ids=[2] * 10))
+    llm._queues = ([seq, seq, seq], [seq])  # mid-run: three waiting, one running with 40 positions
+    got = _scrape(TestClient(app))  # no lifespan: the engine thread never starts to change them
+    assert _value(got, "num_requests_running") == 1 and _value(got, "num_requests_waiting") == 3
+    assert _value(got, "kv_cache_usage_perc") == 40 / 400
