@@ -222,16 +222,36 @@ def cmd_chat(a) -> int:
     return 0
 
 
+def _lora_modules(a) -> dict[str, str] | None:
+    if not a.lora_modules:
+        return None
+    bad = [m for m in a.lora_modules if "=" not in m or not m.split("=", 1)[0] or not m.split("=", 1)[1]]
+    if bad:
+        raise ValueError(f"--lora-modules takes NAME=DIR pairs, got {bad[0]!r}")
+    return dict(m.split("=", 1) for m in a.lora_modules)
+
+
+def cmd_run_batch(a) -> int:
+    from sparseek.serve.batch import run_batch
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("run-batch runs in one process (serve expert-sharded ranks with torchrun ... serve)")
+    modules = _lora_modules(a)
+    llm = _engine(a, max_batch_size=a.max_batch_size, **({"lora_modules": modules} if modules else {}))
+    if llm.tokenizer is None:
+        raise ValueError(f"{a.model} has no tokenizer.json: batch requests are text, so it needs one")
+    name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
+    res = run_batch(llm, a.input, a.output, model_name=name, thinking=a.thinking)
+    print(f"{res['requests']} requests: {res['succeeded']} succeeded, {res['failed']} failed, {res['invalid']} not "
+          f"requests -> {a.output}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(a) -> int:
     from sparseek.serve import serve
 
     key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
-    modules = None
-    if a.lora_modules:
-        bad = [m for m in a.lora_modules if "=" not in m or not m.split("=", 1)[0] or not m.split("=", 1)[1]]
-        if bad:
-            raise ValueError(f"--lora-modules takes NAME=DIR pairs, got {bad[0]!r}")
-        modules = dict(m.split("=", 1) for m in a.lora_modules)
+    modules = _lora_modules(a)
     llm = _engine(a, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
                   **({"lora_modules": modules} if modules else {}))
     if llm.tokenizer is None:
@@ -432,6 +452,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--thinking", action="store_true",
                    help="chat requests think by default (they can say otherwise: chat_template_kwargs.thinking)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("run-batch", help="run a file of OpenAI Batch API requests offline (JSONL in, JSONL out)")
+    _add_model_args(p)
+    _add_engine_args(p)
+    p.add_argument("-i", "--input", required=True, help='JSONL: {"custom_id", "method": "POST", "url", "body"} a line')
+    p.add_argument("-o", "--output", required=True, help="JSONL of results, in the input's order")
+    p.add_argument("--served-model-name", default=None, help="the model's name in the requests (default: the directory's)")
+    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
+    p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
+                   help="LoRA adapters served unmerged, each under its own model name (a request's 'model' picks one)")
+    p.add_argument("--thinking", action="store_true", help="chat requests think by default")
+    p.set_defaults(fn=cmd_run_batch)
 
     p = sub.add_parser("merge", help="merge LoRA adapters into their base model and write a full checkpoint")
     _add_model_args(p)
