@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from sparseek.config import CSA_RATIO, ModelArgs
-from sparseek.model.qat import FP4Keys, fp8_dequant, fp8_quant
+from sparseek.model.qat import FP4Keys, fp8_dequant, fp8_quant, fp8_rounded
 
 
 FP8_BLOCK = 64
@@ -44,7 +44,7 @@ def fp8_block(n: int) -> int:
 def fp8_round(x: torch.Tensor, n: int) -> torch.Tensor:
     """Round the first ``n`` dims of ``x`` to FP8 e4m3 with one power-of-two scale per 64 values and
     back (DeepSeek's quantization-aware round trip of cached KV); the rest pass unchanged."""
-    return torch.cat([fp8_dequant(*fp8_quant(x[..., :n], fp8_block(n)), x.dtype), x[..., n:]], dim=-1)
+    return torch.cat([fp8_rounded(x[..., :n], fp8_block(n)).to(x.dtype), x[..., n:]], dim=-1)
 
 
 class FP8KV:

@@ -64,6 +64,18 @@ def test_rounding_matches_the_brute_force_reference(fmt):
         fp8_act_round(x, "ue8m0")
 
 
+def test_e4m3_rounding_in_float_equals_the_cast():
+    """The compiler-friendly rounding (bit operations, no FP8 tensor) against torch's own e4m3 cast,
+    over the whole range, the subnormals and every midpoint between neighbouring values (ties)."""
+    from sparseek.model.qat import e4m3_round
+
+    grid = _GRID.float()
+    mid = (grid[1:] + grid[:-1]) / 2
+    q = torch.cat([torch.linspace(-448, 448, 400001), torch.linspace(-2 ** -5, 2 ** -5, 100001), mid, -mid,
+                   mid + 2 ** -20, mid - 2 ** -20])
+    assert torch.equal(e4m3_round(q), q.to(torch.float8_e4m3fn).float())
+
+
 def test_rounding_passes_gradients_straight_through():
     x = torch.randn(3, 256, requires_grad=True)
     y = fp8_act_round(x)
