@@ -133,6 +133,8 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
 def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quantize: str | None, overrides: dict,
           prepare=None):
     device = resolve_device(device)
+    if (gguf_path := _gguf_path(path_or_preset)) is not None:
+        return _load_gguf(gguf_path, dtype, device, tokenizer, quantize, overrides, prepare)
     if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
         from sparseek.checkpoint import load_model
 
@@ -140,15 +142,8 @@ def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quanti
         args = ModelArgs.from_json(root)
         if overrides:
             args = args.replace(**overrides)
-        if dtype is None:
-            dtype = _DTYPES.get(str(args.extra.get("torch_dtype", args.extra.get("dtype", "bfloat16"))), torch.bfloat16)
-            if _slow_half(dtype, device):
-                log.warning("this CPU (%s) has no native %s matrix products (torch runs them ~100x slower): "
-                            "loading in float32; pass dtype=%r to keep it", _cpu(), _name(dtype), _name(dtype))
-                dtype = torch.float32
-        elif _slow_half(dtype, device):
-            log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
-                        "float32 here", _cpu(), _name(dtype))
+        dtype = _checkpoint_dtype(dtype, str(args.extra.get("torch_dtype", args.extra.get("dtype", "bfloat16"))),
+                                  device)
         model = load_model(path_or_preset, dtype=dtype, device=device, args=args, quantized=quantize is not None,
                            prepare=prepare)
         tok = None
@@ -175,6 +170,55 @@ def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quanti
         return model.eval(), tok
     raise FileNotFoundError(f"{path_or_preset!r} is neither a checkpoint directory nor a preset "
                             f"({', '.join(sorted(PRESETS))})")
+
+
+def _checkpoint_dtype(dtype, stored: str, device: torch.device) -> torch.dtype:
+    """``dtype``, or by default the checkpoint's own (float32 where this CPU has no fast half products)."""
+    if dtype is None:
+        dtype = _DTYPES.get(stored, torch.bfloat16)
+        if _slow_half(dtype, device):
+            log.warning("this CPU (%s) has no native %s matrix products (torch runs them ~100x slower): "
+                        "loading in float32; pass dtype=%r to keep it", _cpu(), _name(dtype), _name(dtype))
+            dtype = torch.float32
+    elif _slow_half(dtype, device):
+        log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
+                    "float32 here", _cpu(), _name(dtype))
+    return dtype
+
+
+def _gguf_path(path: str) -> str | None:
+    """The GGUF model ``path`` names: a .gguf file, or a folder of them without config.json."""
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return path
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        from sparseek.checkpoint.gguf import find_gguf
+
+        return find_gguf(path)
+    return None
+
+
+def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: dict, prepare):
+    from sparseek.checkpoint.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
+
+    if quantize == "stored":
+        raise ValueError("quantize='stored' keeps DeepSeek's FP8 / FP4 bytes; a GGUF file's blocks are decoded "
+                         "on load (use 'fp8' or 'fp4' to quantize the decoded weights)")
+    f = GGUFFile(path)
+    stored = "float32" if int(f.meta.get("general.file_type", 1)) == 0 else "bfloat16"
+    model = load_gguf(f, _checkpoint_dtype(dtype, stored, device), device, overrides, prepare)
+    tok = None
+    if tokenizer:
+        from sparseek.tokenizer import Tokenizer
+
+        root = os.path.dirname(os.path.abspath(path))
+        if os.path.exists(os.path.join(root, "tokenizer.json")):  # the original tokenizer, when the user has it
+            tok = Tokenizer.from_dir(root)
+        else:
+            tok = tokenizer_from_gguf(f.meta)
+            if tok is None:
+                log.warning("%s carries no vocabulary: returning tokenizer=None", path)
+    return model.eval(), tok
 
 
 def _slow_half(dtype, device: torch.device) -> bool:

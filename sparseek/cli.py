@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 from dataclasses import replace
 
@@ -287,6 +288,32 @@ def cmd_serve(a) -> int:
     return 0
 
 
+def _size(text: str | None) -> int | None:
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)\s*([KMGT]?)B?", text.strip(), re.IGNORECASE)
+    if not m:
+        raise ValueError(f"size {text!r}: write a number of bytes, or e.g. 500M, 45G")
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2).upper() or " "))
+
+
+def cmd_export_gguf(a) -> int:
+    from sparseek.quant.convert import export_gguf
+
+    res = export_gguf(a.model, a.out, qtype=a.type, lora=a.lora, report=not a.no_report, sources=a.eval_data,
+                      windows=a.eval_windows, seq_len=a.eval_len, split_max_bytes=_size(a.split_max_size))
+    files = res["files"]
+    print(f"{files[0]}{f' (+{len(files) - 1} parts)' if len(files) > 1 else ''}: {res['disk_bytes'] / 1e9:.3f} GB, "
+          f"tensors {res['types']}, {res['seconds']:.1f} s")
+    if "report" in res:
+        r = res["report"]
+        print(f"read back vs original on {r['tokens']} tokens ({r['data']}): KL mean {r['kl_mean']:.5f} "
+              f"p99 {r['kl_p99']:.5f} nats, top-1 agreement {r['top1_agreement']:.1%}, "
+              f"ppl {r['ppl_ref']:.3f} -> {r['ppl_quant']:.3f}")
+    print(f"run it with llama.cpp (llama-cli -m {files[0]}) or sparseek (sparseek chat -m {files[0]})")
+    return 0
+
+
 def cmd_quantize(a) -> int:
     from sparseek.quant.convert import quantize_checkpoint
 
@@ -487,6 +514,23 @@ def main(argv: list[str] | None = None) -> int:
                         "products rounded to FP8 (1x128 blocks)")
     p.add_argument("--device", default="cpu")
     p.set_defaults(fn=cmd_quantize)
+
+    from sparseek.checkpoint.gguf import GGUF_TYPES
+
+    p = sub.add_parser("export-gguf", help="write a DeepSeek V2/V3 model as a GGUF file for llama.cpp, with a quality report")
+    p.add_argument("model", help="checkpoint directory or preset name (V2 / V3 / R1 family)")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--type", default="q8_0", choices=GGUF_TYPES,
+                   help="tensor type (1-D tensors and the router stay f32, the output head at least q8_0)")
+    p.add_argument("--lora", nargs="+", default=None, help="LoRA adapter directories merged in first")
+    p.add_argument("--split-max-size", default=None,
+                   help="split into parts of at most this size (e.g. 45G; llama.cpp loads the first part)")
+    p.add_argument("--eval-data", nargs="+", default=None,
+                   help="text to compare the models on (default: the Python standard library)")
+    p.add_argument("--eval-windows", type=int, default=4)
+    p.add_argument("--eval-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--no-report", action="store_true", help="skip reading the file back and comparing")
+    p.set_defaults(fn=cmd_export_gguf)
 
     from sparseek.evals.cli import add_eval_parser
 

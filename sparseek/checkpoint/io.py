@@ -260,13 +260,8 @@ def load_model(path: str, dtype: torch.dtype = torch.bfloat16, device: str | tor
                 bad_shape.append(f"{n}: checkpoint {list(shape)} ({dt}), model expects {list(want)}")
             if dt in _QUANT_DTYPES and not any(tt.part == "scale" and tt.expert == t.expert for tt, _ in entries):
                 missing.append(f"{n}: quantized ({dt}) but its .scale / .weight_scale_inv is missing")
-    problems = []
-    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
-        if items:
-            shown = "\n    ".join(items[:30]) + (f"\n    ... and {len(items) - 30} more" if len(items) > 30 else "")
-            problems.append(f"  {len(items)} {title}:\n    {shown}")
-    if problems:
-        raise CheckpointError(f"checkpoint at {path} does not match the model:\n" + "\n".join(problems))
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(report_problems(f"checkpoint at {path}", missing, unexpected, bad_shape))
 
     state: dict[str, torch.Tensor] = {}
     source_dtypes: dict[str, torch.dtype] = {}
@@ -335,6 +330,16 @@ def _keep_quantized(model: nn.Module, plan: dict, reader: "_Reader") -> dict[str
                     continue
                 raw[f"{full}.weight"], raw[f"{full}.scale"] = (f"{full}.weight", "weight"), (f"{full}.weight", "scale")
     return raw
+
+
+def report_problems(what: str, missing: list[str], unexpected: list[str], bad_shape: list[str]) -> str:
+    """One message listing every mismatch between a checkpoint and the model (30 of each kind)."""
+    problems = []
+    for title, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", bad_shape)):
+        if items:
+            shown = "\n    ".join(items[:30]) + (f"\n    ... and {len(items) - 30} more" if len(items) > 30 else "")
+            problems.append(f"  {len(items)} {title}:\n    {shown}")
+    return f"{what} does not match the model:\n" + "\n".join(problems)
 
 
 def _raw_shape(shape: tuple[int, ...], dtype: str) -> tuple[int, ...]:

@@ -125,3 +125,28 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
             f.write("\n")
     out["seconds"] = time.perf_counter() - t0
     return out
+
+
+def export_gguf(src: str, dst: str, qtype: str = "q8_0", lora=None, report: bool = True, sources=None,
+                windows: int = 4, seq_len: int = 256, split_max_bytes: int | None = None) -> dict:
+    """``sparseek export-gguf``: write the V2/V3-family checkpoint (or preset) ``src`` as the GGUF
+    file ``dst`` for llama.cpp, and with ``report`` read the file back and compare it with the
+    original on the same tokens (what llama.cpp's users would see of the quantization)."""
+    import sparseek
+    from sparseek.checkpoint.gguf import load_gguf, save_gguf
+
+    t0 = time.perf_counter()
+    model, tok = sparseek.load(src, dtype="float32", lora=lora)
+    out: dict = {"source": src, "type": qtype}
+    if report:
+        wins, origin = eval_windows(tok, model.args.vocab_size, sources, windows, seq_len)
+        ref = next_token_logprobs(model, wins)
+    res = save_gguf(model, dst, tokenizer=tok, qtype=qtype, split_max_bytes=split_max_bytes)
+    out.update(files=res["files"], disk_bytes=sum(os.path.getsize(f) for f in res["files"]),
+               types={t: sum(1 for v in res["types"].values() if v == t) for t in sorted(set(res["types"].values()))})
+    if report:
+        del model
+        back = load_gguf(res["files"][0], dtype=torch.float32).eval()
+        out["report"] = {"data": origin, **compare(ref, next_token_logprobs(back, wins), wins)}
+    out["seconds"] = time.perf_counter() - t0
+    return out

@@ -1,0 +1,271 @@
+"""sparseek's GGUF files against llama.cpp itself: the same file run by both, logits and tokens compared.
+
+    pip install llama-cpp-python   # builds llama.cpp (a few minutes); not a sparseek dependency
+    python benchmarks/gguf_llamacpp.py --llama-cpp-src PATH --out benchmarks/results/cpu-gguf-llamacpp.txt
+
+0. With ``--llama-cpp-src`` (a llama.cpp checkout, e.g. the one vendored in llama-cpp-python's
+   sdist): llama.cpp's own converter (convert_hf_to_gguf.py) turns the checkpoint sparseek saves
+   into GGUF, and sparseek's export of the same model is compared with it tensor by tensor (type
+   and bytes) and key by key.
+1. Export (``sparseek.checkpoint.gguf.save_gguf``) V3- and V2-shaped models (random weights, scaled
+   so the logits spread over several nats) in F32, F16, Q8_0 and Q4_0, load each file in llama.cpp
+   and in sparseek, and compare next-token logits on the same ids: max |difference| relative to the
+   logits' spread, top-1 agreement, and KL(llama.cpp || sparseek).
+2. Import: llama.cpp's own quantizer (``llama_model_quantize``) turns the F32 file into Q4_K_M and
+   Q6_K (block formats sparseek cannot write); sparseek reads those and is compared with llama.cpp
+   on them the same way.
+3. Tokenizers: for each pre-tokenizer sparseek writes (gpt-2, deepseek-v3 with DeepSeek's real
+   129,280-token vocabulary, deepseek-llm), llama.cpp's tokenization of varied text is compared with
+   sparseek's tokenizer rebuilt from the same file.
+llama.cpp computes in its own order (its KV cache in F16, its own matmul kernels), so F32 files
+agree to ~1e-3 of the logit spread, not bit for bit. llama.cpp's CPU "extra" weight buffers are
+switched off (see ``_no_extra_buffers``: with them this llama.cpp aborts on any DeepSeek file whose
+attn_k_b is not F32, its converter's own files included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import os
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import sparseek
+from sparseek.checkpoint.gguf import GGUFFile, save_gguf
+
+try:
+    import llama_cpp
+except ImportError:
+    sys.exit("this benchmark needs llama.cpp's Python binding: pip install llama-cpp-python")
+
+TEXTS = [
+    "def foo(x):\n    return x + 1  # héllo wörld\n\n\tclass Bar:  pass",
+    "DeepSeek-V3 的混合专家模型有 256 个路由专家和 1 个共享专家。日本語のテキスト、カタカナ、ひらがな。",
+    "  multiple   spaces\t\ttabs\r\nwindows line 1234567890 3.14159 -42 1e-9 ",
+    "Emoji 🤖🚀 and symbols ©®™ → ∑∫√ «quotes» „more“ ‘single’",
+    "Ελληνικά, русский текст, עברית, العربية, हिन्दी, 한국어 텍스트",
+    "URL https://example.com/a?b=c&d=e#f, email a.b@c.de, path C:\\Users\\x",
+    "I'm you're we've they'll she'd IT'S DON'T",
+    "<｜begin▁of▁sentence｜>User: hi<｜end▁of▁sentence｜>",
+]
+
+
+def _texts() -> list[str]:
+    from sparseek.tokenizer.tokenizer import stdlib_texts
+
+    out = list(TEXTS)
+    for text in stdlib_texts(max_bytes=200_000):
+        out.extend(text[i:i + 2000] for i in range(0, min(len(text), 20_000), 2000))
+    return out
+
+
+def _scaled(name: str, **overrides):
+    """A preset with weights scaled up so the logits spread (random init gives near-uniform ones)."""
+    model, tok = sparseek.load(name, **overrides)
+    with torch.no_grad():
+        model.head.weight.mul_(8.0)
+    return model, tok
+
+
+def _no_extra_buffers() -> None:
+    """llama.cpp's CPU "extra" weight buffers (AMX / repacked layouts, used on this machine's CPU)
+    take the 3-D attn_k_b weight but cannot run its batched product, and llama.cpp aborts
+    (GGML_ASSERT(*cur_backend_id != -1)) on any file where attn_k_b is not F32, its own converter's
+    included. Plain CPU buffers run everything; llama-cpp-python does not expose the switch."""
+    import llama_cpp.llama_cpp as low
+
+    default = low.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = params
+
+
+def _llama(path: str, n_ctx: int = 256) -> "llama_cpp.Llama":
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=2,
+                           n_batch=n_ctx, n_ubatch=n_ctx)
+
+
+def _isolated(fn, *args):
+    """Run ``fn`` in a child process: a GGML_ASSERT in llama.cpp aborts the process it runs in."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as ex:
+        try:
+            return ex.submit(fn, *args).result()
+        except cf.process.BrokenProcessPool:
+            return None
+
+
+def _compare(path: str, ids: list[int]) -> dict:
+    llm = _llama(path)
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    t_ll = time.perf_counter() - t0
+    ref = np.array(llm.scores[:len(ids)], dtype=np.float64)
+    model, _ = sparseek.load(path, dtype="float32", tokenizer=False)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        ours = model(torch.tensor([ids]))[0].double().numpy()
+    t_sk = time.perf_counter() - t0
+    spread = ref.std()
+    lp_ref = ref - np.logaddexp.reduce(ref, axis=-1, keepdims=True)
+    lp_ours = ours - np.logaddexp.reduce(ours, axis=-1, keepdims=True)
+    kl = (np.exp(lp_ref) * (lp_ref - lp_ours)).sum(-1)
+    del llm
+    return {"rel_max_diff": float(np.abs(ref - ours).max() / spread), "logit_std": float(spread),
+            "top1": float((ref.argmax(-1) == ours.argmax(-1)).mean()), "kl_mean": float(kl.mean()),
+            "kl_max": float(kl.max()), "llama_s": t_ll, "sparseek_s": t_sk}
+
+
+def _quantize_with_llama_cpp(src: str, dst: str, ftype: int) -> None:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 2
+    rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize failed ({rc})")
+
+
+def _tokenize(path: str, texts: list[str]) -> tuple[int, int, list[str]]:
+    llm = llama_cpp.Llama(model_path=path, vocab_only=True, verbose=False)
+    _, tok = sparseek.load(path, dtype="float32")
+    same, bad = 0, []
+    for t in texts:
+        a = llm.tokenize(t.encode(), add_bos=False, special=True)
+        b = tok.encode(t)
+        if a == b:
+            same += 1
+        else:
+            bad.append(repr(t[:60]))
+    return same, len(texts), bad
+
+
+_CONVERT = """
+import os, runpy, sys
+root = sys.argv.pop(1)
+sys.path[:0] = [os.path.join(root, "gguf-py"), root]
+import conversion.base as base
+# the converter recognises tokenizers by a hash of known ones; sparseek's byte-level BPE is GPT-2's
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+runpy.run_path(os.path.join(root, "convert_hf_to_gguf.py"), run_name="__main__")
+"""
+
+
+def _converter_diff(src: str, name: str, qtype: str, tmp: str) -> str:
+    import subprocess
+
+    model, tok = sparseek.load(name)
+    hf = os.path.join(tmp, f"{name}-hf")
+    sparseek.save(model, hf, tokenizer=tok)
+    theirs, ours = os.path.join(tmp, f"{name}-conv-{qtype}.gguf"), os.path.join(tmp, f"{name}-ours-{qtype}.gguf")
+    proc = subprocess.run([sys.executable, "-c", _CONVERT, src, hf, "--outtype", qtype,
+                           "--outfile", theirs], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return f"{name} {qtype}: the converter failed: {proc.stderr.strip().splitlines()[-1]}"
+    save_gguf(model, ours, tokenizer=tok, qtype=qtype)
+    a, b = GGUFFile(ours), GGUFFile(theirs)
+    differ = [n for n in b.tensors if n not in a.tensors or a.type_name(n) != b.type_name(n)
+              or not np.array_equal(np.asarray(a.tensors[n].data), np.asarray(b.tensors[n].data))]
+    extra = sorted(set(a.tensors) - set(b.tensors))
+    cosmetic = {"general.name", "general.size_label", "general.type"}
+    keys = sorted(k for k in set(a.meta) | set(b.meta) if k not in cosmetic and a.meta.get(k) != b.meta.get(k))
+    return (f"{name:<9} {qtype:<5} {len(b.tensors)} tensors: {len(b.tensors) - len(differ)} identical in type and bytes"
+            + (f", differ: {differ[:4]}" if differ else "") + (f", only ours: {extra[:4]}" if extra else "")
+            + f"; metadata keys differing: {keys if keys else 'none'} (ignoring {', '.join(sorted(cosmetic))})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default=None, help="also write the report here")
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--llama-cpp-src", default=None, help="a llama.cpp source tree: compare with its converter")
+    a = ap.parse_args()
+    lines: list[str] = []
+
+    def say(s: str = "") -> None:
+        print(s, flush=True)
+        lines.append(s)
+
+    _no_extra_buffers()
+    say(f"llama-cpp-python {llama_cpp.__version__}; sparseek {sparseek.__version__}; torch {torch.__version__}")
+    say("command: python benchmarks/gguf_llamacpp.py" + (" --llama-cpp-src SRC" if a.llama_cpp_src else "")
+        + (f" --out {a.out}" if a.out else ""))
+    tmp = tempfile.mkdtemp(prefix="gguf-bench-")
+    if a.llama_cpp_src:
+        say("\n== export vs llama.cpp's converter (convert_hf_to_gguf.py) on the same checkpoint ==")
+        for name in ("debug-v3", "debug-v2"):
+            for qtype in ("f32", "f16", "bf16", "q8_0"):
+                say(_converter_diff(a.llama_cpp_src, name, qtype, tmp))
+    g = torch.Generator().manual_seed(0)
+    # V2's layout without q_lora_rank: llama.cpp tells V2-Lite by its 27 layers
+    families = [("V3 (debug-v3: q_lora, sigmoid + bias, 4 groups, yarn)", "debug-v3", {}),
+                ("V2-Lite shape (debug-v2 at 27 layers: no q_lora, softmax, yarn)", "debug-v2", {"num_hidden_layers": 27})]
+    say("\n== export: the same GGUF file in llama.cpp and in sparseek ==")
+    say(f"{'model':<64} {'type':<7} {'max|d|/std':>10} {'top-1':>7} {'KL mean':>9} {'KL max':>9}")
+    for title, name, over in families:
+        model, tok = _scaled(name, **over)
+        ids = torch.randint(0, model.args.vocab_size, (a.tokens,), generator=g).tolist()
+        for qtype in ("f32", "f16", "q8_0", "q4_0"):
+            path = os.path.join(tmp, f"{name}-{qtype}.gguf")
+            save_gguf(model, path, tokenizer=tok, qtype=qtype)
+            r = _isolated(_compare, path, ids)
+            if r is None:
+                say(f"{title:<64} {qtype:<7} llama.cpp aborts")
+                continue
+            say(f"{title:<64} {qtype:<7} {r['rel_max_diff']:>10.2e} {r['top1']:>7.1%} {r['kl_mean']:>9.2e} "
+                f"{r['kl_max']:>9.2e}")
+        if name == "debug-v3":
+            say("\n== import: files quantized by llama.cpp (K-quants), read by sparseek ==")
+            f32 = os.path.join(tmp, f"{name}-f32.gguf")
+            for label, ftype in (("Q4_K_M", 15), ("Q6_K", 18), ("Q2_K", 10)):
+                path = os.path.join(tmp, f"{name}-{label}.gguf")
+                _quantize_with_llama_cpp(f32, path, ftype)
+                f = GGUFFile(path)
+                kinds = sorted({f.type_name(n) for n in f.tensors})
+                r = _isolated(_compare, path, ids)
+                if r is None:
+                    say(f"{title[:40]:<40} {label:<7} llama.cpp aborts")
+                    continue
+                say(f"{title[:40]:<40} {label:<7} types {','.join(kinds):<22} max|d|/std {r['rel_max_diff']:.2e} "
+                    f"top-1 {r['top1']:.1%} KL mean {r['kl_mean']:.2e}")
+            say("")
+    say("\n== tokenizers: llama.cpp's tokenization vs sparseek's rebuilt from the same file ==")
+    texts = _texts()
+    from sparseek.tokenizer import deepseek_v4
+
+    model, tok = sparseek.load("debug-v3")
+    cases = [("gpt-2 (sparseek's byte-level BPE)", model, tok)]
+    big, _ = sparseek.load("debug-v3", vocab_size=129280, tokenizer=False)
+    cases.append(("deepseek-v3 (DeepSeek's 129,280-token vocabulary)", big, deepseek_v4()))
+    from sparseek.checkpoint.gguf import _DEEPSEEK_LLM_SPLITS
+    from tokenizers import Regex, Tokenizer, pre_tokenizers
+
+    v2 = Tokenizer.from_str(tok.tk.to_str())
+    v2.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(s), behavior="isolated")
+                                                for s in _DEEPSEEK_LLM_SPLITS]
+                                               + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    from sparseek.tokenizer import Tokenizer as SkTokenizer
+
+    cases.append(("deepseek-llm (V2's pre-tokenizer on sparseek's vocabulary)", model, SkTokenizer(v2)))
+    for title, m, t in cases:
+        path = os.path.join(tmp, "tok.gguf")
+        save_gguf(m, path, tokenizer=t, qtype="f32")
+        same, n, bad = _tokenize(path, texts)
+        say(f"{title:<60} {same}/{n} texts tokenized identically" + (f"; differ: {', '.join(bad[:5])}" if bad else ""))
+    if a.out:
+        with open(a.out, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

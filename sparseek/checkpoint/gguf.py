@@ -1,0 +1,602 @@
+"""GGUF, llama.cpp's one-file format: read and write the DeepSeek V2 / V3 / R1 family.
+
+The community publishes DeepSeek V3 / R1 quantizations as GGUF (architecture ``deepseek2``, often
+split into ``-00001-of-0000N.gguf`` parts). ``load_gguf`` builds the model such a file describes and
+decodes each tensor, of any type gguf-py decodes (Q4_K, Q6_K, IQ2_XXS, ...), into the compute dtype;
+its tokenizer comes from the file's vocabulary. ``save_gguf`` writes a sparseek V2/V3-family model
+for llama.cpp in the types gguf-py encodes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+
+What llama.cpp's converter (convert_hf_to_gguf.py) does to DeepSeek, and so what this module undoes:
+* ``kv_b_proj`` is split per head into ``attn_k_b`` [H, kv_lora, nope] (transposed: absorbed
+  attention multiplies by it directly) and ``attn_v_b`` [H, v, kv_lora]; older files keep one
+  ``attn_kv_b`` (and no ``key_length_mla``);
+* routed experts are stacked, ``ffn_{gate,up}_exps`` [E, I, D] and ``ffn_down_exps`` [E, D, I]: our layout;
+* the rope dims are not permuted (llama.cpp's "NORM" rope rotates adjacent pairs, as DeepSeek's own code);
+* the MTP layer is dropped, so a model read from GGUF has none (speculative decoding needs safetensors);
+* YaRN's ``mscale_all_dim`` is written as ``yarn_log_multiplier`` = 0.1 * mscale_all_dim, and
+  ``mscale`` is not written (llama.cpp takes the two as equal, which DeepSeek's configs are).
+Weights are not kept in GGUF's block formats in memory: sparseek has no kernels for them, so a
+Q4_K file costs the memory of its dequantized weights (``quantize="fp8"|"fp4"`` shrinks it again).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+
+import numpy as np
+import torch
+from torch import nn
+
+from sparseek.checkpoint.io import CheckpointError, report_problems
+from sparseek.config import V2, V3, ModelArgs
+from sparseek.model import build_model
+from sparseek.model.common import Experts
+
+log = logging.getLogger("sparseek")
+ARCH = "deepseek2"
+
+# model tensor (inside layer L) -> GGUF tensor (inside blk.L); wkv_b is two GGUF tensors, see above
+_GLOBAL = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "head.weight": "output.weight"}
+_LAYER = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn.wq.weight": "attn_q.weight",
+    "attn.wq_a.weight": "attn_q_a.weight",
+    "attn.q_norm.weight": "attn_q_a_norm.weight",
+    "attn.wq_b.weight": "attn_q_b.weight",
+    "attn.wkv_a.weight": "attn_kv_a_mqa.weight",
+    "attn.kv_norm.weight": "attn_kv_a_norm.weight",
+    "attn.wo.weight": "attn_output.weight",
+    "ffn_norm.weight": "ffn_norm.weight",
+    "ffn.w1.weight": "ffn_gate.weight",
+    "ffn.w3.weight": "ffn_up.weight",
+    "ffn.w2.weight": "ffn_down.weight",
+    "ffn.gate.weight": "ffn_gate_inp.weight",
+    "ffn.gate.bias": "exp_probs_b.bias",
+    "ffn.experts.w1": "ffn_gate_exps.weight",
+    "ffn.experts.w3": "ffn_up_exps.weight",
+    "ffn.experts.w2": "ffn_down_exps.weight",
+    "ffn.shared_experts.w1.weight": "ffn_gate_shexp.weight",
+    "ffn.shared_experts.w3.weight": "ffn_up_shexp.weight",
+    "ffn.shared_experts.w2.weight": "ffn_down_shexp.weight",
+}
+_KV_B = "attn.wkv_b.weight"
+_SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
+
+
+def _gguf():
+    try:
+        import gguf
+    except ImportError as e:  # a runtime dependency; only a broken install lacks it
+        raise ImportError("GGUF files need the `gguf` package (pip install gguf)") from e
+    return gguf
+
+
+# ---------------------------------------------------------------------------- reading
+class GGUFFile:
+    """One GGUF model, possibly split into parts: its metadata and its tensors (memory-mapped)."""
+
+    def __init__(self, path: str):
+        gguf = _gguf()
+        self.path = os.fspath(path)
+        self.parts = split_parts(self.path)
+        self.meta: dict = {}
+        self.tensors: dict = {}
+        for i, part in enumerate(self.parts):
+            try:
+                reader = gguf.GGUFReader(part)
+            except (ValueError, OSError, IndexError) as e:
+                raise CheckpointError(f"{part} is not a readable GGUF file: {e}") from None
+            if i == 0:
+                self.meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+            for t in reader.tensors:
+                self.tensors[t.name] = t
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in reversed(self.tensors[name].shape.tolist()))  # GGUF lists dims innermost first
+
+    def type_name(self, name: str) -> str:
+        return self.tensors[name].tensor_type.name
+
+    def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
+        """The tensor decoded to float32 (``rows``: a slice of its outermost dim, e.g. some experts)."""
+        gguf = _gguf()
+        t = self.tensors[name]
+        data = t.data if rows is None else t.data[rows]
+        arr = np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
+        return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors come back memory-mapped
+
+
+def split_parts(path: str) -> list[str]:
+    """The files of a split model, given its first part (``name-00001-of-00003.gguf``), else [path]."""
+    m = _SPLIT.match(os.path.basename(path))
+    if not m:
+        return [path]
+    if int(m.group(2)) != 1:
+        raise CheckpointError(f"{path} is part {int(m.group(2))} of a split GGUF model: load its first part, "
+                              f"{m.group(1)}-00001-of-{m.group(3)}.gguf")
+    n = int(m.group(3))
+    parts = [os.path.join(os.path.dirname(path), f"{m.group(1)}-{i:05d}-of-{m.group(3)}.gguf") for i in range(1, n + 1)]
+    lost = [p for p in parts if not os.path.isfile(p)]
+    if lost:
+        raise CheckpointError(f"split GGUF model {path}: {len(lost)} of its {n} parts are missing: "
+                              + ", ".join(os.path.basename(p) for p in lost))
+    return parts
+
+
+def find_gguf(directory: str) -> str | None:
+    """The GGUF model in a folder without config.json (one file, or the first part of a split one)."""
+    names = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
+    firsts = [f for f in names if not _SPLIT.match(f) or int(_SPLIT.match(f).group(2)) == 1]
+    if not firsts:
+        return None
+    if len(firsts) > 1:
+        raise CheckpointError(f"{directory} holds several GGUF models ({', '.join(firsts)}): name one file")
+    return os.path.join(directory, firsts[0])
+
+
+def args_from_gguf(meta: dict, tensors) -> ModelArgs:
+    """ModelArgs from a deepseek2 GGUF's metadata (``tensors``: its tensor names, which tell a few
+    things the metadata does not: the router's bias, a separate output head)."""
+    arch = meta.get("general.architecture")
+    if arch != ARCH:
+        raise CheckpointError(f"GGUF architecture {arch!r} is not DeepSeek's {ARCH!r} (V2, V3, R1 and their "
+                              "fine-tunes); sparseek reads no other")
+    missing = object()
+
+    def key(name, default=missing):
+        v = meta.get(f"{ARCH}.{name}", default)
+        if v is missing:
+            raise CheckpointError(f"GGUF metadata {ARCH}.{name} is missing")
+        return v
+
+    rope = int(key("rope.dimension_count"))
+    nope_mla, v_mla = key("attention.key_length_mla", None), key("attention.value_length_mla", None)
+    if nope_mla is None:  # files from before the k_b / v_b split: key_length = nope + rope per head
+        nope, v = int(key("attention.key_length")) - rope, int(key("attention.value_length"))
+    else:
+        nope, v = int(nope_mla) - rope, int(v_mla)
+    sigmoid = int(key("expert_gating_func", 1)) == 2  # llama.cpp's default for V2 files: softmax
+    n_group = int(key("expert_group_count", 1) or 1)
+    heads = int(key("attention.head_count"))
+    layers = int(key("block_count"))
+    first_moe = int(key("leading_dense_block_count", 0))
+    biased = f"blk.{first_moe}.exp_probs_b.bias" in tensors
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = int(key("vocab_size", len(tokens) if tokens else 0))
+    if not vocab:
+        raise CheckpointError(f"GGUF metadata has neither {ARCH}.vocab_size nor tokenizer.ggml.tokens")
+    q_rank = key("attention.q_lora_rank", None)
+    d = {
+        "model_type": V3 if sigmoid else V2,
+        "vocab_size": vocab,
+        "hidden_size": int(key("embedding_length")),
+        "intermediate_size": int(key("feed_forward_length")),
+        "moe_intermediate_size": int(key("expert_feed_forward_length")),
+        "num_hidden_layers": layers,
+        "first_k_dense_replace": first_moe,
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "q_lora_rank": int(q_rank) if q_rank else None,
+        "kv_lora_rank": int(key("attention.kv_lora_rank")),
+        "qk_nope_head_dim": nope,
+        "qk_rope_head_dim": rope,
+        "v_head_dim": v,
+        "n_routed_experts": int(key("expert_count")),
+        "n_shared_experts": int(key("expert_shared_count", 1)),
+        "num_experts_per_tok": int(key("expert_used_count")),
+        "n_group": n_group,
+        "topk_group": int(key("expert_group_used_count", 1) or 1),
+        "topk_method": "noaux_tc" if biased else ("group_limited_greedy" if n_group > 1 else "greedy"),
+        "scoring_func": "sigmoid" if sigmoid else "softmax",
+        "norm_topk_prob": bool(key("expert_weights_norm", False)),
+        "routed_scaling_factor": float(key("expert_weights_scale", 1.0)),
+        "num_nextn_predict_layers": 0,  # the converter drops the MTP layer
+        "max_position_embeddings": int(key("context_length")),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32" if int(meta.get("general.file_type", 1)) == 0 else "bfloat16",
+    }
+    scaling = key("rope.scaling.type", None)
+    if scaling == "yarn":
+        ms = round(float(key("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1, 6)
+        d["rope_scaling"] = {"type": "yarn", "factor": float(key("rope.scaling.factor")),
+                             "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
+                             "beta_fast": float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                             "beta_slow": float(key("rope.scaling.yarn_beta_slow", 1.0)),
+                             "mscale": ms, "mscale_all_dim": ms}
+    elif scaling not in (None, "none"):
+        raise CheckpointError(f"GGUF rope scaling {scaling!r}: DeepSeek models use 'yarn' or none")
+    return ModelArgs.from_dict(d)
+
+
+def _layer_param(param: str) -> tuple[str, str] | None:
+    m = re.match(r"^layers\.(\d+)\.(.*)$", param)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def gguf_names(param: str) -> list[str]:
+    """The GGUF tensors that make up one model tensor (two for ``wkv_b``, none when unknown)."""
+    if param in _GLOBAL:
+        return [_GLOBAL[param]]
+    lp = _layer_param(param)
+    if lp is None:
+        return []
+    layer, rest = lp
+    if rest == _KV_B:
+        return [f"blk.{layer}.attn_k_b.weight", f"blk.{layer}.attn_v_b.weight"]
+    return [f"blk.{layer}.{_LAYER[rest]}"] if rest in _LAYER else []
+
+
+def _kv_b_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
+    h, r = args.num_attention_heads, args.kv_lora_rank
+    return {"attn_k_b": (h, r, args.qk_nope_head_dim), "attn_v_b": (h, args.v_head_dim, r),
+            "attn_kv_b": (h * (args.qk_nope_head_dim + args.v_head_dim), r)}
+
+
+def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="cpu", overrides: dict | None = None,
+              prepare=None) -> nn.Module:
+    """Build the model a deepseek2 GGUF file describes and fill it, one tensor decoded at a time.
+
+    ``prepare(model)`` runs on the meta device before any tensor is read, as for safetensors (an
+    expert-sharded rank then decodes only its experts' rows)."""
+    f = path if isinstance(path, GGUFFile) else GGUFFile(path)
+    path = f.path
+    args = args_from_gguf(f.meta, f.tensors)
+    if overrides:
+        args = args.replace(**overrides)
+    if dtype is None:
+        dtype = torch.float32 if args.extra.get("torch_dtype") == "float32" else torch.bfloat16
+    with torch.device("meta"):
+        model = build_model(args, dtype=dtype)
+    if prepare is not None:
+        model = prepare(model) or model
+    span = {f"{n}.{p}": (getattr(m, "first", 0), m.n) for n, m in model.named_modules() if isinstance(m, Experts)
+            for p in ("w1", "w2", "w3")}
+    expected = model.state_dict()
+    want_kv_b = _kv_b_shapes(args)
+    used, missing, bad_shape, sources = set(), [], [], {}
+    for pname, ref in expected.items():
+        names = gguf_names(pname)
+        if pname == "head.weight" and names[0] not in f.tensors and "token_embd.weight" in f.tensors:
+            names = ["token_embd.weight"]  # no output tensor: llama.cpp ties the head to the embedding
+        if len(names) == 2 and names[0] not in f.tensors:
+            names = [names[0].replace("attn_k_b", "attn_kv_b")]  # before the split
+        if not names or any(n not in f.tensors for n in names):
+            missing.append(f"{pname} (GGUF {' + '.join(names) or '?'})")
+            continue
+        for n in names:
+            kind = n.split(".")[2] if n.startswith("blk.") else None
+            want = want_kv_b.get(kind) or tuple(ref.shape)
+            if pname in span:
+                want = (args.n_routed_experts, *ref.shape[1:])
+            if f.shape(n) != want:
+                bad_shape.append(f"{n}: file {list(f.shape(n))} ({f.type_name(n)}), model expects {list(want)}")
+        used.update(names)
+        sources[pname] = names
+    unexpected = [n for n in f.tensors if n not in used and n != "rope_freqs.weight"]
+    if missing or unexpected or bad_shape:
+        raise CheckpointError(report_problems(f"GGUF model {path}", missing, unexpected, bad_shape))
+
+    state = {}
+    for pname, ref in expected.items():
+        names = sources[pname]
+        if pname in span:
+            first = span[pname][0]
+            t = f.read(names[0], slice(first, first + ref.shape[0]))
+        elif len(names) == 2:  # k_b [H, r, nope] and v_b [H, v, r] back into kv_b [H * (nope + v), r]
+            k_b, v_b = f.read(names[0]), f.read(names[1])
+            t = torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(ref.shape)
+        else:
+            t = f.read(names[0])
+        state[pname] = t.to(ref.dtype)
+    model.load_state_dict(state, assign=True, strict=True)
+    model.gguf_types = {p: f.type_name(n[0]) for p, n in sources.items()}
+    model = model.to(device)
+    for m in model.modules():
+        if isinstance(m, Experts):
+            m.fuse_gate_up_()
+    return model
+
+
+# ---------------------------------------------------------------------------- tokenizer
+# llama.cpp's pre-tokenizers (llama-vocab.cpp) as ``tokenizers`` splits: the names a GGUF gives in
+# tokenizer.ggml.pre. DeepSeek V3 / R1 ("deepseek-v3"), V2 ("deepseek-llm"), GPT-2's ("gpt-2": ours).
+_DEEPSEEK_V3_SPLITS = [
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    # as DeepSeek's tokenizer.json writes it (literal CR / LF), so that detection compares strings
+    "[!\"#$%&'()*+,\\-./:;<=>?@\\[\\\\\\]^_`{|}~][A-Za-z]+|[^\r\n\\p{L}\\p{P}\\p{S}]?[\\p{L}\\p{M}]+"
+    "| ?[\\p{P}\\p{S}]+[\r\n]*|\\s*[\r\n]+|\\s+(?!\\S)|\\s+",
+]
+_DEEPSEEK_LLM_SPLITS = [  # llama-vocab.cpp's, in escapes: normalising its letters would break the ranges
+    '[\r\n]',
+    '\\s?[A-Za-z\xb5\xc0-\xd6\xd8-\xf6\xf8-\u01ba\u01bc-\u01bf\u01c4-\u0293\u0295-\u02af\u0370-\u0373'
+    '\u0376\u0377\u037b-\u037d\u037f\u0386\u0388-\u038a\u038c\u038e-\u03a1\u03a3-\u03f5\u03f7-\u0481'
+    '\u048a-\u052f\u0531-\u0556\u10a0-\u10c5\u13a0-\u13f5\u13f8-\u13fd\u1c90-\u1cba\u1cbd-\u1cbf\u1d00-'
+    '\u1d2b\u1d6b-\u1d77\u1d79-\u1d9a\u1e00-\u1f15\u1f18-\u1f1d\u1f20-\u1f45\u1f48-\u1f4d\u1f50-\u1f57'
+    '\u1f59\u1f5b\u1f5d\u1f5f-\u1f7d\u1f80-\u1fb4\u1fb6-\u1fbc\u1fbe\u1fc2-\u1fc4\u1fc6-\u1fcc\u1fd0-'
+    '\u1fd3\u1fd6-\u1fdb\u1fe0-\u1fec\u1ff2-\u1ff4\u1ff6-\u1ffc\u2102\u2107\u210a-\u2113\u2115\u2119-'
+    '\u211d\u2124\u2126\u2128\u212a-\u212d\u212f-\u2134\u2139\u213c-\u213f\u2145-\u2149\u214e\u2183'
+    '\u2184\u2c00-\u2c7b\u2c7e-\u2ce4\u2ceb-\u2cee\u2cf2\u2cf3\ua640-\ua66d\ua680-\ua69b\ua722-\ua76f'
+    '\ua771-\ua787\ua78b-\ua78e\uab70-\uabbf\ufb00-\ufb06\ufb13-\ufb17\uff21-\uff3a\uff41-\uff5a'
+    '\U00010400-\U0001044f\U000104b0-\U000104d3\U000104d8-\U000104fb\U00010c80-\U00010cb2\U00010cc0-'
+    '\U00010cf2\U000118a0-\U000118df\U0001e900-\U0001e943]+',
+    '\\s?[!-/:-~\uff01-\uff0f\uff1a-\uff5e\u2018-\u201f\u3000-\u3002]+',
+    '\\s+$',
+    '[\u4e00-\u9fa5\u0800-\u4e00\uac00-\ud7ff]+',
+    '\\p{N}+',
+]
+PRE_TOKENIZERS = {"deepseek-v3": _DEEPSEEK_V3_SPLITS, "deepseek-llm": _DEEPSEEK_LLM_SPLITS, "gpt-2": None}
+_CONTROL, _USER_DEFINED = 3, 4
+
+
+def _pre_tokenizer(pre: str):
+    from tokenizers import Regex, pre_tokenizers
+
+    if pre not in PRE_TOKENIZERS:
+        raise CheckpointError(f"GGUF pre-tokenizer {pre!r} is not one sparseek rebuilds ({', '.join(PRE_TOKENIZERS)}): "
+                              "put the model's tokenizer.json beside the file")
+    splits = PRE_TOKENIZERS[pre]
+    if splits is None:
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(s), behavior="isolated") for s in splits]
+                                   + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
+def tokenizer_from_gguf(meta: dict):
+    """The byte-level BPE tokenizer a GGUF's vocabulary describes (tokens, merges, token types,
+    BOS / EOS, chat template), or None when the file has none."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from sparseek.tokenizer import Tokenizer
+
+    kind = meta.get("tokenizer.ggml.model")
+    if kind in (None, "none", "no_vocab"):
+        return None
+    if kind != "gpt2":
+        raise CheckpointError(f"GGUF tokenizer model {kind!r}: sparseek rebuilds byte-level BPE ('gpt2') only; "
+                              "put the model's tokenizer.json beside the file")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    vocab: dict[str, int] = {}
+    for i, tok in enumerate(tokens):
+        vocab.setdefault(tok, i)  # a duplicate keeps its first id, as llama.cpp's lookup does
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges") or []]
+    tk = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    tk.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre", "gpt-2"))
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                           for t, ty in zip(tokens, types) if ty == _CONTROL])
+    tk.add_tokens([AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == _USER_DEFINED])
+
+    def token(key):
+        i = meta.get(key)
+        return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
+
+    return Tokenizer(tk, bos_token=token("tokenizer.ggml.bos_token_id"), eos_token=token("tokenizer.ggml.eos_token_id"),
+                     chat_template=meta.get("tokenizer.chat_template"))
+
+
+def _pre_name(tk) -> str:
+    """Which of llama.cpp's pre-tokenizers a ``tokenizers`` tokenizer uses (refused when none)."""
+    pre = json.loads(tk.to_str()).get("pre_tokenizer") or {}
+    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
+        return "gpt-2"
+    if pre.get("type") == "Sequence":
+        parts = pre.get("pretokenizers", [])
+        regexes = [p.get("pattern", {}).get("Regex") for p in parts if p.get("type") == "Split"]
+        for name, splits in PRE_TOKENIZERS.items():
+            if splits == regexes and parts[-1].get("type") == "ByteLevel" and len(parts) == len(splits) + 1:
+                return name
+    raise CheckpointError("the tokenizer's pre-tokenizer is none of llama.cpp's that sparseek writes "
+                          f"({', '.join(PRE_TOKENIZERS)}): {json.dumps(pre)[:200]}")
+
+
+def _vocab_fields(tokenizer, vocab_size: int) -> dict:
+    """tokenizer.ggml.* for a byte-level BPE tokenizer, padded to the model's vocabulary with
+    unused tokens as llama.cpp's converter does ([PAD<id>])."""
+    tk = tokenizer.tk
+    j = json.loads(tk.to_str())
+    if j["model"].get("type") != "BPE" or (j.get("decoder") or {}).get("type") != "ByteLevel":
+        raise CheckpointError("GGUF export needs a byte-level BPE tokenizer")
+    id_to_tok = {i: t for t, i in tk.get_vocab(with_added_tokens=True).items()}
+    if max(id_to_tok) >= vocab_size:
+        raise CheckpointError(f"the tokenizer has ids up to {max(id_to_tok)}, beyond the model's vocab_size {vocab_size}")
+    added = {a["id"]: a for a in j.get("added_tokens", [])}
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in id_to_tok:
+            tokens.append(f"[PAD{i}]")
+            types.append(5)
+        else:
+            tokens.append(id_to_tok[i])
+            types.append(1 if i not in added else _CONTROL if added[i].get("special") else _USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in j["model"].get("merges", [])]
+    return {"pre": _pre_name(tk), "tokens": tokens, "types": types, "merges": merges}
+
+
+# ---------------------------------------------------------------------------- writing
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+# general.file_type (llama_ftype) of each
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+
+
+def _tensor_type(name: str, shape: tuple[int, ...], qtype: str):
+    """The GGML type one tensor is written in: 1-D tensors and the router in F32 (as llama.cpp's
+    converter), the output head no lower than Q8_0 (llama-quantize keeps it high too), rows that
+    do not fill whole blocks in F16 (the converter's fallback)."""
+    gguf = _gguf()
+    T = gguf.GGMLQuantizationType
+    if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias")) or qtype == "f32":
+        return T.F32
+    if name == "output.weight" and qtype.startswith(("q4", "q5")):
+        qtype = "q8_0"
+    t = T[qtype.upper()]
+    block = gguf.GGML_QUANT_SIZES[t][0]
+    return t if shape[-1] % block == 0 else T.F16
+
+
+def _gguf_tensors(model: nn.Module):
+    """(GGUF name, float32 numpy array) for every tensor of a V2/V3-family model, in file order."""
+    args: ModelArgs = model.args
+    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
+    out = []
+    for pname in sorted(sd, key=_file_order):
+        t = sd[pname].detach().float().cpu()
+        if pname.endswith(_KV_B):
+            h, nope = args.num_attention_heads, args.qk_nope_head_dim
+            kv = t.view(h, nope + args.v_head_dim, args.kv_lora_rank)
+            k_name, v_name = gguf_names(pname)
+            out.append((k_name, kv[:, :nope].transpose(1, 2).contiguous().numpy()))
+            out.append((v_name, kv[:, nope:].contiguous().numpy()))
+            continue
+        names = gguf_names(pname)
+        if not names:
+            raise CheckpointError(f"{pname} has no GGUF name: is this a DeepSeek V2 / V3 model?")
+        out.append((names[0], t.contiguous().numpy()))
+    return out
+
+
+def _file_order(pname: str):
+    lp = _layer_param(pname)
+    return (1, int(lp[0]), pname) if lp else (0 if pname.startswith("embed") else 2, 0, pname)
+
+
+def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", name: str | None = None,
+              split_max_bytes: int | None = None) -> dict:
+    """Write a V2/V3-family model (and its tokenizer) as a GGUF file for llama.cpp, atomically;
+    ``split_max_bytes`` splits it into ``<stem>-0000i-of-0000N.gguf`` parts of at most that size (the
+    hub takes files up to 50 GB). Returns {"files": [paths], "types": {tensor: GGML type}}. The MTP
+    block is left out (llama.cpp's layout has none)."""
+    gguf = _gguf()
+    args: ModelArgs = model.args
+    if args.is_v4:
+        raise CheckpointError("GGUF export covers DeepSeek V2 / V3 / R1 (llama.cpp's 'deepseek2'); "
+                              "a DeepSeek-V4 model has no GGUF layout in sparseek yet")
+    if qtype not in GGUF_TYPES:
+        raise ValueError(f"unknown GGUF type {qtype!r}; use one of {GGUF_TYPES}")
+    if any(m.__class__.__module__.startswith("sparseek.quant") for m in model.modules()):
+        raise CheckpointError("the model keeps quantized layers (quantize=...): load it without, GGUF export "
+                              "quantizes from the decoded weights")
+    if not args.q_lora_rank and args.num_hidden_layers not in (26, 27):
+        log.warning("llama.cpp tells a V2 model without q_lora_rank (V2-Lite) by its 26 or 27 layers: it will "
+                    "not load this %d-layer one (sparseek will)", args.num_hidden_layers)
+    tensors = _gguf_tensors(model)
+    vocab = _vocab_fields(tokenizer, args.vocab_size) if tokenizer is not None else None
+
+    path = os.path.abspath(os.fspath(path))
+    if not path.endswith(".gguf"):
+        raise ValueError(f"a GGUF file's name ends in .gguf: {path}")
+    directory = os.path.dirname(path)
+    os.makedirs(directory, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".sparseek-gguf-", dir=directory)  # parts appear together or not at all
+    types: dict[str, str] = {}
+    try:
+        w = gguf.GGUFWriter(os.path.join(tmp, os.path.basename(path)), ARCH, split_max_size=split_max_bytes or 0)
+        _write_metadata(w, args, qtype, name or "sparseek")
+        if vocab is None:
+            log.warning("no tokenizer: the GGUF file carries no vocabulary (llama.cpp can run it on token ids only)")
+            w.add_tokenizer_model("none")
+        else:
+            _write_vocab(w, vocab, tokenizer, args)
+        for tname, arr in tensors:
+            t = _tensor_type(tname, arr.shape, qtype)
+            if t == gguf.GGMLQuantizationType.F32:
+                w.add_tensor(tname, arr.astype(np.float32))
+            elif t == gguf.GGMLQuantizationType.F16:
+                w.add_tensor(tname, arr.astype(np.float16))
+            else:
+                q = gguf.quants.quantize(arr, t)
+                w.add_tensor(tname, q, raw_shape=q.shape, raw_dtype=t)
+            types[tname] = t.name
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        files = []
+        for f in sorted(os.listdir(tmp)):
+            os.replace(os.path.join(tmp, f), os.path.join(directory, f))
+            files.append(os.path.join(directory, f))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"files": files, "types": types}
+
+
+def _write_metadata(w, args: ModelArgs, qtype: str, name: str) -> None:
+    gguf = _gguf()
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_file_type(_FILE_TYPE[qtype])
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_vocab_size(args.vocab_size)
+    w.add_context_length(args.max_position_embeddings)
+    w.add_embedding_length(args.hidden_size)
+    w.add_block_count(args.num_hidden_layers)
+    w.add_feed_forward_length(args.intermediate_size)
+    w.add_head_count(args.num_attention_heads)
+    w.add_head_count_kv(1)  # MLA: one latent "head" shared by all
+    w.add_rope_freq_base(args.rope_theta)
+    w.add_layer_norm_rms_eps(args.rms_norm_eps)
+    w.add_leading_dense_block_count(args.first_k_dense_replace)
+    if args.q_lora_rank:
+        w.add_q_lora_rank(args.q_lora_rank)
+    w.add_kv_lora_rank(args.kv_lora_rank)
+    w.add_key_length(args.kv_lora_rank + args.qk_rope_head_dim)
+    w.add_value_length(args.kv_lora_rank)
+    w.add_key_length_mla(args.qk_nope_head_dim + args.qk_rope_head_dim)
+    w.add_value_length_mla(args.v_head_dim)
+    w.add_rope_dimension_count(args.qk_rope_head_dim)
+    w.add_expert_feed_forward_length(args.moe_intermediate_size)
+    w.add_expert_count(args.n_routed_experts)
+    w.add_expert_shared_count(args.n_shared_experts)
+    w.add_expert_used_count(args.num_experts_per_tok)
+    w.add_expert_weights_scale(args.routed_scaling_factor)
+    if args.norm_topk_prob:  # as the converter: absent means false
+        w.add_expert_weights_norm(True)
+    if args.scoring_func not in ("sigmoid", "softmax"):
+        raise CheckpointError(f"scoring_func {args.scoring_func!r} has no GGUF gating function (sigmoid, softmax)")
+    w.add_expert_gating_func(gguf.ExpertGatingFuncType.SIGMOID if args.scoring_func == "sigmoid"
+                             else gguf.ExpertGatingFuncType.SOFTMAX)
+    if args.n_group is not None:
+        w.add_expert_group_count(args.n_group)
+    if args.topk_group is not None:
+        w.add_expert_group_used_count(args.topk_group)
+    y = args.yarn()
+    if y:
+        ms, ms_all = y.get("mscale", 1.0), y.get("mscale_all_dim", 0.0)
+        if ms and ms_all and abs(ms - ms_all) > 1e-6:
+            raise CheckpointError(f"YaRN mscale {ms} != mscale_all_dim {ms_all}: GGUF stores one of them "
+                                  "(llama.cpp takes them equal)")
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(y["factor"]))
+        w.add_rope_scaling_orig_ctx_len(int(y["original_max_position_embeddings"]))
+        w.add_rope_scaling_yarn_log_mul(0.1 * float(ms_all or 0.0))
+        w.add_rope_scaling_yarn_beta_fast(float(y.get("beta_fast", 32)))
+        w.add_rope_scaling_yarn_beta_slow(float(y.get("beta_slow", 1)))
+
+
+def _write_vocab(w, vocab: dict, tokenizer, args: ModelArgs) -> None:
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(vocab["pre"])
+    w.add_token_list(vocab["tokens"])
+    w.add_token_types(vocab["types"])
+    w.add_token_merges(vocab["merges"])
+    if tokenizer.bos_id is not None:
+        w.add_bos_token_id(tokenizer.bos_id)
+    if tokenizer.eos_id is not None:
+        w.add_eos_token_id(tokenizer.eos_id)
+        w.add_pad_token_id(args.pad_token_id if args.pad_token_id is not None else tokenizer.eos_id)
+    # DeepSeek's tokenizer_config asks for BOS, and sparseek's engine adds it by default too
+    w.add_add_bos_token(tokenizer.bos_id is not None)
+    w.add_add_eos_token(False)
+    if tokenizer.chat_template:
+        w.add_chat_template(tokenizer.chat_template)

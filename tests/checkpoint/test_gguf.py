@@ -1,0 +1,251 @@
+"""GGUF (llama.cpp's format) for the DeepSeek V2 / V3 family: export, import, tokenizer, errors.
+
+The layout is checked against gguf-py (llama.cpp's own reader / quantizer) and against the
+converter's rules written out independently here; logits against llama.cpp itself are compared
+by benchmarks/gguf_llamacpp.py (llama.cpp is not a test dependency)."""
+
+import numpy as np
+import pytest
+import torch
+
+gguf = pytest.importorskip("gguf")
+
+import sparseek  # noqa: E402
+from sparseek.checkpoint import CheckpointError  # noqa: E402
+from sparseek.checkpoint.gguf import GGUFFile, save_gguf, tokenizer_from_gguf  # noqa: E402
+
+TEXTS = ["def foo(x):\n    return x + 1  # héllo", "DeepSeek-V3 的 MoE 有 256 个专家。", "  spaces\t\tand 1234567 digits!!",
+         "<｜begin▁of▁sentence｜>User: hi<｜end▁of▁sentence｜>", "カタカナ and emoji 🤖 ok"]
+
+
+@pytest.fixture(scope="module", params=["debug-v3", "debug-v2"])
+def family(request):
+    model, tok = sparseek.load(request.param)
+    return request.param, model, tok
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+def test_f32_round_trip_is_exact(family, tmp_path):
+    name, model, tok = family
+    path = tmp_path / "m.gguf"
+    res = save_gguf(model, path, tokenizer=tok, qtype="f32")
+    assert res["files"] == [str(path)] and set(res["types"].values()) == {"F32"}
+    back, tok2 = sparseek.load(str(path))
+    assert back.args.model_type == model.args.model_type
+    for field in ("hidden_size", "num_hidden_layers", "first_k_dense_replace", "q_lora_rank", "kv_lora_rank",
+                  "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "n_routed_experts", "n_shared_experts",
+                  "num_experts_per_tok", "scoring_func", "topk_method", "norm_topk_prob", "routed_scaling_factor",
+                  "n_group", "topk_group", "rope_theta", "max_position_embeddings", "vocab_size"):
+        assert getattr(back.args, field) == getattr(model.args, field), field
+    y, y2 = model.args.yarn(), back.args.yarn()
+    for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale_all_dim"):
+        assert float(y2[k]) == pytest.approx(float(y[k])), k
+    assert len(back.mtp) == 0  # llama.cpp's layout drops the MTP layer
+    sd, sd2 = model.state_dict(), back.state_dict()
+    assert set(sd2) == {k for k in sd if not k.startswith("mtp.")}
+    for k, v in sd2.items():
+        assert torch.equal(v, sd[k]), k
+    ids = torch.randint(0, model.args.vocab_size, (2, 24))
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
+    for text in TEXTS:
+        assert tok2.encode(text) == tok.encode(text)
+    assert (tok2.bos_id, tok2.eos_id) == (tok.bos_id, tok.eos_id)
+
+
+def test_layout_follows_llama_cpp(tmp_path):
+    """The converter's rules, restated: kv_b split per head into k_b (transposed) and v_b, experts
+    stacked, 1-D tensors and the router in F32, and the metadata llama.cpp reads."""
+    model, tok = sparseek.load("debug-v3")
+    a = model.args
+    path = tmp_path / "m.gguf"
+    save_gguf(model, path, tokenizer=tok, qtype="f32")
+    f = GGUFFile(str(path))
+    h, nope, v, r = a.num_attention_heads, a.qk_nope_head_dim, a.v_head_dim, a.kv_lora_rank
+    kv_b = model.layers[1].attn.wkv_b.weight.detach().view(h, nope + v, r)
+    assert torch.equal(f.read("blk.1.attn_k_b.weight"), kv_b[:, :nope].transpose(1, 2))
+    assert torch.equal(f.read("blk.1.attn_v_b.weight"), kv_b[:, nope:])
+    assert f.shape("blk.1.ffn_gate_exps.weight") == (a.n_routed_experts, a.moe_intermediate_size, a.hidden_size)
+    assert f.shape("blk.1.ffn_down_exps.weight") == (a.n_routed_experts, a.hidden_size, a.moe_intermediate_size)
+    assert torch.equal(f.read("blk.2.exp_probs_b.bias"), model.layers[2].ffn.gate.bias)
+    assert "blk.0.ffn_gate.weight" in f.tensors and "blk.0.ffn_gate_exps.weight" not in f.tensors  # dense first layer
+    m = f.meta
+    assert m["general.architecture"] == "deepseek2"
+    assert m["deepseek2.attention.key_length"] == r + a.qk_rope_head_dim
+    assert m["deepseek2.attention.key_length_mla"] == nope + a.qk_rope_head_dim
+    assert m["deepseek2.attention.value_length_mla"] == v
+    assert m["deepseek2.expert_gating_func"] == 2  # sigmoid
+    assert m["deepseek2.rope.scaling.yarn_log_multiplier"] == pytest.approx(0.1 * a.yarn()["mscale_all_dim"])
+    assert m["tokenizer.ggml.model"] == "gpt2" and m["tokenizer.ggml.pre"] == "gpt-2"
+
+    save_gguf(model, path, tokenizer=tok, qtype="q8_0")
+    q = GGUFFile(str(path))
+    types = {n: q.type_name(n) for n in q.tensors}
+    assert types["blk.1.ffn_gate_inp.weight"] == "F32" and types["blk.1.attn_norm.weight"] == "F32"
+    assert types["blk.1.ffn_gate_exps.weight"] == "Q8_0" and types["token_embd.weight"] == "Q8_0"
+    assert types["blk.1.attn_k_b.weight"] == "F16"  # rows of 16 do not fill a 32-block: the converter's fallback
+
+
+@pytest.mark.parametrize("qtype", ["q8_0", "q4_0", "bf16"])
+def test_quantized_weights_are_ggml_blocks(qtype, tmp_path):
+    """A quantized file loads as exactly what gguf-py's own quantize + dequantize make of the weights."""
+    model, tok = sparseek.load("debug-v3")
+    path = tmp_path / "m.gguf"
+    save_gguf(model, path, tokenizer=tok, qtype=qtype)
+    back, _ = sparseek.load(str(path), dtype="float32")
+    w = model.layers[1].ffn.experts.w1.detach().float().numpy()
+    t = gguf.GGMLQuantizationType[qtype.upper()]
+    want = gguf.quants.dequantize(gguf.quants.quantize(w, t), t)
+    assert np.array_equal(back.layers[1].ffn.experts.w1.detach().numpy(), want)
+    head = back.head.weight.detach().numpy()
+    if qtype == "q4_0":  # the output head is kept at Q8_0, as llama-quantize keeps it high
+        q8 = gguf.GGMLQuantizationType.Q8_0
+        ref = model.head.weight.detach().numpy()
+        assert np.array_equal(head, gguf.quants.dequantize(gguf.quants.quantize(ref, q8), q8))
+    ids = torch.randint(0, model.args.vocab_size, (1, 16))
+    ref_p = _logits(model, ids).softmax(-1)
+    got_p = _logits(back, ids).softmax(-1)
+    assert (ref_p - got_p).abs().max() < {"bf16": 1e-3, "q8_0": 1e-2, "q4_0": 5e-2}[qtype]
+
+
+def test_split_files_and_folder(tmp_path):
+    model, tok = sparseek.load("debug-v3")
+    res = save_gguf(model, tmp_path / "m.gguf", tokenizer=tok, qtype="f32", split_max_bytes=120_000)
+    files = res["files"]
+    assert len(files) >= 3 and files[0].endswith("m-00001-of-%05d.gguf" % len(files))
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the temporary folder is gone
+    ids = torch.randint(0, model.args.vocab_size, (1, 12))
+    for where in (files[0], str(tmp_path)):  # the first part, or the folder holding the parts
+        back, _ = sparseek.load(where)
+        assert torch.equal(_logits(back, ids), _logits(model, ids))
+    with pytest.raises(CheckpointError, match="part 2 of a split GGUF model"):
+        sparseek.load(files[1])
+    (tmp_path / files[-1].rsplit("/", 1)[1]).unlink()
+    with pytest.raises(CheckpointError, match="1 of its .* parts are missing"):
+        sparseek.load(files[0])
+
+
+def test_old_layout_kv_b_and_tied_head(tmp_path):
+    """Files from before llama.cpp split kv_b carry one attn_kv_b and no key_length_mla; a file
+    without an output tensor ties the head to the embedding."""
+    model, tok = sparseek.load("debug-v3")
+    a = model.args
+    path = tmp_path / "new.gguf"
+    save_gguf(model, path, tokenizer=tok, qtype="f32")
+    f = GGUFFile(str(path))
+    old = tmp_path / "old.gguf"
+    w = gguf.GGUFWriter(str(old), "deepseek2")
+    for k, v in f.meta.items():
+        if k in ("general.architecture", "deepseek2.attention.key_length_mla", "deepseek2.attention.value_length_mla"):
+            continue
+        field = f.meta[k]
+        if k == "deepseek2.attention.key_length":
+            field = a.qk_nope_head_dim + a.qk_rope_head_dim
+        elif k == "deepseek2.attention.value_length":
+            field = a.v_head_dim
+        _add(w, k, field)
+    for n in f.tensors:
+        if n.endswith("attn_v_b.weight") or n == "output.weight":
+            continue
+        if n.endswith("attn_k_b.weight"):
+            w.add_tensor(n.replace("attn_k_b", "attn_kv_b"),
+                         model.layers[int(n.split(".")[1])].attn.wkv_b.weight.detach().numpy())
+        else:
+            w.add_tensor(n, f.read(n).numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    back, _ = sparseek.load(str(old))
+    for i in range(a.num_hidden_layers):
+        assert torch.equal(back.layers[i].attn.wkv_b.weight, model.layers[i].attn.wkv_b.weight)
+    assert torch.equal(back.head.weight, model.embed.weight)
+
+
+def _add(w, key, value):
+    if isinstance(value, bool):
+        w.add_bool(key, value)
+    elif isinstance(value, int):
+        w.add_uint32(key, value)
+    elif isinstance(value, float):
+        w.add_float32(key, value)
+    elif isinstance(value, str):
+        w.add_string(key, value)
+    else:
+        w.add_array(key, list(value))
+
+
+def test_deepseek_v3_pre_tokenizer_round_trip():
+    """DeepSeek's real vocabulary (the V3 pre-tokenizer; 129,280 tokens, control tokens) through
+    GGUF's fields and back tokenizes every text the same."""
+    from sparseek.checkpoint.gguf import _vocab_fields
+    from sparseek.tokenizer import deepseek_v4
+
+    tok = deepseek_v4()
+    v = _vocab_fields(tok, 129280)
+    assert v["pre"] == "deepseek-v3"
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": v["pre"], "tokenizer.ggml.tokens": v["tokens"],
+            "tokenizer.ggml.token_type": v["types"], "tokenizer.ggml.merges": v["merges"],
+            "tokenizer.ggml.bos_token_id": tok.bos_id, "tokenizer.ggml.eos_token_id": tok.eos_id}
+    back = tokenizer_from_gguf(meta)
+    assert back.vocab_size == tok.vocab_size and (back.bos_token, back.eos_token) == (tok.bos_token, tok.eos_token)
+    for text in TEXTS:
+        assert back.encode(text) == tok.encode(text), text
+        assert back.decode(back.encode(text)) == text
+    assert v["types"][tok.bos_id] == 3  # control
+
+
+def test_errors_name_the_problem(tmp_path):
+    model, tok = sparseek.load("debug-v3")
+    v4, _ = sparseek.load("debug", tokenizer=False)
+    with pytest.raises(CheckpointError, match="DeepSeek-V4 model has no GGUF layout"):
+        save_gguf(v4, tmp_path / "v4.gguf")
+    with pytest.raises(ValueError, match="unknown GGUF type"):
+        save_gguf(model, tmp_path / "x.gguf", qtype="q3_k")
+    path = tmp_path / "m.gguf"
+    save_gguf(model, path, tokenizer=tok, qtype="f32")
+    f = GGUFFile(str(path))
+    bad = tmp_path / "bad.gguf"
+    w = gguf.GGUFWriter(str(bad), "llama")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError, match="architecture 'llama' is not DeepSeek's"):
+        sparseek.load(str(bad))
+    w = gguf.GGUFWriter(str(bad), "deepseek2")
+    for k, val in f.meta.items():
+        if k != "general.architecture":
+            _add(w, k, val)
+    for n in f.tensors:
+        if n != "blk.2.ffn_up_exps.weight":
+            arr = f.read(n).numpy()
+            w.add_tensor(n, arr[:, :-1] if n == "blk.1.attn_q_b.weight" else arr)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(CheckpointError) as e:
+        sparseek.load(str(bad))
+    assert "blk.2.ffn_up_exps.weight" in str(e.value) and "blk.1.attn_q_b.weight" in str(e.value)
+    with pytest.raises(ValueError, match="quantize='stored'"):
+        sparseek.load(str(path), quantize="stored")
+    (tmp_path / "junk.gguf").write_bytes(b"not a gguf file at all")
+    with pytest.raises(CheckpointError, match="not a readable GGUF file"):
+        sparseek.load(str(tmp_path / "junk.gguf"))
+
+
+def test_cli_export_gguf(tmp_path, capsys):
+    from sparseek.cli import main
+
+    out = tmp_path / "m.gguf"
+    assert main(["export-gguf", "debug-v3", str(out), "--type", "q8_0", "--eval-windows", "1", "--eval-len", "32"]) == 0
+    text = capsys.readouterr().out
+    assert "KL mean" in text and "Q8_0" in text and out.exists()
+    llm = sparseek.LLM(str(out))
+    res = llm.generate(["def f"], sparseek.SamplingParams(max_tokens=4, temperature=0))
+    assert len(res[0].token_ids) == 4
