@@ -206,7 +206,9 @@ def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: d
                          "on load (use 'fp8' or 'fp4' to quantize the decoded weights)")
     f = GGUFFile(path)
     stored = "float32" if int(f.meta.get("general.file_type", 1)) == 0 else "bfloat16"
-    model = load_gguf(f, _checkpoint_dtype(dtype, stored, device), device, overrides, prepare)
+    # fp8 / fp4 quantize layer by layer while loading (``load`` then finds nothing left to quantize)
+    model = load_gguf(f, _checkpoint_dtype(dtype, stored, device), device, overrides, prepare,
+                      quantize=quantize if quantize in ("fp8", "fp4") else None)
     tok = None
     if tokenizer:
         from sparseek.tokenizer import Tokenizer

@@ -95,7 +95,15 @@ def cmd_info(a) -> int:
     import sparseek
     from sparseek.config import ModelArgs
 
-    args = sparseek.preset(a.model) if a.model in sparseek.PRESETS else ModelArgs.from_json(a.model)
+    if a.model in sparseek.PRESETS:
+        args = sparseek.preset(a.model)
+    elif (gguf_path := sparseek._gguf_path(a.model)) is not None:  # metadata only: no tensor is read
+        from sparseek.checkpoint.gguf import GGUFFile, args_from_gguf
+
+        f = GGUFFile(gguf_path)
+        args = args_from_gguf(f.meta, f.tensors)
+    else:
+        args = ModelArgs.from_json(a.model)
     counts = args.num_params()
     kinds = [args.layer_kind(i) for i in range(args.num_hidden_layers)]
     info = {
@@ -517,11 +525,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from sparseek.checkpoint.gguf import GGUF_TYPES
 
-    p = sub.add_parser("export-gguf", help="write a DeepSeek V2/V3 model as a GGUF file for llama.cpp, with a quality report")
-    p.add_argument("model", help="checkpoint directory or preset name (V2 / V3 / R1 family)")
+    p = sub.add_parser("export-gguf", help="write a DeepSeek model as a GGUF file for llama.cpp, with a quality report")
+    p.add_argument("model", help="checkpoint directory or preset name (V4, or V2 / V3 / R1)")
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--type", default="q8_0", choices=GGUF_TYPES,
-                   help="tensor type (1-D tensors and the router stay f32, the output head at least q8_0)")
+                   help="tensor type (1-D tensors and the router stay f32, the output head at least q8_0; mxfp4: "
+                        "DeepSeek-V4's own layout, FP4 experts and Q8_0 linears)")
     p.add_argument("--lora", nargs="+", default=None, help="LoRA adapter directories merged in first")
     p.add_argument("--split-max-size", default=None,
                    help="split into parts of at most this size (e.g. 45G; llama.cpp loads the first part)")

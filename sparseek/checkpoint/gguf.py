@@ -1,12 +1,19 @@
-"""GGUF, llama.cpp's one-file format: read and write the DeepSeek V2 / V3 / R1 family.
+"""GGUF, llama.cpp's one-file format: read and write DeepSeek V2 / V3 / R1 and V4.
 
-The community publishes DeepSeek V3 / R1 quantizations as GGUF (architecture ``deepseek2``, often
-split into ``-00001-of-0000N.gguf`` parts). ``load_gguf`` builds the model such a file describes and
-decodes each tensor, of any type gguf-py decodes (Q4_K, Q6_K, IQ2_XXS, ...), into the compute dtype;
-its tokenizer comes from the file's vocabulary. ``save_gguf`` writes a sparseek V2/V3-family model
-for llama.cpp in the types gguf-py encodes (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1).
+The community publishes DeepSeek quantizations as GGUF (architecture ``deepseek2`` for V2 / V3 / R1,
+``deepseek4`` for V4; often split into ``-00001-of-0000N.gguf`` parts). ``load_gguf`` builds the
+model such a file describes and decodes each tensor, of any type gguf-py decodes (Q4_K, Q6_K,
+IQ2_XXS, MXFP4, ...), into the compute dtype; its tokenizer comes from the file's vocabulary.
+``save_gguf`` writes a sparseek model for llama.cpp in the types gguf-py encodes (F32, F16, BF16,
+Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, MXFP4).
 
-What llama.cpp's converter (convert_hf_to_gguf.py) does to DeepSeek, and so what this module undoes:
+V4 (llama.cpp's conversion/deepseek.py): the official tensor names map one to one (``attn.wkv`` ->
+``attn_kv``, ``hc_attn_fn`` -> ``hc_attn_fn.weight``, ``ffn.gate.tid2eid`` -> an I32 tensor ...), no
+tensor is reshaped; the hyper-connection, compressor and indexer-weight tensors stay F32; the MTP
+block goes to a separate draft file, so a model read from one has none. llama.cpp clamps V4's shared
+expert at ``swiglu_clamp_shexp`` (0: not at all), which sparseek reads as ``clamp_shared_expert``.
+
+What llama.cpp's converter does to DeepSeek V2 / V3, and so what this module undoes:
 * ``kv_b_proj`` is split per head into ``attn_k_b`` [H, kv_lora, nope] (transposed: absorbed
   attention multiplies by it directly) and ``attn_v_b`` [H, v, kv_lora]; older files keep one
   ``attn_kv_b`` (and no ``key_length_mla``);
@@ -33,12 +40,12 @@ import torch
 from torch import nn
 
 from sparseek.checkpoint.io import CheckpointError, report_problems
-from sparseek.config import V2, V3, ModelArgs
+from sparseek.config import CSA_RATIO, V2, V3, ModelArgs
 from sparseek.model import build_model
 from sparseek.model.common import Experts
 
 log = logging.getLogger("sparseek")
-ARCH = "deepseek2"
+ARCH, ARCH_V4 = "deepseek2", "deepseek4"
 
 # model tensor (inside layer L) -> GGUF tensor (inside blk.L); wkv_b is two GGUF tensors, see above
 _GLOBAL = {"embed.weight": "token_embd.weight", "norm.weight": "output_norm.weight", "head.weight": "output.weight"}
@@ -65,6 +72,38 @@ _LAYER = {
     "ffn.shared_experts.w2.weight": "ffn_down_shexp.weight",
 }
 _KV_B = "attn.wkv_b.weight"
+# DeepSeek-V4 (llama.cpp's conversion/deepseek.py): the official names one to one, no reshaping;
+# hash layers carry tid2eid (I32) and no router bias, compressors / indexers only where the layer has them.
+_GLOBAL_V4 = {**_GLOBAL, "hc_head_fn": "output_hc_fn.weight", "hc_head_base": "output_hc_base.weight",
+              "hc_head_scale": "output_hc_scale.weight"}
+_LAYER_V4 = {
+    "attn_norm.weight": "attn_norm.weight",
+    "attn.attn_sink": "attn_sinks.weight",
+    "attn.wq_a.weight": "attn_q_a.weight",
+    "attn.q_norm.weight": "attn_q_a_norm.weight",
+    "attn.wq_b.weight": "attn_q_b.weight",
+    "attn.wkv.weight": "attn_kv.weight",
+    "attn.kv_norm.weight": "attn_kv_a_norm.weight",
+    "attn.wo_a.weight": "attn_output_a.weight",
+    "attn.wo_b.weight": "attn_output_b.weight",
+    **{f"hc_{part}_{k}": f"hc_{part}_{k}.weight" for part in ("attn", "ffn") for k in ("fn", "base", "scale")},
+    "attn.compressor.wkv.weight": "attn_compressor_kv.weight",
+    "attn.compressor.wgate.weight": "attn_compressor_gate.weight",
+    "attn.compressor.ape": "attn_compressor_ape.weight",
+    "attn.compressor.norm.weight": "attn_compressor_norm.weight",
+    "attn.indexer.weights_proj.weight": "indexer.proj.weight",
+    "attn.indexer.wq_b.weight": "indexer.attn_q_b.weight",
+    "attn.indexer.compressor.wkv.weight": "indexer_compressor_kv.weight",
+    "attn.indexer.compressor.wgate.weight": "indexer_compressor_gate.weight",
+    "attn.indexer.compressor.ape": "indexer_compressor_ape.weight",
+    "attn.indexer.compressor.norm.weight": "indexer_compressor_norm.weight",
+    "ffn.gate.tid2eid": "ffn_gate_tid2eid.weight",
+    **{k: v for k, v in _LAYER.items() if k.startswith(("ffn_norm", "ffn.gate.", "ffn.experts", "ffn.shared"))},
+}
+# the big matrices: what a GGUF type other than F32 applies to (the rest stays F32, as the converter keeps them)
+_QUANTIZABLE_V4 = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight",
+                   "attn_output_a.weight", "attn_output_b.weight", "indexer.attn_q_b.weight", "_exps.weight",
+                   "_shexp.weight")
 _SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
@@ -103,10 +142,12 @@ class GGUFFile:
         return self.tensors[name].tensor_type.name
 
     def read(self, name: str, rows: slice | None = None) -> torch.Tensor:
-        """The tensor decoded to float32 (``rows``: a slice of its outermost dim, e.g. some experts)."""
+        """The tensor decoded to float32, integers to int64 (``rows``: a slice of its outermost dim, e.g. some experts)."""
         gguf = _gguf()
         t = self.tensors[name]
         data = t.data if rows is None else t.data[rows]
+        if t.tensor_type.name in ("I8", "I16", "I32", "I64"):  # V4's tid2eid: token -> expert ids
+            return torch.from_numpy(np.array(data, dtype=np.int64))
         arr = np.ascontiguousarray(gguf.quants.dequantize(data, t.tensor_type), dtype=np.float32)
         return torch.from_numpy(arr if arr.flags.writeable else arr.copy())  # F32 tensors come back memory-mapped
 
@@ -143,16 +184,19 @@ def args_from_gguf(meta: dict, tensors) -> ModelArgs:
     """ModelArgs from a deepseek2 GGUF's metadata (``tensors``: its tensor names, which tell a few
     things the metadata does not: the router's bias, a separate output head)."""
     arch = meta.get("general.architecture")
-    if arch != ARCH:
-        raise CheckpointError(f"GGUF architecture {arch!r} is not DeepSeek's {ARCH!r} (V2, V3, R1 and their "
-                              "fine-tunes); sparseek reads no other")
+    if arch not in (ARCH, ARCH_V4):
+        raise CheckpointError(f"GGUF architecture {arch!r} is not DeepSeek's ({ARCH!r}: V2, V3, R1 and their "
+                              f"fine-tunes; {ARCH_V4!r}: V4); sparseek reads no other")
     missing = object()
 
     def key(name, default=missing):
-        v = meta.get(f"{ARCH}.{name}", default)
+        v = meta.get(f"{arch}.{name}", default)
         if v is missing:
-            raise CheckpointError(f"GGUF metadata {ARCH}.{name} is missing")
+            raise CheckpointError(f"GGUF metadata {arch}.{name} is missing")
         return v
+
+    if arch == ARCH_V4:
+        return _args_v4(meta, key)
 
     rope = int(key("rope.dimension_count"))
     nope_mla, v_mla = key("attention.key_length_mla", None), key("attention.value_length_mla", None)
@@ -217,22 +261,90 @@ def args_from_gguf(meta: dict, tensors) -> ModelArgs:
     return ModelArgs.from_dict(d)
 
 
+def _args_v4(meta: dict, key) -> ModelArgs:
+    layers = int(key("block_count"))
+    if int(key("expert_gating_func")) != 4:
+        raise CheckpointError(f"GGUF {ARCH_V4}.expert_gating_func = {key('expert_gating_func')}: DeepSeek-V4 routes "
+                              "with sqrtsoftplus (4)")
+    if int(key("nextn_predict_layers", 0)):
+        raise CheckpointError("this GGUF file holds DeepSeek-V4's MTP block (llama.cpp's --mtp draft file): load the "
+                              "main model's file")
+    clamp = [float(x) for x in np.atleast_1d(key("swiglu_clamp_exp"))]
+    shexp = [float(x) for x in np.atleast_1d(key("swiglu_clamp_shexp", clamp))]
+    if len(set(clamp)) > 1 or len(set(shexp)) > 1:
+        raise CheckpointError(f"GGUF SwiGLU clamps differ by layer ({sorted(set(clamp))}); DeepSeek-V4 has one limit")
+    ratios = [int(r) for r in key("attention.compress_ratios")]
+    if len(ratios) < layers:
+        raise CheckpointError(f"GGUF {ARCH_V4}.attention.compress_ratios has {len(ratios)} entries for {layers} layers")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    d = {
+        "model_type": "deepseek_v4",
+        "vocab_size": int(key("vocab_size", len(tokens) if tokens else 0)) or None,
+        "hidden_size": int(key("embedding_length")),
+        "num_hidden_layers": layers,
+        "num_attention_heads": int(key("attention.head_count")),
+        "num_key_value_heads": 1,
+        "head_dim": int(key("attention.key_length")),
+        "qk_rope_head_dim": int(key("rope.dimension_count")),
+        "q_lora_rank": int(key("attention.q_lora_rank")),
+        "o_groups": int(key("attention.output_group_count")),
+        "o_lora_rank": int(key("attention.output_lora_rank")),
+        "sliding_window": int(key("attention.sliding_window")),
+        "compress_ratios": ratios[:layers],
+        "compress_rope_theta": float(key("attention.compress_rope_freq_base")),
+        "index_n_heads": int(key("attention.indexer.head_count")),
+        "index_head_dim": int(key("attention.indexer.key_length")),
+        "index_topk": int(key("attention.indexer.top_k")),
+        "n_routed_experts": int(key("expert_count")),
+        "num_experts_per_tok": int(key("expert_used_count")),
+        "n_shared_experts": int(key("expert_shared_count")),
+        "moe_intermediate_size": int(key("expert_feed_forward_length")),
+        "num_hash_layers": int(key("hash_layer_count")),
+        "scoring_func": "sqrtsoftplus",
+        "topk_method": "noaux_tc",
+        "norm_topk_prob": bool(key("expert_weights_norm")),
+        "routed_scaling_factor": float(key("expert_weights_scale")),
+        "swiglu_limit": clamp[0],
+        # llama.cpp clamps the shared expert too unless its limit is 0
+        "clamp_shared_expert": shexp[0] > 1e-6,
+        "hc_mult": int(key("hyper_connection.count")),
+        "hc_sinkhorn_iters": int(key("hyper_connection.sinkhorn_iterations")),
+        "hc_eps": float(key("hyper_connection.epsilon")),
+        "num_nextn_predict_layers": 0,  # the converter writes the MTP block to a separate file
+        "max_position_embeddings": int(key("context_length")),
+        "rope_theta": float(key("rope.freq_base", 10000.0)),
+        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
+        "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+        "torch_dtype": "float32" if int(meta.get("general.file_type", 1)) == 0 else "bfloat16",
+    }
+    if not d["vocab_size"]:
+        raise CheckpointError(f"GGUF metadata has neither {ARCH_V4}.vocab_size nor tokenizer.ggml.tokens")
+    if key("rope.scaling.type", None) == "yarn":
+        d["rope_scaling"] = {"type": "yarn", "factor": float(key("rope.scaling.factor")),
+                             "original_max_position_embeddings": int(key("rope.scaling.original_context_length")),
+                             "beta_fast": float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                             "beta_slow": float(key("rope.scaling.yarn_beta_slow", 1.0))}
+    return ModelArgs.from_dict(d)
+
+
 def _layer_param(param: str) -> tuple[str, str] | None:
     m = re.match(r"^layers\.(\d+)\.(.*)$", param)
     return (m.group(1), m.group(2)) if m else None
 
 
-def gguf_names(param: str) -> list[str]:
-    """The GGUF tensors that make up one model tensor (two for ``wkv_b``, none when unknown)."""
-    if param in _GLOBAL:
-        return [_GLOBAL[param]]
+def gguf_names(param: str, v4: bool = False) -> list[str]:
+    """The GGUF tensors that make up one model tensor (two for V3's ``wkv_b``, none when unknown)."""
+    glob, layer_names = (_GLOBAL_V4, _LAYER_V4) if v4 else (_GLOBAL, _LAYER)
+    if param in glob:
+        return [glob[param]]
     lp = _layer_param(param)
     if lp is None:
         return []
     layer, rest = lp
-    if rest == _KV_B:
+    if rest == _KV_B and not v4:
         return [f"blk.{layer}.attn_k_b.weight", f"blk.{layer}.attn_v_b.weight"]
-    return [f"blk.{layer}.{_LAYER[rest]}"] if rest in _LAYER else []
+    return [f"blk.{layer}.{layer_names[rest]}"] if rest in layer_names else []
 
 
 def _kv_b_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
@@ -242,11 +354,13 @@ def _kv_b_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="cpu", overrides: dict | None = None,
-              prepare=None) -> nn.Module:
-    """Build the model a deepseek2 GGUF file describes and fill it, one tensor decoded at a time.
+              prepare=None, quantize: str | None = None) -> nn.Module:
+    """Build the model a deepseek2 / deepseek4 GGUF file describes and fill it, one tensor decoded at a time.
 
     ``prepare(model)`` runs on the meta device before any tensor is read, as for safetensors (an
-    expert-sharded rank then decodes only its experts' rows)."""
+    expert-sharded rank then decodes only its experts' rows). ``quantize="fp8"|"fp4"`` quantizes
+    each layer as soon as it is decoded (``sparseek.quant``: FP8 linears, experts in that format),
+    so the decoded model never exists whole; an MXFP4 file's experts keep their values exactly in FP4."""
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     path = f.path
     args = args_from_gguf(f.meta, f.tensors)
@@ -261,10 +375,10 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
     span = {f"{n}.{p}": (getattr(m, "first", 0), m.n) for n, m in model.named_modules() if isinstance(m, Experts)
             for p in ("w1", "w2", "w3")}
     expected = model.state_dict()
-    want_kv_b = _kv_b_shapes(args)
+    want_kv_b = {} if args.is_v4 else _kv_b_shapes(args)
     used, missing, bad_shape, sources = set(), [], [], {}
     for pname, ref in expected.items():
-        names = gguf_names(pname)
+        names = gguf_names(pname, args.is_v4)
         if pname == "head.weight" and names[0] not in f.tensors and "token_embd.weight" in f.tensors:
             names = ["token_embd.weight"]  # no output tensor: llama.cpp ties the head to the embedding
         if len(names) == 2 and names[0] not in f.tensors:
@@ -274,7 +388,7 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
             continue
         for n in names:
             kind = n.split(".")[2] if n.startswith("blk.") else None
-            want = want_kv_b.get(kind) or tuple(ref.shape)
+            want = (None if args.is_v4 else want_kv_b.get(kind)) or tuple(ref.shape)
             if pname in span:
                 want = (args.n_routed_experts, *ref.shape[1:])
             if f.shape(n) != want:
@@ -285,8 +399,7 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
     if missing or unexpected or bad_shape:
         raise CheckpointError(report_problems(f"GGUF model {path}", missing, unexpected, bad_shape))
 
-    state = {}
-    for pname, ref in expected.items():
+    def decoded(pname: str, ref: torch.Tensor) -> torch.Tensor:
         names = sources[pname]
         if pname in span:
             first = span[pname][0]
@@ -296,8 +409,28 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
             t = torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(ref.shape)
         else:
             t = f.read(names[0])
-        state[pname] = t.to(ref.dtype)
-    model.load_state_dict(state, assign=True, strict=True)
+        return t.to(ref.dtype)
+
+    # Layer by layer, so that with ``quantize`` one decoded layer at a time is ever held beside the
+    # quantized model (a V4-Flash GGUF decoded whole would be ~570 GB in bf16).
+    groups: dict[str, list[str]] = {}
+    for pname in expected:
+        lp = _layer_param(pname)
+        groups.setdefault(f"layers.{lp[0]}" if lp else "", []).append(pname)
+    fmt = None
+    if quantize is not None:
+        from sparseek.quant.modules import default_scale_format, quantize_model_
+
+        fmt = default_scale_format(model)
+    for prefix, pnames in groups.items():
+        module = model.get_submodule(prefix) if prefix else model
+        cut = len(prefix) + 1 if prefix else 0
+        module.load_state_dict({p[cut:]: decoded(p, expected[p]) for p in pnames}, assign=True, strict=bool(prefix))
+        if quantize is not None and prefix:
+            quantize_model_(module, experts=quantize, linears="fp8", scale_fmt=fmt)
+    left = [n for n, t in model.state_dict().items() if t.is_meta]
+    if left:  # the checks above make this unreachable; a model with a tensor never filled must not run
+        raise CheckpointError(f"GGUF model {path}: tensors left unfilled: {left[:8]}")
     model.gguf_types = {p: f.type_name(n[0]) for p, n in sources.items()}
     model = model.to(device)
     for m in model.modules():
@@ -335,12 +468,15 @@ _DEEPSEEK_LLM_SPLITS = [  # llama-vocab.cpp's, in escapes: normalising its lette
     '\\p{N}+',
 ]
 PRE_TOKENIZERS = {"deepseek-v3": _DEEPSEEK_V3_SPLITS, "deepseek-llm": _DEEPSEEK_LLM_SPLITS, "gpt-2": None}
+# names llama.cpp gives the same splits (DeepSeek-V4's vocabulary hashes to "joyai-llm" in its converter)
+_PRE_ALIASES = {"joyai-llm": "deepseek-v3"}
 _CONTROL, _USER_DEFINED = 3, 4
 
 
 def _pre_tokenizer(pre: str):
     from tokenizers import Regex, pre_tokenizers
 
+    pre = _PRE_ALIASES.get(pre, pre)
     if pre not in PRE_TOKENIZERS:
         raise CheckpointError(f"GGUF pre-tokenizer {pre!r} is not one sparseek rebuilds ({', '.join(PRE_TOKENIZERS)}): "
                               "put the model's tokenizer.json beside the file")
@@ -382,8 +518,10 @@ def tokenizer_from_gguf(meta: dict):
         i = meta.get(key)
         return tokens[int(i)] if i is not None and 0 <= int(i) < len(tokens) else None
 
+    # V4's chat format is sparseek's own (thinking modes, DSML tool calls), not the file's Jinja rendering of it
+    template = None if meta.get("general.architecture") == ARCH_V4 else meta.get("tokenizer.chat_template")
     return Tokenizer(tk, bos_token=token("tokenizer.ggml.bos_token_id"), eos_token=token("tokenizer.ggml.eos_token_id"),
-                     chat_template=meta.get("tokenizer.chat_template"))
+                     chat_template=template)
 
 
 def _pre_name(tk) -> str:
@@ -425,20 +563,26 @@ def _vocab_fields(tokenizer, vocab_size: int) -> dict:
 
 
 # ---------------------------------------------------------------------------- writing
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
-# general.file_type (llama_ftype) of each
-_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "mxfp4")
+# general.file_type (llama_ftype) of each; "mxfp4": routed experts in MXFP4 (V4's own format), other matrices Q8_0
+_ENDS = ("token_embd.weight", "output.weight")
+_FILE_TYPE = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32, "mxfp4": 38}
 
 
-def _tensor_type(name: str, shape: tuple[int, ...], qtype: str):
+def _tensor_type(name: str, shape: tuple[int, ...], qtype: str, v4: bool = False):
     """The GGML type one tensor is written in: 1-D tensors and the router in F32 (as llama.cpp's
-    converter), the output head no lower than Q8_0 (llama-quantize keeps it high too), rows that
-    do not fill whole blocks in F16 (the converter's fallback)."""
+    converter), for V4 also the hyper-connection, compressor and indexer-weight tensors; the output
+    head no lower than Q8_0 (llama-quantize keeps it high too); rows that do not fill whole blocks
+    in F16 (the converter's fallback)."""
     gguf = _gguf()
     T = gguf.GGMLQuantizationType
     if len(shape) == 1 or name.endswith(("ffn_gate_inp.weight", "exp_probs_b.bias")) or qtype == "f32":
         return T.F32
-    if name == "output.weight" and qtype.startswith(("q4", "q5")):
+    if v4 and not name.endswith(_QUANTIZABLE_V4):
+        return T.F32
+    if qtype == "mxfp4":  # DeepSeek's own layout, as llama.cpp converts it: FP4 experts, FP8 linears, bf16 ends
+        qtype = "mxfp4" if name.endswith("_exps.weight") else "bf16" if name in _ENDS else "q8_0"
+    if name == "output.weight" and qtype.startswith(("q4", "q5")):  # llama-quantize keeps the head high too
         qtype = "q8_0"
     t = T[qtype.upper()]
     block = gguf.GGML_QUANT_SIZES[t][0]
@@ -446,23 +590,25 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: str):
 
 
 def _gguf_tensors(model: nn.Module):
-    """(GGUF name, float32 numpy array) for every tensor of a V2/V3-family model, in file order."""
+    """(GGUF name, numpy array: float32, or int32 for V4's tid2eid) for every tensor of the model
+    but its MTP block, in file order."""
     args: ModelArgs = model.args
     sd = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
     out = []
     for pname in sorted(sd, key=_file_order):
-        t = sd[pname].detach().float().cpu()
-        if pname.endswith(_KV_B):
+        t = sd[pname].detach().cpu()
+        if pname.endswith(_KV_B) and not args.is_v4:
             h, nope = args.num_attention_heads, args.qk_nope_head_dim
-            kv = t.view(h, nope + args.v_head_dim, args.kv_lora_rank)
+            kv = t.float().view(h, nope + args.v_head_dim, args.kv_lora_rank)
             k_name, v_name = gguf_names(pname)
             out.append((k_name, kv[:, :nope].transpose(1, 2).contiguous().numpy()))
             out.append((v_name, kv[:, nope:].contiguous().numpy()))
             continue
-        names = gguf_names(pname)
+        names = gguf_names(pname, args.is_v4)
         if not names:
-            raise CheckpointError(f"{pname} has no GGUF name: is this a DeepSeek V2 / V3 model?")
-        out.append((names[0], t.contiguous().numpy()))
+            raise CheckpointError(f"{pname} has no GGUF name in llama.cpp's DeepSeek layout")
+        arr = t.to(torch.int32) if pname.endswith("tid2eid") else t.float()
+        out.append((names[0], arr.contiguous().numpy()))
     return out
 
 
@@ -473,21 +619,23 @@ def _file_order(pname: str):
 
 def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", name: str | None = None,
               split_max_bytes: int | None = None) -> dict:
-    """Write a V2/V3-family model (and its tokenizer) as a GGUF file for llama.cpp, atomically;
-    ``split_max_bytes`` splits it into ``<stem>-0000i-of-0000N.gguf`` parts of at most that size (the
-    hub takes files up to 50 GB). Returns {"files": [paths], "types": {tensor: GGML type}}. The MTP
-    block is left out (llama.cpp's layout has none)."""
+    """Write a DeepSeek model (and its tokenizer) as a GGUF file for llama.cpp, atomically: V2 / V3
+    / R1 as ``deepseek2``, V4 as ``deepseek4``. ``split_max_bytes`` splits it into
+    ``<stem>-0000i-of-0000N.gguf`` parts of at most that size (the hub takes files up to 50 GB).
+    Returns {"files": [paths], "types": {tensor: GGML type}}. The MTP block is left out (llama.cpp
+    keeps V4's in a separate draft file and V3's nowhere)."""
     gguf = _gguf()
     args: ModelArgs = model.args
-    if args.is_v4:
-        raise CheckpointError("GGUF export covers DeepSeek V2 / V3 / R1 (llama.cpp's 'deepseek2'); "
-                              "a DeepSeek-V4 model has no GGUF layout in sparseek yet")
     if qtype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {qtype!r}; use one of {GGUF_TYPES}")
     if any(m.__class__.__module__.startswith("sparseek.quant") for m in model.modules()):
         raise CheckpointError("the model keeps quantized layers (quantize=...): load it without, GGUF export "
                               "quantizes from the decoded weights")
-    if not args.q_lora_rank and args.num_hidden_layers not in (26, 27):
+    if args.is_v4 and (args.index_head_dim % 64 or CSA_RATIO not in args.compress_ratios[:args.num_hidden_layers]):
+        log.warning("llama.cpp's deepseek4 rotates the lightning indexer's keys by Hadamard matrices of 64 and up and "
+                    "keeps an indexer cache: it cannot run a model with index_head_dim=%d or without CSA (ratio-4) "
+                    "layers (sparseek can)", args.index_head_dim)
+    if not args.is_v4 and not args.q_lora_rank and args.num_hidden_layers not in (26, 27):
         log.warning("llama.cpp tells a V2 model without q_lora_rank (V2-Lite) by its 26 or 27 layers: it will "
                     "not load this %d-layer one (sparseek will)", args.num_hidden_layers)
     tensors = _gguf_tensors(model)
@@ -501,15 +649,21 @@ def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", n
     tmp = tempfile.mkdtemp(prefix=".sparseek-gguf-", dir=directory)  # parts appear together or not at all
     types: dict[str, str] = {}
     try:
-        w = gguf.GGUFWriter(os.path.join(tmp, os.path.basename(path)), ARCH, split_max_size=split_max_bytes or 0)
-        _write_metadata(w, args, qtype, name or "sparseek")
+        arch = ARCH_V4 if args.is_v4 else ARCH
+        w = gguf.GGUFWriter(os.path.join(tmp, os.path.basename(path)), arch, split_max_size=split_max_bytes or 0)
+        _write_general(w, qtype, name or "sparseek")
+        (_write_metadata_v4 if args.is_v4 else _write_metadata)(w, args)
         if vocab is None:
             log.warning("no tokenizer: the GGUF file carries no vocabulary (llama.cpp can run it on token ids only)")
             w.add_tokenizer_model("none")
         else:
             _write_vocab(w, vocab, tokenizer, args)
         for tname, arr in tensors:
-            t = _tensor_type(tname, arr.shape, qtype)
+            if arr.dtype == np.int32:
+                w.add_tensor(tname, arr)
+                types[tname] = "I32"
+                continue
+            t = _tensor_type(tname, arr.shape, qtype, args.is_v4)
             if t == gguf.GGMLQuantizationType.F32:
                 w.add_tensor(tname, arr.astype(np.float32))
             elif t == gguf.GGMLQuantizationType.F16:
@@ -531,12 +685,16 @@ def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", n
     return {"files": files, "types": types}
 
 
-def _write_metadata(w, args: ModelArgs, qtype: str, name: str) -> None:
+def _write_general(w, qtype: str, name: str) -> None:
     gguf = _gguf()
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_file_type(_FILE_TYPE[qtype])
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _write_metadata(w, args: ModelArgs) -> None:
+    gguf = _gguf()
     w.add_vocab_size(args.vocab_size)
     w.add_context_length(args.max_position_embeddings)
     w.add_embedding_length(args.hidden_size)
@@ -576,12 +734,54 @@ def _write_metadata(w, args: ModelArgs, qtype: str, name: str) -> None:
         if ms and ms_all and abs(ms - ms_all) > 1e-6:
             raise CheckpointError(f"YaRN mscale {ms} != mscale_all_dim {ms_all}: GGUF stores one of them "
                                   "(llama.cpp takes them equal)")
-        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
-        w.add_rope_scaling_factor(float(y["factor"]))
-        w.add_rope_scaling_orig_ctx_len(int(y["original_max_position_embeddings"]))
+        _write_yarn(w, y)
         w.add_rope_scaling_yarn_log_mul(0.1 * float(ms_all or 0.0))
-        w.add_rope_scaling_yarn_beta_fast(float(y.get("beta_fast", 32)))
-        w.add_rope_scaling_yarn_beta_slow(float(y.get("beta_slow", 1)))
+
+
+def _write_yarn(w, y: dict) -> None:
+    gguf = _gguf()
+    w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    w.add_rope_scaling_factor(float(y["factor"]))
+    w.add_rope_scaling_orig_ctx_len(int(y["original_max_position_embeddings"]))
+    w.add_rope_scaling_yarn_beta_fast(float(y.get("beta_fast", 32)))
+    w.add_rope_scaling_yarn_beta_slow(float(y.get("beta_slow", 1)))
+
+
+def _write_metadata_v4(w, args: ModelArgs) -> None:
+    """llama.cpp's deepseek4 keys (conversion/deepseek.py), in the exact value types its loader
+    checks (u32 / f32 / bool; the per-layer clamps as f32 arrays)."""
+    k = f"{ARCH_V4}."
+    n = args.num_hidden_layers
+    if args.scoring_func != "sqrtsoftplus" or args.hc_mult != 4:
+        raise CheckpointError("llama.cpp's deepseek4 runs sqrtsoftplus routing with 4 hyper-connection streams; this "
+                              f"model has {args.scoring_func!r} and hc_mult={args.hc_mult}")
+    u32 = {"block_count": n, "context_length": args.max_position_embeddings, "embedding_length": args.hidden_size,
+           "attention.head_count": args.num_attention_heads, "attention.head_count_kv": 1,
+           "expert_count": args.n_routed_experts, "expert_used_count": args.num_experts_per_tok,
+           "expert_gating_func": 4, "attention.key_length": args.head_dim, "attention.value_length": args.head_dim,
+           "rope.dimension_count": args.qk_rope_head_dim, "attention.q_lora_rank": args.q_lora_rank,
+           "attention.sliding_window": args.sliding_window, "expert_feed_forward_length": args.moe_intermediate_size,
+           "expert_shared_count": args.n_shared_experts, "attention.indexer.head_count": args.index_n_heads,
+           "attention.indexer.key_length": args.index_head_dim, "attention.indexer.top_k": args.index_topk,
+           "attention.output_group_count": args.o_groups, "attention.output_lora_rank": args.o_lora_rank,
+           "hyper_connection.count": args.hc_mult, "hyper_connection.sinkhorn_iterations": args.hc_sinkhorn_iters,
+           "hash_layer_count": args.num_hash_layers, "embedding_length_out": args.hidden_size * args.hc_mult}
+    for key, v in u32.items():
+        w.add_uint32(k + key, int(v))
+    f32 = {"rope.freq_base": args.rope_theta, "attention.layer_norm_rms_epsilon": args.rms_norm_eps,
+           "expert_weights_scale": args.routed_scaling_factor, "attention.compress_rope_freq_base": args.compress_rope_theta,
+           "hyper_connection.epsilon": args.hc_eps}
+    for key, v in f32.items():
+        w.add_float32(k + key, float(v))
+    w.add_bool(k + "expert_weights_norm", bool(args.norm_topk_prob))
+    limit = float(args.swiglu_limit or 0.0)
+    w.add_array(k + "swiglu_clamp_exp", [limit] * n)
+    # llama.cpp clamps the shared expert at this limit, or not at all at 0 (DeepSeek's reference leaves it unclamped)
+    w.add_array(k + "swiglu_clamp_shexp", [limit if args.clamp_shared_expert else 0.0] * n)
+    w.add_array(k + "attention.compress_ratios", [int(r) for r in args.compress_ratios])
+    y = args.yarn()
+    if y:
+        _write_yarn(w, y)
 
 
 def _write_vocab(w, vocab: dict, tokenizer, args: ModelArgs) -> None:

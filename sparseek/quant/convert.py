@@ -129,8 +129,8 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
 
 def export_gguf(src: str, dst: str, qtype: str = "q8_0", lora=None, report: bool = True, sources=None,
                 windows: int = 4, seq_len: int = 256, split_max_bytes: int | None = None) -> dict:
-    """``sparseek export-gguf``: write the V2/V3-family checkpoint (or preset) ``src`` as the GGUF
-    file ``dst`` for llama.cpp, and with ``report`` read the file back and compare it with the
+    """``sparseek export-gguf``: write the DeepSeek checkpoint (or preset) ``src`` as the GGUF file
+    ``dst`` for llama.cpp (V4 as ``deepseek4``, V2 / V3 / R1 as ``deepseek2``), and with ``report`` read the file back and compare it with the
     original on the same tokens (what llama.cpp's users would see of the quantization)."""
     import sparseek
     from sparseek.checkpoint.gguf import load_gguf, save_gguf

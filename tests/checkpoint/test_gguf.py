@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp's format) for the DeepSeek V2 / V3 family: export, import, tokenizer, errors.
+"""GGUF (llama.cpp's format) for DeepSeek V2 / V3 and V4: export, import, tokenizer, errors.
 
 The layout is checked against gguf-py (llama.cpp's own reader / quantizer) and against the
 converter's rules written out independently here; logits against llama.cpp itself are compared
@@ -128,41 +128,24 @@ def test_split_files_and_folder(tmp_path):
         sparseek.load(files[0])
 
 
-def test_old_layout_kv_b_and_tied_head(tmp_path):
-    """Files from before llama.cpp split kv_b carry one attn_kv_b and no key_length_mla; a file
-    without an output tensor ties the head to the embedding."""
-    model, tok = sparseek.load("debug-v3")
-    a = model.args
-    path = tmp_path / "new.gguf"
-    save_gguf(model, path, tokenizer=tok, qtype="f32")
-    f = GGUFFile(str(path))
-    old = tmp_path / "old.gguf"
-    w = gguf.GGUFWriter(str(old), "deepseek2")
-    for k, v in f.meta.items():
-        if k in ("general.architecture", "deepseek2.attention.key_length_mla", "deepseek2.attention.value_length_mla"):
-            continue
-        field = f.meta[k]
-        if k == "deepseek2.attention.key_length":
-            field = a.qk_nope_head_dim + a.qk_rope_head_dim
-        elif k == "deepseek2.attention.value_length":
-            field = a.v_head_dim
-        _add(w, k, field)
+def _rewrite(src, dst, meta=None, tensors=None, arch=None):
+    """Copy the GGUF file ``src`` to ``dst`` with metadata changed (``meta``: key -> value, None drops
+    it) and tensors replaced (``tensors(name, array)`` -> [(name, array)], [] drops it)."""
+    f = GGUFFile(str(src))
+    arch = arch or f.meta["general.architecture"]
+    w = gguf.GGUFWriter(str(dst), arch)
+    values = {**f.meta, **(meta or {})}
+    for k, v in values.items():
+        if k != "general.architecture" and v is not None:
+            _add(w, k, v)
     for n in f.tensors:
-        if n.endswith("attn_v_b.weight") or n == "output.weight":
-            continue
-        if n.endswith("attn_k_b.weight"):
-            w.add_tensor(n.replace("attn_k_b", "attn_kv_b"),
-                         model.layers[int(n.split(".")[1])].attn.wkv_b.weight.detach().numpy())
-        else:
-            w.add_tensor(n, f.read(n).numpy())
+        arr = f.read(n).numpy()
+        for name, out in (tensors(n, arr) if tensors else [(n, arr)]):
+            w.add_tensor(name, out.astype(np.int32) if out.dtype == np.int64 else out)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    back, _ = sparseek.load(str(old))
-    for i in range(a.num_hidden_layers):
-        assert torch.equal(back.layers[i].attn.wkv_b.weight, model.layers[i].attn.wkv_b.weight)
-    assert torch.equal(back.head.weight, model.embed.weight)
 
 
 def _add(w, key, value):
@@ -176,6 +159,30 @@ def _add(w, key, value):
         w.add_string(key, value)
     else:
         w.add_array(key, list(value))
+
+
+def test_old_layout_kv_b_and_tied_head(tmp_path):
+    """Files from before llama.cpp split kv_b carry one attn_kv_b and no key_length_mla; a file
+    without an output tensor ties the head to the embedding."""
+    model, tok = sparseek.load("debug-v3")
+    a = model.args
+    save_gguf(model, tmp_path / "new.gguf", tokenizer=tok, qtype="f32")
+
+    def old_layout(n, arr):
+        if n.endswith("attn_v_b.weight") or n == "output.weight":
+            return []
+        if n.endswith("attn_k_b.weight"):
+            return [(n.replace("attn_k_b", "attn_kv_b"), model.layers[int(n.split(".")[1])].attn.wkv_b.weight.detach().numpy())]
+        return [(n, arr)]
+
+    _rewrite(tmp_path / "new.gguf", tmp_path / "old.gguf", tensors=old_layout,
+             meta={"deepseek2.attention.key_length_mla": None, "deepseek2.attention.value_length_mla": None,
+                   "deepseek2.attention.key_length": a.qk_nope_head_dim + a.qk_rope_head_dim,
+                   "deepseek2.attention.value_length": a.v_head_dim})
+    back, _ = sparseek.load(str(tmp_path / "old.gguf"))
+    for i in range(a.num_hidden_layers):
+        assert torch.equal(back.layers[i].attn.wkv_b.weight, model.layers[i].attn.wkv_b.weight)
+    assert torch.equal(back.head.weight, model.embed.weight)
 
 
 def test_deepseek_v3_pre_tokenizer_round_trip():
@@ -200,35 +207,22 @@ def test_deepseek_v3_pre_tokenizer_round_trip():
 
 def test_errors_name_the_problem(tmp_path):
     model, tok = sparseek.load("debug-v3")
-    v4, _ = sparseek.load("debug", tokenizer=False)
-    with pytest.raises(CheckpointError, match="DeepSeek-V4 model has no GGUF layout"):
-        save_gguf(v4, tmp_path / "v4.gguf")
     with pytest.raises(ValueError, match="unknown GGUF type"):
         save_gguf(model, tmp_path / "x.gguf", qtype="q3_k")
     path = tmp_path / "m.gguf"
     save_gguf(model, path, tokenizer=tok, qtype="f32")
-    f = GGUFFile(str(path))
     bad = tmp_path / "bad.gguf"
-    w = gguf.GGUFWriter(str(bad), "llama")
-    w.add_block_count(1)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    _rewrite(path, bad, arch="llama")
     with pytest.raises(CheckpointError, match="architecture 'llama' is not DeepSeek's"):
         sparseek.load(str(bad))
-    w = gguf.GGUFWriter(str(bad), "deepseek2")
-    for k, val in f.meta.items():
-        if k != "general.architecture":
-            _add(w, k, val)
-    for n in f.tensors:
-        if n != "blk.2.ffn_up_exps.weight":
-            arr = f.read(n).numpy()
-            w.add_tensor(n, arr[:, :-1] if n == "blk.1.attn_q_b.weight" else arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def broken(n, arr):
+        return [] if n == "blk.2.ffn_up_exps.weight" else [(n, arr[:, :-1] if n == "blk.1.attn_q_b.weight" else arr)]
+
+    _rewrite(path, bad, tensors=broken, meta={"deepseek2.expert_count": None})
+    with pytest.raises(CheckpointError, match="deepseek2.expert_count is missing"):
+        sparseek.load(str(bad))
+    _rewrite(path, bad, tensors=broken)
     with pytest.raises(CheckpointError) as e:
         sparseek.load(str(bad))
     assert "blk.2.ffn_up_exps.weight" in str(e.value) and "blk.1.attn_q_b.weight" in str(e.value)
@@ -249,3 +243,93 @@ def test_cli_export_gguf(tmp_path, capsys):
     llm = sparseek.LLM(str(out))
     res = llm.generate(["def f"], sparseek.SamplingParams(max_tokens=4, temperature=0))
     assert len(res[0].token_ids) == 4
+    assert main(["info", str(out)]) == 0
+    info = capsys.readouterr().out
+    assert '"model_type": "deepseek_v3"' in info and '"layers": 3' in info
+
+
+def test_v4_round_trip_and_layout(tmp_path):
+    """V4 as llama.cpp's deepseek4: official names one to one, tid2eid as I32 on hash layers (no router
+    bias there), compressors / indexers only where the layer has them, the keys in the types its
+    loader checks; the file loads back to the same model (MTP aside)."""
+    model, tok = sparseek.load("debug")
+    a = model.args
+    path = tmp_path / "v4.gguf"
+    save_gguf(model, path, tokenizer=tok, qtype="f32")
+    f = GGUFFile(str(path))
+    m = f.meta
+    assert m["general.architecture"] == "deepseek4" and m["deepseek4.expert_gating_func"] == 4
+    assert list(m["deepseek4.attention.compress_ratios"]) == a.compress_ratios
+    assert m["deepseek4.hyper_connection.count"] == 4 and m["deepseek4.hash_layer_count"] == a.num_hash_layers
+    assert list(m["deepseek4.swiglu_clamp_shexp"]) == [0.0] * a.num_hidden_layers  # the reference leaves it unclamped
+    types = {k: f.tensors[k].tensor_type.name for k in f.tensors}
+    assert types["blk.0.ffn_gate_tid2eid.weight"] == "I32" and "blk.0.exp_probs_b.bias" not in f.tensors
+    assert torch.equal(f.read("blk.0.ffn_gate_tid2eid.weight"), model.layers[0].ffn.gate.tid2eid)
+    assert "blk.1.exp_probs_b.bias" in f.tensors and "blk.1.ffn_gate_tid2eid.weight" not in f.tensors
+    assert "blk.0.attn_compressor_kv.weight" not in f.tensors  # a sliding-window layer
+    assert "blk.1.indexer.attn_q_b.weight" in f.tensors and "blk.2.indexer.attn_q_b.weight" not in f.tensors
+    assert f.shape("blk.1.attn_compressor_ape.weight") == (4, 2 * a.head_dim)  # CSA: overlapping halves
+    assert not [n for n in f.tensors if n.startswith("blk.") and int(n.split(".")[1]) >= a.num_hidden_layers]
+    back, tok2 = sparseek.load(str(path))
+    assert back.args.is_v4 and len(back.mtp) == 0 and back.args.compress_ratios == a.compress_ratios[:a.num_hidden_layers]
+    for field in ("head_dim", "o_groups", "o_lora_rank", "sliding_window", "index_topk", "index_head_dim",
+                  "num_hash_layers", "swiglu_limit", "clamp_shared_expert", "hc_sinkhorn_iters", "compress_rope_theta",
+                  "routed_scaling_factor", "rope_scaling"):
+        assert getattr(back.args, field) == pytest.approx(getattr(a, field)), field
+    sd = model.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    ids = torch.randint(0, a.vocab_size, (1, 40))  # past the 16-token window: compressed attention in use
+    assert torch.equal(_logits(back, ids), _logits(model, ids))
+    assert tok2.encode(TEXTS[0]) == tok.encode(TEXTS[0])
+
+    # DeepSeek's own layout (FP4 experts, FP8-like Q8_0 linears, bf16 ends) and a clamped shared expert
+    clamped, _ = sparseek.load("debug", clamp_shared_expert=True)
+    save_gguf(clamped, path, tokenizer=tok, qtype="mxfp4")
+    f = GGUFFile(str(path))
+    kinds = {n: f.type_name(n) for n in f.tensors}
+    assert kinds["blk.1.ffn_gate_exps.weight"] == "MXFP4" and kinds["blk.1.attn_q_b.weight"] == "Q8_0"
+    assert kinds["token_embd.weight"] == "BF16" and kinds["blk.1.hc_attn_fn.weight"] == "F32"
+    assert kinds["blk.1.attn_compressor_kv.weight"] == "F32" and kinds["blk.1.indexer.proj.weight"] == "F32"
+    assert sparseek.load(str(path))[0].args.clamp_shared_expert
+    _rewrite(path, tmp_path / "mtp.gguf", meta={"deepseek4.nextn_predict_layers": 1})
+    with pytest.raises(CheckpointError, match="MTP block"):
+        sparseek.load(str(tmp_path / "mtp.gguf"))
+
+
+def test_v4_file_chat_template_is_not_used(tmp_path):
+    """A V4 file's Jinja template (llama.cpp's converter embeds one) yields to sparseek's own V4 chat
+    format; V3's template is kept."""
+    model, tok = sparseek.load("debug")
+    path = tmp_path / "v4.gguf"
+    tok.chat_template = "{{ messages }}"
+    save_gguf(model, path, tokenizer=tok, qtype="f32")
+    assert GGUFFile(str(path)).meta["tokenizer.chat_template"] == "{{ messages }}"
+    assert sparseek.load(str(path))[1].chat_template is None
+    v3, tok3 = sparseek.load("debug-v3")
+    tok3.chat_template = "{{ messages }}"
+    save_gguf(v3, tmp_path / "v3.gguf", tokenizer=tok3, qtype="f32")
+    assert sparseek.load(str(tmp_path / "v3.gguf"))[1].chat_template == "{{ messages }}"
+
+
+def test_quantize_while_loading(tmp_path):
+    """quantize="fp4" on a GGUF quantizes each layer as it is decoded: the same model as loading
+    then quantizing, and an MXFP4 file's experts keep their values exactly."""
+    from sparseek.quant import QuantExperts, QuantLinear, quantize_model_
+
+    model, tok = sparseek.load("debug")
+    path = tmp_path / "v4.gguf"
+    save_gguf(model, path, tokenizer=tok, qtype="mxfp4")
+    streamed, _ = sparseek.load(str(path), quantize="fp4", dtype="float32")
+    whole, _ = sparseek.load(str(path), dtype="float32")
+    gguf_experts = whole.layers[1].ffn.experts.w1.detach().clone()
+    quantize_model_(whole, experts="fp4")
+    assert isinstance(streamed.layers[1].ffn.experts, QuantExperts)
+    assert isinstance(streamed.layers[1].attn.wq_b, QuantLinear)
+    sd, sd2 = whole.state_dict(), streamed.state_dict()
+    assert set(sd) == set(sd2)
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k]), k
+    assert torch.equal(streamed.layers[1].ffn.experts.decoded("w1", torch.float32), gguf_experts)
+    ids = torch.randint(0, model.args.vocab_size, (1, 24))
+    assert torch.equal(_logits(streamed, ids), _logits(whole, ids))
