@@ -62,7 +62,9 @@ def llama_row(path: str, prompt: list[int], n: int, rounds: int) -> tuple[float,
 def sparseek_row(path: str, dtype: str, prompt: list[int], n: int, rounds: int, compile_: bool) -> tuple[float, float]:
     from sparseek.engine import LLM, SamplingParams
 
-    llm = LLM(path, dtype=dtype, compile=compile_, max_seq_len=len(prompt) + n + 8, prefix_cache_bytes=0)
+    # one row: the compiled step runs max_batch_size rows whatever the batch
+    llm = LLM(path, dtype=dtype, compile=compile_, max_batch_size=1, max_seq_len=len(prompt) + n + 8,
+              prefix_cache_bytes=0)
     first = SamplingParams(max_tokens=1, temperature=0, ignore_eos=True)
     full = SamplingParams(max_tokens=n + 1, temperature=0, ignore_eos=True)
     best_prefill, best_full = float("inf"), float("inf")
