@@ -170,6 +170,32 @@ def _routing_near_ties(model, ids: list[int], eps: float = 1e-4) -> list[int]:
     return [int(i) for i in torch.nonzero(torch.stack(gaps).min(0).values < eps).flatten()]
 
 
+def _template_check() -> str:
+    """The prompts llama-cpp-python's chat formatter renders from ``v4_jinja_template`` against
+    sparseek's own V4 encoder, both modes, with tools, tool calls and results."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from sparseek.tokenizer.chat import BOS, EOS, encode_messages, v4_jinja_template
+
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Zürich", "days": 2}}}
+    convs = [[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+              {"role": "assistant", "content": "hello", "reasoning_content": "greet"}, {"role": "user", "content": "2+2?"}],
+             [{"role": "system", "content": "", "tools": [weather]}, {"role": "user", "content": "weather?"},
+              {"role": "assistant", "content": "", "reasoning_content": "ask", "tool_calls": [call]},
+              {"role": "tool", "content": "sunny"}, {"role": "user", "content": "thanks"}]]
+    same = total = 0
+    for conv in convs:
+        tools = [t for m in conv for t in m.get("tools") or ()] or None
+        plain = [{k: v for k, v in m.items() if k != "tools"} for m in conv]
+        for thinking in (False, True):
+            fmt = Jinja2ChatFormatter(v4_jinja_template(), eos_token=EOS, bos_token=BOS)
+            got = fmt(messages=plain, tools=tools, thinking=thinking).prompt
+            total += 1
+            same += got == encode_messages(conv, thinking_mode="thinking" if thinking else "chat")
+    return f"{same}/{total} prompts equal to sparseek's encoder's (2 conversations x chat / thinking)"
+
+
 def _quantize_with_llama_cpp(src: str, dst: str, ftype: int) -> None:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
@@ -355,6 +381,8 @@ def main() -> None:
         save_gguf(m, path, tokenizer=t, qtype="f32")
         same, n, bad = _tokenize(path, texts)
         say(f"{title:<60} {same}/{n} texts tokenized identically" + (f"; differ: {', '.join(bad[:5])}" if bad else ""))
+    say("\n== V4's chat template (written into V4 GGUF files) rendered by llama-cpp-python's Jinja2ChatFormatter ==")
+    say(_template_check())
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
             f.write("\n".join(lines) + "\n")

@@ -198,7 +198,8 @@ def args_from_gguf(meta: dict, tensors) -> ModelArgs:
     if arch == ARCH_V4:
         return _args_v4(meta, key)
 
-    rope = int(key("rope.dimension_count"))
+    d = _read_keys(_V3_KEYS, key)
+    rope = d["qk_rope_head_dim"]
     nope_mla, v_mla = key("attention.key_length_mla", None), key("attention.value_length_mla", None)
     if nope_mla is None:  # files from before the k_b / v_b split: key_length = nope + rope per head
         nope, v = int(key("attention.key_length")) - rope, int(key("attention.value_length"))
@@ -206,48 +207,30 @@ def args_from_gguf(meta: dict, tensors) -> ModelArgs:
         nope, v = int(nope_mla) - rope, int(v_mla)
     sigmoid = int(key("expert_gating_func", 1)) == 2  # llama.cpp's default for V2 files: softmax
     n_group = int(key("expert_group_count", 1) or 1)
-    heads = int(key("attention.head_count"))
-    layers = int(key("block_count"))
-    first_moe = int(key("leading_dense_block_count", 0))
-    biased = f"blk.{first_moe}.exp_probs_b.bias" in tensors
+    biased = f"blk.{d['first_k_dense_replace']}.exp_probs_b.bias" in tensors
     tokens = meta.get("tokenizer.ggml.tokens")
     vocab = int(key("vocab_size", len(tokens) if tokens else 0))
     if not vocab:
         raise CheckpointError(f"GGUF metadata has neither {ARCH}.vocab_size nor tokenizer.ggml.tokens")
     q_rank = key("attention.q_lora_rank", None)
-    d = {
+    d.update({
         "model_type": V3 if sigmoid else V2,
         "vocab_size": vocab,
-        "hidden_size": int(key("embedding_length")),
-        "intermediate_size": int(key("feed_forward_length")),
-        "moe_intermediate_size": int(key("expert_feed_forward_length")),
-        "num_hidden_layers": layers,
-        "first_k_dense_replace": first_moe,
-        "num_attention_heads": heads,
-        "num_key_value_heads": heads,
+        "num_key_value_heads": d["num_attention_heads"],
         "q_lora_rank": int(q_rank) if q_rank else None,
-        "kv_lora_rank": int(key("attention.kv_lora_rank")),
         "qk_nope_head_dim": nope,
-        "qk_rope_head_dim": rope,
         "v_head_dim": v,
-        "n_routed_experts": int(key("expert_count")),
-        "n_shared_experts": int(key("expert_shared_count", 1)),
-        "num_experts_per_tok": int(key("expert_used_count")),
         "n_group": n_group,
         "topk_group": int(key("expert_group_used_count", 1) or 1),
         "topk_method": "noaux_tc" if biased else ("group_limited_greedy" if n_group > 1 else "greedy"),
         "scoring_func": "sigmoid" if sigmoid else "softmax",
         "norm_topk_prob": bool(key("expert_weights_norm", False)),
-        "routed_scaling_factor": float(key("expert_weights_scale", 1.0)),
         "num_nextn_predict_layers": 0,  # the converter drops the MTP layer
-        "max_position_embeddings": int(key("context_length")),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon", 1e-6)),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "tie_word_embeddings": False,
         "torch_dtype": "float32" if int(meta.get("general.file_type", 1)) == 0 else "bfloat16",
-    }
+    })
     scaling = key("rope.scaling.type", None)
     if scaling == "yarn":
         ms = round(float(key("rope.scaling.yarn_log_multiplier", 0.0)) / 0.1, 6)
@@ -259,6 +242,50 @@ def args_from_gguf(meta: dict, tensors) -> ModelArgs:
     elif scaling not in (None, "none"):
         raise CheckpointError(f"GGUF rope scaling {scaling!r}: DeepSeek models use 'yarn' or none")
     return ModelArgs.from_dict(d)
+
+
+# ModelArgs fields <-> GGUF keys ({arch}.key) in the value types llama.cpp's loaders check, with
+# the default llama.cpp takes where a file has none (_REQUIRED: none)
+_REQUIRED = object()
+_SHARED_KEYS = [
+    ("hidden_size", "embedding_length", int, _REQUIRED), ("num_hidden_layers", "block_count", int, _REQUIRED),
+    ("max_position_embeddings", "context_length", int, _REQUIRED),
+    ("num_attention_heads", "attention.head_count", int, _REQUIRED),
+    ("qk_rope_head_dim", "rope.dimension_count", int, _REQUIRED), ("n_routed_experts", "expert_count", int, _REQUIRED),
+    ("num_experts_per_tok", "expert_used_count", int, _REQUIRED),
+    ("moe_intermediate_size", "expert_feed_forward_length", int, _REQUIRED),
+    ("n_shared_experts", "expert_shared_count", int, 1), ("rope_theta", "rope.freq_base", float, 10000.0),
+    ("rms_norm_eps", "attention.layer_norm_rms_epsilon", float, 1e-6),
+    ("routed_scaling_factor", "expert_weights_scale", float, 1.0),
+]
+_V3_KEYS = _SHARED_KEYS + [
+    ("intermediate_size", "feed_forward_length", int, _REQUIRED),
+    ("first_k_dense_replace", "leading_dense_block_count", int, 0),
+    ("kv_lora_rank", "attention.kv_lora_rank", int, _REQUIRED),
+]
+_V4_KEYS = _SHARED_KEYS + [
+    ("head_dim", "attention.key_length", int, _REQUIRED), ("q_lora_rank", "attention.q_lora_rank", int, _REQUIRED),
+    ("o_groups", "attention.output_group_count", int, _REQUIRED),
+    ("o_lora_rank", "attention.output_lora_rank", int, _REQUIRED),
+    ("sliding_window", "attention.sliding_window", int, _REQUIRED),
+    ("index_n_heads", "attention.indexer.head_count", int, _REQUIRED),
+    ("index_head_dim", "attention.indexer.key_length", int, _REQUIRED),
+    ("index_topk", "attention.indexer.top_k", int, _REQUIRED), ("num_hash_layers", "hash_layer_count", int, _REQUIRED),
+    ("hc_mult", "hyper_connection.count", int, _REQUIRED),
+    ("hc_sinkhorn_iters", "hyper_connection.sinkhorn_iterations", int, _REQUIRED),
+    ("compress_rope_theta", "attention.compress_rope_freq_base", float, _REQUIRED),
+    ("hc_eps", "hyper_connection.epsilon", float, _REQUIRED), ("norm_topk_prob", "expert_weights_norm", bool, _REQUIRED),
+]
+
+
+def _read_keys(table, key) -> dict:
+    return {field: kind(key(name) if default is _REQUIRED else key(name, default)) for field, name, kind, default in table}
+
+
+def _write_keys(w, arch: str, table, args: ModelArgs) -> None:
+    add = {int: w.add_uint32, float: w.add_float32, bool: w.add_bool}
+    for field, name, kind, _ in table:
+        add[kind](f"{arch}.{name}", kind(getattr(args, field)))
 
 
 def _args_v4(meta: dict, key) -> ModelArgs:
@@ -277,47 +304,22 @@ def _args_v4(meta: dict, key) -> ModelArgs:
     if len(ratios) < layers:
         raise CheckpointError(f"GGUF {ARCH_V4}.attention.compress_ratios has {len(ratios)} entries for {layers} layers")
     tokens = meta.get("tokenizer.ggml.tokens")
-    d = {
+    d = _read_keys(_V4_KEYS, key)
+    d.update({
         "model_type": "deepseek_v4",
         "vocab_size": int(key("vocab_size", len(tokens) if tokens else 0)) or None,
-        "hidden_size": int(key("embedding_length")),
-        "num_hidden_layers": layers,
-        "num_attention_heads": int(key("attention.head_count")),
         "num_key_value_heads": 1,
-        "head_dim": int(key("attention.key_length")),
-        "qk_rope_head_dim": int(key("rope.dimension_count")),
-        "q_lora_rank": int(key("attention.q_lora_rank")),
-        "o_groups": int(key("attention.output_group_count")),
-        "o_lora_rank": int(key("attention.output_lora_rank")),
-        "sliding_window": int(key("attention.sliding_window")),
         "compress_ratios": ratios[:layers],
-        "compress_rope_theta": float(key("attention.compress_rope_freq_base")),
-        "index_n_heads": int(key("attention.indexer.head_count")),
-        "index_head_dim": int(key("attention.indexer.key_length")),
-        "index_topk": int(key("attention.indexer.top_k")),
-        "n_routed_experts": int(key("expert_count")),
-        "num_experts_per_tok": int(key("expert_used_count")),
-        "n_shared_experts": int(key("expert_shared_count")),
-        "moe_intermediate_size": int(key("expert_feed_forward_length")),
-        "num_hash_layers": int(key("hash_layer_count")),
         "scoring_func": "sqrtsoftplus",
         "topk_method": "noaux_tc",
-        "norm_topk_prob": bool(key("expert_weights_norm")),
-        "routed_scaling_factor": float(key("expert_weights_scale")),
         "swiglu_limit": clamp[0],
         # llama.cpp clamps the shared expert too unless its limit is 0
         "clamp_shared_expert": shexp[0] > 1e-6,
-        "hc_mult": int(key("hyper_connection.count")),
-        "hc_sinkhorn_iters": int(key("hyper_connection.sinkhorn_iterations")),
-        "hc_eps": float(key("hyper_connection.epsilon")),
         "num_nextn_predict_layers": 0,  # the converter writes the MTP block to a separate file
-        "max_position_embeddings": int(key("context_length")),
-        "rope_theta": float(key("rope.freq_base", 10000.0)),
-        "rms_norm_eps": float(key("attention.layer_norm_rms_epsilon")),
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "torch_dtype": "float32" if int(meta.get("general.file_type", 1)) == 0 else "bfloat16",
-    }
+    })
     if not d["vocab_size"]:
         raise CheckpointError(f"GGUF metadata has neither {ARCH_V4}.vocab_size nor tokenizer.ggml.tokens")
     if key("rope.scaling.type", None) == "yarn":
@@ -695,29 +697,17 @@ def _write_general(w, qtype: str, name: str) -> None:
 
 def _write_metadata(w, args: ModelArgs) -> None:
     gguf = _gguf()
+    _write_keys(w, ARCH, _V3_KEYS, args)
     w.add_vocab_size(args.vocab_size)
-    w.add_context_length(args.max_position_embeddings)
-    w.add_embedding_length(args.hidden_size)
-    w.add_block_count(args.num_hidden_layers)
-    w.add_feed_forward_length(args.intermediate_size)
-    w.add_head_count(args.num_attention_heads)
     w.add_head_count_kv(1)  # MLA: one latent "head" shared by all
-    w.add_rope_freq_base(args.rope_theta)
-    w.add_layer_norm_rms_eps(args.rms_norm_eps)
-    w.add_leading_dense_block_count(args.first_k_dense_replace)
     if args.q_lora_rank:
         w.add_q_lora_rank(args.q_lora_rank)
-    w.add_kv_lora_rank(args.kv_lora_rank)
+    # MLA as llama.cpp runs it: MQA over the latent (key = latent + rope) ...
     w.add_key_length(args.kv_lora_rank + args.qk_rope_head_dim)
     w.add_value_length(args.kv_lora_rank)
+    # ... decompressed per head by attn_k_b / attn_v_b
     w.add_key_length_mla(args.qk_nope_head_dim + args.qk_rope_head_dim)
     w.add_value_length_mla(args.v_head_dim)
-    w.add_rope_dimension_count(args.qk_rope_head_dim)
-    w.add_expert_feed_forward_length(args.moe_intermediate_size)
-    w.add_expert_count(args.n_routed_experts)
-    w.add_expert_shared_count(args.n_shared_experts)
-    w.add_expert_used_count(args.num_experts_per_tok)
-    w.add_expert_weights_scale(args.routed_scaling_factor)
     if args.norm_topk_prob:  # as the converter: absent means false
         w.add_expert_weights_norm(True)
     if args.scoring_func not in ("sigmoid", "softmax"):
@@ -755,25 +745,10 @@ def _write_metadata_v4(w, args: ModelArgs) -> None:
     if args.scoring_func != "sqrtsoftplus" or args.hc_mult != 4:
         raise CheckpointError("llama.cpp's deepseek4 runs sqrtsoftplus routing with 4 hyper-connection streams; this "
                               f"model has {args.scoring_func!r} and hc_mult={args.hc_mult}")
-    u32 = {"block_count": n, "context_length": args.max_position_embeddings, "embedding_length": args.hidden_size,
-           "attention.head_count": args.num_attention_heads, "attention.head_count_kv": 1,
-           "expert_count": args.n_routed_experts, "expert_used_count": args.num_experts_per_tok,
-           "expert_gating_func": 4, "attention.key_length": args.head_dim, "attention.value_length": args.head_dim,
-           "rope.dimension_count": args.qk_rope_head_dim, "attention.q_lora_rank": args.q_lora_rank,
-           "attention.sliding_window": args.sliding_window, "expert_feed_forward_length": args.moe_intermediate_size,
-           "expert_shared_count": args.n_shared_experts, "attention.indexer.head_count": args.index_n_heads,
-           "attention.indexer.key_length": args.index_head_dim, "attention.indexer.top_k": args.index_topk,
-           "attention.output_group_count": args.o_groups, "attention.output_lora_rank": args.o_lora_rank,
-           "hyper_connection.count": args.hc_mult, "hyper_connection.sinkhorn_iterations": args.hc_sinkhorn_iters,
-           "hash_layer_count": args.num_hash_layers, "embedding_length_out": args.hidden_size * args.hc_mult}
-    for key, v in u32.items():
-        w.add_uint32(k + key, int(v))
-    f32 = {"rope.freq_base": args.rope_theta, "attention.layer_norm_rms_epsilon": args.rms_norm_eps,
-           "expert_weights_scale": args.routed_scaling_factor, "attention.compress_rope_freq_base": args.compress_rope_theta,
-           "hyper_connection.epsilon": args.hc_eps}
-    for key, v in f32.items():
-        w.add_float32(k + key, float(v))
-    w.add_bool(k + "expert_weights_norm", bool(args.norm_topk_prob))
+    _write_keys(w, ARCH_V4, _V4_KEYS, args)
+    for name, v in (("attention.head_count_kv", 1), ("expert_gating_func", 4),
+                    ("attention.value_length", args.head_dim), ("embedding_length_out", args.hidden_size * args.hc_mult)):
+        w.add_uint32(k + name, int(v))
     limit = float(args.swiglu_limit or 0.0)
     w.add_array(k + "swiglu_clamp_exp", [limit] * n)
     # llama.cpp clamps the shared expert at this limit, or not at all at 0 (DeepSeek's reference leaves it unclamped)
@@ -800,3 +775,7 @@ def _write_vocab(w, vocab: dict, tokenizer, args: ModelArgs) -> None:
     w.add_add_eos_token(False)
     if tokenizer.chat_template:
         w.add_chat_template(tokenizer.chat_template)
+    elif args.is_v4:  # V4's format as Jinja, for llama.cpp's chat and the apps built on it
+        from sparseek.tokenizer.chat import v4_jinja_template
+
+        w.add_chat_template(v4_jinja_template())

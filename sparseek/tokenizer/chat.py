@@ -20,6 +20,7 @@ and tool results come back inside one user turn as ``<tool_result>...</tool_resu
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass, field
@@ -788,3 +789,73 @@ def parse_completion(text: str, thinking_mode: ThinkingMode = "chat") -> Message
     parser.feed(text)
     parser.finish()
     return parser.message()
+
+
+@functools.cache
+def v4_jinja_template() -> str:
+    """DeepSeek-V4's chat format as a Jinja chat template, for runtimes that render one (llama.cpp,
+    Ollama, LM Studio, transformers' ``apply_chat_template``): what ``encode_messages`` writes for
+    conversations of system, user, assistant (reasoning, tool calls with object arguments) and tool
+    messages, with tools passed beside the messages (``tools=``) and ``thinking`` /
+    ``enable_thinking`` choosing the mode. Task tokens, developer and latest_reminder messages,
+    response formats and reasoning effort are sparseek's encoder's alone (the template refuses
+    the roles). Built from the encoder's own constants, so the two cannot drift apart."""
+    def lit(text: str) -> str:  # a Jinja string literal
+        return json.dumps(text, ensure_ascii=False)
+
+    head, tail = TOOLS_TEMPLATE.split("{tool_schemas}")
+    return "".join([
+        "{%- set think = (thinking is defined and thinking) or (enable_thinking is defined and enable_thinking) -%}",
+        "{%- set has_tools = tools is defined and tools -%}",
+        "{%- set ns = namespace(last_user=-1, prev='', tools_done=false) -%}",
+        "{%- for m in messages -%}{%- if m.role in ['user', 'tool'] -%}{%- set ns.last_user = loop.index0 -%}",
+        "{%- endif -%}{%- endfor -%}",
+        "{%- macro tools_block() -%}",
+        "{{- ", lit("\n\n" + head), " -}}",
+        "{%- for t in tools -%}{{- (t.function | tojson) + (", lit("\n"), " if not loop.last else '') -}}{%- endfor -%}",
+        "{{- ", lit(tail), " -}}",
+        "{%- endmacro -%}",
+        "{{- bos_token -}}",
+        "{%- if has_tools and (not messages or messages[0].role != 'system') -%}{{- tools_block() -}}",
+        "{%- set ns.tools_done = true -%}{%- endif -%}",
+        "{%- for m in messages -%}",
+        "{%- if m.role == 'system' -%}",
+        "{{- m.content or '' -}}",
+        "{%- if has_tools and not ns.tools_done -%}{{- tools_block() -}}{%- set ns.tools_done = true -%}{%- endif -%}",
+        "{%- elif m.role in ['user', 'tool'] -%}",
+        "{%- if ns.prev in ['user', 'tool'] -%}{{- ", lit("\n\n"), " -}}{%- else -%}{{- ", lit(USER), " -}}{%- endif -%}",
+        "{%- if m.role == 'tool' -%}{{- '<tool_result>' + (m.content or '') + '</tool_result>' -}}",
+        "{%- else -%}{{- m.content or '' -}}{%- endif -%}",
+        "{%- set next_role = messages[loop.index0 + 1].role if not loop.last else '' -%}",
+        "{%- if next_role == 'assistant' or (loop.last and add_generation_prompt) -%}",
+        "{{- ", lit(ASSISTANT), " + (", lit(THINK_START), " if think and (has_tools or loop.index0 >= ns.last_user) else ",
+        lit(THINK_END), ") -}}",
+        "{%- endif -%}",
+        "{%- elif m.role == 'assistant' -%}",
+        "{%- if think and (has_tools or loop.index0 > ns.last_user) -%}{{- (m.reasoning_content or '') + ",
+        lit(THINK_END), " -}}{%- endif -%}",
+        "{{- m.content or '' -}}",
+        "{%- if m.tool_calls -%}",
+        "{{- ", lit(TOOL_CALLS_START + "\n"), " -}}",
+        "{%- for c in m.tool_calls -%}",
+        "{%- set f = c.function if c.function is defined else c -%}",
+        "{%- if f.arguments is not mapping -%}{{- raise_exception('tool call arguments must be an object (a JSON ",
+        "string is for sparseek\\'s own encoder)') -}}{%- endif -%}",
+        "{{- ", lit(INVOKE_OPEN), " + f.name + ", lit('">\n'), " -}}",
+        "{%- if not f.arguments -%}{{- ", lit("\n"), " -}}{%- endif -%}",
+        "{%- for k, v in f.arguments.items() -%}",
+        "{%- if v is string -%}{{- ", lit(PARAM_OPEN), " + k + ", lit('" string="true">'), " + v -}}",
+        "{%- else -%}{{- ", lit(PARAM_OPEN), " + k + ", lit('" string="false">'), " + (v | tojson) -}}{%- endif -%}",
+        "{{- ", lit(PARAM_CLOSE + "\n"), " -}}",
+        "{%- endfor -%}",
+        "{{- ", lit(INVOKE_CLOSE), " + (", lit("\n"), " if not loop.last else '') -}}",
+        "{%- endfor -%}",
+        "{{- ", lit("\n" + TOOL_CALLS_END), " -}}",
+        "{%- endif -%}",
+        "{{- eos_token -}}",
+        "{%- else -%}{{- raise_exception('role ' + m.role + ' has no place in this template: use sparseek\\'s ",
+        "DeepSeek-V4 encoder') -}}",
+        "{%- endif -%}",
+        "{%- set ns.prev = m.role -%}",
+        "{%- endfor -%}",
+    ])

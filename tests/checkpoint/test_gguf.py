@@ -298,10 +298,15 @@ def test_v4_round_trip_and_layout(tmp_path):
 
 
 def test_v4_file_chat_template_is_not_used(tmp_path):
-    """A V4 file's Jinja template (llama.cpp's converter embeds one) yields to sparseek's own V4 chat
-    format; V3's template is kept."""
+    """V4 files carry V4's format as a Jinja template (for llama.cpp's chat); read back, a V4 file's
+    template (llama.cpp's converter embeds its own) yields to sparseek's encoder; V3's is kept."""
+    from sparseek.tokenizer.chat import v4_jinja_template
+
     model, tok = sparseek.load("debug")
     path = tmp_path / "v4.gguf"
+    save_gguf(model, path, tokenizer=tok, qtype="f32")  # no template of its own: V4's format as Jinja
+    assert GGUFFile(str(path)).meta["tokenizer.chat_template"] == v4_jinja_template()
+    assert sparseek.load(str(path))[1].chat_template is None
     tok.chat_template = "{{ messages }}"
     save_gguf(model, path, tokenizer=tok, qtype="f32")
     assert GGUFFile(str(path)).meta["tokenizer.chat_template"] == "{{ messages }}"

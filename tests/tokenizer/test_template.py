@@ -215,3 +215,60 @@ def test_templates_without_a_tool_layout_refuse_forced_calls(tok):
     assert tok.tool_markup() is None  # V4's format: DSML
     with pytest.raises(ChatFormatError, match="writes none that sparseek reads back"):
         _with(tok, R1_STYLE).tool_markup()
+
+
+# DeepSeek-V4's format as a Jinja template (what GGUF exports carry for llama.cpp and the like)
+V4_CONVERSATIONS = [
+    [{"role": "user", "content": "hi"}],
+    [{"role": "user", "content": "look it up"},
+     {"role": "assistant", "content": "", "tool_calls": [{"type": "function",
+                                                          "function": {"name": "search", "arguments": {"q": "x"}}}]},
+     {"role": "tool", "content": "found"}, {"role": "user", "content": "and now? ü"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "hello", "reasoning_content": "greet back"}, {"role": "user", "content": "2+2?"}],
+    [{"role": "system", "content": "S", "tools": [WEATHER]}, {"role": "user", "content": "weather in Paris?"},
+     {"role": "assistant", "content": "", "reasoning_content": "ask the tool",
+      "tool_calls": [{"id": "a", "type": "function",
+                      "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 3, "o": {"k": [1, "é"]}}}},
+                     {"id": "b", "type": "function", "function": {"name": "now", "arguments": {}}}]},
+     {"role": "tool", "tool_call_id": "a", "content": "sunny"}, {"role": "tool", "tool_call_id": "b", "content": "noon"},
+     {"role": "assistant", "content": "Sunny.", "reasoning_content": "done"}, {"role": "user", "content": "thanks"}],
+    [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}, {"role": "assistant", "content": "c"}],
+]
+
+
+@pytest.mark.parametrize("conv", range(len(V4_CONVERSATIONS)))
+@pytest.mark.parametrize("thinking", [False, True])
+def test_v4_jinja_template_renders_the_encoder_s_prompt(conv, thinking):
+    """Rendered by sparseek's Jinja environment and by transformers', the V4 template gives the
+    prompt sparseek's own encoder writes (tools on a system message there, passed beside the
+    messages to a template)."""
+    transformers = pytest.importorskip("transformers")
+    from sparseek.tokenizer import deepseek_v4
+    from sparseek.tokenizer.chat import BOS, EOS, encode_messages, v4_jinja_template
+
+    messages = V4_CONVERSATIONS[conv]
+    want = encode_messages(messages, thinking_mode="thinking" if thinking else "chat")
+    gen = messages[-1]["role"] != "assistant"
+    got = render_chat_template(v4_jinja_template(), messages, bos_token=BOS, eos_token=EOS, thinking=thinking,
+                               add_generation_prompt=gen)
+    assert got == want
+    tools = [t for m in messages for t in m.get("tools") or ()] or None
+    plain = [{k: v for k, v in m.items() if k != "tools"} for m in messages]
+    tok = deepseek_v4()
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.tk, bos_token=BOS, eos_token=EOS)
+    assert hf.apply_chat_template(plain, chat_template=v4_jinja_template(), tools=tools, tokenize=False,
+                                  add_generation_prompt=gen, thinking=thinking) == want
+
+
+def test_v4_jinja_template_tools_without_a_system_message_and_refusals():
+    from sparseek.tokenizer.chat import BOS, EOS, encode_messages, v4_jinja_template
+
+    messages = [{"role": "user", "content": "weather?"}]
+    got = render_chat_template(v4_jinja_template(), messages, bos_token=BOS, eos_token=EOS, tools=[WEATHER])
+    assert got == encode_messages([{"role": "system", "content": "", "tools": [WEATHER]}] + messages)
+    with pytest.raises(ChatFormatError, match="role developer"):
+        render_chat_template(v4_jinja_template(), [{"role": "developer", "content": "x"}], bos_token=BOS, eos_token=EOS)
+    call = {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": '{"a": 1}'}}]}
+    with pytest.raises(ChatFormatError, match="arguments must be an object"):
+        render_chat_template(v4_jinja_template(), messages + [call], bos_token=BOS, eos_token=EOS)
