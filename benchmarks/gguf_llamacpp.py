@@ -230,28 +230,40 @@ runpy.run_path(os.path.join(root, "convert_hf_to_gguf.py"), run_name="__main__")
 """
 
 
-def _converter_diff(src: str, name: str, qtype: str, tmp: str) -> str:
+def _converter_diff(src: str, name: str, qtype: str, tmp: str) -> list[str]:
     """Convert ``name`` with llama.cpp's converter and with sparseek; compare the two files. V4's
     converter takes DeepSeek's own layout (FP4 experts, FP8 linears: what ``sparseek quantize``
     writes) and nothing else, so for V4 both sides start from that checkpoint; sparseek reads it
-    decoded and writes ``mxfp4`` (FP4 experts, Q8_0 linears)."""
+    decoded and writes ``mxfp4`` (FP4 experts, Q8_0 linears), and the MTP draft file (the
+    converter's ``--mtp``) is compared too."""
     import subprocess
 
     from sparseek.quant.convert import quantize_checkpoint
 
     hf = os.path.join(tmp, f"{name}-hf")
     model, tok = sparseek.load(name)
-    if model.args.is_v4:
+    v4 = model.args.is_v4
+    if v4:
         quantize_checkpoint(name, hf, report=False)
         model, tok = sparseek.load(hf, dtype="float32")
     else:
         sparseek.save(model, hf, tokenizer=tok)
-    theirs, ours = os.path.join(tmp, f"{name}-conv-{qtype}.gguf"), os.path.join(tmp, f"{name}-ours-{qtype}.gguf")
-    proc = subprocess.run([sys.executable, "-c", _CONVERT, src, hf, "--outtype", "f32" if qtype == "mxfp4" else qtype,
-                           "--outfile", theirs], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return f"{name} {qtype}: the converter failed: {proc.stderr.strip().splitlines()[-1]}"
-    save_gguf(model, ours, tokenizer=tok, qtype=qtype)
+    ours = os.path.join(tmp, f"{name}-ours-{qtype}.gguf")
+    files = save_gguf(model, ours, tokenizer=tok, qtype=qtype, mtp=v4)["files"]
+    lines = []
+    for flag, mine in zip(([], ["--mtp"]), files):
+        theirs = os.path.join(tmp, f"{name}-conv-{qtype}{'-mtp' if flag else ''}.gguf")
+        proc = subprocess.run([sys.executable, "-c", _CONVERT, src, hf, "--outtype", "f32" if qtype == "mxfp4" else qtype,
+                               "--outfile", theirs, *flag], capture_output=True, text=True)
+        label = f"{name:<9} {qtype:<5}{' MTP draft file' if flag else ''}"
+        if proc.returncode != 0:
+            lines.append(f"{label}: the converter failed: {proc.stderr.strip().splitlines()[-1]}")
+        else:
+            lines.append(f"{label} {_diff_files(mine, theirs)}")
+    return lines
+
+
+def _diff_files(ours: str, theirs: str) -> str:
     a, b = GGUFFile(ours), GGUFFile(theirs)
     same_bytes, same_values, types, values = 0, [], [], []
     for n in b.tensors:
@@ -269,7 +281,7 @@ def _converter_diff(src: str, name: str, qtype: str, tmp: str) -> str:
     extra = sorted(set(a.tensors) - set(b.tensors))
     cosmetic = {"general.name", "general.size_label", "general.type", "general.file_type"}
     keys = sorted(k for k in set(a.meta) | set(b.meta) if k not in cosmetic and a.meta.get(k) != b.meta.get(k))
-    line = f"{name:<9} {qtype:<5} {len(b.tensors)} tensors: {same_bytes} identical in type and bytes"
+    line = f"{len(b.tensors)} tensors: {same_bytes} identical in type and bytes"
     if same_values:
         kinds = sorted({a.type_name(n) for n in same_values})
         line += f", {len(same_values)} ({'/'.join(kinds)}) identical in decoded values, encoded differently"
@@ -299,10 +311,10 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="gguf-bench-")
     if a.llama_cpp_src:
         say("\n== export vs llama.cpp's converter (convert_hf_to_gguf.py) on the same checkpoint ==")
-        for name in ("debug-v3", "debug-v2"):
-            for qtype in ("f32", "f16", "bf16", "q8_0"):
-                say(_converter_diff(a.llama_cpp_src, name, qtype, tmp))
-        say(_converter_diff(a.llama_cpp_src, "nano", "mxfp4", tmp))
+        for name, qtype in [(n, q) for n in ("debug-v3", "debug-v2") for q in ("f32", "f16", "bf16", "q8_0")] + [
+                ("nano", "mxfp4")]:
+            for line in _converter_diff(a.llama_cpp_src, name, qtype, tmp):
+                say(line)
         say("  (V4: the converter keeps a tensor in its source's type, here the embedding and head in F32; sparseek "
             "writes them in BF16, the official checkpoint's type. swiglu_clamp_shexp: the converter always clamps the "
             "shared expert, sparseek writes 0 unless the model clamps it: DeepSeek's reference does not. It also "

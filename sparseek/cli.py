@@ -309,7 +309,7 @@ def cmd_export_gguf(a) -> int:
     from sparseek.quant.convert import export_gguf
 
     res = export_gguf(a.model, a.out, qtype=a.type, lora=a.lora, report=not a.no_report, sources=a.eval_data,
-                      windows=a.eval_windows, seq_len=a.eval_len, split_max_bytes=_size(a.split_max_size))
+                      windows=a.eval_windows, seq_len=a.eval_len, split_max_bytes=_size(a.split_max_size), mtp=a.mtp)
     files = res["files"]
     print(f"{files[0]}{f' (+{len(files) - 1} parts)' if len(files) > 1 else ''}: {res['disk_bytes'] / 1e9:.3f} GB, "
           f"tensors {res['types']}, {res['seconds']:.1f} s")
@@ -538,6 +538,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="text to compare the models on (default: the Python standard library)")
     p.add_argument("--eval-windows", type=int, default=4)
     p.add_argument("--eval-len", type=int, default=256, help="tokens per window")
+    p.add_argument("--mtp", action="store_true",
+                   help="V4: also write the MTP block as llama.cpp's draft file, mtp-<name>.gguf beside the model")
     p.add_argument("--no-report", action="store_true", help="skip reading the file back and comparing")
     p.set_defaults(fn=cmd_export_gguf)
 

@@ -103,7 +103,7 @@ _LAYER_V4 = {
 # the big matrices: what a GGUF type other than F32 applies to (the rest stays F32, as the converter keeps them)
 _QUANTIZABLE_V4 = ("token_embd.weight", "output.weight", "attn_q_a.weight", "attn_q_b.weight", "attn_kv.weight",
                    "attn_output_a.weight", "attn_output_b.weight", "indexer.attn_q_b.weight", "_exps.weight",
-                   "_shexp.weight")
+                   "_shexp.weight", "nextn.eh_proj.weight")
 _SPLIT = re.compile(r"^(.*)-(\d{5})-of-(\d{5})\.gguf$")
 
 
@@ -335,11 +335,26 @@ def _layer_param(param: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
-def gguf_names(param: str, v4: bool = False) -> list[str]:
-    """The GGUF tensors that make up one model tensor (two for V3's ``wkv_b``, none when unknown)."""
+# V4's MTP block in llama.cpp's draft file (``--mtp``): block num_hidden_layers, its e_proj and h_proj
+# side by side in one eh_proj [D, 2D], its HC head as the file's output_hc_*
+_MTP_V4 = {"enorm.weight": "nextn.enorm.weight", "hnorm.weight": "nextn.hnorm.weight",
+           "norm.weight": "nextn.shared_head_norm.weight", "e_proj.weight": "nextn.eh_proj.weight",
+           "h_proj.weight": "nextn.eh_proj.weight"}
+
+
+def gguf_names(param: str, v4: bool = False, n_layers: int | None = None) -> list[str]:
+    """The GGUF tensors that make up one model tensor (two for V3's ``wkv_b``, none when unknown);
+    V4's ``mtp.0.*`` (given ``n_layers``) name tensors of llama.cpp's MTP draft file."""
     glob, layer_names = (_GLOBAL_V4, _LAYER_V4) if v4 else (_GLOBAL, _LAYER)
     if param in glob:
         return [glob[param]]
+    m = re.match(r"^mtp\.0\.(.*)$", param)
+    if m and v4 and n_layers is not None:
+        rest = m.group(1)
+        if rest in ("hc_head_fn", "hc_head_base", "hc_head_scale"):
+            return [_GLOBAL_V4[rest]]
+        name = _MTP_V4.get(rest) or layer_names.get(rest)
+        return [f"blk.{n_layers}.{name}"] if name else []
     lp = _layer_param(param)
     if lp is None:
         return []
@@ -349,6 +364,30 @@ def gguf_names(param: str, v4: bool = False) -> list[str]:
     return [f"blk.{layer}.{layer_names[rest]}"] if rest in layer_names else []
 
 
+def _mtp_file(f: GGUFFile, args: ModelArgs, mtp) -> "GGUFFile | None":
+    """llama.cpp's V4 MTP draft file for the model in ``f`` (see ``load_gguf``), checked to fit it."""
+    if mtp is False or not args.is_v4:
+        if mtp not in (None, False):
+            raise CheckpointError("an MTP draft file goes with a DeepSeek-V4 GGUF model (llama.cpp keeps V3's MTP nowhere)")
+        return None
+    if mtp is None or mtp is True:
+        guess = os.path.join(os.path.dirname(f.path), "mtp-" + os.path.basename(f.path))
+        if not os.path.isfile(guess):
+            if mtp is True:
+                raise CheckpointError(f"no MTP draft file beside {f.path} (looked for {guess})")
+            return None
+        mtp = guess
+    draft = GGUFFile(mtp)
+    n = args.num_hidden_layers
+    meta = draft.meta
+    if meta.get("general.architecture") != ARCH_V4 or int(meta.get(f"{ARCH_V4}.nextn_predict_layers", 0)) != 1 \
+            or int(meta.get(f"{ARCH_V4}.block_count", 0)) != n + 1:
+        raise CheckpointError(f"{mtp} is not the MTP draft file of this {n}-layer DeepSeek-V4 model (a deepseek4 "
+                              f"file with nextn_predict_layers = 1 and block_count = {n + 1})")
+    log.info("MTP block from %s", mtp)
+    return draft
+
+
 def _kv_b_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     h, r = args.num_attention_heads, args.kv_lora_rank
     return {"attn_k_b": (h, r, args.qk_nope_head_dim), "attn_v_b": (h, args.v_head_dim, r),
@@ -356,16 +395,22 @@ def _kv_b_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
 
 
 def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="cpu", overrides: dict | None = None,
-              prepare=None, quantize: str | None = None) -> nn.Module:
+              prepare=None, quantize: str | None = None, mtp: "str | bool | None" = None) -> nn.Module:
     """Build the model a deepseek2 / deepseek4 GGUF file describes and fill it, one tensor decoded at a time.
 
     ``prepare(model)`` runs on the meta device before any tensor is read, as for safetensors (an
     expert-sharded rank then decodes only its experts' rows). ``quantize="fp8"|"fp4"`` quantizes
     each layer as soon as it is decoded (``sparseek.quant``: FP8 linears, experts in that format),
-    so the decoded model never exists whole; an MXFP4 file's experts keep their values exactly in FP4."""
+    so the decoded model never exists whole; an MXFP4 file's experts keep their values exactly in FP4.
+    ``mtp``: V4's MTP block from llama.cpp's draft file (its converter's ``--mtp``): a path, or by
+    default the ``mtp-<name>`` file beside this one when there is one (False: none)."""
     f = path if isinstance(path, GGUFFile) else GGUFFile(path)
     path = f.path
     args = args_from_gguf(f.meta, f.tensors)
+    draft = _mtp_file(f, args, mtp)
+    if draft is not None:
+        ratios = [int(r) for r in draft.meta[f"{ARCH_V4}.attention.compress_ratios"]]
+        args = args.replace(num_nextn_predict_layers=1, compress_ratios=ratios[:args.num_hidden_layers + 1])
     if overrides:
         args = args.replace(**overrides)
     if dtype is None:
@@ -378,39 +423,49 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
             for p in ("w1", "w2", "w3")}
     expected = model.state_dict()
     want_kv_b = {} if args.is_v4 else _kv_b_shapes(args)
-    used, missing, bad_shape, sources = set(), [], [], {}
+    used: dict[int, set] = {id(f): set(), id(draft): set()}
+    missing, bad_shape, sources = [], [], {}
     for pname, ref in expected.items():
-        names = gguf_names(pname, args.is_v4)
+        src = draft if pname.startswith("mtp.") and draft is not None else f
+        names = gguf_names(pname, args.is_v4, args.num_hidden_layers)
         if pname == "head.weight" and names[0] not in f.tensors and "token_embd.weight" in f.tensors:
             names = ["token_embd.weight"]  # no output tensor: llama.cpp ties the head to the embedding
-        if len(names) == 2 and names[0] not in f.tensors:
+        if len(names) == 2 and names[0] not in src.tensors:
             names = [names[0].replace("attn_k_b", "attn_kv_b")]  # before the split
-        if not names or any(n not in f.tensors for n in names):
-            missing.append(f"{pname} (GGUF {' + '.join(names) or '?'})")
+        if not names or any(n not in src.tensors for n in names):
+            missing.append(f"{pname} (GGUF {' + '.join(names) or '?'}{' in ' + src.path if src is draft else ''})")
             continue
+        half = {"e_proj.weight": 0, "h_proj.weight": 1}.get(pname.removeprefix("mtp.0.")) if src is draft else None
         for n in names:
             kind = n.split(".")[2] if n.startswith("blk.") else None
             want = (None if args.is_v4 else want_kv_b.get(kind)) or tuple(ref.shape)
             if pname in span:
                 want = (args.n_routed_experts, *ref.shape[1:])
-            if f.shape(n) != want:
-                bad_shape.append(f"{n}: file {list(f.shape(n))} ({f.type_name(n)}), model expects {list(want)}")
-        used.update(names)
-        sources[pname] = names
-    unexpected = [n for n in f.tensors if n not in used and n != "rope_freqs.weight"]
+            if half is not None:
+                want = (ref.shape[0], 2 * ref.shape[1])
+            if src.shape(n) != want:
+                bad_shape.append(f"{n}: file {list(src.shape(n))} ({src.type_name(n)}), model expects {list(want)}")
+        used[id(src)].update(names)
+        sources[pname] = (src, names, half)
+    unexpected = [n for n in f.tensors if n not in used[id(f)] and n != "rope_freqs.weight"]
+    if draft is not None:  # the draft file repeats the embedding, the final norm and the head
+        unexpected += [f"{n} in {draft.path}" for n in draft.tensors if n not in used[id(draft)]
+                       and n not in ("token_embd.weight", "output_norm.weight", "output.weight")]
     if missing or unexpected or bad_shape:
         raise CheckpointError(report_problems(f"GGUF model {path}", missing, unexpected, bad_shape))
 
     def decoded(pname: str, ref: torch.Tensor) -> torch.Tensor:
-        names = sources[pname]
+        src, names, half = sources[pname]
         if pname in span:
             first = span[pname][0]
-            t = f.read(names[0], slice(first, first + ref.shape[0]))
+            t = src.read(names[0], slice(first, first + ref.shape[0]))
         elif len(names) == 2:  # k_b [H, r, nope] and v_b [H, v, r] back into kv_b [H * (nope + v), r]
-            k_b, v_b = f.read(names[0]), f.read(names[1])
+            k_b, v_b = src.read(names[0]), src.read(names[1])
             t = torch.cat([k_b.transpose(1, 2), v_b], dim=1).reshape(ref.shape)
         else:
-            t = f.read(names[0])
+            t = src.read(names[0])
+            if half is not None:  # e_proj | h_proj side by side
+                t = t.chunk(2, dim=1)[half]
         return t.to(ref.dtype)
 
     # Layer by layer, so that with ``quantize`` one decoded layer at a time is ever held beside the
@@ -418,7 +473,8 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
     groups: dict[str, list[str]] = {}
     for pname in expected:
         lp = _layer_param(pname)
-        groups.setdefault(f"layers.{lp[0]}" if lp else "", []).append(pname)
+        block = re.match(r"^mtp\.\d+", pname)
+        groups.setdefault(f"layers.{lp[0]}" if lp else block.group(0) if block else "", []).append(pname)
     fmt = None
     if quantize is not None:
         from sparseek.quant.modules import default_scale_format, quantize_model_
@@ -433,7 +489,7 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
     left = [n for n, t in model.state_dict().items() if t.is_meta]
     if left:  # the checks above make this unreachable; a model with a tensor never filled must not run
         raise CheckpointError(f"GGUF model {path}: tensors left unfilled: {left[:8]}")
-    model.gguf_types = {p: f.type_name(n[0]) for p, n in sources.items()}
+    model.gguf_types = {p: src.type_name(n[0]) for p, (src, n, _) in sources.items()}
     model = model.to(device)
     for m in model.modules():
         if isinstance(m, Experts):
@@ -614,25 +670,47 @@ def _gguf_tensors(model: nn.Module):
     return out
 
 
+def _gguf_mtp_tensors(model: nn.Module):
+    """The tensors of llama.cpp's V4 MTP draft file: the embedding, final norm and head, the MTP
+    block as block num_hidden_layers (its e_proj | h_proj as one eh_proj) and its HC head."""
+    n = model.args.num_hidden_layers
+    sd = model.state_dict()
+    out = [(gguf_names(p, True)[0], sd[p].detach().float().cpu().contiguous().numpy())
+           for p in ("embed.weight", "norm.weight", "head.weight")]
+    for pname in sorted((p for p in sd if p.startswith("mtp.0.") and not p.endswith("h_proj.weight")), key=_file_order):
+        t = sd[pname].detach().cpu()
+        if pname.endswith("e_proj.weight"):
+            t = torch.cat([t, sd["mtp.0.h_proj.weight"].detach().cpu()], dim=1)  # e first, as the converter
+        names = gguf_names(pname, True, n)
+        if not names:
+            raise CheckpointError(f"{pname} has no GGUF name in llama.cpp's DeepSeek-V4 MTP layout")
+        arr = t.to(torch.int32) if pname.endswith("tid2eid") else t.float()
+        out.append((names[0], arr.contiguous().numpy()))
+    return out
+
+
 def _file_order(pname: str):
     lp = _layer_param(pname)
     return (1, int(lp[0]), pname) if lp else (0 if pname.startswith("embed") else 2, 0, pname)
 
 
 def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", name: str | None = None,
-              split_max_bytes: int | None = None) -> dict:
+              split_max_bytes: int | None = None, mtp: bool = False) -> dict:
     """Write a DeepSeek model (and its tokenizer) as a GGUF file for llama.cpp, atomically: V2 / V3
     / R1 as ``deepseek2``, V4 as ``deepseek4``. ``split_max_bytes`` splits it into
     ``<stem>-0000i-of-0000N.gguf`` parts of at most that size (the hub takes files up to 50 GB).
-    Returns {"files": [paths], "types": {tensor: GGML type}}. The MTP block is left out (llama.cpp
-    keeps V4's in a separate draft file and V3's nowhere)."""
-    gguf = _gguf()
+    The MTP block is not in it (llama.cpp keeps V4's in a separate draft file, V3's nowhere); with
+    ``mtp`` a V4 model's goes to ``mtp-<name>.gguf`` beside it, as llama.cpp's converter writes it
+    (``--mtp``), which ``load_gguf`` then finds. Returns {"files": [paths], "types": {tensor:
+    GGML type}}."""
     args: ModelArgs = model.args
     if qtype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {qtype!r}; use one of {GGUF_TYPES}")
     if any(m.__class__.__module__.startswith("sparseek.quant") for m in model.modules()):
         raise CheckpointError("the model keeps quantized layers (quantize=...): load it without, GGUF export "
                               "quantizes from the decoded weights")
+    if mtp and not (args.is_v4 and len(model.mtp)):
+        raise CheckpointError("mtp=True writes a DeepSeek-V4 model's MTP block, and this model has none")
     if args.is_v4 and (args.index_head_dim % 64 or CSA_RATIO not in args.compress_ratios[:args.num_hidden_layers]):
         log.warning("llama.cpp's deepseek4 rotates the lightning indexer's keys by Hadamard matrices of 64 and up and "
                     "keeps an indexer cache: it cannot run a model with index_head_dim=%d or without CSA (ratio-4) "
@@ -640,51 +718,66 @@ def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", n
     if not args.is_v4 and not args.q_lora_rank and args.num_hidden_layers not in (26, 27):
         log.warning("llama.cpp tells a V2 model without q_lora_rank (V2-Lite) by its 26 or 27 layers: it will "
                     "not load this %d-layer one (sparseek will)", args.num_hidden_layers)
-    tensors = _gguf_tensors(model)
     vocab = _vocab_fields(tokenizer, args.vocab_size) if tokenizer is not None else None
-
+    if vocab is None:
+        log.warning("no tokenizer: the GGUF file carries no vocabulary (llama.cpp can run it on token ids only)")
     path = os.path.abspath(os.fspath(path))
     if not path.endswith(".gguf"):
         raise ValueError(f"a GGUF file's name ends in .gguf: {path}")
     directory = os.path.dirname(path)
     os.makedirs(directory, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=".sparseek-gguf-", dir=directory)  # parts appear together or not at all
+    tmp = tempfile.mkdtemp(prefix=".sparseek-gguf-", dir=directory)  # files appear together or not at all
     types: dict[str, str] = {}
     try:
-        arch = ARCH_V4 if args.is_v4 else ARCH
-        w = gguf.GGUFWriter(os.path.join(tmp, os.path.basename(path)), arch, split_max_size=split_max_bytes or 0)
-        _write_general(w, qtype, name or "sparseek")
-        (_write_metadata_v4 if args.is_v4 else _write_metadata)(w, args)
-        if vocab is None:
-            log.warning("no tokenizer: the GGUF file carries no vocabulary (llama.cpp can run it on token ids only)")
-            w.add_tokenizer_model("none")
-        else:
-            _write_vocab(w, vocab, tokenizer, args)
-        for tname, arr in tensors:
-            if arr.dtype == np.int32:
-                w.add_tensor(tname, arr)
-                types[tname] = "I32"
-                continue
-            t = _tensor_type(tname, arr.shape, qtype, args.is_v4)
-            if t == gguf.GGMLQuantizationType.F32:
-                w.add_tensor(tname, arr.astype(np.float32))
-            elif t == gguf.GGMLQuantizationType.F16:
-                w.add_tensor(tname, arr.astype(np.float16))
-            else:
-                q = gguf.quants.quantize(arr, t)
-                w.add_tensor(tname, q, raw_shape=q.shape, raw_dtype=t)
-            types[tname] = t.name
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
+        out = [(os.path.basename(path), args, _gguf_tensors(model), {})]
+        if mtp:  # the draft file: L + 1 blocks, the last the MTP block
+            draft_args = args.replace(num_hidden_layers=args.num_hidden_layers + 1, num_nextn_predict_layers=0)
+            out.append(("mtp-" + os.path.basename(path), draft_args, _gguf_mtp_tensors(model),
+                        {f"{ARCH_V4}.nextn_predict_layers": 1}))
+        for fname, file_args, tensors, extra in out:
+            types.update(_write_file(os.path.join(tmp, fname), file_args, tensors, extra, qtype, name or "sparseek",
+                                     vocab, tokenizer, split_max_bytes))
         files = []
-        for f in sorted(os.listdir(tmp)):
+        for f in sorted(os.listdir(tmp), key=lambda n: (n.startswith("mtp-"), n)):
             os.replace(os.path.join(tmp, f), os.path.join(directory, f))
             files.append(os.path.join(directory, f))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return {"files": files, "types": types}
+
+
+def _write_file(path: str, args: ModelArgs, tensors, extra: dict, qtype: str, name: str, vocab, tokenizer,
+                split_max_bytes: int | None) -> dict[str, str]:
+    gguf = _gguf()
+    w = gguf.GGUFWriter(path, ARCH_V4 if args.is_v4 else ARCH, split_max_size=split_max_bytes or 0)
+    _write_general(w, qtype, name)
+    (_write_metadata_v4 if args.is_v4 else _write_metadata)(w, args)
+    for key, value in extra.items():
+        w.add_uint32(key, value)
+    if vocab is None:
+        w.add_tokenizer_model("none")
+    else:
+        _write_vocab(w, vocab, tokenizer, args)
+    types = {}
+    for tname, arr in tensors:
+        if arr.dtype == np.int32:
+            w.add_tensor(tname, arr)
+            types[tname] = "I32"
+            continue
+        t = _tensor_type(tname, arr.shape, qtype, args.is_v4)
+        if t == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(tname, arr.astype(np.float32))
+        elif t == gguf.GGMLQuantizationType.F16:
+            w.add_tensor(tname, arr.astype(np.float16))
+        else:
+            q = gguf.quants.quantize(arr, t)
+            w.add_tensor(tname, q, raw_shape=q.shape, raw_dtype=t)
+        types[tname] = t.name
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return types
 
 
 def _write_general(w, qtype: str, name: str) -> None:

@@ -128,7 +128,7 @@ def quantize_checkpoint(src: str, dst: str, experts: str | None = "fp4", linears
 
 
 def export_gguf(src: str, dst: str, qtype: str = "q8_0", lora=None, report: bool = True, sources=None,
-                windows: int = 4, seq_len: int = 256, split_max_bytes: int | None = None) -> dict:
+                windows: int = 4, seq_len: int = 256, split_max_bytes: int | None = None, mtp: bool = False) -> dict:
     """``sparseek export-gguf``: write the DeepSeek checkpoint (or preset) ``src`` as the GGUF file
     ``dst`` for llama.cpp (V4 as ``deepseek4``, V2 / V3 / R1 as ``deepseek2``), and with ``report`` read the file back and compare it with the
     original on the same tokens (what llama.cpp's users would see of the quantization)."""
@@ -141,12 +141,12 @@ def export_gguf(src: str, dst: str, qtype: str = "q8_0", lora=None, report: bool
     if report:
         wins, origin = eval_windows(tok, model.args.vocab_size, sources, windows, seq_len)
         ref = next_token_logprobs(model, wins)
-    res = save_gguf(model, dst, tokenizer=tok, qtype=qtype, split_max_bytes=split_max_bytes)
+    res = save_gguf(model, dst, tokenizer=tok, qtype=qtype, split_max_bytes=split_max_bytes, mtp=mtp)
     out.update(files=res["files"], disk_bytes=sum(os.path.getsize(f) for f in res["files"]),
                types={t: sum(1 for v in res["types"].values() if v == t) for t in sorted(set(res["types"].values()))})
     if report:
         del model
-        back = load_gguf(res["files"][0], dtype=torch.float32).eval()
+        back = load_gguf(res["files"][0], dtype=torch.float32, mtp=False).eval()
         out["report"] = {"data": origin, **compare(ref, next_token_logprobs(back, wins), wins)}
     out["seconds"] = time.perf_counter() - t0
     return out

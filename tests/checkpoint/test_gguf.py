@@ -338,3 +338,35 @@ def test_quantize_while_loading(tmp_path):
     assert torch.equal(streamed.layers[1].ffn.experts.decoded("w1", torch.float32), gguf_experts)
     ids = torch.randint(0, model.args.vocab_size, (1, 24))
     assert torch.equal(_logits(streamed, ids), _logits(whole, ids))
+
+
+def test_v4_mtp_draft_file(tmp_path):
+    """mtp=True writes V4's MTP block as llama.cpp's draft file (mtp-<name>.gguf: block L, e_proj |
+    h_proj as one eh_proj, its HC head as output_hc_*), which loading finds beside the model."""
+    model, tok = sparseek.load("debug")
+    a = model.args
+    res = save_gguf(model, tmp_path / "v4.gguf", tokenizer=tok, qtype="f32", mtp=True)
+    assert [p.rsplit("/", 1)[1] for p in res["files"]] == ["v4.gguf", "mtp-v4.gguf"]
+    d = GGUFFile(res["files"][1])
+    n = a.num_hidden_layers
+    assert d.meta["deepseek4.nextn_predict_layers"] == 1 and d.meta["deepseek4.block_count"] == n + 1
+    assert len(d.meta["deepseek4.swiglu_clamp_exp"]) == n + 1
+    eh = d.read(f"blk.{n}.nextn.eh_proj.weight")
+    assert torch.equal(eh, torch.cat([model.mtp[0].e_proj.weight, model.mtp[0].h_proj.weight], dim=1))
+    assert torch.equal(d.read("output_hc_fn.weight"), model.mtp[0].hc_head_fn)
+    assert not [t for t in d.tensors if t.startswith("blk.") and int(t.split(".")[1]) != n]
+    back, _ = sparseek.load(res["files"][0])
+    assert len(back.mtp) == 1 and back.args.num_nextn_predict_layers == 1
+    sd = model.state_dict()
+    for k, v in back.state_dict().items():
+        assert torch.equal(v, sd[k]), k
+    assert len(sparseek.load(res["files"][0], tokenizer=False)[0].mtp) == 1
+    from sparseek.checkpoint.gguf import load_gguf
+
+    assert len(load_gguf(res["files"][0], mtp=False).mtp) == 0
+    with pytest.raises(CheckpointError, match="not the MTP draft file"):
+        load_gguf(res["files"][0], mtp=res["files"][0])
+    llm = sparseek.LLM(res["files"][0], speculative_tokens=2)  # MTP speculative decoding from GGUF files
+    plain = sparseek.LLM(res["files"][0])
+    params = sparseek.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    assert llm.generate([[5, 6, 7]], params)[0].token_ids == plain.generate([[5, 6, 7]], params)[0].token_ids
