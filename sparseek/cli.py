@@ -310,8 +310,10 @@ def cmd_export_gguf(a) -> int:
 
     res = export_gguf(a.model, a.out, qtype=a.type, lora=a.lora, report=not a.no_report, sources=a.eval_data,
                       windows=a.eval_windows, seq_len=a.eval_len, split_max_bytes=_size(a.split_max_size), mtp=a.mtp)
-    files = res["files"]
-    print(f"{files[0]}{f' (+{len(files) - 1} parts)' if len(files) > 1 else ''}: {res['disk_bytes'] / 1e9:.3f} GB, "
+    files = [f for f in res["files"] if not os.path.basename(f).startswith("mtp-")]
+    drafts = [f for f in res["files"] if f not in files]
+    print(f"{files[0]}{f' (+{len(files) - 1} parts)' if len(files) > 1 else ''}"
+          f"{f' and its MTP draft file {drafts[0]}' if drafts else ''}: {res['disk_bytes'] / 1e9:.3f} GB, "
           f"tensors {res['types']}, {res['seconds']:.1f} s")
     if "report" in res:
         r = res["report"]

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -647,45 +648,67 @@ def _tensor_type(name: str, shape: tuple[int, ...], qtype: str, v4: bool = False
     return t if shape[-1] % block == 0 else T.F16
 
 
-def _gguf_tensors(model: nn.Module):
-    """(GGUF name, numpy array: float32, or int32 for V4's tid2eid) for every tensor of the model
-    but its MTP block, in file order."""
+def _decoders(model: nn.Module) -> dict:
+    """Model tensor name -> (shape, a function giving it in float32, int32 for tid2eid): a
+    layer kept quantized in memory (``sparseek.quant``: DeepSeek's FP8 / FP4) is decoded only when
+    its turn to be written comes, so exporting never holds the model decoded whole."""
+    from sparseek.quant.modules import QuantExperts, QuantLinear
+
+    sd = model.state_dict()
+    out = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            out[f"{mname}.weight"] = ((m.out_features, m.in_features), lambda m=m: m.dequantize(torch.float32))
+        elif isinstance(m, QuantExperts):
+            for w in m.shapes:
+                out[f"{mname}.{w}"] = ((m.n, *m.shapes[w]), lambda m=m, w=w: m.decoded(w, torch.float32))
+    quantized = {k for name in out for k in (name, name + "_scale", name.removesuffix(".weight") + ".scale")}
+    for k, v in sd.items():
+        if k not in quantized:
+            out[k] = (tuple(v.shape), lambda v=v, k=k: v.detach().to(torch.int32 if k.endswith("tid2eid") else torch.float32))
+    return out
+
+
+def _gguf_tensors(model: nn.Module, decode: dict):
+    """(GGUF name, shape, function giving the tensor) for every tensor of the model but its MTP
+    block, in file order."""
     args: ModelArgs = model.args
-    sd = {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}
     out = []
-    for pname in sorted(sd, key=_file_order):
-        t = sd[pname].detach().cpu()
+    for pname in sorted((p for p in decode if not p.startswith("mtp.")), key=_file_order):
+        shape, get = decode[pname]
         if pname.endswith(_KV_B) and not args.is_v4:
-            h, nope = args.num_attention_heads, args.qk_nope_head_dim
-            kv = t.float().view(h, nope + args.v_head_dim, args.kv_lora_rank)
+            h, nope, v, r = args.num_attention_heads, args.qk_nope_head_dim, args.v_head_dim, args.kv_lora_rank
+
+            def part(get=get, k: bool = True):
+                kv = get().view(h, nope + v, r)
+                return kv[:, :nope].transpose(1, 2) if k else kv[:, nope:]
+
             k_name, v_name = gguf_names(pname)
-            out.append((k_name, kv[:, :nope].transpose(1, 2).contiguous().numpy()))
-            out.append((v_name, kv[:, nope:].contiguous().numpy()))
+            out += [(k_name, (h, r, nope), lambda part=part: part(k=True)),
+                    (v_name, (h, v, r), lambda part=part: part(k=False))]
             continue
         names = gguf_names(pname, args.is_v4)
         if not names:
             raise CheckpointError(f"{pname} has no GGUF name in llama.cpp's DeepSeek layout")
-        arr = t.to(torch.int32) if pname.endswith("tid2eid") else t.float()
-        out.append((names[0], arr.contiguous().numpy()))
+        out.append((names[0], shape, get))
     return out
 
 
-def _gguf_mtp_tensors(model: nn.Module):
+def _gguf_mtp_tensors(model: nn.Module, decode: dict):
     """The tensors of llama.cpp's V4 MTP draft file: the embedding, final norm and head, the MTP
     block as block num_hidden_layers (its e_proj | h_proj as one eh_proj) and its HC head."""
     n = model.args.num_hidden_layers
-    sd = model.state_dict()
-    out = [(gguf_names(p, True)[0], sd[p].detach().float().cpu().contiguous().numpy())
-           for p in ("embed.weight", "norm.weight", "head.weight")]
-    for pname in sorted((p for p in sd if p.startswith("mtp.0.") and not p.endswith("h_proj.weight")), key=_file_order):
-        t = sd[pname].detach().cpu()
-        if pname.endswith("e_proj.weight"):
-            t = torch.cat([t, sd["mtp.0.h_proj.weight"].detach().cpu()], dim=1)  # e first, as the converter
+    out = [(gguf_names(p, True)[0], *decode[p]) for p in ("embed.weight", "norm.weight", "head.weight")]
+    for pname in sorted((p for p in decode if p.startswith("mtp.0.") and not p.endswith("h_proj.weight")),
+                        key=_file_order):
+        shape, get = decode[pname]
+        if pname.endswith("e_proj.weight"):  # e first, as the converter
+            shape = (shape[0], 2 * shape[1])
+            get = lambda e=get, h=decode["mtp.0.h_proj.weight"][1]: torch.cat([e(), h()], dim=1)  # noqa: E731
         names = gguf_names(pname, True, n)
         if not names:
             raise CheckpointError(f"{pname} has no GGUF name in llama.cpp's DeepSeek-V4 MTP layout")
-        arr = t.to(torch.int32) if pname.endswith("tid2eid") else t.float()
-        out.append((names[0], arr.contiguous().numpy()))
+        out.append((names[0], shape, get))
     return out
 
 
@@ -706,9 +729,6 @@ def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", n
     args: ModelArgs = model.args
     if qtype not in GGUF_TYPES:
         raise ValueError(f"unknown GGUF type {qtype!r}; use one of {GGUF_TYPES}")
-    if any(m.__class__.__module__.startswith("sparseek.quant") for m in model.modules()):
-        raise CheckpointError("the model keeps quantized layers (quantize=...): load it without, GGUF export "
-                              "quantizes from the decoded weights")
     if mtp and not (args.is_v4 and len(model.mtp)):
         raise CheckpointError("mtp=True writes a DeepSeek-V4 model's MTP block, and this model has none")
     if args.is_v4 and (args.index_head_dim % 64 or CSA_RATIO not in args.compress_ratios[:args.num_hidden_layers]):
@@ -729,10 +749,11 @@ def save_gguf(model: nn.Module, path: str, tokenizer=None, qtype: str = "f16", n
     tmp = tempfile.mkdtemp(prefix=".sparseek-gguf-", dir=directory)  # files appear together or not at all
     types: dict[str, str] = {}
     try:
-        out = [(os.path.basename(path), args, _gguf_tensors(model), {})]
+        decode = _decoders(model)
+        out = [(os.path.basename(path), args, _gguf_tensors(model, decode), {})]
         if mtp:  # the draft file: L + 1 blocks, the last the MTP block
             draft_args = args.replace(num_hidden_layers=args.num_hidden_layers + 1, num_nextn_predict_layers=0)
-            out.append(("mtp-" + os.path.basename(path), draft_args, _gguf_mtp_tensors(model),
+            out.append(("mtp-" + os.path.basename(path), draft_args, _gguf_mtp_tensors(model, decode),
                         {f"{ARCH_V4}.nextn_predict_layers": 1}))
         for fname, file_args, tensors, extra in out:
             types.update(_write_file(os.path.join(tmp, fname), file_args, tensors, extra, qtype, name or "sparseek",
@@ -758,24 +779,31 @@ def _write_file(path: str, args: ModelArgs, tensors, extra: dict, qtype: str, na
         w.add_tokenizer_model("none")
     else:
         _write_vocab(w, vocab, tokenizer, args)
-    types = {}
-    for tname, arr in tensors:
-        if arr.dtype == np.int32:
-            w.add_tensor(tname, arr)
-            types[tname] = "I32"
-            continue
-        t = _tensor_type(tname, arr.shape, qtype, args.is_v4)
-        if t == gguf.GGMLQuantizationType.F32:
-            w.add_tensor(tname, arr.astype(np.float32))
-        elif t == gguf.GGMLQuantizationType.F16:
-            w.add_tensor(tname, arr.astype(np.float16))
-        else:
-            q = gguf.quants.quantize(arr, t)
-            w.add_tensor(tname, q, raw_shape=q.shape, raw_dtype=t)
-        types[tname] = t.name
+    # tensor infos first (shapes and types are known without decoding), then the data one tensor
+    # at a time: only one decoded tensor is ever held
+    plan = []
+    T = gguf.GGMLQuantizationType
+    for tname, shape, get in tensors:
+        t = T.I32 if tname.endswith("tid2eid.weight") else _tensor_type(tname, shape, qtype, args.is_v4)
+        block, size = gguf.GGML_QUANT_SIZES[t]
+        nbytes = math.prod(shape) // block * size
+        w.add_tensor_info(tname, shape, np.dtype(np.int32 if t == T.I32 else np.float32), nbytes,
+                          raw_dtype=None if t in (T.F32, T.I32) else t)
+        plan.append((tname, get, t))
     w.write_header_to_file()
     w.write_kv_data_to_file()
-    w.write_tensors_to_file()
+    w.write_ti_data_to_file()
+    types = {}
+    for tname, get, t in plan:
+        arr = get().contiguous().numpy()
+        if t in (T.F32, T.I32):
+            data = arr
+        elif t == T.F16:
+            data = arr.astype(np.float16)
+        else:
+            data = gguf.quants.quantize(arr, t)
+        w.write_tensor_data(data)
+        types[tname] = t.name
     w.close()
     return types
 

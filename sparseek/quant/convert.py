@@ -131,12 +131,25 @@ def export_gguf(src: str, dst: str, qtype: str = "q8_0", lora=None, report: bool
                 windows: int = 4, seq_len: int = 256, split_max_bytes: int | None = None, mtp: bool = False) -> dict:
     """``sparseek export-gguf``: write the DeepSeek checkpoint (or preset) ``src`` as the GGUF file
     ``dst`` for llama.cpp (V4 as ``deepseek4``, V2 / V3 / R1 as ``deepseek2``), and with ``report`` read the file back and compare it with the
-    original on the same tokens (what llama.cpp's users would see of the quantization)."""
+    original on the same tokens (what llama.cpp's users would see of the quantization). A checkpoint
+    in DeepSeek's FP8 / FP4 layout is exported from its stored bytes, decoded one tensor at a time."""
     import sparseek
     from sparseek.checkpoint.gguf import load_gguf, save_gguf
 
     t0 = time.perf_counter()
-    model, tok = sparseek.load(src, dtype="float32", lora=lora)
+    # DeepSeek's FP8 / FP4 weights stay as stored and are decoded one tensor at a time while the
+    # file is written; without a report, the rest stays in the checkpoint's dtype (nothing computes)
+    dtype, quantize = "float32", None
+    if os.path.isfile(os.path.join(str(src), "config.json")) and not lora:
+        from sparseek.config import ModelArgs
+
+        stored = ModelArgs.from_json(src)
+        if stored.extra.get("quantization_config"):
+            quantize = "stored"
+        if not report:
+            dtype = str(stored.extra.get("torch_dtype", "bfloat16"))
+            dtype = dtype if dtype in ("float32", "bfloat16", "float16") else "bfloat16"
+    model, tok = sparseek.load(src, dtype=dtype, lora=lora, quantize=quantize)
     out: dict = {"source": src, "type": qtype}
     if report:
         wins, origin = eval_windows(tok, model.args.vocab_size, sources, windows, seq_len)

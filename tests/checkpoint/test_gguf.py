@@ -370,3 +370,22 @@ def test_v4_mtp_draft_file(tmp_path):
     plain = sparseek.LLM(res["files"][0])
     params = sparseek.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
     assert llm.generate([[5, 6, 7]], params)[0].token_ids == plain.generate([[5, 6, 7]], params)[0].token_ids
+
+
+def test_export_from_weights_kept_quantized(tmp_path):
+    """A model holding DeepSeek's FP8 / FP4 weights (quantize="stored") exports without being
+    decoded whole, tensor by tensor, to the same file as the decoded model."""
+    from sparseek.quant import quantize_model_
+
+    model, tok = sparseek.load("debug")
+    quantize_model_(model, experts="fp4")
+    sparseek.save(model, tmp_path / "fp4", tokenizer=tok)
+    stored, _ = sparseek.load(str(tmp_path / "fp4"), quantize="stored", dtype="float32")
+    decoded, _ = sparseek.load(str(tmp_path / "fp4"), dtype="float32")
+    a = save_gguf(stored, tmp_path / "a.gguf", tokenizer=tok, qtype="mxfp4")
+    b = save_gguf(decoded, tmp_path / "b.gguf", tokenizer=tok, qtype="mxfp4")
+    assert a["types"] == b["types"] and a["types"]["blk.1.ffn_gate_exps.weight"] == "MXFP4"
+    fa, fb = GGUFFile(a["files"][0]), GGUFFile(b["files"][0])
+    assert set(fa.tensors) == set(fb.tensors)
+    for n in fa.tensors:
+        assert np.array_equal(np.asarray(fa.tensors[n].data), np.asarray(fb.tensors[n].data)), n
