@@ -1,4 +1,5 @@
-"""Peak memory of loading a GGUF file: decoded whole, or quantized layer by layer while decoding.
+"""Peak memory of loading a GGUF file (decoded whole, or quantized layer by layer while decoding)
+and of writing one from a checkpoint in DeepSeek's FP8 / FP4 layout (from its stored bytes, or decoded).
 
     python benchmarks/gguf_load_memory.py --preset small --experts 256 --out benchmarks/results/cpu-small-gguf-load-memory.txt
 
@@ -40,6 +41,29 @@ print(json.dumps({"peak_mb": hwm / 1024, "held_mb": held / 2**20,
 """
 
 
+_PEAK = """
+import json, re
+def done(t0):
+    hwm = int(re.search(r"VmHWM:\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+    print(json.dumps({"peak_mb": hwm / 1024, "seconds": time.perf_counter() - t0}))
+"""
+_EXPORT_STORED = _PEAK + """
+import sys, time
+from sparseek.quant.convert import export_gguf
+t0 = time.perf_counter()
+export_gguf(sys.argv[1], sys.argv[2], qtype="mxfp4", report=False)
+done(t0)
+"""
+_EXPORT_DECODED = _PEAK + """
+import sys, time, sparseek
+from sparseek.checkpoint.gguf import save_gguf
+t0 = time.perf_counter()
+model, tok = sparseek.load(sys.argv[1], dtype="bfloat16")
+save_gguf(model, sys.argv[2], tokenizer=tok, qtype="mxfp4")
+done(t0)
+"""
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="small")
@@ -69,6 +93,21 @@ def main() -> None:
         agree = sum(x == y for x, y in zip(r["top1"], first)) / len(first)
         label = f"sparseek.load(dtype={dtype}, quantize={quantize})"
         lines.append(f"{label:<44} {r['peak_mb']:>12.0f} {r['held_mb']:>11.0f} {r['seconds']:>8.2f} {agree:>18.0%}")
+    # exporting a checkpoint in DeepSeek's FP8 / FP4 layout: from its stored bytes (export-gguf's way),
+    # or from the model decoded whole
+    from sparseek.quant import quantize_model_
+
+    model, tok = sparseek.load(a.preset, **over)
+    quantize_model_(model, experts="fp4")
+    ckpt = os.path.join(tmp, "fp4-checkpoint")
+    sparseek.save(model, ckpt, tokenizer=tok)
+    del model
+    lines += ["", f"{'export to GGUF mxfp4 (no report)':<44} {'peak RSS MiB':>12} {'':>11} {'seconds':>8}"]
+    for label, code in (("export_gguf(DeepSeek FP4/FP8 checkpoint)", _EXPORT_STORED), ("load decoded (bf16), save_gguf", _EXPORT_DECODED)):
+        proc = subprocess.run([sys.executable, "-c", code, ckpt, os.path.join(tmp, "out.gguf")], capture_output=True,
+                              text=True, check=True)
+        r = json.loads(proc.stdout.strip().splitlines()[-1])
+        lines.append(f"{label:<44} {r['peak_mb']:>12.0f} {'':>11} {r['seconds']:>8.2f}")
     print("\n".join(lines))
     if a.out:
         with open(a.out, "w", encoding="utf-8") as f:
