@@ -172,7 +172,8 @@ def split_parts(path: str) -> list[str]:
 
 def find_gguf(directory: str) -> str | None:
     """The GGUF model in a folder without config.json (one file, or the first part of a split one)."""
-    names = sorted(f for f in os.listdir(directory) if f.endswith(".gguf"))
+    # a V4 model's MTP draft file and a vision projector (llama.cpp's mmproj) sit beside the model
+    names = sorted(f for f in os.listdir(directory) if f.endswith(".gguf") and not f.startswith(("mtp-", "mmproj")))
     firsts = [f for f in names if not _SPLIT.match(f) or int(_SPLIT.match(f).group(2)) == 1]
     if not firsts:
         return None

@@ -355,7 +355,7 @@ def test_v4_mtp_draft_file(tmp_path):
     assert torch.equal(eh, torch.cat([model.mtp[0].e_proj.weight, model.mtp[0].h_proj.weight], dim=1))
     assert torch.equal(d.read("output_hc_fn.weight"), model.mtp[0].hc_head_fn)
     assert not [t for t in d.tensors if t.startswith("blk.") and int(t.split(".")[1]) != n]
-    back, _ = sparseek.load(res["files"][0])
+    back, _ = sparseek.load(str(tmp_path))  # the folder: the model, and its draft file found beside it
     assert len(back.mtp) == 1 and back.args.num_nextn_predict_layers == 1
     sd = model.state_dict()
     for k, v in back.state_dict().items():
