@@ -249,7 +249,9 @@ def test_quantize_cli_writes_a_checkpoint_and_a_report(tmp_path, capsys):
     rep = json.loads((tmp_path / "q" / "quantization_report.json").read_text())
     r = rep["report"]
     assert r["tokens"] == 62 and 0 <= r["kl_mean"] <= r["kl_max"] and 0 < r["top1_agreement"] <= 1
-    assert rep["bytes_after"] < rep["bytes_before"] / 2
+    # in memory the original is fp32 or bf16 by the host's half-precision speed; on disk it is bf16
+    assert rep["bytes_after"] < rep["bytes_before"] * 0.7
+    assert rep["disk_bytes_after"] < rep["disk_bytes_before"] * 0.7
     m, _ = sparseek.load(str(tmp_path / "q"), tokenizer=False, quantize="stored")
     assert isinstance(m.layers[0].ffn.experts, QuantExperts)
     # the written model generates through the CLI with its weights kept quantized
