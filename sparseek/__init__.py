@@ -199,15 +199,14 @@ def _gguf_path(path: str) -> str | None:
 
 
 def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: dict, prepare):
-    from sparseek.checkpoint.gguf import GGUFFile, load_gguf, tokenizer_from_gguf
+    from sparseek.checkpoint.gguf import GGUFFile, load_gguf, stored_dtype, tokenizer_from_gguf
 
     if quantize == "stored":
         raise ValueError("quantize='stored' keeps DeepSeek's FP8 / FP4 bytes; a GGUF file's blocks are decoded "
                          "on load (use 'fp8' or 'fp4' to quantize the decoded weights)")
     f = GGUFFile(path)
-    stored = "float32" if int(f.meta.get("general.file_type", 1)) == 0 else "bfloat16"
     # fp8 / fp4 quantize layer by layer while loading (``load`` then finds nothing left to quantize)
-    model = load_gguf(f, _checkpoint_dtype(dtype, stored, device), device, overrides, prepare,
+    model = load_gguf(f, _checkpoint_dtype(dtype, stored_dtype(f.meta), device), device, overrides, prepare,
                       quantize=quantize if quantize in ("fp8", "fp4") else None)
     tok = None
     if tokenizer:

@@ -174,7 +174,7 @@ def find_gguf(directory: str) -> str | None:
     """The GGUF model in a folder without config.json (one file, or the first part of a split one)."""
     # a V4 model's MTP draft file and a vision projector (llama.cpp's mmproj) sit beside the model
     names = sorted(f for f in os.listdir(directory) if f.endswith(".gguf") and not f.startswith(("mtp-", "mmproj")))
-    firsts = [f for f in names if not _SPLIT.match(f) or int(_SPLIT.match(f).group(2)) == 1]
+    firsts = [f for f in names if not (m := _SPLIT.match(f)) or int(m.group(2)) == 1]
     if not firsts:
         return None
     if len(firsts) > 1:
@@ -182,8 +182,13 @@ def find_gguf(directory: str) -> str | None:
     return os.path.join(directory, firsts[0])
 
 
+def stored_dtype(meta: dict) -> str:
+    """The dtype a GGUF file's weights decode to by default: float32 for an all-F32 file, else bf16."""
+    return "float32" if int(meta.get("general.file_type", 1)) == 0 else "bfloat16"
+
+
 def args_from_gguf(meta: dict, tensors) -> ModelArgs:
-    """ModelArgs from a deepseek2 GGUF's metadata (``tensors``: its tensor names, which tell a few
+    """ModelArgs from a deepseek2 / deepseek4 GGUF's metadata (``tensors``: its tensor names, which tell a few
     things the metadata does not: the router's bias, a separate output head)."""
     arch = meta.get("general.architecture")
     if arch not in (ARCH, ARCH_V4):
@@ -231,7 +236,7 @@ def args_from_gguf(meta: dict, tensors) -> ModelArgs:
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "tie_word_embeddings": False,
-        "torch_dtype": "float32" if int(meta.get("general.file_type", 1)) == 0 else "bfloat16",
+        "torch_dtype": stored_dtype(meta),
     })
     scaling = key("rope.scaling.type", None)
     if scaling == "yarn":
@@ -320,7 +325,7 @@ def _args_v4(meta: dict, key) -> ModelArgs:
         "num_nextn_predict_layers": 0,  # the converter writes the MTP block to a separate file
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
-        "torch_dtype": "float32" if int(meta.get("general.file_type", 1)) == 0 else "bfloat16",
+        "torch_dtype": stored_dtype(meta),
     })
     if not d["vocab_size"]:
         raise CheckpointError(f"GGUF metadata has neither {ARCH_V4}.vocab_size nor tokenizer.ggml.tokens")
@@ -416,7 +421,7 @@ def load_gguf(path: "str | GGUFFile", dtype: torch.dtype | None = None, device="
     if overrides:
         args = args.replace(**overrides)
     if dtype is None:
-        dtype = torch.float32 if args.extra.get("torch_dtype") == "float32" else torch.bfloat16
+        dtype = getattr(torch, stored_dtype(f.meta))
     with torch.device("meta"):
         model = build_model(args, dtype=dtype)
     if prepare is not None:
