@@ -1,6 +1,7 @@
 """Where one compiled decode step (or one prefill) spends its time, and how fast a lone GEMV streams.
 
     python benchmarks/profile_decode.py --preset small --dtype bfloat16            # the engine's decode step
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --context 520 --max-seq-len 640  # CSA picking
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --plain    # plain inductor, guarded
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 512 --hot-paths
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --prefill 128 256 512 --hot-paths --breakdown
@@ -302,6 +303,8 @@ def main():
                     help="us per routed expert as library GEMM calls vs one bmm, by rows per expert (the "
                          "cost model of the CPU expert op)")
     ap.add_argument("--batch", type=int, default=1, help="decode: rows per step")
+    ap.add_argument("--context", type=int, default=64, help="decode: tokens already in the cache")
+    ap.add_argument("--max-seq-len", type=int, default=512, help="decode: the cache's length")
     ap.add_argument("--ab-experts", action="store_true",
                     help="decode: the step's routed experts as the CPU expert op (x @ W^T, W @ x^T), grouped GEMMs "
                          "and fused gathers, alternating")
@@ -364,8 +367,8 @@ def main():
             dt = per_call(run, 3)
             print(f"prefill {T}: {dt * 1e3:.1f} ms ({T / dt:,.0f} tok/s)")
         else:
-            cache = model.new_cache(a.batch, 512)
-            model(torch.randint(10, V, (a.batch, 64)), cache)
+            cache = model.new_cache(a.batch, a.max_seq_len)
+            model(torch.randint(10, V, (a.batch, a.context)), cache)
             opts = json.loads(a.inductor)
             if a.plain:
                 step = torch.compile(model.decode_step, dynamic=False, options=opts or None)
@@ -382,7 +385,7 @@ def main():
             for _ in range(1 if a.prefill[0] else 10):
                 run()
         print(p.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60, max_shapes_column_width=60))
+            sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=int(os.environ.get("NAME_WIDTH", 60)), max_shapes_column_width=60))
         expert_rates(model, dtype)
         W, x = model.head.weight, torch.randn(1, model.args.hidden_size, dtype=dtype)
         fused = torch.compile(F.linear, dynamic=False, backend=fusing_backend())

@@ -228,7 +228,7 @@ class LLM:
         if speculative_tokens and not len(getattr(model, "mtp", ())):
             raise ValueError("speculative decoding drafts with the MTP block, and this model has none")
         self.speculative = speculative_tokens
-        self._decode_fn = self._verify_fn = self._mtp_fn = None
+        self._decode_fn = self._verify_fn = self._mtp_fn = self._spans = None
         self.lora_rows = None
         self._queues: tuple = ((), ())  # the waiting and running sequences of the loop (load / unload_lora)
         if lora_modules:
@@ -239,10 +239,12 @@ class LLM:
         if compile:
             if not hasattr(model, "decode_step"):
                 raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
-            from sparseek.engine.compile import CompiledStep
+            from sparseek.engine.compile import CompiledStep, Spans
             from sparseek.model.v4 import compile_hot_paths
 
             device = next(model.parameters()).device
+            if device.type == "cpu":  # untimed with CUDA graphs (one recorded per span): off there
+                self._spans = Spans(model.span_floor(), self.max_seq_len, device)
             self._decode_fn = CompiledStep(model.decode_step, device)
             if self.speculative:
                 self._verify_fn = CompiledStep(model.verify_step, device)
@@ -785,12 +787,20 @@ class LLM:
             tokens = torch.zeros(self.max_batch_size, 1, dtype=torch.long, device=cache.device)
             tokens[:n, 0] = torch.tensor([s.last_token for s in running], device=cache.device)
             self._follow_adapters(cache)
-            logits = self._decode_fn(tokens, cache)[:n]
+            logits = self._decode_fn(tokens, cache, *self._span(cache, n, 1))[:n]
             cache.pos[n:] = 0  # idle slots must not drift past the cache
             return logits
         tokens = torch.tensor([[s.last_token] for s in running], device=cache.device)
         # eager: the dynamic path (pools only closing windows, runs only the hit experts)
         return self.model(tokens, cache.view(0, n))[:, -1]
+
+    def _span(self, cache, n: int, T: int) -> tuple:
+        """The extra argument of a compiled step feeding T tokens to rows [0, n): the span that
+        bounds what they read (none when the step reads the whole cache)."""
+        if self._spans is None:
+            return ()
+        span = self._spans(int(cache.pos[:n].max()) + T)
+        return () if span is None else (span,)
 
     def _prefill(self, seq: _Seq, cache) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed a prompt alone, with its prompt log-probabilities if it asks for them."""
@@ -920,7 +930,7 @@ class LLM:
         tokens = torch.tensor([[s.last_token] + s.drafts for s in seqs], device=cache.device)
         if self._verify_fn is not None:  # fixed shapes: all slots, idle ones on dummy tokens
             self._follow_adapters(cache)
-            logits, hidden = self._verify_fn(_rows(tokens, self.max_batch_size), cache)
+            logits, hidden = self._verify_fn(_rows(tokens, self.max_batch_size), cache, *self._span(cache, n, k + 1))
             cache.pos[n:] = 0
             logits, hidden = logits[:n], hidden[:n]
         else:

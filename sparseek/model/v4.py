@@ -50,6 +50,7 @@ class Step:
     rotary: dict[str, Rotary]
     rope: dict[str, tuple[torch.Tensor, torch.Tensor]]  # cos/sin at `positions`, by rope kind
     static: bool = False  # decode with fixed shapes and no host syncs (for torch.compile / CUDA graphs)
+    span: int | None = None  # static: every position read lies below it (None: the whole cache)
     memo: dict = field(default_factory=dict)  # what the layers of this forward share (attention masks)
 
     @property
@@ -682,8 +683,9 @@ class Attention(nn.Module):
         if self.compressor is not None:
             m, rot = self.ratio, step.rotary["compress"]
             n_vis = (pos_BT + 1) // m
-            # eager: attend over the filled prefix only; static: over the whole buffer, masked
-            n = lc.comp.shape[1] if step.static else int(n_vis.max())
+            # eager: attend over the filled prefix only; static: over the buffer up to the step's
+            # span (by default all of it), masked
+            n = int(n_vis.max()) if not step.static else lc.comp.shape[1] if step.span is None else step.span // m
             entry, closes = self.compressor.step(x, pos_BT, lc.comp_state, rot, step.static)
             self._write_entry(lc.comp, None if entry is None else lc.encode(entry), pos_BT // m, closes, step.static)
             comp = lc.comp[:, :n]
@@ -849,22 +851,30 @@ class DeepSeekV4(DecoderLM):
                               self.hc_head_base, self.norm)
         return (logits, x) if return_hidden else logits
 
-    def decode_step(self, input_ids_B1: torch.Tensor, cache: Cache) -> torch.Tensor:
+    def decode_step(self, input_ids_B1: torch.Tensor, cache: Cache, span_L: torch.Tensor | None = None
+                    ) -> torch.Tensor:
         """One token per row against ``cache`` -> next-token logits [B, V].
 
         Same result as ``forward(ids, cache)`` with fixed shapes and no host synchronization, so it
         can be compiled (and captured in a CUDA graph): compressed entries are attended over the
         whole buffer under a mask, experts are gathered per token. Inputs are not validated here;
         the engine checks token ids and room in the cache.
+
+        ``span_L``: a tensor whose length L (its values are not read) bounds the positions this
+        step sees -- every row's new position lies below L -- so that only the first L / ratio
+        compressed entries are scored and attended, not the whole buffer: a short context in a
+        long cache costs what its context costs. Compiled with L a dynamic dimension
+        (``torch._dynamo.mark_dynamic``), one graph serves every L.
         """
-        x = self._static(input_ids_B1, cache)
+        x = self._static(input_ids_B1, cache, span_L)
         return self._logits(x[:, -1:], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)[:, -1]
 
-    def verify_step(self, input_ids_BT: torch.Tensor, cache: Cache) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify_step(self, input_ids_BT: torch.Tensor, cache: Cache, span_L: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """``decode_step`` for T <= PER_ROW_TOKENS tokens per row (a token and its drafts, each row
         at its own position) -> (logits [B, T, V], streams [B, T, S, D]): what speculative decoding
-        verifies, compiled as the decode step is."""
-        x = self._static(input_ids_BT, cache)
+        verifies, compiled as the decode step is (``span_L`` bounds every row's last position)."""
+        x = self._static(input_ids_BT, cache, span_L)
         return self._logits(x, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm), x
 
     def mtp_step(self, hidden_BTSD: torch.Tensor, next_ids_BT: torch.Tensor, cache: Cache, at_B: torch.Tensor
@@ -921,19 +931,32 @@ class DeepSeekV4(DecoderLM):
             return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
         return torch.cat(outs)
 
-    def _static(self, input_ids_BT, cache):
+    def span_floor(self) -> int:
+        """The shortest span (``decode_step``'s ``span_L``) from which every compressing layer
+        reads at least two entries and every indexer picks top-k of more than top-k: on spans from
+        here up the step takes the same branches and no entry count is 1 (a size-1 dimension
+        specializes a compiled graph's layout), so one graph with a dynamic span serves them."""
+        floor = 1
+        for layer in self.layers:
+            attn = layer.attn
+            if attn.compressor is not None:
+                picks = attn.indexer is not None and not attn.attend_all
+                floor = max(floor, attn.ratio * (attn.indexer.topk + 1 if picks else 2))
+        return floor
+
+    def _static(self, input_ids_BT, cache, span_L=None):
         """The main layers on the fixed-shape per-row path -> the streams [B, T, S, D]."""
         positions = cache.pos[:, None] + torch.arange(input_ids_BT.shape[1], device=input_ids_BT.device)
-        step = self._static_step(cache.pos, positions)
+        step = self._static_step(cache.pos, positions, None if span_L is None else span_L.shape[0])
         x = self.embed(input_ids_BT).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
         for i, layer in enumerate(self.layers):
             x = layer(x, step, cache.layers[i], input_ids_BT)
         cache.pos += input_ids_BT.shape[1]
         return x
 
-    def _static_step(self, pos_B, positions_BT) -> Step:
+    def _static_step(self, pos_B, positions_BT, span=None) -> Step:
         return Step(pos=pos_B, positions=positions_BT, start=None, rotary=dict(self.rotary.items()),
-                    rope={k: r(positions_BT) for k, r in self.rotary.items()}, static=True)
+                    rope={k: r(positions_BT) for k, r in self.rotary.items()}, static=True, span=span)
 
     def _logits(self, x_BTSD, fn, scale, base, norm):
         h = hc_head(x_BTSD, fn, scale, base, self.args.rms_norm_eps, self.args.hc_eps)

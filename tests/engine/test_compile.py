@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sparseek
-from sparseek.engine.compile import FUSED_ROWS, CompiledStep
+from sparseek.engine.compile import FUSED_ROWS, CompiledStep, Spans
 from sparseek.model import build_model, common
 from tests.conftest import randomize_
 
@@ -80,3 +80,35 @@ def test_two_steps_over_one_model_compile_apart():
                 ref = model.decode_step(ids[:B, i:i + 1], a)
                 got = step(ids[:B, i:i + 1], b)
                 assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (B, i)
+
+
+def test_spans_are_powers_of_two_within_floor_and_cache():
+    spans = Spans(128, 4096, "cpu")
+    assert [spans.length(n) for n in (1, 128, 129, 256, 257, 3000, 4096, 5000)] == \
+        [128, 128, 256, 256, 512, 4096, 4096, 4096]
+    assert spans(300) is spans(400) and spans(300).shape == (512,)  # one tensor per length
+    assert Spans(128, 128, "cpu")(5) is None  # a cache no longer than the floor is read whole
+
+
+@pytest.mark.parametrize("skip_guards", [False, True])
+def test_compiled_step_with_spans_is_one_graph_over_a_long_cache(skip_guards):
+    """A compiled step given spans (as the engine passes them on a CPU) compiles once for every
+    span (guarded: no recompile; guards skipped after warm-up: still right), and equals the eager full-buffer step while the
+    span doubles twice over a cache many times longer than the context."""
+    torch._dynamo.reset()
+    model = randomize_(build_model(sparseek.preset("debug")), 5).eval()
+    ids = torch.randint(3, model.args.vocab_size, (2, 530), generator=torch.Generator().manual_seed(4))
+    spans = Spans(model.span_floor(), 2048, "cpu")
+    step = CompiledStep(model.decode_step, "cpu", skip_guards=skip_guards)
+    seen = set()
+    with torch.inference_mode(), torch._dynamo.config.patch(error_on_recompile=True):
+        a, b = model.new_cache(2, 2048), model.new_cache(2, 2048)
+        model(ids[:, :240], a)
+        model(ids[:, :240], b)
+        for i in range(240, ids.shape[1]):
+            span = spans(int(b.pos.max()) + 1)
+            seen.add(span.shape[0])
+            ref = model.decode_step(ids[:, i:i + 1], a)
+            got = step(ids[:, i:i + 1], b, span)
+            assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), i
+    assert seen == {256, 512, 1024} and step._calls == (step._warmup if skip_guards else 290)

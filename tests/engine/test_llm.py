@@ -334,19 +334,22 @@ def test_speculative_sampling_is_seeded(model, tok):
 
 @pytest.mark.slow
 def test_compiled_decode_gives_the_same_tokens(model, tok, eager_hot_paths):
+    """Compiled, on a cache longer than the model's span floor: the step reads a span of it."""
     params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-    eager = LLM(model, tok, max_batch_size=2, max_seq_len=256).generate(PROMPTS[:3], params)
-    compiled = LLM(model, tok, max_batch_size=2, max_seq_len=256, compile=True).generate(PROMPTS[:3], params)
-    assert [o.token_ids for o in eager] == [o.token_ids for o in compiled]
+    eager = LLM(model, tok, max_batch_size=2, max_seq_len=1024).generate(PROMPTS[:3], params)
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=1024, compile=True)
+    assert llm._spans is not None and llm._spans.length(1) < 1024
+    assert [o.token_ids for o in eager] == [o.token_ids for o in llm.generate(PROMPTS[:3], params)]
 
 
 @pytest.mark.slow
 def test_compiled_speculative_decoding_gives_plain_tokens(model, tok, eager_hot_paths):
     """The compiled verification and draft steps (and, on a GPU, their CUDA graphs): greedy tokens
-    equal plain decoding's, rows finishing at different steps, a later prompt taking a freed slot."""
+    equal plain decoding's, rows finishing at different steps, a later prompt taking a freed slot,
+    the verification reading a span of a cache longer than the span floor."""
     params = [SamplingParams(max_tokens=n, temperature=0, ignore_eos=True) for n in (14, 6, 10)]
-    plain = LLM(model, tok, max_batch_size=2, max_seq_len=256).generate(PROMPTS[:3], params)
-    llm = LLM(model, tok, max_batch_size=2, max_seq_len=256, speculative_tokens=2, compile=True)
+    plain = LLM(model, tok, max_batch_size=2, max_seq_len=1024).generate(PROMPTS[:3], params)
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=1024, speculative_tokens=2, compile=True)
     spec = llm.generate(PROMPTS[:3], params)
     assert [o.token_ids for o in spec] == [o.token_ids for o in plain] and all(o.drafted for o in spec)
     # both steps ran their guarded warm-up calls (and more, guards skipped: they are not counted)

@@ -315,3 +315,33 @@ def test_blocks_and_groups_of_queries(model, ids, monkeypatch, budget):
     for g, r in zip(grads(), ref_grads):
         assert rel_err(g, r) < 1e-5
     model.zero_grad()
+
+
+def test_span_bounded_decode_step_equals_forward(model, ids, monkeypatch):
+    """A static step told a span (``span_L``: every new position lies below its length) scores and
+    attends only the compressed entries below it, not a long cache's whole buffer: same logits as
+    the forward, with spans from the model's floor up, each shorter than the cache."""
+    floor = model.span_floor()
+    # at the floor every compressing layer reads an entry, every indexer picks among > top-k
+    for layer in model.layers:
+        attn = layer.attn
+        if attn.compressor is not None:
+            assert floor // attn.ratio >= 1
+            if attn.indexer is not None and not attn.attend_all:
+                assert floor // attn.ratio > attn.indexer.topk
+    calls = _count_selects(monkeypatch)
+    with torch.no_grad():
+        a, b = model.new_cache(2, 4096), model.new_cache(2, 4096)
+        for c in (a, b):
+            model(ids[0:1, :50], c.select(0))
+            model(ids[1:2, :90], c.select(1))
+        for i in range(0, 200, 3):  # spans floor .. 2 * floor while positions cross boundaries
+            tok = torch.stack([ids[0, 50 + i], ids[1, 90 + i]])[:, None]
+            span = max(floor, 1 << int(b.pos.max()).bit_length())
+            ref = model(tok, a)[:, -1]
+            got = model.decode_step(tok, b, torch.empty(span, dtype=torch.uint8))
+            assert rel_err(got, ref) < 1e-5, i
+            assert calls and max(calls) <= span // 4, i  # the indexer scored only the span's entries
+            calls.clear()
+        assert torch.equal(a.pos, b.pos)
+
