@@ -385,7 +385,7 @@ def main():
             for _ in range(1 if a.prefill[0] else 10):
                 run()
         print(p.key_averages(group_by_input_shape=True).table(
-            sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=int(os.environ.get("NAME_WIDTH", 60)), max_shapes_column_width=60))
+            sort_by="self_cpu_time_total", row_limit=a.rows, max_name_column_width=60, max_shapes_column_width=60))
         expert_rates(model, dtype)
         W, x = model.head.weight, torch.randn(1, model.args.hidden_size, dtype=dtype)
         fused = torch.compile(F.linear, dynamic=False, backend=fusing_backend())

@@ -685,7 +685,12 @@ class Attention(nn.Module):
             n_vis = (pos_BT + 1) // m
             # eager: attend over the filled prefix only; static: over the buffer up to the step's
             # span (by default all of it), masked
-            n = int(n_vis.max()) if not step.static else lc.comp.shape[1] if step.span is None else step.span // m
+            if not step.static:
+                n = int(n_vis.max())
+            elif step.span is None:
+                n = lc.comp.shape[1]
+            else:
+                n = step.span // m
             entry, closes = self.compressor.step(x, pos_BT, lc.comp_state, rot, step.static)
             self._write_entry(lc.comp, None if entry is None else lc.encode(entry), pos_BT // m, closes, step.static)
             comp = lc.comp[:, :n]
@@ -857,14 +862,14 @@ class DeepSeekV4(DecoderLM):
 
         Same result as ``forward(ids, cache)`` with fixed shapes and no host synchronization, so it
         can be compiled (and captured in a CUDA graph): compressed entries are attended over the
-        whole buffer under a mask, experts are gathered per token. Inputs are not validated here;
+        whole buffer (or ``span_L``'s part of it) under a mask, experts are gathered per token. Inputs are not validated here;
         the engine checks token ids and room in the cache.
 
         ``span_L``: a tensor whose length L (its values are not read) bounds the positions this
         step sees -- every row's new position lies below L -- so that only the first L / ratio
         compressed entries are scored and attended, not the whole buffer: a short context in a
         long cache costs what its context costs. Compiled with L a dynamic dimension
-        (``torch._dynamo.mark_dynamic``), one graph serves every L.
+        (``torch._dynamo.maybe_mark_dynamic``; L >= ``span_floor()``), one graph serves every L.
         """
         x = self._static(input_ids_B1, cache, span_L)
         return self._logits(x[:, -1:], self.hc_head_fn, self.hc_head_scale, self.hc_head_base, self.norm)[:, -1]
