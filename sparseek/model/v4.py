@@ -862,8 +862,8 @@ class DeepSeekV4(DecoderLM):
 
         Same result as ``forward(ids, cache)`` with fixed shapes and no host synchronization, so it
         can be compiled (and captured in a CUDA graph): compressed entries are attended over the
-        whole buffer (or ``span_L``'s part of it) under a mask, experts are gathered per token. Inputs are not validated here;
-        the engine checks token ids and room in the cache.
+        whole buffer (or ``span_L``'s part of it) under a mask, experts are gathered per token.
+        Inputs are not validated here; the engine checks token ids and room in the cache.
 
         ``span_L``: a tensor whose length L (its values are not read) bounds the positions this
         step sees -- every row's new position lies below L -- so that only the first L / ratio
