@@ -528,11 +528,14 @@ class Experts(nn.Module):
         y_ND = torch.zeros_like(x_ND, dtype=torch.float32)
         for j in range(idx_NK.shape[1]):
             e_N = idx_NK[:, j]
-            gate = torch.einsum("nd,nid->ni", x_ND, self.gathered("w1", e_N, x_ND.dtype))
-            up = torch.einsum("nd,nid->ni", x_ND, self.gathered("w3", e_N, x_ND.dtype))
+            gate, up = self.gathered_mv(x_ND, "w1", e_N), self.gathered_mv(x_ND, "w3", e_N)
             h = swiglu(gate, up, self.limit, weights_NK[:, j, None], x_ND.dtype, self.act_fp8)
-            y_ND = y_ND + torch.einsum("ni,ndi->nd", h, self.gathered("w2", e_N, x_ND.dtype)).float()
+            y_ND = y_ND + self.gathered_mv(h, "w2", e_N).float()
         return y_ND.to(x_ND.dtype)
+
+    def gathered_mv(self, x_NI: torch.Tensor, name: str, e_N: torch.Tensor) -> torch.Tensor:
+        """Row n of x times expert e_N[n]'s matrix ``name``: [N, out]."""
+        return torch.einsum("ni,noi->no", x_NI, self.gathered(name, e_N, x_NI.dtype))
 
     def gathered(self, name: str, e_N: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Matrix ``name`` of expert e_N[n] for each n: [N, out, in] (quantized experts decode it)."""

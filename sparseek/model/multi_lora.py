@@ -186,7 +186,7 @@ class MultiLoRAExperts(Experts):
 
             def proj(x, name):
                 a, b = getattr(self, f"A_{name}")[slots, e_N], getattr(self, f"B_{name}")[slots, e_N]
-                return (torch.einsum("nd,nid->ni", x, self.gathered(name, e_N, x.dtype))
+                return (self.gathered_mv(x, name, e_N)
                         + torch.einsum("nr,nir->ni", torch.einsum("nd,nrd->nr", x, a), b))
 
             h = swiglu(proj(x_ND, "w1"), proj(x_ND, "w3"), self.limit, weights_NK[:, j, None], x_ND.dtype,

@@ -17,7 +17,7 @@ from sparseek.checkpoint.quant import dequant_fp4, dequant_fp8, quant_fp4, quant
 from sparseek.model import build_model
 from sparseek.model.common import Experts
 from sparseek.quant import QuantExperts, QuantLinear, quantize_model_, quantized_bytes
-from sparseek.quant.formats import dequantize, values
+from sparseek.quant.formats import dequantize, values, word_planes_ok, word_product
 from tests.conftest import randomize_, rel_err
 
 
@@ -61,6 +61,79 @@ def test_fp4_stack_decoding_matches_the_checkpoint_codec():
     # a subset of the stack decodes as those experts alone
     idx = torch.tensor([2, 0])
     assert torch.equal(dequantize(raw[idx], scale[idx], "fp4", "e8m0", 96, torch.float32), got[idx])
+
+
+def _every_code(fmt: str, sf: str, lead=(3,), out: int = 256, inp: int = 384, seed: int = 0):
+    """Random bytes (every byte value among the first 256) and scales for a [*lead, out, inp] weight."""
+    g = torch.Generator().manual_seed(seed)
+    stored = inp if fmt == "fp8" else inp // 2
+    raw = torch.randint(0, 256, (*lead, out, stored), dtype=torch.uint8, generator=g)
+    raw.view(-1)[:256] = torch.arange(256, dtype=torch.uint8)
+    if fmt == "fp8":  # the NaN codes: never written by a converter (it clamps to +-448)
+        raw[(raw & 0x7F) == 0x7F] = 0x3C
+    rows, cols = (-(-out // 128), -(-inp // 128)) if fmt == "fp8" else (out, inp // 32)
+    if sf == "e8m0":
+        sc = torch.randint(100, 140, (*lead, rows, cols), dtype=torch.uint8, generator=g)
+    else:
+        sc = _u8(torch.rand(*lead, rows, cols, generator=g) * 1e-2).view(*lead, rows, cols * 4)
+    return raw, sc
+
+
+@pytest.mark.parametrize("fmt,sf", [("fp8", "e8m0"), ("fp8", "f32"), ("fp4", "e8m0"), ("fp4", "f32")])
+def test_word_product_is_the_product_with_the_decoded_weight(fmt, sf):
+    """Codes read a 32-bit word at a time (subnormal ones included, which compiled code must not
+    flush) give the product with the decoded weight: per expert, shared, eager and compiled."""
+    raw, sc = _every_code(fmt, sf)
+    assert word_planes_ok(fmt, raw)
+    x = torch.randn(3, 2, 384, generator=torch.Generator().manual_seed(1))
+    w = dequantize(raw, sc, fmt, sf, 384, torch.float32)
+    want = torch.einsum("eni,eoi->eno", x, w)
+    assert rel_err(word_product(x, raw, sc, fmt, sf, 256, 384), want) < 1e-6
+    assert rel_err(torch.compile(word_product, dynamic=False)(x, raw, sc, fmt, sf, 256, 384), want) < 1e-6
+    # one weight for every row
+    assert rel_err(word_product(x[0], raw[1], sc[1], fmt, sf, 256, 384), x[0] @ w[1].t()) < 1e-6
+
+
+def test_word_product_needs_whole_words_and_blocks():
+    assert not word_planes_ok("fp8", torch.zeros(130, 256, dtype=torch.uint8))  # partial scale blocks
+    assert not word_planes_ok("fp4", torch.zeros(64, 6, dtype=torch.uint8))  # 12 inputs: no whole word
+    assert word_planes_ok("fp4", torch.zeros(64, 16, dtype=torch.uint8))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_compiled_quantized_layers_decode_by_words(fmt):
+    """Compiled on a CPU, QuantLinear (a product of up to WORD_ROWS rows) and the experts'
+    decode step take the word path and equal their eager forward."""
+    import sparseek.quant.formats as formats
+
+    torch.manual_seed(0)
+    lin = QuantLinear.from_linear(torch.nn.Linear(256, 384, bias=False), fmt)
+    dense = Experts(8, 256, 128, limit=7.0)
+    with torch.no_grad():
+        for p in (dense.w1, dense.w2, dense.w3):
+            p.copy_(torch.randn(p.shape) / 8)
+    q = QuantExperts.from_experts(dense, fmt)
+    x = torch.randn(3, 256)
+    w, idx = torch.rand(3, 2), torch.randint(0, 8, (3, 2))
+    calls = []
+    real = formats.word_product
+
+    def counted(*a, **k):
+        calls.append(a[3])
+        return real(*a, **k)
+
+    from sparseek.quant import modules
+
+    try:
+        modules.word_product = counted
+        torch._dynamo.reset()
+        got_lin = torch.compile(lin, dynamic=False)(x)
+        got_exp = torch.compile(q.forward_static, dynamic=False)(x, w, idx)
+    finally:
+        modules.word_product = real
+    assert calls.count(fmt) == 1 + 3  # the linear layer; w1, w3, w2 (all slots in one product each)
+    assert rel_err(got_lin, lin(x)) < 1e-6
+    assert rel_err(got_exp, q.forward_static(x, w, idx)) < 1e-6
 
 
 # ---------------------------------------------------------------------------- layers
