@@ -15,6 +15,8 @@ Scale formats: ``"e8m0"`` (V4's ``.scale``: a power of two as a biased exponent 
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from sparseek.checkpoint.quant import E2M1_VALUES, FP4_BLOCK, FP8_BLOCK, quant_fp4, quant_fp8
@@ -136,8 +138,6 @@ def _planes(fmt: str) -> tuple[int, int, int]:
 
 def word_planes_ok(fmt: str, raw: torch.Tensor) -> bool:
     """Whether ``raw`` [..., out, stored] can be read a word at a time."""
-    import sys
-
     out, stored = raw.shape[-2:]
     if fmt == "fp8":  # whole 128 x 128 scale blocks
         return sys.byteorder == "little" and out % FP8_BLOCK == 0 and stored % FP8_BLOCK == 0
