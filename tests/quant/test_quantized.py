@@ -101,11 +101,9 @@ def test_word_product_needs_whole_words_and_blocks():
 
 
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
-def test_compiled_quantized_layers_decode_by_words(fmt):
+def test_compiled_quantized_layers_decode_by_words(fmt, monkeypatch):
     """Compiled on a CPU, QuantLinear (a product of up to WORD_ROWS rows) and the experts'
     decode step take the word path and equal their eager forward."""
-    import sparseek.quant.formats as formats
-
     torch.manual_seed(0)
     lin = QuantLinear.from_linear(torch.nn.Linear(256, 384, bias=False), fmt)
     dense = Experts(8, 256, 128, limit=7.0)
@@ -115,22 +113,18 @@ def test_compiled_quantized_layers_decode_by_words(fmt):
     q = QuantExperts.from_experts(dense, fmt)
     x = torch.randn(3, 256)
     w, idx = torch.rand(3, 2), torch.randint(0, 8, (3, 2))
+    from sparseek.quant import modules
+
     calls = []
-    real = formats.word_product
 
     def counted(*a, **k):
         calls.append(a[3])
-        return real(*a, **k)
+        return word_product(*a, **k)
 
-    from sparseek.quant import modules
-
-    try:
-        modules.word_product = counted
-        torch._dynamo.reset()
-        got_lin = torch.compile(lin, dynamic=False)(x)
-        got_exp = torch.compile(q.forward_static, dynamic=False)(x, w, idx)
-    finally:
-        modules.word_product = real
+    monkeypatch.setattr(modules, "word_product", counted)
+    torch._dynamo.reset()
+    got_lin = torch.compile(lin, dynamic=False)(x)
+    got_exp = torch.compile(q.forward_static, dynamic=False)(x, w, idx)
     assert calls.count(fmt) == 1 + 3  # the linear layer; w1, w3, w2 (all slots in one product each)
     assert rel_err(got_lin, lin(x)) < 1e-6
     assert rel_err(got_exp, q.forward_static(x, w, idx)) < 1e-6
