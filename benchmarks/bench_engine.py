@@ -68,8 +68,10 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
             if what == "prefill":
                 if compiled:  # what LLM(compile=True) does for prefill
                     from sparseek.model.v4 import compile_hot_paths
+                    from sparseek.quant.formats import compile_decoders
 
                     compile_hot_paths()
+                    compile_decoders()  # FP8 / FP4 weights decoded whole by one kernel per matrix
 
                 def run():
                     if sparse:

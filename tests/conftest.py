@@ -142,6 +142,8 @@ def eager_hot_paths(monkeypatch):
     """Undo ``compile_hot_paths()`` (a process-wide swap) after the test, so the rest of the suite
     runs the eager functions."""
     from sparseek.model import v4
+    from sparseek.quant import formats
 
     for module, name, _ in v4.hot_paths():
         monkeypatch.setattr(module, name, getattr(module, name))
+    monkeypatch.setattr(formats, "_decoder", formats._decoder)  # and compile_decoders()

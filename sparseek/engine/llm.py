@@ -241,6 +241,8 @@ class LLM:
                 raise ValueError("compile=True needs a model with a static decode step (DeepSeek-V4)")
             from sparseek.engine.compile import CompiledStep, Spans
             from sparseek.model.v4 import compile_hot_paths
+            from sparseek.quant.formats import compile_decoders
+            from sparseek.quant.modules import QuantExperts, QuantLinear
 
             device = next(model.parameters()).device
             if device.type == "cpu":  # untimed with CUDA graphs (one recorded per span): off there
@@ -251,6 +253,8 @@ class LLM:
                 # two shapes (k + 1 tokens after verification, 1 per chained draft): four guarded calls
                 self._mtp_fn = CompiledStep(model.mtp_step, device, warmup=4)
             compile_hot_paths()  # prefill: the mHC passes over the streams fuse (process-wide swap)
+            if any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
+                compile_decoders()  # FP8 / FP4 weights decoded whole (prefill) by one kernel per matrix
 
     # ------------------------------------------------------------------ public API
     def load_lora(self, name: str, directory: str) -> None:

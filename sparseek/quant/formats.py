@@ -45,25 +45,26 @@ def check_shape(fmt: str, out: int, inp: int) -> str | None:
     return None
 
 
-# Byte -> value tables (one gather per byte: ~3x faster on a CPU than decoding the bit fields
-# with arithmetic, measured eager). e2m1: each byte holds two codes, the low nibble first.
+# Byte -> e2m1 value pair table (one gather per byte: ~3x faster in eager code on a CPU than
+# decoding the bit fields with arithmetic); each byte holds two codes, the low nibble first.
 _E2M1 = E2M1_VALUES.tolist()
 _FP4_PAIRS = torch.tensor([[_E2M1[b & 15], _E2M1[b >> 4]] for b in range(256)])
-_E8M0 = torch.exp2(torch.arange(256, dtype=torch.float64) - 127).float()  # 2^(e - 127); 255 is NaN in e8m0, never written
-_TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
+_TABLES: dict[torch.device, torch.Tensor] = {}
 
 
-def _table(name: str, device: torch.device) -> torch.Tensor:
-    key = (name, device)
-    if key not in _TABLES:
-        _TABLES[key] = {"fp4": _FP4_PAIRS, "e8m0": _E8M0}[name].to(device)
-    return _TABLES[key]
+def _fp4_pairs(device: torch.device) -> torch.Tensor:
+    if device not in _TABLES:
+        _TABLES[device] = _FP4_PAIRS.to(device)
+    return _TABLES[device]
 
 
 def scales(raw: torch.Tensor, scale_fmt: str) -> torch.Tensor:
-    """fp32 scales from their raw bytes."""
+    """fp32 scales from their raw bytes. e8m0 (2^(e - 127)) by its bits, not a table (a lookup
+    inside a compiled loop is a bounds-checked gather per vector): e << 23, and e = 0 (2^-127,
+    subnormal in fp32) as mantissa bit 22; 255 (NaN in e8m0, never written) reads as inf."""
     if scale_fmt == "e8m0":
-        return _table("e8m0", raw.device)[raw.int()]
+        e = raw.int()
+        return ((e << 23) | ((e == 0).int() << 22)).view(torch.float32)
     return raw.view(torch.float32)
 
 
@@ -71,7 +72,7 @@ def values(raw: torch.Tensor, fmt: str) -> torch.Tensor:
     """fp32 element values (before scaling) from raw bytes [..., out, stored]."""
     if fmt == "fp8":
         return raw.view(torch.float8_e4m3fn).float()
-    return _table("fp4", raw.device)[raw.int()].flatten(-2)
+    return _fp4_pairs(raw.device)[raw.int()].flatten(-2)
 
 
 def dequantize(raw: torch.Tensor, raw_scale: torch.Tensor, fmt: str, scale_fmt: str, inp: int,
@@ -163,10 +164,7 @@ def word_product(x: torch.Tensor, raw: torch.Tensor, raw_scale: torch.Tensor, fm
     n = words.shape[-1]
     xf = x.float() * half
     xs = torch.stack([xf[..., j::P] for j in range(P)], -2)  # [..., N, P, inp / P], fp32
-    # e8m0 by its bits, not the table (a table lookup inside the loop costs a bounds-checked
-    # gather per vector; exponent byte 0, 2^-127, reads as 0: a block that small is all zeros)
-    s = (raw_scale.int() << 23).view(torch.float32) if scale_fmt == "e8m0" else scales(raw_scale, scale_fmt)
-    s = s * (2.0 ** shift / half)
+    s = scales(raw_scale, scale_fmt) * (2.0 ** shift / half)
     if fmt == "fp8":  # one scale per 128 x 128 block: word i of row o -> [o // 128, i // 32]
         b = FP8_BLOCK
         blocks, s = (out // b, b, n // (b // P), b // P), s[..., :, None, :, None]
@@ -178,3 +176,105 @@ def word_product(x: torch.Tensor, raw: torch.Tensor, raw_scale: torch.Tensor, fm
         w_OI = (plane_values(words, fmt, j).view(*lead, *blocks) * s).view(*lead, 1, out, n)
         acc = acc + (xs[..., j, None, :] * w_OI).sum(-1)
     return acc
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole matrices decoded by one compiled CPU kernel (the forwards over many tokens: prefill).
+#
+# Eager decoding costs ~3 ns per weight (a conversion or table gather, then a pass over memory
+# per op); a fused kernel can do it at memory speed, but only with the conversions inductor's CPU
+# code vectorises: uint8 -> float32 does (~0.06 ns per element), uint8 -> int32, int16 -> int32
+# and 32-lane bf16 kernels take a generic per-element path (0.25-0.7). So a code byte is read as a
+# float (0..255, exact) and converted to int32, its fields are moved into fp32's bits as
+# ``plane_values`` does, and where one byte or word decodes to several outputs they are packed
+# into one wide integer instead of interleaved (an interleaving store is scalar): an e2m1 pair as
+# an int64 of two fp32s or an int32 of two bf16s, an e4m3 word's four codes as an int64 of four
+# bf16s. bf16 rounds to nearest even on the bits, as ``Tensor.to`` does. Each weight is
+# ``code value * scale`` in fp32 as in ``dequantize``: the same bits.
+
+def _code_values(c: torch.Tensor, fmt: str) -> torch.Tensor:
+    """fp32 values of int32 codes (e4m3 bytes / e2m1 nibbles), exact (subnormal codes too)."""
+    if fmt == "fp8":
+        return (((c & 0x80) << 24) | ((c & 0x7F) << 20)).view(torch.float32) * 2.0 ** 120
+    return (((c & 8) << 28) | ((c & 7) << 22)).view(torch.float32) * 2.0 ** 126
+
+
+def _bf16_bits(w: torch.Tensor) -> torch.Tensor:
+    """fp32 -> bf16 bits in the low half of an int32, rounded to nearest even (finite values)."""
+    b = w.view(torch.int32)
+    return ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) & 0xFFFF
+
+
+def _scaled(v: torch.Tensor, s: torch.Tensor, fmt: str, per: int) -> torch.Tensor:
+    """fp32 values [..., rows, n] of stored units covering ``per`` inputs each, times their
+    block's scale (views, no expanded copy of ``s``)."""
+    *lead, rows, n = v.shape
+    if fmt == "fp8":  # a scale per 128 x 128 block
+        b, k = FP8_BLOCK, FP8_BLOCK // per
+        return (v.view(*lead, rows // b, b, n // k, k) * s[..., :, None, :, None]).view(v.shape)
+    k = FP4_BLOCK // per  # a scale per 32 inputs of a row
+    return (v.view(*lead, rows, n // k, k) * s[..., None]).view(v.shape)
+
+
+def _packed(raw: torch.Tensor, s: torch.Tensor, fmt: str, bf16: bool) -> torch.Tensor:
+    """The decoded weights [..., out, inp] as a wide-integer view (see above) from raw codes and
+    fp32 scales."""
+    if fmt == "fp8" and not bf16:  # one byte -> one fp32
+        return _scaled(_code_values(raw.float().int(), fmt), s, fmt, 1)
+    if fmt == "fp8":  # one int32 word -> four bf16s in an int64
+        words = raw.view(torch.int32)
+        out = 0
+        for j in range(4):
+            out = out | (_bf16_bits(_scaled(_code_values((words >> 8 * j) & 0xFF, fmt), s, fmt, 4)).long() << 16 * j)
+        return out
+    c = raw.float().int()  # one byte -> two e2m1 codes, the low nibble first
+    lo, hi = (_scaled(_code_values(x, fmt), s, fmt, 2) for x in (c & 15, c >> 4))
+    if bf16:
+        return _bf16_bits(lo) | (_bf16_bits(hi) << 16)
+    return (lo.view(torch.int32).long() & 0xFFFFFFFF) | (hi.view(torch.int32).long() << 32)
+
+
+def packed_decode(raws: list[torch.Tensor], ss: list[torch.Tensor], idx: torch.Tensor | None, fmt: str,
+                  bf16: bool) -> torch.Tensor:
+    """Raw codes [..., rows, stored] (with their fp32 block scales ``ss``; experts ``idx`` of
+    each stack, or all) decoded and concatenated along the rows, as wide integers that a
+    ``.view(bf16 / fp32)`` reads back (fp8 into fp32: the floats): what ``compile_decoders``
+    compiles."""
+    if idx is not None:
+        raws, ss = [r[idx] for r in raws], [s[idx] for s in ss]
+    parts = [_packed(r, s, fmt, bf16) for r, s in zip(raws, ss)]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
+
+
+_decoder = None  # packed_decode compiled, once compile_decoders() ran
+
+
+def compile_decoders() -> None:
+    """Decode whole matrices on a CPU with one compiled kernel per call (``decode``): FP8 and FP4
+    into bf16 / fp32 at 0.15-0.3 ns per weight instead of ~3 eager
+    (``benchmarks/quant_dequantize.py``). Process-wide, like ``compile_hot_paths``, which
+    ``LLM(compile=True)`` runs beside it."""
+    global _decoder
+    if _decoder is None:
+        from sparseek.model.v4 import _recompile_limit
+
+        # a graph per (format, dtype, one matrix or two, all experts or some, a stack or not)
+        _decoder = torch.compile(packed_decode, dynamic=True, **_recompile_limit())
+
+
+def decode(mats: list[tuple[torch.Tensor, torch.Tensor]], fmt: str, scale_fmt: str, inp: int, dtype: torch.dtype,
+           idx: torch.Tensor | None = None) -> torch.Tensor:
+    """Matrices ``[(raw, raw_scale), ...]`` (stacks: their experts ``idx``, or all) decoded into
+    ``dtype`` and concatenated along the rows: on a CPU into bf16 / fp32 with whole words and
+    scale blocks, by ``packed_decode`` inside a graph being compiled and by its compiled kernel
+    once ``compile_decoders`` ran; else (eager code, GPUs) by ``dequantize``."""
+    raws = [r for r, _ in mats]
+    compiling = torch.compiler.is_compiling()
+    if ((compiling or _decoder is not None) and dtype in (torch.bfloat16, torch.float32)
+            and raws[0].device.type == "cpu" and all(word_planes_ok(fmt, r) for r in raws)):
+        kernel = packed_decode if compiling else _decoder
+        return kernel(raws, [scales(s, scale_fmt) for _, s in mats], idx, fmt, dtype == torch.bfloat16).view(dtype)
+    if idx is not None:
+        mats = [(r[idx], s[idx]) for r, s in mats]
+    ws = [dequantize(r, s, fmt, scale_fmt, inp, dtype) for r, s in mats]
+    return ws[0] if len(ws) == 1 else torch.cat(ws, dim=-2)

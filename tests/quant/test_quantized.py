@@ -17,7 +17,8 @@ from sparseek.checkpoint.quant import dequant_fp4, dequant_fp8, quant_fp4, quant
 from sparseek.model import build_model
 from sparseek.model.common import Experts
 from sparseek.quant import QuantExperts, QuantLinear, quantize_model_, quantized_bytes
-from sparseek.quant.formats import dequantize, values, word_planes_ok, word_product
+from sparseek.quant import formats
+from sparseek.quant.formats import dequantize, packed_decode, scales, values, word_planes_ok, word_product
 from tests.conftest import randomize_, rel_err
 
 
@@ -100,17 +101,22 @@ def test_word_product_needs_whole_words_and_blocks():
     assert word_planes_ok("fp4", torch.zeros(64, 16, dtype=torch.uint8))
 
 
-@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
-def test_compiled_quantized_layers_decode_by_words(fmt, monkeypatch):
-    """Compiled on a CPU, QuantLinear (a product of up to WORD_ROWS rows) and the experts'
-    decode step take the word path and equal their eager forward."""
+def _quantized_layers(fmt: str) -> tuple[QuantLinear, QuantExperts]:
+    """A [384, 256] linear layer and 8 experts (256 -> 128) quantized to ``fmt``."""
     torch.manual_seed(0)
     lin = QuantLinear.from_linear(torch.nn.Linear(256, 384, bias=False), fmt)
     dense = Experts(8, 256, 128, limit=7.0)
     with torch.no_grad():
         for p in (dense.w1, dense.w2, dense.w3):
             p.copy_(torch.randn(p.shape) / 8)
-    q = QuantExperts.from_experts(dense, fmt)
+    return lin, QuantExperts.from_experts(dense, fmt)
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_compiled_quantized_layers_decode_by_words(fmt, monkeypatch):
+    """Compiled on a CPU, QuantLinear (a product of up to WORD_ROWS rows) and the experts'
+    decode step take the word path and equal their eager forward."""
+    lin, q = _quantized_layers(fmt)
     x = torch.randn(3, 256)
     w, idx = torch.rand(3, 2), torch.randint(0, 8, (3, 2))
     from sparseek.quant import modules
@@ -128,6 +134,61 @@ def test_compiled_quantized_layers_decode_by_words(fmt, monkeypatch):
     assert calls.count(fmt) == 1 + 3  # the linear layer; w1, w3, w2 (all slots in one product each)
     assert rel_err(got_lin, lin(x)) < 1e-6
     assert rel_err(got_exp, q.forward_static(x, w, idx)) < 1e-6
+
+
+def test_e8m0_scales_are_their_powers_of_two_for_every_byte():
+    e = torch.arange(256, dtype=torch.uint8)
+    want = torch.exp2(e.double() - 127).float()  # 2^-127 is subnormal in fp32, 2^128 (the NaN byte) inf
+    assert torch.equal(scales(e, "e8m0"), want)
+    assert torch.equal(torch.compile(scales)(e, "e8m0"), want)
+
+
+@pytest.mark.parametrize("fmt,sf", [("fp8", "e8m0"), ("fp8", "f32"), ("fp4", "e8m0"), ("fp4", "f32")])
+def test_packed_decoding_is_the_decoded_weight(fmt, sf):
+    """Whole matrices decoded by the packed kernel (eager and compiled: subnormal codes must not
+    be flushed, the packed lanes must land in order) are ``dequantize``'s bits, for bf16 and
+    fp32, a stack or one matrix, some experts of two stacks concatenated along the rows."""
+    raw, sc = _every_code(fmt, sf)
+    raw2, sc2 = _every_code(fmt, sf, seed=1)
+    s, s2 = scales(sc, sf), scales(sc2, sf)
+    idx = torch.tensor([2, 0])
+    compiled = torch.compile(packed_decode, dynamic=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        bf16 = dtype == torch.bfloat16
+        want = dequantize(raw, sc, fmt, sf, 384, dtype)
+        want2 = dequantize(raw2, sc2, fmt, sf, 384, dtype)
+        for kernel in (packed_decode, compiled):
+            assert torch.equal(kernel([raw], [s], None, fmt, bf16).view(dtype), want)
+            assert torch.equal(kernel([raw[1]], [s[1]], None, fmt, bf16).view(dtype), want[1])
+            both = kernel([raw, raw2], [s, s2], idx, fmt, bf16).view(dtype)
+            assert torch.equal(both, torch.cat([want[idx], want2[idx]], dim=1))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_compiled_decoders_decode_the_layers_weights(fmt, monkeypatch):
+    """After ``compile_decoders()`` a quantized layer's eager forward decodes its weights with
+    the compiled kernel (two experts' matrices in one call for the gate / up pair) and gives the
+    same bits as without it."""
+    lin, q = _quantized_layers(fmt)
+    x = torch.randn(20, 256, dtype=torch.bfloat16)
+    w, idx = torch.rand(20, 2), torch.randint(0, 6, (20, 2))
+    want_lin, want_exp = lin(x), q(x, w, idx)
+    monkeypatch.setattr(formats, "_decoder", None)
+    formats.compile_decoders()
+    calls = []
+    kernel = formats._decoder
+
+    def counted(raws, *a):
+        calls.append(len(raws))
+        return kernel(raws, *a)
+
+    monkeypatch.setattr(formats, "_decoder", counted)
+    assert torch.equal(lin(x), want_lin)
+    assert torch.equal(q(x, w, idx), want_exp)
+    assert calls == [1, 2, 1]  # the linear layer; the experts' w1 + w3, then w2
+    assert torch.equal(lin.dequantize(torch.float16), dequantize(lin.weight, lin.scale, fmt, "e8m0", 256,
+                                                                 torch.float16))  # fp16: the eager path
+    assert calls == [1, 2, 1]
 
 
 # ---------------------------------------------------------------------------- layers
