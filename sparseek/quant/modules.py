@@ -14,8 +14,8 @@ checkpoint dequantized (tests: equal logits). Compiled on a CPU, the products of
 decode step's) read the codes a 32-bit word at a time instead (``formats.word_product``: the
 same products in fp32, 4-9x faster there than decoding byte by byte); the forwards over many
 tokens decode whole matrices inside a compiled graph, or by one compiled kernel per call once
-``formats.compile_decoders()`` ran (``formats.decode``: 0.1-0.3 ns per weight instead of ~3
-eager).
+``formats.compile_decoders()`` ran (``formats.decode``: 0.17-0.28 ns per weight into bf16 for
+``small``'s experts instead of 2.2-4.4 eager).
 """
 
 from __future__ import annotations
