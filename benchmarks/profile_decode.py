@@ -9,6 +9,7 @@
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --expert-costs  # CPU expert op's cost model
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --batch 32 --ab-experts  # the decode step's experts four ways
     python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --ab-dispatch  # dynamo vs direct call
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
 named), the weight-streaming rate of one token's routed experts in the decode step's form and
@@ -289,6 +290,27 @@ def experts_op_ab(model, batch: int, rounds: int = 5) -> None:
               f"{dt / med[ref_name]:.2f}x the expert op's time (median of {rounds} alternating rounds)")
 
 
+def dispatch_ab(step, run, rounds: int = 21, n: int = 20) -> None:
+    """The same compiled step (same kernels) called through dynamo with guards skipped and as
+    dynamo's bytecode called directly (``CompiledStep.direct``), in alternating rounds."""
+    out = {}
+    for direct in (False, True):
+        step.direct = direct
+        out[direct] = run()
+    print(f"same logits both ways: {torch.equal(out[False], out[True])}")
+    res = {False: [], True: []}
+    for _ in range(rounds):
+        for direct in res:
+            step.direct = direct
+            res[direct].append(per_call(run, n))
+    base = sorted(res[False])[rounds // 2]
+    for direct, v in res.items():
+        med = sorted(v)[rounds // 2]
+        name = "dynamo's bytecode called directly" if direct else "through dynamo, guards skipped"
+        print(f"  {name:34s} median {med * 1e3:.3f} ms/step  best {min(v) * 1e3:.3f}  {base / med:.3f}x "
+              f"(median of {rounds} alternating rounds of {n} steps)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -308,6 +330,8 @@ def main():
     ap.add_argument("--ab-experts", action="store_true",
                     help="decode: the step's routed experts as the CPU expert op (x @ W^T, W @ x^T), grouped GEMMs "
                          "and fused gathers, alternating")
+    ap.add_argument("--ab-dispatch", action="store_true",
+                    help="decode: the compiled step called through dynamo (guards skipped) and directly, alternating")
     ap.add_argument("--rows", type=int, default=25)
     ap.add_argument("--inductor", default="{}",
                     help='extra inductor options for the decode step as JSON, e.g. \'{"cpp_wrapper": true}\'')
@@ -381,6 +405,11 @@ def main():
                 return step(tok, cache)
             dt = per_call(run, 30)
             print(f"compiled decode step, batch {a.batch}: {dt * 1e3:.2f} ms/step ({a.batch / dt:.1f} tok/s)")
+            if a.ab_dispatch:
+                if a.plain:
+                    ap.error("--ab-dispatch times the engine's CompiledStep, not --plain")
+                dispatch_ab(step, run)
+                return
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
             for _ in range(1 if a.prefill[0] else 10):
                 run()

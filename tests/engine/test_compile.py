@@ -82,6 +82,37 @@ def test_two_steps_over_one_model_compile_apart():
                 assert (got - ref).abs().max() <= 1e-4 * ref.abs().max(), (B, i)
 
 
+def test_step_after_warmup_calls_dynamos_code_without_dynamo(monkeypatch):
+    """Past warm-up a CPU step runs the bytecode dynamo compiled for it as a plain function (no
+    cache lookup, no stance switch: here the stance switch raises), equal to the eager step; after
+    torch._dynamo.reset() it compiles again; a function with a graph break keeps dynamo."""
+    def no_stance(*a, **k):
+        raise AssertionError("dispatched through dynamo")
+
+    torch._dynamo.reset()
+    model = randomize_(build_model(sparseek.preset("debug")), 5).eval()
+    ids = torch.randint(3, model.args.vocab_size, (2, 48), generator=torch.Generator().manual_seed(5))
+    step = CompiledStep(model.decode_step, "cpu")
+    assert step.direct
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "set_stance", no_stance)
+        _decode_both(model, step, ids, 40, 64)
+    assert step._direct is not None and step._direct[1] is not None
+
+    torch._dynamo.reset()  # the entry is gone: the step compiles again
+    _decode_both(model, step, ids, 40, 64)
+    assert step._calls == step._warmup and step._direct[1] is not None
+
+    def broken(x):
+        y = x * 2
+        torch._dynamo.graph_break()
+        return y + 1
+    plain = CompiledStep(broken, "cpu", gemv=False)
+    for _ in range(4):
+        assert torch.equal(plain(torch.ones(3)), torch.full((3,), 3.0))
+    assert plain._direct is not None and plain._direct[1] is None
+
+
 def test_spans_are_powers_of_two_within_floor_and_cache():
     spans = Spans(128, 4096, "cpu")
     assert [spans.length(n) for n in (1, 128, 129, 256, 257, 3000, 4096, 5000)] == \
