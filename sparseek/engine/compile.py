@@ -20,9 +20,9 @@ rather than in the model (which stays plain PyTorch):
   for its whole life, so after two guarded warm-up calls (a second compile would surface there)
   it skips them, as vLLM does for its compiled model. On a CPU it then skips dynamo altogether:
   it calls the bytecode dynamo compiled for the step's one cache entry as a plain function (what
-  vLLM's dispatcher does), which saves dynamo's cache lookup and stance switch: 0.23-0.32 ms of
-  a 4.3-4.7 ms `small` bf16 step, 5-7% (``benchmarks/results/cpu-small-bf16-direct-dispatch.txt``:
-  the same kernels called both ways, alternating).
+  vLLM's dispatcher does), which saves dynamo's cache lookup and stance switch: 0.3 ms of a
+  4.7 ms `small` bf16 step, 1.07x (``benchmarks/profile_decode.py --ab-dispatch``: the same
+  kernels called both ways, alternating; ``benchmarks/results/cpu-small-bf16-direct-dispatch.txt``).
 
 On a GPU the step is compiled with CUDA graphs (``mode="reduce-overhead"``); the reduction form is
 optional there (``gemv=True``, with coordinate-descent tuning as gpt-fast uses) until it is
@@ -68,10 +68,10 @@ class CompiledStep:
         ``direct``: once guards are skipped, call the compiled bytecode without dynamo (default: on
         a CPU, where it was measured)."""
         fn = _own_copy(fn)
-        self._orig = fn
-        self.direct = torch.device(device).type == "cpu" if direct is None else direct
-        self._direct: tuple | None = None  # (dynamo's code object, the function running it)
         device = torch.device(device)
+        self._orig = fn
+        self.direct = device.type == "cpu" if direct is None else direct
+        self._direct: tuple | None = None  # (dynamo's code object, the function running it)
         cuda = device.type == "cuda"
         self.gemv = device.type == "cpu" if gemv is None else gemv
         patches = dict(options or {})
