@@ -10,6 +10,7 @@
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --batch 32 --ab-experts  # the decode step's experts four ways
     python benchmarks/profile_decode.py --inductor '{"cpp_wrapper": true}'         # extra inductor options
     python benchmarks/profile_decode.py --preset small --dtype bfloat16 --ab-dispatch  # dynamo vs direct call
+    python benchmarks/profile_decode.py --preset small --dtype bfloat16 --quantize fp8  # weights kept FP8
 
 Prints ms per token, the torch profiler's top operators grouped by input shape (inductor kernels
 named), the weight-streaming rate of one token's routed experts in the decode step's form and
@@ -72,8 +73,11 @@ def expert_rates(model, dtype):
     w = torch.rand(1, k)
     idx = torch.randperm(layers[0].n)[:k][None]
     read = len(layers) * 3 * k * layers[0].w1[0].numel() * layers[0].w1.element_size()
-    for name, f in (("per slot (decode step)", lambda ex: ex.forward_static(x, w, idx)),
-                    ("one contraction", lambda ex: _experts_one_contraction(ex, x, w, idx))):
+    forms = [("per slot (decode step)", lambda ex: ex.forward_static(x, w, idx)),
+             ("one contraction", lambda ex: _experts_one_contraction(ex, x, w, idx))]
+    if layers[0].w1.dtype == torch.uint8:  # kept quantized: the step's own form (all slots by words) only
+        forms = [("decode step", forms[0][1])]
+    for name, f in forms:
         fn = torch.compile(lambda: [f(ex) for ex in layers], dynamic=False, backend=fusing_backend())
         dt = per_call(fn, 30)
         print(f"routed experts of one token, {name}: {dt / len(layers) * 1e6:.0f} us/layer, "
@@ -338,6 +342,8 @@ def main():
     ap.add_argument("--plain", action="store_true",
                     help="plain torch.compile of the step (library GEMVs, guards on every call) for comparison")
     ap.add_argument("--hot-paths", action="store_true", help="prefill with compile_hot_paths() (LLM(compile=True))")
+    ap.add_argument("--quantize", choices=["fp8", "fp4"],
+                    help="keep the routed experts in this format, the other linear layers in FP8 (quantize_model_)")
     a = ap.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", min(2, os.cpu_count() or 1))))
     dtype = getattr(torch, a.dtype)
@@ -345,6 +351,10 @@ def main():
 
     inductor.cpp.enable_kernel_profile = True  # name inductor's kernels in the profile
     model, _ = sparseek.load(a.preset, dtype=dtype, tokenizer=False)
+    if a.quantize:
+        from sparseek.quant import quantize_model_
+
+        quantize_model_(model, experts=a.quantize, linears="fp8")
     V = model.args.vocab_size
     if a.expert_costs:
         with torch.inference_mode():

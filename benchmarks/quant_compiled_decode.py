@@ -20,7 +20,7 @@ import tempfile
 import time
 
 
-def one(fmt: str, preset: str, new: int) -> None:
+def one(fmt: str, preset: str, new: int, rounds: int) -> None:
     import torch
 
     import sparseek
@@ -39,11 +39,14 @@ def one(fmt: str, preset: str, new: int) -> None:
     t0 = time.perf_counter()
     llm.generate(["hello world"], SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    llm.generate(["hello world"], SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
-    rate = new / (time.perf_counter() - t0)
+    rates = []
+    for _ in range(rounds):  # this VM drifts within a minute: best and median of several rounds
+        t0 = time.perf_counter()
+        llm.generate(["hello world"], SamplingParams(max_tokens=new, temperature=0, ignore_eos=True))
+        rates.append(new / (time.perf_counter() - t0))
+    rates.sort()
     print(f"{fmt:5s} weights {weights / 2**20:6.0f} MB  first call (compiles) {first:6.1f} s  "
-          f"decode batch 1 {rate:6.1f} tok/s", flush=True)
+          f"decode batch 1 best {rates[-1]:6.1f} median {rates[len(rates) // 2]:6.1f} tok/s", flush=True)
 
 
 def main() -> None:
@@ -51,10 +54,11 @@ def main() -> None:
     ap.add_argument("--formats", nargs="+", default=["bf16", "fp8", "fp4"])
     ap.add_argument("--preset", default="small")
     ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=5, help="decodes of --new tokens timed after the first call")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        return one(a.one, a.preset, a.new)
+        return one(a.one, a.preset, a.new, a.rounds)
     import torch
 
     print(f"# torch {torch.__version__}, {torch.get_num_threads()} threads; "
@@ -62,7 +66,8 @@ def main() -> None:
     for fmt in a.formats:  # each in its own process and inductor cache: no format reuses another's kernels
         env = dict(os.environ)
         env.setdefault("TORCHINDUCTOR_CACHE_DIR", tempfile.mkdtemp(prefix=f"inductor-{fmt}-"))
-        subprocess.run([sys.executable, __file__, "--one", fmt, "--preset", a.preset, "--new", str(a.new)],
+        subprocess.run([sys.executable, __file__, "--one", fmt, "--preset", a.preset, "--new", str(a.new),
+                        "--rounds", str(a.rounds)],
                        env=env, check=True)
 
 

@@ -125,9 +125,9 @@ def published(raw: torch.Tensor, kind: str) -> torch.Tensor:
 # of its codes, its "plane", becomes fp32 bits by moving its sign bit to bit 31 and its exponent
 # and mantissa fields to the top of fp32's: that float is the code's value times 2^-120 (e4m3)
 # or 2^-126 (e2m1), exact, subnormal codes included (they land in fp32's subnormal range, which
-# inductor's kernels keep: no flush-to-zero). The power of two comes back split between the
-# activations and the scales (2^60 / 2^63 each), so no product under- or overflows and each
-# weight times activation is the same float as with the decoded weight. Plane j of word i holds
+# inductor's kernels keep: no flush-to-zero). The power of two comes back split so that no
+# product under- or overflows (``word_product``), and each weight times activation is one
+# rounding of the exact product, as with the decoded weight. Plane j of word i holds
 # input k = P*i + j, so the activation row is split into its P strided parts first (copies of x,
 # not of the weight). The e4m3 NaN code (0x7F) reads as 480 here: DeepSeek's converter never
 # writes it (it clamps to +-448).
@@ -149,33 +149,76 @@ def plane_values(words: torch.Tensor, fmt: str, j: int) -> torch.Tensor:
     """Code ``j`` of each int32 word as fp32: its value times 2^-120 (fp8) / 2^-126 (fp4)."""
     P, bits, _ = _planes(fmt)
     top = words << (32 - bits * (j + 1))  # the code in the word's top bits, its sign in bit 31
-    if fmt == "fp8":  # e4m3: s eeee mmm -> fp32 s eeeeeeee m(23): fields to bits 23-30, 20-22
-        return ((top & -0x80000000) | ((top >> 4) & 0x07F00000)).view(torch.float32)
-    return ((top & -0x80000000) | ((top >> 6) & 0x01C00000)).view(torch.float32)  # e2m1: s ee m
+    # an arithmetic shift right moves the exponent and mantissa fields to the top of fp32's (e4m3
+    # s eeee mmm -> bits 23-30, 20-22; e2m1 s ee m -> 23-24, 22) and copies the sign into the bits
+    # above them, which the mask clears but for bit 31: three integer ops per code
+    if fmt == "fp8":
+        return ((top >> 4) & _signed(0x87F00000)).view(torch.float32)
+    return ((top >> 6) & _signed(0x81C00000)).view(torch.float32)
+
+
+def _signed(u32: int) -> int:
+    """A 32-bit pattern as the int32 it is (a mask with bit 31 set)."""
+    return u32 - (1 << 32) if u32 >> 31 else u32
 
 
 def word_product(x: torch.Tensor, raw: torch.Tensor, raw_scale: torch.Tensor, fmt: str, scale_fmt: str,
                  out: int, inp: int) -> torch.Tensor:
     """fp32 ``x @ W^T`` for a few rows: x [..., N, inp] against the weights [..., out, stored]
-    (the same leading dims, or none on the weights), W decoded a word at a time."""
+    (uint8 codes or the same bytes as int32 words; the same leading dims as x, or none), W decoded
+    a word at a time. Gather a stack's experts from its int32 view (``stack.view(torch.int32)[idx]``):
+    a compiled step then reads the chosen words in place, where gathering the bytes and viewing
+    the copy makes it write that copy first."""
     P, _, shift = _planes(fmt)
-    half = 2.0 ** (shift // 2)
-    words = raw.view(torch.int32)  # [..., out, inp / P]
+    words = raw if raw.dtype == torch.int32 else raw.view(torch.int32)  # [..., out, inp / P]
     n = words.shape[-1]
+    lead = words.shape[:-2]
+    # one row of x per leading index (the decode step's (token, slot) pairs): leading dims and
+    # output rows as one loop, so the compiler cannot pick the few pairs as the dim to vectorise
+    # (it did for hash-routed FP4 layers: a parallel region per output row, 20x slower)
+    merged = len(lead) > 0 and x.shape[-2] == 1
+    s = scales(raw_scale, scale_fmt)
+    if fmt == "fp8":
+        # one scale per 128 x 128 block (word i of row o -> [o // 128, i // 32]): scale the few
+        # activation rows per block of output rows instead of every weight. 2^90 of the planes'
+        # missing 2^120 ride on x * s (no overflow below |x * s| = 2^38), the other 2^30 on the
+        # sum; each product is x * s * code, one rounding, as with the decoded weight
+        b, q = FP8_BLOCK, FP8_BLOCK // P
+        ob, nb = out // b, n // q
+        xf = x.float() * 2.0 ** 90
+        xs = torch.stack([xf[..., j::P] for j in range(P)], -2)  # [..., N, P, n]
+        N, xlead = xs.shape[-3], xs.shape[:-3]
+        xs = (xs.reshape(*xlead, N, 1, P, nb, q) * s[..., None, :, None, :, None]).reshape(*xlead, N, ob, P, n)
+        acc = 0
+        for j in range(P):
+            if merged:
+                w = plane_values(words, fmt, j).reshape(-1, n)
+                acc = acc + (_rows(xs[..., 0, :, j, None, :], (*lead, ob, b, n)) * w).sum(-1)
+            else:
+                w = plane_values(words, fmt, j).view(*lead, 1, ob, b, n)
+                acc = acc + (xs[..., j, None, :] * w).sum(-1)  # [..., N, ob, b]
+        return (acc * 2.0 ** (shift - 90)).reshape(*xs.shape[:-3], out)
+    # FP4: one scale per 32 inputs of a row (word i -> i // 4), on the weights; the power of two
+    # split between x and the scales (2^63 each), so no product under- or overflows
+    half = 2.0 ** (shift // 2)
     xf = x.float() * half
     xs = torch.stack([xf[..., j::P] for j in range(P)], -2)  # [..., N, P, inp / P], fp32
-    s = scales(raw_scale, scale_fmt) * (2.0 ** shift / half)
-    if fmt == "fp8":  # one scale per 128 x 128 block: word i of row o -> [o // 128, i // 32]
-        b = FP8_BLOCK
-        blocks, s = (out // b, b, n // (b // P), b // P), s[..., :, None, :, None]
-    else:  # one per 32 inputs along the row: word i -> i // 4
-        blocks, s = (out, n // (FP4_BLOCK // P), FP4_BLOCK // P), s[..., None]
-    lead = words.shape[:-2]
+    s = (s * (2.0 ** shift / half))[..., None]
+    blocks = (out, n // (FP4_BLOCK // P), FP4_BLOCK // P)
     acc = 0
     for j in range(P):
         w_OI = (plane_values(words, fmt, j).view(*lead, *blocks) * s).view(*lead, 1, out, n)
-        acc = acc + (xs[..., j, None, :] * w_OI).sum(-1)
-    return acc
+        if merged:
+            acc = acc + (_rows(xs[..., 0, j, None, :], (*lead, out, n)) * w_OI.reshape(-1, n)).sum(-1)
+        else:
+            acc = acc + (xs[..., j, None, :] * w_OI).sum(-1)
+    return acc.reshape(*xs.shape[:-2], out)
+
+
+def _rows(x: torch.Tensor, shape) -> torch.Tensor:
+    """x broadcast to ``shape`` as rows [prod(shape[:-1]), shape[-1]] (an index map in a compiled
+    graph, no copy)."""
+    return x.expand(shape).reshape(-1, shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,8 +33,8 @@ from sparseek.quant.formats import (FORMATS, SCALE_FORMATS, check_shape, decode,
 log = logging.getLogger("sparseek")
 
 # products of up to this many rows decode the weight a 32-bit word at a time inside a compiled
-# CPU step (``formats.word_product``): FP8 0.06-0.10 ns per weight against 0.41-0.60 through
-# byte loads, FP4 0.11-0.16 against 0.51-0.70 (the bf16 GEMV: 0.057; `benchmarks/quant_gemv.py`,
+# CPU step (``formats.word_product``): FP8 0.04-0.05 ns per weight against 0.47-0.50 through
+# byte loads, FP4 0.08-0.12 against 0.43-1.0 (the bf16 GEMV: 0.05; `benchmarks/quant_gemv.py`,
 # `benchmarks/results/cpu-quant-gemv.txt`); each row re-decodes the weight, as the fused bf16
 # products re-read it (``engine.compile.FUSED_ROWS``)
 WORD_ROWS = 8
@@ -171,8 +171,10 @@ class QuantExperts(Experts):
 
         def product(x, name):  # x [N, K, 1, in] -> [N, K, 1, out]
             out, inp = self.shapes[name]
-            return word_product(x, getattr(self, name)[idx_NK], getattr(self, f"{name}_scale")[idx_NK], self.fmt,
-                                self.scale_fmt, out, inp)
+            # gathered as words: the product reads each pair's codes in place (gathered as bytes,
+            # the step would first copy them out, uint8 lane by lane)
+            words = getattr(self, name).view(torch.int32)[idx_NK]
+            return word_product(x, words, getattr(self, f"{name}_scale")[idx_NK], self.fmt, self.scale_fmt, out, inp)
 
         x = x_ND[:, None, None, :].expand(N, K, 1, x_ND.shape[-1])
         h = swiglu(product(x, "w1").to(x_ND.dtype), product(x, "w3").to(x_ND.dtype), self.limit,

@@ -93,6 +93,14 @@ def test_word_product_is_the_product_with_the_decoded_weight(fmt, sf):
     assert rel_err(torch.compile(word_product, dynamic=False)(x, raw, sc, fmt, sf, 256, 384), want) < 1e-6
     # one weight for every row
     assert rel_err(word_product(x[0], raw[1], sc[1], fmt, sf, 256, 384), x[0] @ w[1].t()) < 1e-6
+    # one row per weight (a decode step's (token, slot) pairs: leading dims and rows as one loop),
+    # the weights given as int32 words gathered from the stack
+    pairs = torch.tensor([[2, 0], [1, 2]])
+    x1 = x[:, :1].reshape(1, 3, 1, 384).expand(2, 3, 1, 384)[:, :2]  # [2, 2, 1, 384]
+    want1 = torch.einsum("abni,aboi->abno", x1, w[pairs])
+    for f in (word_product, torch.compile(word_product, dynamic=False)):
+        got = f(x1, raw.view(torch.int32)[pairs], sc[pairs], fmt, sf, 256, 384)
+        assert got.shape == (2, 2, 1, 256) and rel_err(got, want1) < 1e-6
 
 
 def test_word_product_needs_whole_words_and_blocks():
@@ -134,6 +142,10 @@ def test_compiled_quantized_layers_decode_by_words(fmt, monkeypatch):
     assert calls.count(fmt) == 1 + 3  # the linear layer; w1, w3, w2 (all slots in one product each)
     assert rel_err(got_lin, lin(x)) < 1e-6
     assert rel_err(got_exp, q.forward_static(x, w, idx)) < 1e-6
+    # hash-routed layers look their experts up from the token ids inside the graph
+    table, tok = torch.randint(0, 8, (50, 2)), torch.tensor([3, 17, 3])
+    got_hash = torch.compile(lambda t: q.forward_static(x, w, table[t]), dynamic=False)(tok)
+    assert rel_err(got_hash, q.forward_static(x, w, table[tok])) < 1e-6
 
 
 def test_e8m0_scales_are_their_powers_of_two_for_every_byte():
