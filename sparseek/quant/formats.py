@@ -182,7 +182,8 @@ def word_product(x: torch.Tensor, raw: torch.Tensor, raw_scale: torch.Tensor, fm
         # one scale per 128 x 128 block (word i of row o -> [o // 128, i // 32]): scale the few
         # activation rows per block of output rows instead of every weight. 2^90 of the planes'
         # missing 2^120 ride on x * s (no overflow below |x * s| = 2^38), the other 2^30 on the
-        # sum; each product is x * s * code, one rounding, as with the decoded weight
+        # sum; with e8m0 scales (powers of two) each product is x * s * code with one rounding,
+        # as with the decoded weight (fp32 scales round x * s first)
         b, q = FP8_BLOCK, FP8_BLOCK // P
         ob, nb = out // b, n // q
         xf = x.float() * 2.0 ** 90
