@@ -172,48 +172,42 @@ def word_product(x: torch.Tensor, raw: torch.Tensor, raw_scale: torch.Tensor, fm
     P, _, shift = _planes(fmt)
     words = raw if raw.dtype == torch.int32 else raw.view(torch.int32)  # [..., out, inp / P]
     n = words.shape[-1]
-    lead = words.shape[:-2]
-    # one row of x per leading index (the decode step's (token, slot) pairs): leading dims and
-    # output rows as one loop, so the compiler cannot pick the few pairs as the dim to vectorise
-    # (it did for hash-routed FP4 layers: a parallel region per output row, 20x slower)
-    merged = len(lead) > 0 and x.shape[-2] == 1
     s = scales(raw_scale, scale_fmt)
+    xf = x.float()
     if fmt == "fp8":
         # one scale per 128 x 128 block (word i of row o -> [o // 128, i // 32]): scale the few
         # activation rows per block of output rows instead of every weight. 2^90 of the planes'
         # missing 2^120 ride on x * s (no overflow below |x * s| = 2^38), the other 2^30 on the
         # sum; with e8m0 scales (powers of two) each product is x * s * code with one rounding,
         # as with the decoded weight (fp32 scales round x * s first)
-        b, q = FP8_BLOCK, FP8_BLOCK // P
-        ob, nb = out // b, n // q
-        xf = x.float() * 2.0 ** 90
-        xs = torch.stack([xf[..., j::P] for j in range(P)], -2)  # [..., N, P, n]
-        N, xlead = xs.shape[-3], xs.shape[:-3]
-        xs = (xs.reshape(*xlead, N, 1, P, nb, q) * s[..., None, :, None, :, None]).reshape(*xlead, N, ob, P, n)
-        acc = 0
-        for j in range(P):
-            if merged:
-                w = plane_values(words, fmt, j).reshape(-1, n)
-                acc = acc + (_rows(xs[..., 0, :, j, None, :], (*lead, ob, b, n)) * w).sum(-1)
-            else:
-                w = plane_values(words, fmt, j).view(*lead, 1, ob, b, n)
-                acc = acc + (xs[..., j, None, :] * w).sum(-1)  # [..., N, ob, b]
-        return (acc * 2.0 ** (shift - 90)).reshape(*xs.shape[:-3], out)
-    # FP4: one scale per 32 inputs of a row (word i -> i // 4), on the weights; the power of two
-    # split between x and the scales (2^63 each), so no product under- or overflows
-    half = 2.0 ** (shift // 2)
-    xf = x.float() * half
-    xs = torch.stack([xf[..., j::P] for j in range(P)], -2)  # [..., N, P, inp / P], fp32
-    s = (s * (2.0 ** shift / half))[..., None]
-    blocks = (out, n // (FP4_BLOCK // P), FP4_BLOCK // P)
+        G, q, x_scale, sum_scale = out // FP8_BLOCK, FP8_BLOCK // P, 2.0 ** 90, 2.0 ** (shift - 90)
+        s = s[..., None, :, None, :, None]  # [..., 1 (N), G, 1 (P), blocks, 1 (q)]: on x
+    else:
+        # FP4: one scale per 32 inputs of a row (word i -> i // 4), on the weights; the power of
+        # two split between x and the scales (2^63 each), so no product under- or overflows
+        G, q, x_scale, sum_scale = 1, FP4_BLOCK // P, 2.0 ** (shift // 2), 1.0
+        s = (s * 2.0 ** (shift - shift // 2))[..., None]  # [..., out, blocks, 1 (q)]: on the weights
+    xs = torch.stack([xf[..., j::P] for j in range(P)], -2) * x_scale  # [..., N, P, n]
+    *xlead, N, _, _ = xs.shape
+    if fmt == "fp8":
+        xs = xs.reshape(*xlead, N, 1, P, n // q, q) * s
+    xs = xs.reshape(*xlead, N, G, P, n)
+    lead = words.shape[:-2]
+    # one row of x per leading index (the decode step's (token, slot) pairs): leading dims and
+    # output rows as one loop, so the compiler cannot pick the few pairs as the dim to vectorise
+    # (it did for hash-routed FP4 layers in an uncommitted version: a parallel region per output row)
+    merged = len(lead) > 0 and N == 1
     acc = 0
     for j in range(P):
-        w_OI = (plane_values(words, fmt, j).view(*lead, *blocks) * s).view(*lead, 1, out, n)
+        w = plane_values(words, fmt, j)  # [..., out, n]
+        if fmt == "fp4":
+            w = (w.view(*lead, out, n // q, q) * s).view(*lead, out, n)
+        x_j = xs[..., j, :]  # [..., N, G, n]
         if merged:
-            acc = acc + (_rows(xs[..., 0, j, None, :], (*lead, out, n)) * w_OI.reshape(-1, n)).sum(-1)
+            acc = acc + (_rows(x_j[..., 0, :, None, :], (*lead, G, out // G, n)) * w.reshape(-1, n)).sum(-1)
         else:
-            acc = acc + (xs[..., j, None, :] * w_OI).sum(-1)
-    return acc.reshape(*xs.shape[:-2], out)
+            acc = acc + (x_j[..., None, :] * w.view(*lead, 1, G, out // G, n)).sum(-1)
+    return (acc * sum_scale).reshape(*xlead, N, out)
 
 
 def _rows(x: torch.Tensor, shape) -> torch.Tensor:
