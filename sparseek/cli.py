@@ -250,9 +250,13 @@ def cmd_run_batch(a) -> int:
     if llm.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json: batch requests are text, so it needs one")
     name = a.served_model_name or os.path.basename(os.path.normpath(a.model))
-    res = run_batch(llm, a.input, a.output, model_name=name, thinking=a.thinking)
-    print(f"{res['requests']} requests: {res['succeeded']} succeeded, {res['failed']} failed, {res['invalid']} not "
-          f"requests -> {a.output}", file=sys.stderr)
+    try:
+        res = run_batch(llm, a.input, a.output, model_name=name, thinking=a.thinking, resume=a.resume)
+    except KeyboardInterrupt:
+        return 130  # run_batch said where the finished results are kept
+    resumed = f" ({res['resumed']} from the interrupted run)" if res["resumed"] else ""
+    print(f"{res['requests']} requests{resumed}: {res['succeeded']} succeeded, {res['failed']} failed, "
+          f"{res['invalid']} not requests -> {a.output}", file=sys.stderr)
     return 0
 
 
@@ -501,6 +505,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
                    help="LoRA adapters served unmerged, each under its own model name (a request's 'model' picks one)")
     p.add_argument("--thinking", action="store_true", help="chat requests think by default")
+    p.add_argument("--resume", action="store_true",
+                   help="finish an interrupted run: keep the results in OUTPUT.partial, run only the rest")
     p.set_defaults(fn=cmd_run_batch)
 
     p = sub.add_parser("merge", help="merge LoRA adapters into their base model and write a full checkpoint")

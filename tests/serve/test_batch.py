@@ -9,6 +9,7 @@ import json
 import pytest
 
 from sparseek.engine import LLM, SamplingParams
+from sparseek.serve import batch
 from sparseek.serve.batch import run_batch
 
 pytest.importorskip("httpx")
@@ -39,7 +40,8 @@ def test_batch_file_runs_through_the_server(model, tok, tmp_path):
     ]
     out = tmp_path / "out.jsonl"
     res = run_batch(llm, _lines(tmp_path, rows), str(out), model_name="dbg", progress=False)
-    assert res == {"requests": 7, "succeeded": 3, "failed": 1, "invalid": 3}
+    assert res == {"requests": 7, "succeeded": 3, "failed": 1, "invalid": 3, "resumed": 0}
+    assert not (tmp_path / "out.jsonl.partial").exists()  # the journal goes once the output is whole
     got = [json.loads(x) for x in out.read_text().splitlines()]
     assert [g["custom_id"] for g in got] == ["c1", "chat", "bad", None, "s", "u", "c2"]  # the input's order
     assert len({g["id"] for g in got}) == 7
@@ -69,3 +71,79 @@ def test_cli_run_batch_writes_results(model, tok, tmp_path, capsys):
     assert [g["response"]["status_code"] for g in got] == [200] * 3
     assert [g["response"]["body"]["usage"]["completion_tokens"] for g in got] == [3] * 3
     assert "3 requests: 3 succeeded" in capsys.readouterr().err
+    (tmp_path / "out.jsonl.partial").write_text("{}\n")  # an interrupted run's journal: named, kept
+    assert main(["run-batch", "-m", str(tmp_path / "m"), "-i", str(tmp_path / "in.jsonl"), "-o", str(out)]) == 2
+    assert "out.jsonl.partial" in capsys.readouterr().err and (tmp_path / "out.jsonl.partial").exists()
+
+
+class Crash(Exception):
+    pass
+
+
+def test_interrupted_batch_keeps_its_results_and_resumes(model, tok, tmp_path, monkeypatch):
+    """A run that dies keeps every result it finished in OUTPUT.partial; --resume runs only the rest
+    (and the ones that met a server error), tolerates a torn last line, refuses another input's
+    journal, and ends with the output an uninterrupted run writes."""
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=256)
+    rows = [{"custom_id": f"r{i}", "url": "/v1/completions",
+             "body": {"prompt": f"x = {i}", "max_tokens": 3 + i % 3, "temperature": 0, "logit_bias": BAN}}
+            for i in range(6)]
+    rows.insert(2, "{not json")
+    src = _lines(tmp_path, rows)
+    whole = tmp_path / "whole.jsonl"
+    run_batch(llm, src, str(whole), model_name="dbg", progress=False)
+
+    out, journal = tmp_path / "out.jsonl", tmp_path / "out.jsonl.partial"
+    add, calls = batch._Journal.add, []
+
+    def dies_after_3(self, i, result):
+        calls.append(i)
+        if len(calls) > 3:
+            raise Crash("killed")
+        add(self, i, result)
+
+    monkeypatch.setattr(batch._Journal, "add", dies_after_3)
+    with pytest.raises(Crash):
+        run_batch(llm, src, str(out), model_name="dbg", progress=False)
+    monkeypatch.setattr(batch._Journal, "add", add)
+    assert not out.exists()
+    entries = [json.loads(x) for x in journal.read_text().splitlines()[1:]]
+    kept = [e["line"] for e in entries]
+    assert len(kept) == 3 and len(set(kept)) == 3
+
+    with pytest.raises(ValueError, match="--resume"):  # an interrupted run's results are never discarded
+        run_batch(llm, src, str(out), model_name="dbg", progress=False)
+
+    # one kept result met a server error (rerun), and the process died mid-write (a torn line)
+    lines = journal.read_text().splitlines(keepends=True)
+    e = json.loads(lines[1])
+    if e["result"]["response"] is not None:
+        e["result"]["response"]["status_code"] = 503
+        lines[1] = json.dumps(e) + "\n"
+        retried = 1
+    else:
+        retried = 0
+    journal.write_text("".join(lines) + '{"line": 6, "resu')
+
+    parsed = []
+    parse = batch._parse
+    monkeypatch.setattr(batch, "_parse", lambda line: (parsed.append(line), parse(line))[1])
+    res = run_batch(llm, src, str(out), model_name="dbg", progress=False, resume=True)
+    assert len(parsed) == 7 - 3 + retried  # only what the journal lacked ran
+    assert res == {"requests": 7, "succeeded": 6, "failed": 0, "invalid": 1, "resumed": 3 - retried}
+    assert not journal.exists()
+
+    def strip(r):  # ids are fresh per run; the rest must agree
+        return r["custom_id"], r["error"], r["response"] and (r["response"]["status_code"],
+                                                               r["response"]["body"]["choices"])
+    got = [strip(json.loads(x)) for x in out.read_text().splitlines()]
+    assert got == [strip(json.loads(x)) for x in whole.read_text().splitlines()]
+
+    # a journal written for another input is refused by name
+    monkeypatch.setattr(batch._Journal, "add", dies_after_3)
+    with pytest.raises(Crash):
+        run_batch(llm, src, str(out), model_name="dbg", progress=False)
+    with open(src, "a") as f:
+        f.write(json.dumps(rows[0]) + "\n")
+    with pytest.raises(ValueError, match="another input"):
+        run_batch(llm, src, str(out), model_name="dbg", progress=False, resume=True)
