@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -83,6 +84,7 @@ class _Seq:
     aborted: bool = False
     guide: object = None  # structured outputs: the grammar's state (``sparseek.engine.structured.Guide``)
     sink: object = None  # whoever consumes this sequence's deltas (``sparseek.engine.async_engine``)
+    scheduled: float | None = None  # time.monotonic() when it left the waiting queue (metrics)
 
 
 def _delta(seq: _Seq) -> StreamDelta | None:
@@ -543,6 +545,7 @@ class LLM:
             while waiting and len(running) < self.max_batch_size:
                 if waiting[0].params.prompt_logprobs is not None:
                     seq = waiting.popleft()
+                    seq.scheduled = time.monotonic()
                     slot = len(running)
                     cache.reset([slot])
                     self._set_adapter(cache, slot, seq)
@@ -618,6 +621,7 @@ class LLM:
         while (waiting and len(running) + len(batch) < self.max_batch_size
                and waiting[0].params.prompt_logprobs is None and (self.batch_prefill or not batch)):
             batch.append(waiting.popleft())
+            batch[-1].scheduled = time.monotonic()
         # a prompt met again (n > 1 completions, a repeated prompt) is read once: the rows of its
         # first copy go to the others' slots (after the distinct prompts) once the prefill is done
         seen: set[tuple[int, ...]] = set()

@@ -64,6 +64,19 @@ def test_metrics_count_what_the_requests_used(model, tok):
     # every token after a completion's first waited for its step
     assert _value(got, "time_per_output_token_seconds_count") == _value(got, "generation_tokens_total") - completions
     assert _value(got, "e2e_request_latency_seconds_sum") >= _value(got, "time_to_first_token_seconds_sum") > 0
+    # a request's phases add up: queue + prefill = first token, queue + inference = e2e,
+    # prefill + decode = inference
+    phase = {k: _value(got, f"request_{k}_time_seconds_sum") for k in ("queue", "prefill", "decode", "inference")}
+    for k in phase:
+        assert _value(got, f"request_{k}_time_seconds_count") == completions, k
+    assert phase["queue"] + phase["prefill"] == pytest.approx(_value(got, "time_to_first_token_seconds_sum"))
+    assert phase["queue"] + phase["inference"] == pytest.approx(_value(got, "e2e_request_latency_seconds_sum"))
+    assert phase["prefill"] + phase["decode"] == pytest.approx(phase["inference"])
+    assert phase["decode"] > 0 and phase["queue"] >= 0
+    assert _value(got, "request_params_max_tokens_sum") == 7 + 7 + 5 + 5 + 6
+    assert _value(got, "request_params_n_count") == completions - 1  # the n = 2 request once
+    assert _value(got, "request_params_n_sum") == completions
+    assert not any(name == "sparseek:lora_requests_info" for name, _ in got)  # no adapters served
     assert _value(got, "num_requests_running") == _value(got, "num_requests_waiting") == 0
     assert _value(got, "kv_cache_usage_perc") == 0
     assert _value(got, "engine_steps_failed_total") == 0
@@ -93,3 +106,37 @@ def test_gauges_read_the_engine_when_scraped(model, tok):
     got = _scrape(TestClient(app))  # no lifespan: the engine thread never starts to change them
     assert _value(got, "num_requests_running") == 1 and _value(got, "num_requests_waiting") == 3
     assert _value(got, "kv_cache_usage_perc") == 40 / 400
+
+
+def test_adapter_requests_are_counted_under_the_adapters_name(model, tok, tmp_path):
+    """Requests to a LoRA adapter carry its name as model_name; lora_requests_info (vLLM's) lists
+    the adapters in use."""
+    import copy
+
+    from tests.model.test_multi_lora import _adapters
+
+    dirs = _adapters(model, tmp_path, [("tuned", 4, ("wq_a", "experts"))])
+    llm = LLM(copy.deepcopy(model), tok, max_batch_size=4, max_seq_len=256, lora_modules=dirs)
+    ban = {str(i): -100 for i in range(16)}
+    with TestClient(build_app(llm, "dbg")) as client:
+        for name, n in (("dbg", 3), ("tuned", 5), ("tuned", 4)):
+            r = client.post("/v1/completions", json={"model": name, "prompt": "x = ", "max_tokens": n,
+                                                     "temperature": 0, "logit_bias": ban})
+            assert r.status_code == 200, r.text
+        got = _scrape(client)
+        assert _value(got, "generation_tokens_total") == 3
+        assert got[("sparseek:generation_tokens_total", frozenset({"model_name": "tuned"}.items()))] == 9
+        assert got[("sparseek:e2e_request_latency_seconds_count", frozenset({"model_name": "tuned"}.items()))] == 2
+        [(labels, value)] = [(dict(k), v) for (n, k), v in got.items() if n == "sparseek:lora_requests_info"]
+        assert labels == {"max_lora": "1", "waiting_lora_adapters": "", "running_lora_adapters": ""} and value > 0
+        # mid-run (the engine's queues as the loop holds them): the adapters in use, by queue
+        from types import SimpleNamespace
+
+        def seq(lora):
+            return SimpleNamespace(params=SimpleNamespace(lora=lora),
+                                   out=SimpleNamespace(prompt_token_ids=[1], token_ids=[], finish_reason=None))
+        llm._queues = ([seq("tuned"), seq(None)], [seq("tuned"), seq("tuned")])
+        got = _scrape(client)
+        [labels] = [dict(k) for (n, k), _ in got.items() if n == "sparseek:lora_requests_info"]
+        assert labels["running_lora_adapters"] == labels["waiting_lora_adapters"] == "tuned"
+        llm._queues = ((), ())
