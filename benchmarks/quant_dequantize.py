@@ -6,15 +6,20 @@ runs before each quantized GEMM), and the prefill speed it gives.
 Part 1, ns per weight: ``eager`` ``formats.dequantize`` (a table gather or conversion, then a
 pass over memory per op); ``kernel`` ``formats.decode`` after ``compile_decoders()`` (one
 compiled kernel per call: ``packed_decode``), into bf16 and fp32, next to the time the output's
-bytes take at the measured copy bandwidth (a decode cannot beat writing its output). Shapes: the
+bytes take at the measured copy bandwidth (a decode cannot beat writing its output); ``kept``
+(one matrix) the kernel writing into a buffer kept between calls (``decode(..., scratch=...)``,
+what a prefill's ``QuantLinear`` does without autograd for fp32 outputs from 32 MB up): a fresh output above
+glibc's mmap threshold is new pages on every call. The ratio is eager / kernel. Shapes: the
 ``small`` preset's routed experts (all 32, w1 and w3 in one call as ``QuantExperts.dense`` asks)
 and a 4096 x 4096 linear layer.
 
 Part 2, prefill tokens/s of the ``small`` preset (random weights, bf16 compute, 512 tokens,
 batch 1) with its weights dense / FP8 / FP4 (FP4: routed experts, the other linears FP8):
-``eager`` the plain forward; ``decoders`` the same after ``compile_decoders()`` (the two
-alternating, three rounds, best of each); ``hot`` after ``compile_hot_paths()`` as well (what
-``LLM(compile=True)`` runs). Each format in its own process; this VM drifts ~15%: compare rows of
+``eager`` the plain forward; ``decoders`` the same after ``compile_decoders()``, decoding into
+kept buffers where they apply (``formats._scratch``: none of ``small``'s matrices is 32 MB),
+``fresh`` into a new output per call as before them (the three alternating, three rounds, best of
+each); ``hot`` after ``compile_hot_paths()`` as well
+(what ``LLM(compile=True)`` runs). Each format in its own process; this VM drifts ~15%: compare rows of
 one run. To compare with another commit (``hot`` there
 compiles its own in-graph decoding):
 ``PYTHONPATH=<checkout> python benchmarks/quant_dequantize.py --one fp8``.
@@ -61,14 +66,18 @@ def kernels() -> None:
                         ws = [formats.dequantize(r, s, fmt, sf, shape[-1], dtype) for r, s in mats]
                         return ws[0] if k == 1 else torch.cat(ws, dim=-2)
 
-                    def kernel(mats=mats, dtype=dtype):
-                        return formats.decode(mats, fmt, sf, shape[-1], dtype)
+                    def kernel(mats=mats, dtype=dtype, scratch=None):
+                        with torch.no_grad():
+                            return formats.decode(mats, fmt, sf, shape[-1], dtype, scratch=scratch)
 
-                    assert torch.equal(eager(), kernel())
+                    assert torch.equal(eager(), kernel()) and torch.equal(eager(), kernel(scratch="kept"))
                     te, tk = best_s(eager, calls=5), best_s(kernel, calls=5)
                     size = torch.finfo(dtype).bits // 8
+                    kept = ""
+                    if k == 1 and dtype == torch.float32:  # what QuantLinear does (not into bf16; not the experts)
+                        kept = f"kept {best_s(lambda: kernel(scratch='kept'), calls=5) / n * 1e9:5.2f} "
                     row.append(f"{str(dtype)[6:]:8s} eager {te / n * 1e9:5.2f}  kernel {tk / n * 1e9:5.2f} "
-                               f"({te / tk:4.1f}x; out at bw {size / bw * 1e9:.2f})")
+                               f"{kept}({te / tk:4.1f}x; out at bw {size / bw * 1e9:.2f})")
                 print(f"{fmt} {sf:4s}  " + "   ".join(row), flush=True)
 
 
@@ -92,10 +101,14 @@ def prefill(fmt: str, T: int) -> None:
     if compile_decoders:
         compile_decoders()
     kernel, best = formats._decoder if compile_decoders else None, {}
+    keep = getattr(formats, "SCRATCH_MIN_BYTES", None)  # absent before the kept decode buffers
+    modes = ("eager", "fresh", "decoders") if keep is not None else ("eager", "decoders")
     with torch.inference_mode():
-        for _ in range(3):  # eager and decoders alternating (this VM drifts), best of each
-            for mode in ("eager", "decoders"):
-                formats._decoder = kernel if mode == "decoders" else None
+        for _ in range(3):  # the modes alternating (this VM drifts), best of each
+            for mode in modes:
+                formats._decoder = kernel if mode != "eager" else None
+                if keep is not None:  # "fresh": a new output per decode, as before the kept buffers
+                    formats.SCRATCH_MIN_BYTES = 1 << 62 if mode == "fresh" else keep
                 best[mode] = max(best.get(mode, 0), T / best_s(run, calls=2, rounds=2))
         compile_hot_paths()
         best["hot"] = T / best_s(run, calls=2)

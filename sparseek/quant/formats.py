@@ -15,7 +15,9 @@ Scale formats: ``"e8m0"`` (V4's ``.scale``: a power of two as a biased exponent 
 
 from __future__ import annotations
 
+import math
 import sys
+import threading
 
 import torch
 
@@ -272,18 +274,63 @@ def _packed(raw: torch.Tensor, s: torch.Tensor, fmt: str, bf16: bool) -> torch.T
 
 
 def packed_decode(raws: list[torch.Tensor], ss: list[torch.Tensor], idx: torch.Tensor | None, fmt: str,
-                  bf16: bool) -> torch.Tensor:
-    """Raw codes [..., rows, stored] (with their fp32 block scales ``ss``; experts ``idx`` of
-    each stack, or all) decoded and concatenated along the rows, as wide integers that a
-    ``.view(bf16 / fp32)`` reads back (fp8 into fp32: the floats): what ``compile_decoders``
-    compiles."""
+                  bf16: bool, scale_fmt: str | None = None) -> torch.Tensor:
+    """Raw codes [..., rows, stored] (with their fp32 block scales ``ss``, or their raw bytes in
+    ``scale_fmt``; experts ``idx`` of each stack, or all) decoded and concatenated along the rows,
+    as wide integers that a ``.view(bf16 / fp32)`` reads back (fp8 into fp32: the floats): what
+    ``compile_decoders`` compiles. Raw scales are read in the kernel, only the experts' ``idx``
+    (converting a whole stack's first, per call, cost more than decoding a few of its experts)."""
     if idx is not None:
         raws, ss = [r[idx] for r in raws], [s[idx] for s in ss]
+    if scale_fmt is not None:
+        ss = [scales(s, scale_fmt) for s in ss]
     parts = [_packed(r, s, fmt, bf16) for r, s in zip(raws, ss)]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-2)
 
 
+def packed_decode_into(raws: list[torch.Tensor], ss: list[torch.Tensor], idx: torch.Tensor | None, fmt: str,
+                       bf16: bool, scale_fmt: str | None, out: torch.Tensor) -> torch.Tensor:
+    """``packed_decode`` written into ``out`` (its wide-integer view, the result's shape)."""
+    out.copy_(packed_decode(raws, ss, idx, fmt, bf16, scale_fmt))
+    return out
+
+
+def _packed_dtype(fmt: str, bf16: bool) -> torch.dtype:
+    """The dtype ``packed_decode`` returns (see ``_packed``)."""
+    if fmt == "fp8":
+        return torch.int64 if bf16 else torch.float32
+    return torch.int32 if bf16 else torch.int64
+
+
+# A decoded fp32 matrix that its caller uses at once and drops (a prefill's linear layer) lands
+# in a buffer kept between calls, one per (thread, slot), from 32 MB up: an output that large is
+# above glibc's largest mmap threshold, so a fresh one is new pages on every call, and faulting
+# them in costs 1.3-2.5 ns per weight against 0.22-0.27 for the decoding into the kept buffer
+# (`benchmarks/quant_dequantize.py`, a 4096 x 4096 layer, "kernel" vs "kept"). Not into bf16
+# (half the bytes): there the compiled copy into a given buffer went through a temporary as
+# large for some formats (loops whose sizes the compiler cannot prove equal), no faster than a
+# fresh output. Only without autograd (a backward would read weights overwritten since).
+_SCRATCH = threading.local()
+SCRATCH_MIN_BYTES = 32 << 20
+
+
+def _scratch(slot: str, nbytes: int, device: torch.device) -> torch.Tensor:
+    """``nbytes`` of this thread's buffer ``slot`` (uint8), grown as needed, never shrunk."""
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    buf = pool.get((slot, device))
+    if buf is None or buf.numel() < nbytes:
+        pool[(slot, device)] = buf = None  # the old buffer goes before the new one comes
+        buf = pool[(slot, device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return buf[:nbytes]
+
+
+def release_scratch() -> None:
+    """Free this thread's decode buffers (they are kept for the next forward otherwise)."""
+    _SCRATCH.__dict__.pop("pool", None)
+
+
 _decoder = None  # packed_decode compiled, once compile_decoders() ran
+_decoder_into = None  # packed_decode_into compiled
 
 
 def compile_decoders() -> None:
@@ -291,26 +338,41 @@ def compile_decoders() -> None:
     into bf16 at 0.17-0.28 ns per weight for ``small``'s experts instead of 2.2-4.4 eager
     (``benchmarks/quant_dequantize.py``). Process-wide, like ``compile_hot_paths``, which
     ``LLM(compile=True)`` runs beside it."""
-    global _decoder
+    global _decoder, _decoder_into
     if _decoder is None:
         from sparseek.model.v4 import _recompile_limit
 
         # a graph per (format, dtype, one matrix or two, all experts or some, a stack or not)
         _decoder = torch.compile(packed_decode, dynamic=True, **_recompile_limit())
+        _decoder_into = torch.compile(packed_decode_into, dynamic=True, **_recompile_limit())
 
 
 def decode(mats: list[tuple[torch.Tensor, torch.Tensor]], fmt: str, scale_fmt: str, inp: int, dtype: torch.dtype,
-           idx: torch.Tensor | None = None) -> torch.Tensor:
+           idx: torch.Tensor | None = None, scratch: str | None = None) -> torch.Tensor:
     """Matrices ``[(raw, raw_scale), ...]`` (stacks: their experts ``idx``, or all) decoded into
     ``dtype`` and concatenated along the rows: on a CPU into bf16 / fp32 with whole words and
     scale blocks, by ``packed_decode`` inside a graph being compiled and by its compiled kernel
-    once ``compile_decoders`` ran; else (eager code, GPUs) by ``dequantize``."""
+    once ``compile_decoders`` ran; else (eager code, GPUs) by ``dequantize``.
+
+    ``scratch``: the caller uses the result at once and drops it, so the compiled kernel may
+    write it into this thread's kept buffer of that name (overwritten by the next decode into
+    it; see ``_scratch``)."""
     raws = [r for r, _ in mats]
     compiling = torch.compiler.is_compiling()
     if ((compiling or _decoder is not None) and dtype in (torch.bfloat16, torch.float32)
             and raws[0].device.type == "cpu" and all(word_planes_ok(fmt, r) for r in raws)):
-        kernel = packed_decode if compiling else _decoder
-        return kernel(raws, [scales(s, scale_fmt) for _, s in mats], idx, fmt, dtype == torch.bfloat16).view(dtype)
+        ss, bf16 = [s for _, s in mats], dtype == torch.bfloat16
+        if compiling:
+            return packed_decode(raws, ss, idx, fmt, bf16, scale_fmt).view(dtype)
+        lead = raws[0].shape[:-2] if idx is None else idx.shape
+        shape = (*lead, sum(r.shape[-2] for r in raws), inp)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if (scratch is not None and nbytes >= SCRATCH_MIN_BYTES and dtype == torch.float32
+                and not torch.is_grad_enabled()):
+            out = _scratch(scratch, nbytes, raws[0].device).view(dtype).view(shape)
+            _decoder_into(raws, ss, idx, fmt, bf16, scale_fmt, out.view(_packed_dtype(fmt, bf16)))
+            return out
+        return _decoder(raws, ss, idx, fmt, bf16, scale_fmt).view(dtype)
     if idx is not None:
         mats = [(r[idx], s[idx]) for r, s in mats]
     ws = [dequantize(r, s, fmt, scale_fmt, inp, dtype) for r, s in mats]

@@ -203,6 +203,54 @@ def test_compiled_decoders_decode_the_layers_weights(fmt, monkeypatch):
     assert calls == [1, 2, 1]
 
 
+@pytest.mark.parametrize("fmt", ["fp8", "fp4"])
+def test_prefill_decodes_into_a_kept_buffer_and_big_layers_in_groups(fmt, monkeypatch):
+    """Without autograd, the compiled decoder writes a linear layer's decoded fp32 weight into this
+    thread's kept buffer (the same memory on every call: no fresh pages to fault in) with the
+    bits of a fresh decode; under autograd it is a fresh tensor. A layer whose decoded experts
+    exceed DECODE_BUDGET_BYTES runs its experts in groups (eager and inside a compiled forward,
+    which leaves the graph for them) with the result of one pass."""
+    from sparseek.quant import modules
+
+    monkeypatch.setattr(formats, "SCRATCH_MIN_BYTES", 0)
+    monkeypatch.setattr(formats, "_decoder", None)
+    formats.compile_decoders()
+    formats.release_scratch()
+    lin, q = _quantized_layers(fmt)
+    x = torch.randn(20, 256)
+    w, idx = torch.rand(20, 2), torch.randint(0, 6, (20, 2))
+    fresh = lin.dequantize(torch.float32)
+    assert lin.dequantize(torch.float32, scratch="linear").data_ptr() != fresh.data_ptr()
+    with torch.no_grad():
+        for dtype in (torch.float32, torch.bfloat16):
+            kept = lin.dequantize(dtype, scratch="linear")
+            assert torch.equal(kept, lin.dequantize(dtype)) and kept.dtype == dtype
+            same = lin.dequantize(dtype, scratch="linear").data_ptr() == kept.data_ptr()
+            assert same == (dtype == torch.float32)  # into bf16: fresh (see formats)
+        assert torch.equal(lin(x), F.linear(x, fresh))
+        one_pass = q(x, w, idx)
+        groups = []
+        decoded = QuantExperts.dense
+
+        def counted(self, hit, dtype):
+            groups.append(hit.tolist())
+            return decoded(self, hit, dtype)
+        monkeypatch.setattr(QuantExperts, "dense", counted)
+        per_expert = 3 * 256 * 128 * 4
+        monkeypatch.setattr(modules, "DECODE_BUDGET_BYTES", 2 * per_expert)  # two experts a group
+        in_groups = q(x, w, idx)
+        hit = idx.unique().tolist()
+        assert groups == [hit[i:i + 2] for i in range(0, len(hit), 2)] and len(groups) > 1
+        groups.clear()  # a compiled forward leaves the graph for the groups
+        compiled = torch.compile(QuantExperts.compute, backend="eager")(q, x, w, idx)
+        assert groups == [hit[i:i + 2] for i in range(0, len(hit), 2)]
+    assert rel_err(in_groups, one_pass) < 1e-6 and torch.equal(compiled, in_groups)
+    ref = Experts.wrap(q.decoded("w1", torch.float32), q.decoded("w2", torch.float32),
+                       q.decoded("w3", torch.float32), q.limit)
+    assert rel_err(in_groups, ref(x, w, idx)) < 1e-6
+    formats.release_scratch()
+
+
 # ---------------------------------------------------------------------------- layers
 @pytest.mark.parametrize("fmt", ["fp8", "fp4"])
 def test_quant_linear_is_the_linear_of_its_decoded_weight(fmt):
