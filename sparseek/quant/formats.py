@@ -290,7 +290,9 @@ def packed_decode(raws: list[torch.Tensor], ss: list[torch.Tensor], idx: torch.T
 
 def packed_decode_into(raws: list[torch.Tensor], ss: list[torch.Tensor], idx: torch.Tensor | None, fmt: str,
                        bf16: bool, scale_fmt: str | None, out: torch.Tensor) -> torch.Tensor:
-    """``packed_decode`` written into ``out`` (its wide-integer view, the result's shape)."""
+    """``packed_decode`` written into ``out`` (its wide-integer view, the result's shape: viewed
+    by the caller, since a dtype view of a different width inside the compiled graph made the
+    FP4 kernel ~7x slower, scratch timing)."""
     out.copy_(packed_decode(raws, ss, idx, fmt, bf16, scale_fmt))
     return out
 
@@ -309,7 +311,9 @@ def _packed_dtype(fmt: str, bf16: bool) -> torch.dtype:
 # (`benchmarks/quant_dequantize.py`, a 4096 x 4096 layer, "kernel" vs "kept"). Not into bf16
 # (half the bytes): there the compiled copy into a given buffer went through a temporary as
 # large for some formats (loops whose sizes the compiler cannot prove equal), no faster than a
-# fresh output. Only without autograd (a backward would read weights overwritten since).
+# fresh output. Only without autograd (a backward would read weights overwritten since). Below
+# 32 MB the allocator can keep freed blocks itself (``sparseek.utils.tune_malloc``, which the
+# trainer runs); above it glibc always maps fresh pages, which is what this buffer is for.
 _SCRATCH = threading.local()
 SCRATCH_MIN_BYTES = 32 << 20
 
@@ -317,11 +321,10 @@ SCRATCH_MIN_BYTES = 32 << 20
 def _scratch(slot: str, nbytes: int, device: torch.device) -> torch.Tensor:
     """``nbytes`` of this thread's buffer ``slot`` (uint8), grown as needed, never shrunk."""
     pool = _SCRATCH.__dict__.setdefault("pool", {})
-    buf = pool.get((slot, device))
-    if buf is None or buf.numel() < nbytes:
-        pool[(slot, device)] = buf = None  # the old buffer goes before the new one comes
-        buf = pool[(slot, device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    return buf[:nbytes]
+    if (slot, device) not in pool or pool[(slot, device)].numel() < nbytes:
+        pool.pop((slot, device), None)  # the old buffer goes before the new one comes
+        pool[(slot, device)] = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    return pool[(slot, device)][:nbytes]
 
 
 def release_scratch() -> None:

@@ -149,8 +149,8 @@ class QuantExperts(Experts):
     def dense(self, idx: torch.Tensor, dtype: torch.dtype) -> Experts:
         """The experts ``idx`` decoded into plain ``Experts`` (w1 and w3 in one buffer: one GEMM).
         Into fresh memory: a kept buffer (``formats.decode``'s ``scratch``) is slower here, the
-        compiled kernel that gathers some experts into a given buffer runs ~1.3x slower than into
-        its own output (measured for a 1 GB group of FP4 experts)."""
+        compiled kernel that gathers some experts into a given buffer ran ~1.3x slower than into
+        its own output (a scratch timing of a 1 GB group of FP4 experts, not a committed command)."""
         gate_up = self.decoded(("w1", "w3"), dtype, idx)
         inter = self.shapes["w1"][0]
         return Experts.wrap(gate_up[:, :inter], self.decoded("w2", dtype, idx), gate_up[:, inter:], self.limit,

@@ -129,8 +129,8 @@ class _Journal:
             for _, i, result in _entries(self.f):
                 if 0 <= i < n:
                     self.done[i] = _final(result)
-            self.f.seek(0, os.SEEK_END)
-            if self.f.tell() and (self.f.seek(-1, os.SEEK_END), self.f.read(1))[1] != b"\n":
+            self.f.seek(-1, os.SEEK_END)  # the header is there: the file is not empty
+            if self.f.read(1) != b"\n":
                 self.f.write(b"\n")  # a torn last line ends here, so the next entry starts whole
         else:
             self.f = open(path, "w+b")
