@@ -36,6 +36,7 @@ from collections.abc import Callable
 
 import torch
 
+from sparseek.model import cpu_kernels
 from sparseek.model.fuse import fusing_backend
 
 __all__ = ["CompiledStep", "FUSED_ROWS", "Spans"]
@@ -69,6 +70,8 @@ class CompiledStep:
         a CPU, where it was measured)."""
         fn = _own_copy(fn)
         device = torch.device(device)
+        if device.type == "cpu":
+            cpu_kernels.available()  # built before tracing, which only asks whether it was
         self._orig = fn
         self.direct = device.type == "cpu" if direct is None else direct
         self._direct: tuple | None = None  # (dynamo's code object, the function running it)

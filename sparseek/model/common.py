@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import ModelArgs
+from sparseek.model import cpu_kernels
 from sparseek.model.qat import act_round
 
 
@@ -229,6 +230,9 @@ def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
 
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    # CPUs with AMX: a kernel that does not re-pack each expert's weights per call (cpu_kernels.py)
+    if a.device.type == "cpu" and cpu_kernels.grouped_mm_fits(a, b.transpose(-2, -1)):
+        return cpu_kernels.grouped_mm(a, b.transpose(-2, -1), offs)
     # The shape function torch.compile traces with admits bf16 only, the CPU kernel any float
     # dtype: other dtypes leave the compiled graph for this call. On a GPU the compiled grouped
     # GEMM serves the CUDA-graphed decode step (timed on an H200); its compiled backward is
@@ -291,7 +295,8 @@ def grouped_ffn(xs_MD: torch.Tensor, expert_M: torch.Tensor, w1: torch.Tensor, w
         pad = dev.type != "cpu"
     if batched is None:
         batched = not torch.compiler.is_compiling()
-    if batched and not pad and dev.type == "cpu" and not torch.is_grad_enabled() and CPU_BATCHED_EXPERTS:
+    if (batched and not pad and dev.type == "cpu" and not torch.is_grad_enabled() and CPU_BATCHED_EXPERTS
+            and not cpu_kernels.grouped_mm_fits(xs_MD, gate_up[0])):  # the AMX kernel beats both
         return torch.ops.sparseek.experts_batched(xs_MD, expert_M, gate_up, w2, scale_M, limit, act).to(out_dtype)
     counts = torch.zeros(E, dtype=torch.long, device=dev).scatter_add_(0, expert_M, torch.ones_like(expert_M))
     if not pad:

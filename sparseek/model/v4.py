@@ -1032,8 +1032,10 @@ def compile_hot_paths() -> None:
     The eager functions stay the reference the compiled ones are tested against."""
     if getattr(hc_pre, "_compiled", False):
         return
+    from sparseek.model import cpu_kernels
     from sparseek.model.fuse import fusing_backend
 
+    cpu_kernels.available()  # built now, outside the graphs (which only ask whether it was)
     # emulate_precision_casts: bf16 intermediates rounded where the eager code rounds them (else a
     # last-bit difference flips expert and indexer picks; fp32 reductions may still add in
     # another order, docs/engine.md)

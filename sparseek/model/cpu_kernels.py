@@ -1,0 +1,102 @@
+"""Hand-written CPU kernels, built from ``csrc/`` at first use where the CPU can run them.
+
+One so far: ``grouped_mm``, the routed experts' grouped bf16 GEMM on CPUs with AMX tiles (Intel
+Sapphire Rapids and later). torch runs ``torch._grouped_mm`` on the CPU as one oneDNN GEMM per
+expert, and each call packs its weight matrix anew (~25-35 us), which is most of an expert's time
+at the 4-30 rows a short prompt or a batched decode step gives it. The kernel reads the weights as
+they lie (see the .cpp file); 1.5-2.6x faster than the per-expert calls at 4-64 rows per expert
+(``benchmarks/cpu_grouped_mm.py``).
+
+The build (torch.utils.cpp_extension, ninja, the system's C++ compiler, ~25 s once, cached under
+``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) is tried once per process, only on Linux
+x86-64 CPUs listing ``amx_bf16`` and ``avx512_bf16``; if it fails, a warning says why and the
+library GEMMs serve as before. ``SPARSEEK_CPU_KERNELS=0`` turns the kernels off.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+_SOURCE = Path(__file__).with_name("csrc") / "cpu_grouped_mm.cpp"
+_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+_state: bool | None = None  # None: not tried yet
+_lock = threading.Lock()
+
+
+def cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _supported_cpu() -> bool:
+    return (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
+            and {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw", "avx512vl"} <= cpu_flags())
+
+
+def _build() -> bool:
+    from torch.utils import cpp_extension
+
+    try:  # the ninja wheel's binary, where the venv's bin/ is not on PATH
+        import ninja
+
+        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
+    except ImportError:
+        pass
+    cpp_extension.load("sparseek_cpu_kernels", [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False,
+                       verbose=False)
+    _register_fake()
+    return True
+
+
+def available() -> bool:
+    """Whether the AMX grouped GEMM runs in this process (builds it on the first call). Under
+    torch.compile it never builds, only reports an earlier build: call it once before compiling
+    (``compile_hot_paths`` does)."""
+    global _state
+    if _state is not None or torch.compiler.is_compiling():
+        return bool(_state)
+    with _lock:
+        if _state is None:
+            _state = False
+            if os.environ.get("SPARSEEK_CPU_KERNELS", "1") != "0" and _supported_cpu():
+                try:
+                    _state = _build()
+                except Exception as e:  # no compiler, no ninja, an old gcc without -mamx-tile ...
+                    warnings.warn(f"sparseek: the AMX expert kernel could not be built ({type(e).__name__}: "
+                                  f"{str(e).strip().splitlines()[-1] if str(e).strip() else e}); the library "
+                                  "GEMMs serve instead (SPARSEEK_CPU_KERNELS=0 skips the attempt)", stacklevel=2)
+    return _state
+
+
+def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``grouped_mm(x, w, offs)`` takes these operands: CPU bf16, no autograd, x [M, K]
+    and w [E, N, K] with K and N multiples of 32, their last dimension contiguous."""
+    return (x.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and x.dim() == 2 and w.dim() == 3
+            and w.shape[-1] == x.shape[-1] and x.shape[-1] % 32 == 0 and w.shape[1] % 32 == 0
+            and x.stride(-1) == 1 and w.stride(-1) == 1 and x.stride(0) % 2 == 0 and w.stride(1) % 2 == 0
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
+
+
+def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """y[r] = x[r] @ w[e]^T for the rows r of group e (``offs``: cumulative row ends), as
+    ``torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)``; see ``grouped_mm_fits``."""
+    return torch.ops.sparseek_cpu.grouped_mm(x, w, offs)
+
+
+def _register_fake() -> None:
+    # the op's shape for torch.compile, registered once the library defines it
+    @torch.library.register_fake("sparseek_cpu::grouped_mm")
+    def _(x, w, offs):
+        return x.new_empty(x.shape[0], w.shape[1])

@@ -1,0 +1,142 @@
+"""The AMX grouped GEMM (sparseek/model/cpu_kernels.py) against fp32 products, inside a compiled
+graph, in the routed experts, and the fallbacks where it cannot run."""
+
+import warnings
+
+import pytest
+import torch
+
+from sparseek.model import cpu_kernels
+from sparseek.model.common import Experts
+
+amx = pytest.mark.skipif(not cpu_kernels.available(), reason="no AMX bf16 on this CPU (or no compiler)")
+
+
+def _reference(x, w, counts):
+    """Each group's rows through its own matrix in fp32, rounded once to bf16."""
+    rows = torch.split(x.float(), counts)
+    return torch.cat([r @ w[e].float().T for e, r in enumerate(rows)]).to(torch.bfloat16)
+
+
+@amx
+@pytest.mark.parametrize("counts,N,K", [
+    ([0, 5, 17, 40, 0], 64, 64),        # empty groups first and last, rows not a multiple of 16
+    ([1], 32, 32),                      # one row, one tile each way
+    ([0, 0], 32, 64),                   # no rows at all
+    ([33, 16, 48, 2], 96, 160),         # odd and even numbers of 16-row blocks
+    ([200, 3], 512, 256),               # one crowded expert
+])
+@pytest.mark.parametrize("offs_dtype", [torch.int32, torch.int64])
+def test_grouped_mm_matches_fp32_products(counts, N, K, offs_dtype):
+    torch.manual_seed(0)
+    w = torch.randn(len(counts), N, K, dtype=torch.bfloat16)
+    x = torch.randn(sum(counts), K, dtype=torch.bfloat16)
+    offs = torch.tensor(counts).cumsum(0).to(offs_dtype)
+    got = cpu_kernels.grouped_mm(x, w, offs)
+    torch.testing.assert_close(got, _reference(x, w, counts), rtol=8e-3, atol=1e-3)
+
+
+@amx
+def test_grouped_mm_reads_strided_operands():
+    """w as the gate/up view (two halves of one buffer, rows strided past K) and x a column slice
+    of a wider tensor: the kernel reads them in place."""
+    torch.manual_seed(1)
+    base = torch.randn(3, 2, 32, 96, dtype=torch.bfloat16)
+    w = base[:, :, :, :64].reshape(3, 64, 64)  # copy: the reference operand
+    w_view = base.view(3, 64, 96)[:, :, :64]
+    assert w_view.stride() == (6144, 96, 1)
+    x_wide = torch.randn(20, 128, dtype=torch.bfloat16)
+    x = x_wide[:, 32:96]
+    counts = [7, 0, 13]
+    offs = torch.tensor(counts).cumsum(0).to(torch.int32)
+    assert cpu_kernels.grouped_mm_fits(x, w_view)
+    torch.testing.assert_close(cpu_kernels.grouped_mm(x, w_view, offs), _reference(x, w_view, counts),
+                               rtol=8e-3, atol=1e-3)
+    torch.testing.assert_close(cpu_kernels.grouped_mm(x, w_view, offs), cpu_kernels.grouped_mm(x.contiguous(), w, offs))
+
+
+@amx
+def test_grouped_mm_in_a_compiled_graph():
+    torch.manual_seed(2)
+    w = torch.randn(4, 64, 32, dtype=torch.bfloat16)
+    x = torch.randn(30, 32, dtype=torch.bfloat16)
+    offs = torch.tensor([3, 3, 20, 30], dtype=torch.int32)
+    f = torch.compile(lambda x, w, o: torch.nn.functional.silu(cpu_kernels.grouped_mm(x, w, o)), fullgraph=True)
+    torch.testing.assert_close(f(x, w, offs), torch.nn.functional.silu(cpu_kernels.grouped_mm(x, w, offs)))
+
+
+@amx
+def test_grouped_mm_rejects_bad_operands():
+    w = torch.randn(2, 64, 48, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="multiples of 32"):
+        cpu_kernels.grouped_mm(torch.randn(4, 48, dtype=torch.bfloat16), w, torch.tensor([1, 4]))
+    w = torch.randn(2, 64, 32, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="non-decreasing"):
+        cpu_kernels.grouped_mm(torch.randn(4, 32, dtype=torch.bfloat16), w, torch.tensor([3, 1]))
+
+
+@amx
+@pytest.mark.parametrize("compiled", [False, True])
+def test_routed_experts_with_the_kernel_equal_the_library_gemms(compiled, monkeypatch):
+    """A layer of routed experts in bf16 inference (eager: in place of the expert op; compiled: in
+    place of torch._grouped_mm) gives what the library GEMMs give."""
+    torch.manual_seed(3)
+    ex = Experts(8, 64, 32, limit=7.0, dtype=torch.bfloat16)
+    for p in ex.parameters():
+        torch.nn.init.normal_(p, std=0.1)
+    x = torch.randn(45, 64, dtype=torch.bfloat16)
+    w, idx = torch.rand(45, 2), torch.randint(0, 8, (45, 2))
+    idx[:30, 0] = 3  # one crowded expert
+    fn = torch.compile(ex.compute) if compiled else ex.compute
+    calls = []
+    real = cpu_kernels.grouped_mm
+    monkeypatch.setattr(cpu_kernels, "grouped_mm", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        got = fn(x, w, idx)
+        assert calls, "the kernel did not run"
+        monkeypatch.setattr(cpu_kernels, "_state", False)
+        torch._dynamo.reset()
+        want = (torch.compile(ex.compute) if compiled else ex.compute)(x, w, idx)
+    torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2e-3)
+
+
+def test_grouped_mm_fits_only_what_it_computes(monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "_state", True)
+    x, w = torch.randn(8, 64, dtype=torch.bfloat16), torch.randn(2, 32, 64, dtype=torch.bfloat16)
+    assert cpu_kernels.grouped_mm_fits(x, w)
+    assert not cpu_kernels.grouped_mm_fits(x.float(), w.float())  # bf16 only
+    assert not cpu_kernels.grouped_mm_fits(x[:, :48], w[:, :, :48])  # K not a multiple of 32
+    assert not cpu_kernels.grouped_mm_fits(x, w[:, :24])  # N not a multiple of 32
+    assert not cpu_kernels.grouped_mm_fits(x.T.contiguous().T, w)  # columns strided
+    assert not cpu_kernels.grouped_mm_fits(x, w.clone().requires_grad_())  # training: autograd needs torch's op
+    monkeypatch.setattr(cpu_kernels, "_state", False)
+    assert not cpu_kernels.grouped_mm_fits(x, w)
+
+
+def test_available_falls_back_with_a_warning(monkeypatch):
+    """Turned off, on a CPU without AMX, or when the build fails (here: faked), the library GEMMs
+    serve; only a failed build warns, and it is tried once per process."""
+    monkeypatch.setattr(cpu_kernels, "_supported_cpu", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "_state", None)
+    monkeypatch.setenv("SPARSEEK_CPU_KERNELS", "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.available() is False
+    monkeypatch.delenv("SPARSEEK_CPU_KERNELS")
+    monkeypatch.setattr(cpu_kernels, "_state", None)
+    monkeypatch.setattr(cpu_kernels, "_supported_cpu", lambda: False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cpu_kernels.available() is False
+    tries = []
+
+    def broken():
+        tries.append(1)
+        raise RuntimeError("Error building extension 'sparseek_cpu_kernels'\nc++: error: unrecognized option '-mamx-tile'")
+
+    monkeypatch.setattr(cpu_kernels, "_state", None)
+    monkeypatch.setattr(cpu_kernels, "_supported_cpu", lambda: True)
+    monkeypatch.setattr(cpu_kernels, "_build", broken)
+    with pytest.warns(UserWarning, match="could not be built.*-mamx-tile"):
+        assert cpu_kernels.available() is False
+    assert cpu_kernels.available() is False and tries == [1]
