@@ -4,8 +4,8 @@ One so far: ``grouped_mm``, the routed experts' grouped bf16 GEMM on CPUs with A
 Sapphire Rapids and later). torch runs ``torch._grouped_mm`` on the CPU as one oneDNN GEMM per
 expert, and each call packs its weight matrix anew (~25-35 us), which is most of an expert's time
 at the 4-30 rows a short prompt or a batched decode step gives it. The kernel reads the weights as
-they lie (see the .cpp file); 1.5-2.6x faster than the per-expert calls at 4-64 rows per expert
-(``benchmarks/cpu_grouped_mm.py``).
+they lie (see the .cpp file): 1.2-3x faster than the per-expert calls for the ``small`` preset's
+experts, slower for matrices past ~2 MiB (``MAX_MATRIX_ELEMENTS``; ``benchmarks/cpu_grouped_mm.py``).
 
 The build (torch.utils.cpp_extension, ninja, the system's C++ compiler, ~25 s once, cached under
 ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) is tried once per process, only on Linux
@@ -26,6 +26,12 @@ import torch
 
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_grouped_mm.cpp"
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+# The kernel wins while an expert's matrix is small, where oneDNN's per-call packing is most of a
+# call (`small`'s 512 x 512 / 512 x 256: 1.2-3x); at 1024 x 1024 (2 MiB) the two tie, and past it
+# oneDNN streams the weights faster (V4-Flash's 4096 x 4096: the kernel 0.7x), since there the
+# product is bound by reading the weights and the kernel's 16-row tiles read 16 rows at once
+# (`benchmarks/results/cpu-grouped-mm.txt`). So bigger matrices keep the library GEMMs.
+MAX_MATRIX_ELEMENTS = 1 << 20
 _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()
 
@@ -81,10 +87,12 @@ def available() -> bool:
 
 
 def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether ``grouped_mm(x, w, offs)`` takes these operands: CPU bf16, no autograd, x [M, K]
-    and w [E, N, K] with K and N multiples of 32, their last dimension contiguous."""
+    """Whether ``grouped_mm(x, w, offs)`` takes these operands and is the faster way: CPU bf16, no
+    autograd, x [M, K] and w [E, N, K] with K and N multiples of 32, N x K at most
+    ``MAX_MATRIX_ELEMENTS``, their last dimension contiguous."""
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and x.dim() == 2 and w.dim() == 3
             and w.shape[-1] == x.shape[-1] and x.shape[-1] % 32 == 0 and w.shape[1] % 32 == 0
+            and w.shape[1] * w.shape[2] <= MAX_MATRIX_ELEMENTS
             and x.stride(-1) == 1 and w.stride(-1) == 1 and x.stride(0) % 2 == 0 and w.stride(1) % 2 == 0
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 

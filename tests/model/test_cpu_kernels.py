@@ -107,6 +107,9 @@ def test_grouped_mm_fits_only_what_it_computes(monkeypatch):
     assert not cpu_kernels.grouped_mm_fits(x.float(), w.float())  # bf16 only
     assert not cpu_kernels.grouped_mm_fits(x[:, :48], w[:, :, :48])  # K not a multiple of 32
     assert not cpu_kernels.grouped_mm_fits(x, w[:, :24])  # N not a multiple of 32
+    monkeypatch.setattr(cpu_kernels, "MAX_MATRIX_ELEMENTS", 32 * 64 - 1)
+    assert not cpu_kernels.grouped_mm_fits(x, w)  # a matrix the library GEMM streams faster
+    monkeypatch.setattr(cpu_kernels, "MAX_MATRIX_ELEMENTS", 32 * 64)
     assert not cpu_kernels.grouped_mm_fits(x.T.contiguous().T, w)  # columns strided
     assert not cpu_kernels.grouped_mm_fits(x, w.clone().requires_grad_())  # training: autograd needs torch's op
     monkeypatch.setattr(cpu_kernels, "_state", False)
