@@ -45,6 +45,10 @@ def _load(impl: str, ckpt: str, device: str, dtype):
         # "sparseek-fp8" / "sparseek-fp4": weights kept quantized in memory (sparseek.quant), the
         # routed experts in that format and the other linear layers in FP8
         quantize = next((q for q in ("fp8", "fp4") if f"-{q}" in impl), None)
+        if impl.endswith("-libgemm"):  # the library GEMMs where sparseek's AMX expert kernel would run
+            from sparseek.model import cpu_kernels
+
+            cpu_kernels._state = False
         model, _ = sparseek.load(ckpt, dtype=dtype, device=device, tokenizer=False, quantize=quantize)
         return model
     import transformers
@@ -61,7 +65,7 @@ def phase(impl: str, what: str, ckpt: str, device: str, dtype_name: str, T: int,
         base_mem = _peak_mb(device)  # peaks are reported above what loading the weights took
         vocab = model.config.vocab_size if impl == "transformers" else model.args.vocab_size
         sparse = impl.startswith("sparseek")
-        compiled = impl.endswith("-compiled")
+        compiled = "-compiled" in impl
         ids = torch.randint(10, vocab, (batch, T), device=device)
         extra = {"weights_mb": _tensor_bytes(list(model.parameters()) + list(model.buffers())) / 2**20}
         with torch.inference_mode():
@@ -176,7 +180,8 @@ def main():
     ap.add_argument("--batch", type=int, nargs="*", default=[1, 8], help="decode batch sizes (none: prefill only)")
     ap.add_argument("--impls", nargs="+", default=["sparseek", "transformers"],
                     help="sparseek, sparseek-compiled (LLM(compile=True): compiled decode step, mHC hot paths), "
-                         "transformers; sparseek-fp8 / sparseek-fp4 (-compiled): weights kept quantized in memory")
+                         "transformers; sparseek-fp8 / sparseek-fp4 (-compiled): weights kept quantized in memory; "
+                         "a -libgemm suffix: without the AMX expert kernel (sparseek/model/cpu_kernels.py)")
     ap.add_argument("--repeat", type=int, default=1, help="rounds per phase (alternating implementations; best kept)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()

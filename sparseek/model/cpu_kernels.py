@@ -19,12 +19,15 @@ import os
 import platform
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 
 import torch
 
+_NAME = "sparseek_cpu_kernels"
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_grouped_mm.cpp"
+_STALE_LOCK_S = 300  # a build takes ~10-25 s
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 # The kernel wins while an expert's matrix is small, where oneDNN's per-call packing is most of a
 # call (`small`'s 512 x 512 / 512 x 256: 1.2-3x); at 1024 x 1024 (2 MiB) the two tie, and past it
@@ -60,8 +63,15 @@ def _build() -> bool:
         os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
     except ImportError:
         pass
-    cpp_extension.load("sparseek_cpu_kernels", [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False,
-                       verbose=False)
+    # torch waits forever on the build folder's lock file: one left by a build that was killed
+    # (Ctrl-C during the ~20 s of a first build) would hang every later start
+    lock = Path(cpp_extension._get_build_directory(_NAME, verbose=False)) / "lock"
+    try:
+        if time.time() - lock.stat().st_mtime > _STALE_LOCK_S:
+            lock.unlink()
+    except OSError:
+        pass
+    cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False, verbose=False)
     _register_fake()
     return True
 

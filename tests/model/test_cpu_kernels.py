@@ -143,3 +143,22 @@ def test_available_falls_back_with_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="could not be built.*-mamx-tile"):
         assert cpu_kernels.available() is False
     assert cpu_kernels.available() is False and tries == [1]
+
+
+def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    """A lock file left by a killed build would make torch wait forever: one older than
+    ``_STALE_LOCK_S`` is removed before building, a fresh one (a build running now) is not."""
+    import os
+    import time
+
+    from torch.utils import cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "_get_build_directory", lambda name, verbose: str(tmp_path))
+    monkeypatch.setattr(cpp_extension, "load", lambda *a, **k: None)
+    monkeypatch.setattr(cpu_kernels, "_register_fake", lambda: None)
+    lock = tmp_path / "lock"
+    lock.touch()
+    assert cpu_kernels._build() and lock.exists()
+    old = time.time() - cpu_kernels._STALE_LOCK_S - 5
+    os.utime(lock, (old, old))
+    assert cpu_kernels._build() and not lock.exists()
