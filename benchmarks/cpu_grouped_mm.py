@@ -136,7 +136,7 @@ def main() -> None:
 
     if not cpu_kernels.available():
         sys.exit("the AMX kernel does not run here (no amx_bf16 / avx512_bf16 CPU flags, or the build failed)")
-    lines = [f"$ python {' '.join(sys.argv)}", f"torch {torch.__version__}, CPU: {cpu_model()}", ""]
+    lines = [f"$ python {' '.join(sys.argv)}", f"torch {torch.__version__}, CPU: {torch.cpu.get_capabilities().get('cpu_name', 'unknown')}", ""]
     lines += product_rows(read_bandwidth_gbs())
     if a.prefill:
         lines += prefill_rows(a.prefill, a.rounds)
@@ -145,14 +145,6 @@ def main() -> None:
     if a.out:
         with open(a.out, "w") as f:
             f.write(text + "\n")
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return "unknown"
 
 
 if __name__ == "__main__":

@@ -231,8 +231,9 @@ def _grouped_mm_eager(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> t
 
 def _grouped_mm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     # CPUs with AMX: a kernel that does not re-pack each expert's weights per call (cpu_kernels.py)
-    if a.device.type == "cpu" and cpu_kernels.grouped_mm_fits(a, b.transpose(-2, -1)):
-        return cpu_kernels.grouped_mm(a, b.transpose(-2, -1), offs)
+    w = b.transpose(-2, -1)
+    if cpu_kernels.grouped_mm_fits(a, w):
+        return cpu_kernels.grouped_mm(a, w, offs)
     # The shape function torch.compile traces with admits bf16 only, the CPU kernel any float
     # dtype: other dtypes leave the compiled graph for this call. On a GPU the compiled grouped
     # GEMM serves the CUDA-graphed decode step (timed on an H200); its compiled backward is

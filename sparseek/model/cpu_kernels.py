@@ -16,7 +16,6 @@ library GEMMs serve as before. ``SPARSEEK_CPU_KERNELS=0`` turns the kernels off.
 from __future__ import annotations
 
 import os
-import platform
 import sys
 import threading
 import time
@@ -30,8 +29,8 @@ _SOURCE = Path(__file__).with_name("csrc") / "cpu_grouped_mm.cpp"
 _STALE_LOCK_S = 300  # a build takes ~10-25 s
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
 # The kernel wins while an expert's matrix is small, where oneDNN's per-call packing is most of a
-# call (`small`'s 512 x 512 / 512 x 256: 1.2-3x); at 1024 x 1024 (2 MiB) the two tie, and past it
-# oneDNN streams the weights faster (V4-Flash's 4096 x 4096: the kernel 0.7x), since there the
+# call (`small`'s 512 x 512 / 512 x 256: 1.2-3.1x; 1024 x 1024, 2 MiB: 1.07-1.7x); from 2048 x 2048
+# oneDNN streams the weights faster (0.8x; V4-Flash's 4096 x 4096: the kernel 0.7x), since there the
 # product is bound by reading the weights and the kernel's 16-row tiles read 16 rows at once
 # (`benchmarks/results/cpu-grouped-mm.txt`). So bigger matrices keep the library GEMMs.
 MAX_MATRIX_ELEMENTS = 1 << 20
@@ -39,19 +38,11 @@ _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()
 
 
-def cpu_flags() -> set[str]:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
 def _supported_cpu() -> bool:
-    return (sys.platform.startswith("linux") and platform.machine() in ("x86_64", "AMD64")
-            and {"amx_bf16", "amx_tile", "avx512_bf16", "avx512bw", "avx512vl"} <= cpu_flags())
+    # torch's own CPU feature detection (cpuinfo), the same that picks its kernels
+    caps = torch.cpu.get_capabilities()
+    return (sys.platform.startswith("linux") and caps.get("architecture") == "x86_64"
+            and all(caps.get(f) for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_bw", "avx512_vl")))
 
 
 def _build() -> bool:
