@@ -7,9 +7,8 @@ Part 1, one grouped product: the ``small`` preset's expert matrices (gate/up 512
 256 -> 512, 32 experts) and V4-Flash's (4096 -> 4096, 2048 -> 4096, 8 of its experts), rows per
 expert drawn from a routing as skewed as a random-init model's (expert popularity lognormal);
 weights hot (one stack, reused: in cache) and cold (stacks cycled through 256 MB+, as a model's
-layers follow each other); two sizes between them (16 experts of 1024 x 1024 and 2048 x 2048)
-locate the crossover (``cpu_kernels.MAX_MATRIX_ELEMENTS``: the engine uses the kernel up to 1024 x
-1024). Columns: microseconds, GFLOP/s, the weights' GB/s against the measured read bandwidth
+layers follow each other) and two sizes between them (16 experts of 1024 x 1024 and 2048 x 2048).
+Columns: microseconds, GFLOP/s, the weights' GB/s against the measured read bandwidth
 (their bytes / bandwidth is the floor), the kernel's speed-up.
 Part 2: ``small`` bf16 prefill with the hot paths compiled, kernel on and off
 (``SPARSEEK_CPU_KERNELS=0``), each in its own process, alternating rounds (this VM drifts

@@ -4,8 +4,8 @@ One so far: ``grouped_mm``, the routed experts' grouped bf16 GEMM on CPUs with A
 Sapphire Rapids and later). torch runs ``torch._grouped_mm`` on the CPU as one oneDNN GEMM per
 expert, and each call packs its weight matrix anew (~25-35 us), which is most of an expert's time
 at the 4-30 rows a short prompt or a batched decode step gives it. The kernel reads the weights as
-they lie (see the .cpp file): 1.2-3x faster than the per-expert calls for the ``small`` preset's
-experts, slower for matrices past ~2 MiB (``MAX_MATRIX_ELEMENTS``; ``benchmarks/cpu_grouped_mm.py``).
+they lie (see the .cpp file): 2.2-4.3x faster than the per-expert calls for the ``small`` preset's
+experts, 1.3-1.9x for V4-Flash's (``benchmarks/cpu_grouped_mm.py``).
 
 The build (torch.utils.cpp_extension, ninja, the system's C++ compiler, ~25 s once, cached under
 ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) is tried once per process, only on Linux
@@ -28,12 +28,11 @@ _NAME = "sparseek_cpu_kernels"
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_grouped_mm.cpp"
 _STALE_LOCK_S = 300  # a build takes ~10-25 s
 _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
-# The kernel wins while an expert's matrix is small, where oneDNN's per-call packing is most of a
-# call (`small`'s 512 x 512 / 512 x 256: 1.2-3.1x; 1024 x 1024, 2 MiB: 1.07-1.7x); from 2048 x 2048
-# oneDNN streams the weights faster (0.8x; V4-Flash's 4096 x 4096: the kernel 0.7x), since there the
-# product is bound by reading the weights and the kernel's 16-row tiles read 16 rows at once
-# (`benchmarks/results/cpu-grouped-mm.txt`). So bigger matrices keep the library GEMMs.
-MAX_MATRIX_ELEMENTS = 1 << 20
+# at::parallel_for is a header template over `#pragma omp parallel`: compiled without -fopenmp it
+# runs on the calling thread alone (the thirty-first session's kernel did: half the speed on 2
+# cores). Linked with -fopenmp the library asks for libgomp.so.1, which resolves to the copy torch
+# has already loaded, so both share one thread pool.
+_OPENMP = ["-fopenmp"]
 _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()
 
@@ -62,7 +61,8 @@ def _build() -> bool:
             lock.unlink()
     except OSError:
         pass
-    cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False, verbose=False)
+    cpp_extension.load(_NAME, [str(_SOURCE)], extra_cflags=_FLAGS + _OPENMP, extra_ldflags=_OPENMP,
+                       is_python_module=False, verbose=False)
     _register_fake()
     return True
 
@@ -89,11 +89,11 @@ def available() -> bool:
 
 def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``grouped_mm(x, w, offs)`` takes these operands and is the faster way: CPU bf16, no
-    autograd, x [M, K] and w [E, N, K] with K and N multiples of 32, N x K at most
-    ``MAX_MATRIX_ELEMENTS``, their last dimension contiguous."""
+    autograd, x [M, K] and w [E, N, K] with K and N multiples of 32, their last dimension
+    contiguous. It is the faster way at every size measured, from ``small``'s 512 x 256 experts to
+    V4-Flash's 4096 x 4096 (``benchmarks/results/cpu-grouped-mm.txt``)."""
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and x.dim() == 2 and w.dim() == 3
             and w.shape[-1] == x.shape[-1] and x.shape[-1] % 32 == 0 and w.shape[1] % 32 == 0
-            and w.shape[1] * w.shape[2] <= MAX_MATRIX_ELEMENTS
             and x.stride(-1) == 1 and w.stride(-1) == 1 and x.stride(0) % 2 == 0 and w.stride(1) % 2 == 0
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 

@@ -1,6 +1,7 @@
 """The AMX grouped GEMM (sparseek/model/cpu_kernels.py) against fp32 products, inside a compiled
 graph, in the routed experts, and the fallbacks where it cannot run."""
 
+import os
 import warnings
 
 import pytest
@@ -34,6 +35,29 @@ def test_grouped_mm_matches_fp32_products(counts, N, K, offs_dtype):
     offs = torch.tensor(counts).cumsum(0).to(offs_dtype)
     got = cpu_kernels.grouped_mm(x, w, offs)
     torch.testing.assert_close(got, _reference(x, w, counts), rtol=8e-3, atol=1e-3)
+
+
+@amx
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one CPU")
+def test_grouped_mm_runs_on_every_thread_with_the_same_result():
+    """The library's parallel regions use torch's threads (built without OpenMP they ran on one),
+    and many groups shared out among the threads give the one-thread bits."""
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        assert torch.ops.sparseek_cpu.parallel_threads() == 2
+        torch.manual_seed(3)
+        counts = torch.randint(0, 40, (48,)).tolist()
+        w = torch.randn(48, 128, 64, dtype=torch.bfloat16)
+        x = torch.randn(sum(counts), 64, dtype=torch.bfloat16)
+        offs = torch.tensor(counts).cumsum(0)
+        two = cpu_kernels.grouped_mm(x, w, offs)
+        torch.set_num_threads(1)
+        assert torch.ops.sparseek_cpu.parallel_threads() == 1
+        assert torch.equal(cpu_kernels.grouped_mm(x, w, offs), two)
+        torch.testing.assert_close(two, _reference(x, w, counts), rtol=8e-3, atol=1e-3)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @amx
@@ -107,9 +131,6 @@ def test_grouped_mm_fits_only_what_it_computes(monkeypatch):
     assert not cpu_kernels.grouped_mm_fits(x.float(), w.float())  # bf16 only
     assert not cpu_kernels.grouped_mm_fits(x[:, :48], w[:, :, :48])  # K not a multiple of 32
     assert not cpu_kernels.grouped_mm_fits(x, w[:, :24])  # N not a multiple of 32
-    monkeypatch.setattr(cpu_kernels, "MAX_MATRIX_ELEMENTS", 32 * 64 - 1)
-    assert not cpu_kernels.grouped_mm_fits(x, w)  # a matrix the library GEMM streams faster
-    monkeypatch.setattr(cpu_kernels, "MAX_MATRIX_ELEMENTS", 32 * 64)
     assert not cpu_kernels.grouped_mm_fits(x.T.contiguous().T, w)  # columns strided
     assert not cpu_kernels.grouped_mm_fits(x, w.clone().requires_grad_())  # training: autograd needs torch's op
     monkeypatch.setattr(cpu_kernels, "_state", False)

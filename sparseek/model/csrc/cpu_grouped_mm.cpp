@@ -187,10 +187,19 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return y;
 }
 
+// How many threads a parallel region of this library runs on: at::parallel_for is compiled into
+// the library from ATen's headers, and without OpenMP it quietly runs on the calling thread alone.
+int64_t parallel_threads() {
+  std::atomic<int64_t> seen{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { seen++; });
+  return seen.load();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(sparseek_cpu, m) {
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offs) -> Tensor");
+  m.def("parallel_threads() -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(sparseek_cpu, CPU, m) {
