@@ -10,7 +10,10 @@ weights hot (one stack, reused: in cache) and cold (stacks cycled through 256 MB
 layers follow each other) and two sizes between them (16 experts of 1024 x 1024 and 2048 x 2048).
 Columns: microseconds, GFLOP/s, the weights' GB/s against the measured read bandwidth
 (their bytes / bandwidth is the floor), the kernel's speed-up.
-Part 2: ``small`` bf16 prefill with the hot paths compiled, kernel on and off
+Part 2, dense layers (``cpu_kernels.linear``, the kernel with one group): ``F.linear`` (oneDNN)
+against the kernel by rows, for ``small``'s projections, its LM head and V4-Flash's attention
+projections, weights hot; where ``LINEAR_MAX_ROWS`` comes from.
+Part 3: ``small`` bf16 prefill with the hot paths compiled, kernel on and off
 (``SPARSEEK_CPU_KERNELS=0``), each in its own process, alternating rounds (this VM drifts
 +-20% within minutes); median ms per prefill of each side's rounds.
 """
@@ -78,6 +81,39 @@ def product_rows(bw: float) -> list[str]:
     return lines
 
 
+def linear_rows() -> list[str]:
+    from sparseek.model import cpu_kernels
+
+    lines = ["", "dense layers, us per call (weights hot)",
+             f"{'shape (N x K)':<30}" + "".join(f"{f'M={m}':>16}" for m in LINEAR_M)]
+    g = torch.Generator().manual_seed(1)
+    for name, N, K in [("small wq_a / shared w1", 256, 512), ("small wq_b / shared w2", 512, 256),
+                       ("small wo_b", 512, 1024), ("small LM head", 32768, 512),
+                       ("V4-Flash wq_a", 1024, 4096), ("V4-Flash wo_b", 4096, 8192)]:
+        w = torch.randn(N, K, dtype=torch.bfloat16, generator=g)
+        cells = []
+        for M in LINEAR_M:
+            x = torch.randn(M, K, dtype=torch.bfloat16, generator=g)
+            ref = timed(lambda: torch.nn.functional.linear(x, w))
+            got = timed(lambda: torch.ops.sparseek_cpu.linear(x, w))
+            cells.append(f"{ref:>5.0f}/{got:<5.0f}{ref / got:4.1f}x")
+        lines.append(f"{name + f' {N}x{K}':<30}" + "".join(f"{c:>16}" for c in cells))
+    lines.append("(each cell: oneDNN us / kernel us, speed-up)")
+    return lines
+
+
+LINEAR_M = [1, 16, 64, 128, 256, 512, 1024]
+
+
+def timed(f) -> float:
+    f(), f()
+    n, t0 = 0, time.perf_counter()
+    while n < 3 or time.perf_counter() - t0 < 0.3:
+        f()
+        n += 1
+    return (time.perf_counter() - t0) / n * 1e6
+
+
 def child(lengths: list[int]) -> None:
     import sparseek
     from sparseek.model.v4 import compile_hot_paths
@@ -127,6 +163,7 @@ def main() -> None:
     ap.add_argument("--prefill", type=int, nargs="*", default=[128, 256, 512, 2048])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--child", type=int, nargs="*", default=None)
+    ap.add_argument("--parts", nargs="*", default=["experts", "linear", "prefill"], choices=["experts", "linear", "prefill"])
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     if a.child is not None:
@@ -136,8 +173,11 @@ def main() -> None:
     if not cpu_kernels.available():
         sys.exit("the AMX kernel does not run here (no amx_bf16 / avx512_bf16 CPU flags, or the build failed)")
     lines = [f"$ python {' '.join(sys.argv)}", f"torch {torch.__version__}, CPU: {torch.cpu.get_capabilities().get('cpu_name', 'unknown')}", ""]
-    lines += product_rows(read_bandwidth_gbs())
-    if a.prefill:
+    if "experts" in a.parts:
+        lines += product_rows(read_bandwidth_gbs())
+    if "linear" in a.parts:
+        lines += linear_rows()
+    if a.prefill and "prefill" in a.parts:
         lines += prefill_rows(a.prefill, a.rounds)
     text = "\n".join(lines)
     print(text)

@@ -208,14 +208,25 @@ def expert_ffn(mm, x: torch.Tensor, gate_up: list[torch.Tensor], w2: torch.Tenso
     return mm(act_round(swiglu(gate, up, limit, scale, dtype).movedim(dim, -1), act).movedim(-1, dim), w2)
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, same state dict) whose bf16 CPU inference products of a few
+    rows run through the AMX kernel where the CPU has one (``cpu_kernels.linear_fits``): oneDNN
+    packs the weight anew on every call, which is most of a call at a short prompt's rows."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bias is None and cpu_kernels.linear_fits(x, self.weight):
+            return cpu_kernels.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
+
+
 class MLP(nn.Module):
     """Dense SwiGLU FFN (the shared expert, and V3's first dense layers)."""
 
     def __init__(self, dim: int, inter: int, limit: float | None = None, dtype=None, act: str | None = None):
         super().__init__()
-        self.w1 = nn.Linear(dim, inter, bias=False, dtype=dtype)
-        self.w2 = nn.Linear(inter, dim, bias=False, dtype=dtype)
-        self.w3 = nn.Linear(dim, inter, bias=False, dtype=dtype)
+        self.w1 = Linear(dim, inter, bias=False, dtype=dtype)
+        self.w2 = Linear(inter, dim, bias=False, dtype=dtype)
+        self.w3 = Linear(dim, inter, bias=False, dtype=dtype)
         self.limit = limit
         self.act_fp8 = act  # ModelArgs.act_scale_fmt: the FP8 rounding of each GEMM's input
 

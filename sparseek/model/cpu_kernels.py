@@ -1,11 +1,13 @@
 """Hand-written CPU kernels, built from ``csrc/`` at first use where the CPU can run them.
 
-One so far: ``grouped_mm``, the routed experts' grouped bf16 GEMM on CPUs with AMX tiles (Intel
+``grouped_mm``, the routed experts' grouped bf16 GEMM on CPUs with AMX tiles (Intel
 Sapphire Rapids and later). torch runs ``torch._grouped_mm`` on the CPU as one oneDNN GEMM per
 expert, and each call packs its weight matrix anew (~25-35 us), which is most of an expert's time
 at the 4-30 rows a short prompt or a batched decode step gives it. The kernel reads the weights as
 they lie (see the .cpp file): 2.2-4.3x faster than the per-expert calls for the ``small`` preset's
-experts, 1.3-1.9x for V4-Flash's (``benchmarks/cpu_grouped_mm.py``).
+experts, 1.3-1.9x for V4-Flash's (``benchmarks/cpu_grouped_mm.py``). ``linear``, the same kernel
+for a dense layer's product of a few rows (a short prompt, a batched decode step), where oneDNN's
+per-call packing costs as much.
 
 The build (torch.utils.cpp_extension, ninja, the system's C++ compiler, ~25 s once, cached under
 ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) is tried once per process, only on Linux
@@ -33,6 +35,13 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx51
 # cores). Linked with -fopenmp the library asks for libgomp.so.1, which resolves to the copy torch
 # has already loaded, so both share one thread pool.
 _OPENMP = ["-fopenmp"]
+# A dense layer's product goes through the kernel for up to LINEAR_MAX_ROWS rows: above, oneDNN's
+# GEMM, which blocks over rows as the kernel does not, wins. In a compiled graph, products of up
+# to LINEAR_FUSED_ROWS rows stay torch's: the compiled decode step runs them as fused reductions
+# (sparseek.model.fuse), faster still. Eager single rows (the LM head after a prefill: 32 MB for
+# `small`) take the kernel: 1.5x oneDNN's GEMV (`benchmarks/results/cpu-grouped-mm.txt`).
+LINEAR_MAX_ROWS = 256
+LINEAR_FUSED_ROWS = 8
 _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()
 
@@ -98,6 +107,25 @@ def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
             and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
 
 
+def linear_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether ``linear(x, w)`` takes a dense layer's input x [..., K] and weight w [N, K] and is the
+    faster way: as ``grouped_mm_fits``, for the rows ``LINEAR_MAX_ROWS`` and ``LINEAR_FUSED_ROWS`` admit."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() < 2 or w.dim() != 2 or not x.shape[-1]:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows_fit(rows) and x.is_contiguous() and grouped_mm_fits(x.view(rows, x.shape[-1]), w.unsqueeze(0))
+
+
+def rows_fit(rows: int) -> bool:
+    """Whether a dense product of this many rows goes to the kernel (see ``LINEAR_MAX_ROWS``)."""
+    return (LINEAR_FUSED_ROWS + 1 if torch.compiler.is_compiling() else 1) <= rows <= LINEAR_MAX_ROWS
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)`` (no bias) with one rounding of fp32 products; see ``linear_fits``."""
+    return torch.ops.sparseek_cpu.linear(x.view(-1, x.shape[-1]), w).view(*x.shape[:-1], w.shape[0])
+
+
 def grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     """y[r] = x[r] @ w[e]^T for the rows r of group e (``offs``: cumulative row ends), as
     ``torch._grouped_mm(x, w.transpose(-2, -1), offs=offs)``; see ``grouped_mm_fits``."""
@@ -109,3 +137,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("sparseek_cpu::grouped_mm")
     def _(x, w, offs):
         return x.new_empty(x.shape[0], w.shape[1])
+
+    @torch.library.register_fake("sparseek_cpu::linear")
+    def _(x, w):
+        return x.new_empty(x.shape[0], w.shape[0])

@@ -24,7 +24,7 @@ from torch import nn
 
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
-from sparseek.model.common import MLP, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
+from sparseek.model.common import MLP, Linear, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
 from sparseek.model.qat import act_round
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions
 
@@ -52,15 +52,15 @@ class MLA(nn.Module):
         self.interleaved = _rope_layout(args)
         d, qk = args.hidden_size, args.qk_head_dim
         if args.q_lora_rank:
-            self.wq_a = nn.Linear(d, args.q_lora_rank, bias=False, dtype=dtype)
+            self.wq_a = Linear(d, args.q_lora_rank, bias=False, dtype=dtype)
             self.q_norm = RMSNorm(args.q_lora_rank, args.rms_norm_eps)
-            self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * qk, bias=False, dtype=dtype)
+            self.wq_b = Linear(args.q_lora_rank, self.n_heads * qk, bias=False, dtype=dtype)
         else:
-            self.wq = nn.Linear(d, self.n_heads * qk, bias=False, dtype=dtype)
-        self.wkv_a = nn.Linear(d, self.rank + self.rope, bias=False, dtype=dtype)
+            self.wq = Linear(d, self.n_heads * qk, bias=False, dtype=dtype)
+        self.wkv_a = Linear(d, self.rank + self.rope, bias=False, dtype=dtype)
         self.kv_norm = RMSNorm(self.rank, args.rms_norm_eps)
-        self.wkv_b = nn.Linear(self.rank, self.n_heads * (self.nope + self.v_dim), bias=False, dtype=dtype)
-        self.wo = nn.Linear(self.n_heads * self.v_dim, d, bias=False, dtype=dtype)
+        self.wkv_b = Linear(self.rank, self.n_heads * (self.nope + self.v_dim), bias=False, dtype=dtype)
+        self.wo = Linear(self.n_heads * self.v_dim, d, bias=False, dtype=dtype)
         self.scale = qk ** -0.5
         y = args.yarn()
         if y and y.get("mscale_all_dim"):
@@ -162,7 +162,7 @@ class MTPBlock(Block):
         d = args.hidden_size
         self.enorm = RMSNorm(d, args.rms_norm_eps)
         self.hnorm = RMSNorm(d, args.rms_norm_eps)
-        self.eh_proj = nn.Linear(2 * d, d, bias=False, dtype=dtype)
+        self.eh_proj = Linear(2 * d, d, bias=False, dtype=dtype)
         self.norm = RMSNorm(d, args.rms_norm_eps)
 
     def forward(self, hidden_BTD, emb_BTD, cos, sin, latent, pos, decode):
@@ -179,7 +179,7 @@ class DeepSeekV3(DecoderLM):
         self.embed = nn.Embedding(args.vocab_size, args.hidden_size, dtype=dtype)
         self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.head = nn.Linear(args.hidden_size, args.vocab_size, bias=False, dtype=dtype)
+        self.head = Linear(args.hidden_size, args.vocab_size, bias=False, dtype=dtype)
         y = args.yarn()
         factor = 1.0
         if y:

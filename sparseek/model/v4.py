@@ -27,11 +27,11 @@ import torch.utils.checkpoint
 from torch import nn
 
 from sparseek.config import CSA_RATIO, ModelArgs
-from sparseek.model import common, kernels
+from sparseek.model import common, cpu_kernels, kernels
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions, query_block
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.qat import act_round, fp4_round, hadamard
-from sparseek.model.common import MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
+from sparseek.model.common import Linear, MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
 
 # Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
 # speculative verification and drafts; rows at any positions): the rings' spare slots let that many
@@ -360,8 +360,8 @@ class Indexer(nn.Module):
     def __init__(self, args: ModelArgs, dtype=None):
         super().__init__()
         self.n_heads, self.dim, self.topk = args.index_n_heads, args.index_head_dim, args.index_topk
-        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.dim, bias=False, dtype=dtype)
-        self.weights_proj = nn.Linear(args.hidden_size, self.n_heads, bias=False, dtype=dtype)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.dim, bias=False, dtype=dtype)
+        self.weights_proj = Linear(args.hidden_size, self.n_heads, bias=False, dtype=dtype)
         self.fp4 = args.index_fp4
         self.act_fp8 = args.act_scale_fmt
         self.compressor = Compressor(args, CSA_RATIO, self.dim, fp4=self.fp4)
@@ -405,6 +405,18 @@ class Indexer(nn.Module):
             return torch.where(idx < n_visible_BQ[..., None], idx, -1)
 
 
+def grouped_projection(x_BTGI: torch.Tensor, w_GRI: torch.Tensor) -> torch.Tensor:
+    """Each group's slice of x through its own matrix: einsum("btgi,gri->btgr"). On CPUs with AMX
+    (bf16 inference) as one grouped product of the kernel, the groups' rows laid one after another
+    (a copy of x): 2-3x the library's batched GEMM at a short prompt's rows."""
+    B, T, G, I = x_BTGI.shape
+    if cpu_kernels.rows_fit(B * T) and cpu_kernels.grouped_mm_fits(x_BTGI.reshape(-1, I), w_GRI):
+        x_NI = x_BTGI.movedim(2, 0).reshape(G * B * T, I)
+        offs = torch.arange(1, G + 1, device=x_NI.device) * (B * T)
+        return cpu_kernels.grouped_mm(x_NI, w_GRI, offs).view(G, B, T, -1).movedim(0, 2)
+    return torch.einsum("btgi,gri->btgr", x_BTGI, w_GRI)
+
+
 class Attention(nn.Module):
     def __init__(self, layer_id: int, args: ModelArgs, dtype=None):
         super().__init__()
@@ -415,15 +427,15 @@ class Attention(nn.Module):
         self.eps = args.rms_norm_eps
         self.ratio = args.compress_ratio(layer_id)
         self.rope_kind = "compress" if self.ratio else "main"
-        self.wq_a = nn.Linear(args.hidden_size, args.q_lora_rank, bias=False, dtype=dtype)
+        self.wq_a = Linear(args.hidden_size, args.q_lora_rank, bias=False, dtype=dtype)
         self.q_norm = RMSNorm(args.q_lora_rank, self.eps)
-        self.wq_b = nn.Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False, dtype=dtype)
-        self.wkv = nn.Linear(args.hidden_size, self.head_dim, bias=False, dtype=dtype)
+        self.wq_b = Linear(args.q_lora_rank, self.n_heads * self.head_dim, bias=False, dtype=dtype)
+        self.wkv = Linear(args.hidden_size, self.head_dim, bias=False, dtype=dtype)
         self.kv_norm = RMSNorm(self.head_dim, self.eps)
         # grouped low-rank output: each group of heads -> o_lora_rank, then all groups -> hidden
-        self.wo_a = nn.Linear(self.n_heads * self.head_dim // self.n_groups, self.n_groups * self.o_rank,
+        self.wo_a = Linear(self.n_heads * self.head_dim // self.n_groups, self.n_groups * self.o_rank,
                               bias=False, dtype=dtype)
-        self.wo_b = nn.Linear(self.n_groups * self.o_rank, args.hidden_size, bias=False, dtype=dtype)
+        self.wo_b = Linear(self.n_groups * self.o_rank, args.hidden_size, bias=False, dtype=dtype)
         self.attn_sink = nn.Parameter(torch.zeros(self.n_heads, dtype=torch.float32))
         self.scale = self.head_dim ** -0.5
         # kv_fp8: the non-rope dims of every cached entry are rounded to FP8, as DeepSeek's runtime
@@ -470,7 +482,7 @@ class Attention(nn.Module):
         o = apply_rope(o_BTHC, cos[:, :, None], sin[:, :, None], inverse=True)
         o = o.reshape(B, T, self.n_groups, -1)
         wo_a = linear_weight(self.wo_a, o.dtype).view(self.n_groups, self.o_rank, -1)
-        out = torch.einsum("btgi,gri->btgr", o, wo_a)
+        out = grouped_projection(o, wo_a)
         if hasattr(self.wo_a, "grouped_delta"):  # per-row LoRA adapters (sparseek.model.multi_lora)
             delta = self.wo_a.grouped_delta(o, self.n_groups)
             out = out if delta is None else out + delta
@@ -798,8 +810,8 @@ class MTPBlock(Block):
     def __init__(self, layer_id: int, args: ModelArgs, dtype=None):
         super().__init__(layer_id, args, dtype)
         d, hc = args.hidden_size, args.hc_mult
-        self.e_proj = nn.Linear(d, d, bias=False, dtype=dtype)
-        self.h_proj = nn.Linear(d, d, bias=False, dtype=dtype)
+        self.e_proj = Linear(d, d, bias=False, dtype=dtype)
+        self.h_proj = Linear(d, d, bias=False, dtype=dtype)
         self.enorm = RMSNorm(d, args.rms_norm_eps)
         self.hnorm = RMSNorm(d, args.rms_norm_eps)
         self.norm = RMSNorm(d, args.rms_norm_eps)
@@ -825,7 +837,7 @@ class DeepSeekV4(DecoderLM):
         self.embed = nn.Embedding(V, d, dtype=dtype)
         self.layers = nn.ModuleList(Block(i, args, dtype) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(d, args.rms_norm_eps)
-        self.head = nn.Linear(d, V, bias=False, dtype=dtype)
+        self.head = Linear(d, V, bias=False, dtype=dtype)
         self.hc_head_fn = nn.Parameter(torch.zeros(hc, hc * d, dtype=torch.float32))
         self.hc_head_base = nn.Parameter(torch.zeros(hc, dtype=torch.float32))
         self.hc_head_scale = nn.Parameter(torch.ones(1, dtype=torch.float32))

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from sparseek.model import cpu_kernels
-from sparseek.model.common import Experts
+from sparseek.model.common import Experts, Linear
+from sparseek.model.v4 import grouped_projection
 
 amx = pytest.mark.skipif(not cpu_kernels.available(), reason="no AMX bf16 on this CPU (or no compiler)")
 
@@ -122,6 +123,48 @@ def test_routed_experts_with_the_kernel_equal_the_library_gemms(compiled, monkey
         torch._dynamo.reset()
         want = (torch.compile(ex.compute) if compiled else ex.compute)(x, w, idx)
     torch.testing.assert_close(got, want, rtol=1.6e-2, atol=2e-3)
+
+
+@amx
+@pytest.mark.parametrize("rows", [1, 9, 100, 256])
+def test_dense_layers_through_the_kernel_equal_fp32_products(rows, monkeypatch):
+    """A bf16 Linear of a few rows runs the kernel (fp32 products rounded once); the grouped output
+    projection's groups too."""
+    torch.manual_seed(4)
+    lin = Linear(96, 64, bias=False, dtype=torch.bfloat16)
+    x = torch.randn(1, rows, 96, dtype=torch.bfloat16)
+    calls = []
+    real = cpu_kernels.linear
+    monkeypatch.setattr(cpu_kernels, "linear", lambda *a: calls.append(1) or real(*a))
+    with torch.inference_mode():
+        got = lin(x)
+    assert calls, "the kernel did not run"
+    want = (x.float() @ lin.weight.float().T).to(torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=8e-3, atol=1e-3)
+    xg, wg = torch.randn(2, rows, 3, 64, dtype=torch.bfloat16), torch.randn(3, 32, 64, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        got = grouped_projection(xg, wg)
+    torch.testing.assert_close(got, torch.einsum("btgi,gri->btgr", xg.float(), wg.float()).to(torch.bfloat16),
+                               rtol=8e-3, atol=1e-3)
+
+
+def test_dense_layers_keep_torch_where_the_kernel_loses(monkeypatch):
+    """Many rows, fp32, autograd, a bias: F.linear. In a compiled graph a product of up to 8 rows
+    is left to torch (the compiled decode step fuses it into a reduction)."""
+    monkeypatch.setattr(cpu_kernels, "_state", True)
+    w = torch.randn(64, 96, dtype=torch.bfloat16)
+    assert cpu_kernels.linear_fits(torch.randn(3, 5, 96, dtype=torch.bfloat16), w)
+    assert not cpu_kernels.linear_fits(torch.randn(2, 129, 96, dtype=torch.bfloat16), w)  # 258 rows
+    assert not cpu_kernels.linear_fits(torch.randn(4, 96), w.float())
+    assert not cpu_kernels.linear_fits(torch.randn(4, 96, dtype=torch.bfloat16).T.contiguous().T, w)
+    assert not cpu_kernels.linear_fits(torch.randn(4, 96, dtype=torch.bfloat16), w.clone().requires_grad_())
+    assert cpu_kernels.rows_fit(1) and cpu_kernels.rows_fit(8)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert not cpu_kernels.rows_fit(8) and cpu_kernels.rows_fit(9) and not cpu_kernels.rows_fit(257)
+    monkeypatch.setattr(cpu_kernels, "_state", False)
+    lin = Linear(96, 64, bias=True, dtype=torch.bfloat16)
+    x = torch.randn(4, 96, dtype=torch.bfloat16)
+    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
 def test_grouped_mm_fits_only_what_it_computes(monkeypatch):

@@ -96,9 +96,8 @@ void store_transposed(const float* c, at::BFloat16* y, int64_t ldy, int64_t rows
                         (__m256i)_mm512_cvtneps_pbh(_mm512_castsi512_ps(r[m])));
 }
 
-at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs) {
-  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && offs.dim() == 1 && offs.size(0) == w.size(0),
-              "sparseek_cpu::grouped_mm: x [M, K], w [E, N, K] and offs [E] expected");
+// The product for groups ending at rows o[0 .. E) (w [E, N, K]); both ops below check their operands.
+at::Tensor grouped_product(const at::Tensor& x, const at::Tensor& w, const int64_t* o) {
   TORCH_CHECK(x.scalar_type() == at::kBFloat16 && w.scalar_type() == at::kBFloat16, "bf16 x and w expected");
   const int64_t M = x.size(0), K = x.size(1), E = w.size(0), N = w.size(1), K2 = K / 2;
   TORCH_CHECK(w.size(2) == K && K % 32 == 0 && N % 32 == 0, "K and N must be multiples of 32");
@@ -106,8 +105,6 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
               "x's and w's last dimension must be contiguous");
   TORCH_CHECK(amx_permitted(), "the kernel did not get the AMX tile state from the OS");
   at::Tensor y = at::empty({M, N}, x.options());
-  const at::Tensor ends = offs.to(at::kLong).contiguous();
-  const int64_t* o = ends.data_ptr<int64_t>();
 
   // Row blocks of 16 rows of one group; `first_block[e]` .. `first_block[e + 1]` are group e's.
   std::vector<int64_t> row0, nrows, first_block(E + 1);
@@ -187,6 +184,20 @@ at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor
   return y;
 }
 
+at::Tensor grouped_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& offs) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 3 && offs.dim() == 1 && offs.size(0) == w.size(0),
+              "sparseek_cpu::grouped_mm: x [M, K], w [E, N, K] and offs [E] expected");
+  const at::Tensor ends = offs.to(at::kLong).contiguous();
+  return grouped_product(x, w, ends.data_ptr<int64_t>());
+}
+
+// y = x @ w^T for one weight w [N, K]: a dense layer's product, a group of all of x's rows.
+at::Tensor linear(const at::Tensor& x, const at::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2, "sparseek_cpu::linear: x [M, K] and w [N, K] expected");
+  const int64_t end = x.size(0);
+  return grouped_product(x, w.unsqueeze(0), &end);
+}
+
 // How many threads a parallel region of this library runs on: at::parallel_for is compiled into
 // the library from ATen's headers, and without OpenMP it quietly runs on the calling thread alone.
 int64_t parallel_threads() {
@@ -199,9 +210,11 @@ int64_t parallel_threads() {
 
 TORCH_LIBRARY(sparseek_cpu, m) {
   m.def("grouped_mm(Tensor x, Tensor w, Tensor offs) -> Tensor");
+  m.def("linear(Tensor x, Tensor w) -> Tensor");
   m.def("parallel_threads() -> int", &parallel_threads);
 }
 
 TORCH_LIBRARY_IMPL(sparseek_cpu, CPU, m) {
   m.impl("grouped_mm", &grouped_mm);
+  m.impl("linear", &linear);
 }
