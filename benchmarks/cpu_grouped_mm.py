@@ -85,7 +85,7 @@ def linear_rows() -> list[str]:
     from sparseek.model import cpu_kernels
 
     lines = ["", "dense layers, us per call (weights hot)",
-             f"{'shape (N x K)':<30}" + "".join(f"{f'M={m}':>16}" for m in LINEAR_M)]
+             f"{'shape (N x K)':<30}" + "".join(f"{f'M={m}':>19}" for m in LINEAR_M)]
     g = torch.Generator().manual_seed(1)
     for name, N, K in [("small wq_a / shared w1", 256, 512), ("small wq_b / shared w2", 512, 256),
                        ("small wo_b", 512, 1024), ("small LM head", 32768, 512),
@@ -96,8 +96,8 @@ def linear_rows() -> list[str]:
             x = torch.randn(M, K, dtype=torch.bfloat16, generator=g)
             ref = timed(lambda: torch.nn.functional.linear(x, w))
             got = timed(lambda: torch.ops.sparseek_cpu.linear(x, w))
-            cells.append(f"{ref:>5.0f}/{got:<5.0f}{ref / got:4.1f}x")
-        lines.append(f"{name + f' {N}x{K}':<30}" + "".join(f"{c:>16}" for c in cells))
+            cells.append(f"{ref:.0f}/{got:.0f} {ref / got:.1f}x")
+        lines.append(f"{name + f' {N}x{K}':<30}" + "".join(f"{c:>19}" for c in cells))
     lines.append("(each cell: oneDNN us / kernel us, speed-up)")
     return lines
 

@@ -35,12 +35,13 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx51
 # cores). Linked with -fopenmp the library asks for libgomp.so.1, which resolves to the copy torch
 # has already loaded, so both share one thread pool.
 _OPENMP = ["-fopenmp"]
-# A dense layer's product goes through the kernel for up to LINEAR_MAX_ROWS rows: above, oneDNN's
-# GEMM, which blocks over rows as the kernel does not, wins. In a compiled graph, products of up
-# to LINEAR_FUSED_ROWS rows stay torch's: the compiled decode step runs them as fused reductions
-# (sparseek.model.fuse), faster still. Eager single rows (the LM head after a prefill: 32 MB for
-# `small`) take the kernel: 1.5x oneDNN's GEMV (`benchmarks/results/cpu-grouped-mm.txt`).
-LINEAR_MAX_ROWS = 256
+# A dense layer's product goes through the kernel for up to LINEAR_MAX_ROWS rows: 1.2-3x oneDNN's
+# GEMM up to 128 rows for `small`'s and V4-Flash's projections, 0.8-1.4x at 256 (oneDNN blocks over
+# rows, the kernel does not). In a compiled graph, products of up to LINEAR_FUSED_ROWS rows stay
+# torch's: the compiled decode step runs them as fused reductions (sparseek.model.fuse), faster
+# still. Eager single rows (the LM head after a prefill: 32 MB for `small`) take the kernel: 1.6x
+# oneDNN's GEMV (`benchmarks/results/cpu-grouped-mm.txt`).
+LINEAR_MAX_ROWS = 128
 LINEAR_FUSED_ROWS = 8
 _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()

@@ -126,7 +126,7 @@ def test_routed_experts_with_the_kernel_equal_the_library_gemms(compiled, monkey
 
 
 @amx
-@pytest.mark.parametrize("rows", [1, 9, 100, 256])
+@pytest.mark.parametrize("rows", [1, 9, 100, 128])
 def test_dense_layers_through_the_kernel_equal_fp32_products(rows, monkeypatch):
     """A bf16 Linear of a few rows runs the kernel (fp32 products rounded once); the grouped output
     projection's groups too."""
@@ -154,13 +154,13 @@ def test_dense_layers_keep_torch_where_the_kernel_loses(monkeypatch):
     monkeypatch.setattr(cpu_kernels, "_state", True)
     w = torch.randn(64, 96, dtype=torch.bfloat16)
     assert cpu_kernels.linear_fits(torch.randn(3, 5, 96, dtype=torch.bfloat16), w)
-    assert not cpu_kernels.linear_fits(torch.randn(2, 129, 96, dtype=torch.bfloat16), w)  # 258 rows
+    assert not cpu_kernels.linear_fits(torch.randn(2, 65, 96, dtype=torch.bfloat16), w)  # 130 rows
     assert not cpu_kernels.linear_fits(torch.randn(4, 96), w.float())
     assert not cpu_kernels.linear_fits(torch.randn(4, 96, dtype=torch.bfloat16).T.contiguous().T, w)
     assert not cpu_kernels.linear_fits(torch.randn(4, 96, dtype=torch.bfloat16), w.clone().requires_grad_())
-    assert cpu_kernels.rows_fit(1) and cpu_kernels.rows_fit(8)
+    assert cpu_kernels.rows_fit(1) and cpu_kernels.rows_fit(128) and not cpu_kernels.rows_fit(129)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert not cpu_kernels.rows_fit(8) and cpu_kernels.rows_fit(9) and not cpu_kernels.rows_fit(257)
+    assert not cpu_kernels.rows_fit(8) and cpu_kernels.rows_fit(9) and not cpu_kernels.rows_fit(129)
     monkeypatch.setattr(cpu_kernels, "_state", False)
     lin = Linear(96, 64, bias=True, dtype=torch.bfloat16)
     x = torch.randn(4, 96, dtype=torch.bfloat16)
