@@ -105,7 +105,17 @@ def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (x.device.type == "cpu" and x.dtype == w.dtype == torch.bfloat16 and x.dim() == 2 and w.dim() == 3
             and w.shape[-1] == x.shape[-1] and x.shape[-1] % 32 == 0 and w.shape[1] % 32 == 0
             and x.stride(-1) == 1 and w.stride(-1) == 1 and x.stride(0) % 2 == 0 and w.stride(1) % 2 == 0
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and available())
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)) and not _sharded(x, w)
+            and available())
+
+
+def _sharded(*ts: torch.Tensor) -> bool:
+    # DTensors (FSDP / tensor-parallel shards): the op has no sharding rule, torch's GEMMs do
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return False
+    return any(isinstance(t, DTensor) for t in ts)
 
 
 def linear_fits(x: torch.Tensor, w: torch.Tensor) -> bool:

@@ -176,6 +176,9 @@ def test_grouped_mm_fits_only_what_it_computes(monkeypatch):
     assert not cpu_kernels.grouped_mm_fits(x, w[:, :24])  # N not a multiple of 32
     assert not cpu_kernels.grouped_mm_fits(x.T.contiguous().T, w)  # columns strided
     assert not cpu_kernels.grouped_mm_fits(x, w.clone().requires_grad_())  # training: autograd needs torch's op
+    monkeypatch.setattr(cpu_kernels, "_sharded", lambda *ts: True)
+    assert not cpu_kernels.grouped_mm_fits(x, w)  # FSDP / TP shards keep torch's GEMMs
+    monkeypatch.setattr(cpu_kernels, "_sharded", lambda *ts: False)
     monkeypatch.setattr(cpu_kernels, "_state", False)
     assert not cpu_kernels.grouped_mm_fits(x, w)
 
