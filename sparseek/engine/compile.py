@@ -37,12 +37,10 @@ from collections.abc import Callable
 import torch
 
 from sparseek.model import cpu_kernels
-from sparseek.model.fuse import fusing_backend
+from sparseek.model.fuse import FUSED_ROWS, fusing_backend
 
 __all__ = ["CompiledStep", "FUSED_ROWS", "Spans"]
 
-# the most rows a product may have to run as a fused reduction on a CPU (measured: see the docstring)
-FUSED_ROWS = 8
 
 
 def _own_copy(fn: Callable) -> Callable:

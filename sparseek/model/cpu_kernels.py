@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from sparseek.model.fuse import FUSED_ROWS
+
 _NAME = "sparseek_cpu_kernels"
 _SOURCE = Path(__file__).with_name("csrc") / "cpu_grouped_mm.cpp"
 _STALE_LOCK_S = 300  # a build takes ~10-25 s
@@ -37,12 +39,10 @@ _FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx51
 _OPENMP = ["-fopenmp"]
 # A dense layer's product goes through the kernel for up to LINEAR_MAX_ROWS rows: 1.2-3x oneDNN's
 # GEMM up to 128 rows for `small`'s and V4-Flash's projections, 0.8-1.4x at 256 (oneDNN blocks over
-# rows, the kernel does not). In a compiled graph, products of up to LINEAR_FUSED_ROWS rows stay
-# torch's: the compiled decode step runs them as fused reductions (sparseek.model.fuse), faster
-# still. Eager single rows (the LM head after a prefill: 32 MB for `small`) take the kernel: 1.6x
+# rows, the kernel does not). In a compiled graph, products of up to fuse.FUSED_ROWS rows stay
+# torch's: the compiled decode step runs them as fused reductions, faster still. Eager single rows (the LM head after a prefill: 32 MB for `small`) take the kernel: 1.6x
 # oneDNN's GEMV (`benchmarks/results/cpu-grouped-mm.txt`).
 LINEAR_MAX_ROWS = 128
-LINEAR_FUSED_ROWS = 8
 _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()
 
@@ -111,16 +111,18 @@ def grouped_mm_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _sharded(*ts: torch.Tensor) -> bool:
     # DTensors (FSDP / tensor-parallel shards): the op has no sharding rule, torch's GEMMs do
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return False
-    return any(isinstance(t, DTensor) for t in ts)
+    return _DTensor is not None and any(isinstance(t, _DTensor) for t in ts)
+
+
+try:  # imported once, not per call: this check runs on every dense layer's forward
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:
+    _DTensor = None
 
 
 def linear_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
     """Whether ``linear(x, w)`` takes a dense layer's input x [..., K] and weight w [N, K] and is the
-    faster way: as ``grouped_mm_fits``, for the rows ``LINEAR_MAX_ROWS`` and ``LINEAR_FUSED_ROWS`` admit."""
+    faster way: as ``grouped_mm_fits``, for the rows ``rows_fit`` admits."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.dim() < 2 or w.dim() != 2 or not x.shape[-1]:
         return False
     rows = x.numel() // x.shape[-1]
@@ -129,7 +131,7 @@ def linear_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def rows_fit(rows: int) -> bool:
     """Whether a dense product of this many rows goes to the kernel (see ``LINEAR_MAX_ROWS``)."""
-    return (LINEAR_FUSED_ROWS + 1 if torch.compiler.is_compiling() else 1) <= rows <= LINEAR_MAX_ROWS
+    return (FUSED_ROWS + 1 if torch.compiler.is_compiling() else 1) <= rows <= LINEAR_MAX_ROWS
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,7 @@ log = logging.getLogger("sparseek")
 # CPU step (``formats.word_product``): FP8 0.04-0.05 ns per weight against 0.47-0.50 through
 # byte loads, FP4 0.08-0.12 against 0.43-1.0 (the bf16 GEMV: 0.05; `benchmarks/quant_gemv.py`,
 # `benchmarks/results/cpu-quant-gemv.txt`); each row re-decodes the weight, as the fused bf16
-# products re-read it (``engine.compile.FUSED_ROWS``)
+# products re-read it (``model.fuse.FUSED_ROWS``)
 WORD_ROWS = 8
 # a forward over many tokens decodes at most this many bytes of a layer's experts at once (more
 # experts than that run in groups, each decoded into the same buffers)

@@ -161,10 +161,12 @@ def test_dense_layers_keep_torch_where_the_kernel_loses(monkeypatch):
     assert cpu_kernels.rows_fit(1) and cpu_kernels.rows_fit(128) and not cpu_kernels.rows_fit(129)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert not cpu_kernels.rows_fit(8) and cpu_kernels.rows_fit(9) and not cpu_kernels.rows_fit(129)
-    monkeypatch.setattr(cpu_kernels, "_state", False)
-    lin = Linear(96, 64, bias=True, dtype=torch.bfloat16)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    lin = Linear(96, 64, bias=True, dtype=torch.bfloat16)  # fits but for its bias: the kernel adds none
     x = torch.randn(4, 96, dtype=torch.bfloat16)
-    assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
+    with torch.inference_mode():
+        assert cpu_kernels.linear_fits(x, lin.weight)
+        assert torch.equal(lin(x), torch.nn.functional.linear(x, lin.weight, lin.bias))
 
 
 def test_grouped_mm_fits_only_what_it_computes(monkeypatch):
