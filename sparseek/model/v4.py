@@ -734,6 +734,8 @@ class Attention(nn.Module):
 # ---------------------------------------------------------------------------- mHC
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """Doubly-stochastic projection: row softmax, then alternate column / row normalization."""
+    if cpu_kernels.sinkhorn_fits(logits):  # one pass per token instead of ~40 reductions (csrc/cpu_mhc.cpp)
+        return cpu_kernels.sinkhorn(logits, iters, eps)
     comb = logits.softmax(dim=-1) + eps
     comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
     for _ in range(iters - 1):
@@ -790,10 +792,22 @@ class Block(nn.Module):
         return hc_pre(x_BTSD, fn, scale, base, self.hc_iters, self.norm_eps, self.hc_eps)
 
     def forward(self, x_BTSD, step: Step, lc: LayerCache | None, input_ids_BT):
+        h, post, comb = self.attn_input(x_BTSD)
+        x_BTSD, h, post, comb = self.ffn_input(self.attn(h, step, lc), x_BTSD, post, comb)
+        return hc_post(self.ffn(h, input_ids_BT, static=step.static), x_BTSD, post, comb)
+
+    # The stream passes between the sublayers, as two functions so that `compile_hot_paths` fuses
+    # each into one compiled call (a 128-token prefill pays ~50 us of dispatch per call)
+    def attn_input(self, x_BTSD):
+        """mHC's input side of the attention: its normalized input h, and post / comb for hc_post."""
         h, post, comb = self.hc_pre(x_BTSD, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base)
-        x_BTSD = hc_post(self.attn(self.attn_norm(h), step, lc), x_BTSD, post, comb)
+        return self.attn_norm(h), post, comb
+
+    def ffn_input(self, attn_BTD, x_BTSD, post, comb):
+        """The attention's output folded into the streams, then mHC's input side of the FFN."""
+        x_BTSD = hc_post(attn_BTD, x_BTSD, post, comb)
         h, post, comb = self.hc_pre(x_BTSD, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base)
-        return hc_post(self.ffn(self.ffn_norm(h), input_ids_BT, static=step.static), x_BTSD, post, comb)
+        return x_BTSD, self.ffn_norm(h), post, comb
 
 
 def hc_head(x_BTSD, fn, scale, base, norm_eps, hc_eps):
@@ -1031,10 +1045,11 @@ def _recompile_limit() -> dict:
 
 
 def compile_hot_paths() -> None:
-    """Swap the pure-tensor hot spots for torch.compile'd versions: the mHC input and output
-    sides (with their Sinkhorn), whose many passes over the [T, S, D] streams fuse into a few
-    loops (on a CPU the 4 x 4 stream mixing fuses too, ``sparseek.model.fuse``, instead of a
-    batched library call); one call of sparse attention (masking, the softmax with its sink and
+    """Swap the pure-tensor hot spots for torch.compile'd versions: the mHC passes between a
+    block's sublayers (``Block.attn_input``, ``Block.ffn_input``: hc_post, hc_pre with its Sinkhorn
+    and the next RMSNorm as one call; the block's last hc_post), whose many passes over the
+    [T, S, D] streams fuse into a few loops (on a CPU the 4 x 4 stream mixing fuses too,
+    ``sparseek.model.fuse``, instead of a batched library call); one call of sparse attention (masking, the softmax with its sink and
     the casts fuse around the score and value products) and, in training, its recomputing
     backward; the routed experts (sorting, gathers,
     the SwiGLU chain between the grouped GEMMs, the weighted scatter back); the attention's input
@@ -1042,7 +1057,7 @@ def compile_hot_paths() -> None:
     every RMSNorm (each a handful of elementwise passes between GEMMs when eager). Process-wide
     (module and class attributes).
     The eager functions stay the reference the compiled ones are tested against."""
-    if getattr(hc_pre, "_compiled", False):
+    if getattr(hc_post, "_compiled", False):
         return
     from sparseek.model import cpu_kernels
     from sparseek.model.fuse import fusing_backend
@@ -1058,7 +1073,7 @@ def compile_hot_paths() -> None:
     limit = _recompile_limit()
     for module, name, kwargs in hot_paths():
         setattr(module, name, torch.compile(getattr(module, name), backend=backend, **limit, **kwargs))
-    hc_pre._compiled = True
+    hc_post._compiled = True
 
 
 def hot_paths() -> tuple:
@@ -1070,7 +1085,7 @@ def hot_paths() -> tuple:
     import sys
 
     this = sys.modules[__name__]
-    return ((this, "hc_pre", {}), (this, "hc_post", {}), (this, "hc_head", {}),
+    return ((this, "hc_post", {}), (Block, "attn_input", {}), (Block, "ffn_input", {}), (this, "hc_head", {}),
             (this, "attend_lse", {"dynamic": True}),
             (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Experts, "compute", {}),
             (Attention, "project", {}), (Attention, "output", {}), (Compressor, "project", {}),

@@ -9,6 +9,7 @@ import torch
 
 from sparseek.model import cpu_kernels
 from sparseek.model.common import Experts, Linear
+from sparseek.model import v4
 from sparseek.model.v4 import grouped_projection
 
 amx = pytest.mark.skipif(not cpu_kernels.available(), reason="no AMX bf16 on this CPU (or no compiler)")
@@ -231,3 +232,58 @@ def test_a_stale_build_lock_is_removed(tmp_path, monkeypatch):
     old = time.time() - cpu_kernels._STALE_LOCK_S - 5
     os.utime(lock, (old, old))
     assert cpu_kernels._build() and not lock.exists()
+
+
+def _sinkhorn_torch(logits, iters, eps, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "sinkhorn_fits", lambda _: False)
+        return v4.sinkhorn(logits, iters, eps)
+
+
+@amx
+@pytest.mark.parametrize("shape", [(1, 4, 4), (2, 37, 4, 4), (130, 3, 3), (5, 16, 16), (0, 4, 4)])
+def test_sinkhorn_kernel_matches_torch(shape, monkeypatch):
+    """Token counts that fill no, one and several 16-lane blocks, partial last blocks, S = 3 / 16,
+    logits of a realistic spread (softmax saturating some entries) and eps as the models use."""
+    torch.manual_seed(0)
+    logits = torch.randn(shape) * 4
+    for iters in (1, 20):
+        ref = _sinkhorn_torch(logits, iters, 1e-6, monkeypatch)
+        got = cpu_kernels.sinkhorn(logits, iters, 1e-6)
+        assert got.shape == ref.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    if logits.numel():  # after 20 iterations: columns sum to 1, rows nearly (steep logits converge slowly)
+        assert (got.sum(-2) - 1).abs().max() < 1e-5 and (got.sum(-1) - 1).abs().max() < 0.1
+
+
+@amx
+def test_sinkhorn_kernel_in_the_model_and_in_compiled_graphs(monkeypatch):
+    """v4.sinkhorn takes the kernel for inference on CPU fp32 (eager and inside a compiled graph:
+    one op between inductor's loops), never where autograd needs its backward."""
+    calls = []
+    real = torch.ops.sparseek_cpu.sinkhorn
+    logits = torch.randn(64, 4, 4)
+    ref = _sinkhorn_torch(logits, 20, 1e-6, monkeypatch)
+    with torch.no_grad():
+        monkeypatch.setattr(cpu_kernels, "sinkhorn", lambda *a: calls.append(1) or real(*a))
+        torch.testing.assert_close(v4.sinkhorn(logits, 20, 1e-6), ref, rtol=1e-5, atol=1e-6)
+        assert calls
+        monkeypatch.undo()
+        from torch._inductor.utils import run_and_get_code
+
+        got, code = run_and_get_code(torch.compile(v4.sinkhorn, fullgraph=True), logits, 20, 1e-6)
+        assert "sparseek_cpu.sinkhorn" in "\n".join(code)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    leaf = logits.clone().requires_grad_()
+    assert not cpu_kernels.sinkhorn_fits(leaf)  # training keeps torch's differentiable ops
+    v4.sinkhorn(leaf, 20, 1e-6).sum().backward()
+    assert leaf.grad is not None
+    assert not cpu_kernels.sinkhorn_fits(logits.double()) and not cpu_kernels.sinkhorn_fits(torch.randn(4, 4, 5))
+
+
+@amx
+def test_sinkhorn_kernel_rejects_bad_logits():
+    with pytest.raises(RuntimeError, match="S <= 16"):
+        cpu_kernels.sinkhorn(torch.randn(2, 4, 5), 20, 1e-6)
+    with pytest.raises(RuntimeError, match="fp32"):
+        cpu_kernels.sinkhorn(torch.randn(2, 4, 4, dtype=torch.float64), 20, 1e-6)
