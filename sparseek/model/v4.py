@@ -633,9 +633,21 @@ class Attention(nn.Module):
         view of the keys, zero-padded at both ends) and mask [nb, Qb, Qb + win - 1].
 
         ``keys_BKC`` holds ``n_prefix`` cached keys (positions s - n_prefix ..) then the chunk's.
-        The mask depends only on the geometry, so the layers of one forward share it."""
+        The mask depends only on the geometry, so the layers of one forward share it.
+
+        Where every query still sees position 0 (s + T <= win: a short prompt, its first chunks)
+        there is no band to slide: all blocks share the s + T keys there are, masked causally
+        ([B, nb, s + T, C] as a view), instead of bands mostly of padding (a fresh 128-token
+        prompt: 128 keys a query instead of 191)."""
         B, n_keys, C = keys_BKC.shape
         win, s, T = self.window, step.start, n_keys - n_prefix
+        if s + T <= win and n_prefix >= s:
+            memo_key = ("causal", Qb, nb, s + T)
+            mask = step.memo.get(memo_key)
+            if mask is None:
+                query_pos = s + torch.arange(nb * Qb, device=keys_BKC.device).view(nb, Qb, 1)
+                mask = step.memo[memo_key] = torch.arange(s + T, device=keys_BKC.device) <= query_pos
+            return keys_BKC[:, n_prefix - s:, None].transpose(1, 2).expand(B, nb, s + T, C), mask
         Lb = Qb + win - 1
         front = max(0, win - 1 - n_prefix)
         keys = F.pad(keys_BKC, (0, 0, front, nb * Qb - T)) if front or nb * Qb > T else keys_BKC

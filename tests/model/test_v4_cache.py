@@ -345,3 +345,31 @@ def test_span_bounded_decode_step_equals_forward(model, ids, monkeypatch):
             calls.clear()
         assert torch.equal(a.pos, b.pos)
 
+
+
+def test_short_prompt_attends_without_bands(model, ids, monkeypatch):
+    """While every query still sees position 0 (s + T <= window), the window keys are the s + T
+    there are, not a band of Qb + window - 1 mostly of padding: same logits as the first positions
+    of a long prompt (banded), one-shot and from a cache."""
+    from sparseek.model import v4
+
+    win, lengths = model.args.sliding_window, []
+    bands = v4.Attention._bands
+
+    def spy(self, *a):
+        windows, mask = bands(self, *a)
+        lengths.append(windows.shape[2])
+        return windows, mask
+
+    with torch.no_grad():
+        full = model(ids)
+        monkeypatch.setattr(v4.Attention, "_bands", spy)
+        assert rel_err(model(ids[:, :win - 3]), full[:, :win - 3]) < 1e-5
+        assert set(lengths) == {win - 3}
+        # chunks of more than PER_ROW_TOKENS (fewer take the per-row path, which has no bands)
+        sizes = [PER_ROW_TOKENS + 1, PER_ROW_TOKENS + 3, 40]
+        n_layers = len(model.layers)
+        lengths.clear()
+        assert rel_err(_run_chunks(model, ids[:, :sum(sizes)], sizes), full[:, :sum(sizes)]) < 1e-5
+        assert lengths[:n_layers] == [sizes[0]] * n_layers
+        assert min(lengths[n_layers:]) > win  # past the window the band slides
