@@ -8,8 +8,8 @@ they lie (see the .cpp file): 2.2-4.3x faster than the per-expert calls for the 
 experts, 1.3-1.9x for V4-Flash's (``benchmarks/cpu_grouped_mm.py``). ``linear``, the same kernel
 for a dense layer's product of a few rows (a short prompt, a batched decode step), where oneDNN's
 per-call packing costs as much. ``sinkhorn``, mHC's Sinkhorn projection (``csrc/cpu_mhc.cpp``):
-each token's 4 x 4 matrix on one thread through all its iterations, where inductor runs ~40
-parallel loops with a barrier each (a 128-token prompt: 15 us against ~250).
+each token's 4 x 4 matrix on one thread through all its iterations (15 us for a 128-token
+prompt), where inductor runs ~40 parallel loops with a barrier each.
 
 The build (torch.utils.cpp_extension, ninja, the system's C++ compiler, ~25 s once, cached under
 ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) is tried once per process, only on Linux

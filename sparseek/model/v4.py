@@ -1102,7 +1102,8 @@ def hot_paths() -> tuple:
     this = sys.modules[__name__]
     return ((this, "hc_post", {}), (Block, "attn_input", {}), (Block, "ffn_input", {}), (this, "hc_head", {}),
             (this, "attend_lse", {"dynamic": True}),
-            (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Gate, "forward", {}), (common.Experts, "compute", {}),
+            (this, "attend_backward", {"dynamic": True}), (common, "swiglu", {}), (common.Gate, "forward", {}),
+            (common.Experts, "compute", {}),
             (Attention, "project", {}), (Attention, "output", {}), (Compressor, "chunk", {}),
             (common.RMSNorm, "forward", {}))
 
