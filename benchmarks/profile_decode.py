@@ -91,10 +91,12 @@ def _parts():
     from sparseek.model import common, v4
 
     return ((v4.Attention, "forward", "attention"), (v4.Attention, "project", "  q/kv projections, norms, rope"),
-            (v4.Compressor, "chunk", "  compressors (projections, pooling)"), (v4, "attend_lse", "  sparse attention core"),
+            (v4.Compressor, "chunk", "  compressors (projections, pooling)"),
+            (v4, "attend_lse", "  sparse attention core"),
             (v4.Attention, "output", "  output projection"),
             (v4.Block, "attn_input", "mHC before attention (mix, Sinkhorn, norm)"),
-            (v4.Block, "ffn_input", "mHC between attention and FFN"), (v4, "hc_post", "mHC output side (hc_post, where called from eager code)"),
+            (v4.Block, "ffn_input", "mHC between attention and FFN"),
+            (v4, "hc_post", "mHC output side (hc_post, where called from eager code)"),
             (common.MoE, "forward", "MoE"),
             (common.Gate, "forward", "  router"), (common.Experts, "forward", "  routed experts"),
             (common.MLP, "forward", "  shared expert"))

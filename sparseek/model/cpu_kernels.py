@@ -8,8 +8,9 @@ they lie (see the .cpp file): 2.2-4.3x faster than the per-expert calls for the 
 experts, 1.3-1.9x for V4-Flash's (``benchmarks/cpu_grouped_mm.py``). ``linear``, the same kernel
 for a dense layer's product of a few rows (a short prompt, a batched decode step), where oneDNN's
 per-call packing costs as much. ``sinkhorn``, mHC's Sinkhorn projection (``csrc/cpu_mhc.cpp``):
-each token's 4 x 4 matrix on one thread through all its iterations (15 us for a 128-token
-prompt), where inductor runs ~40 parallel loops with a barrier each.
+each token's 4 x 4 matrix on one thread through all its iterations (~20 us for a 128-token
+prompt, ``benchmarks/prefill_hot_paths_ab.py``), where inductor runs ~40 parallel loops with a
+barrier each.
 
 The build (torch.utils.cpp_extension, ninja, the system's C++ compiler, ~25 s once, cached under
 ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) is tried once per process, only on Linux
@@ -42,8 +43,9 @@ _OPENMP = ["-fopenmp"]
 # A dense layer's product goes through the kernel for up to LINEAR_MAX_ROWS rows: 1.2-3x oneDNN's
 # GEMM up to 128 rows for `small`'s and V4-Flash's projections, 0.8-1.4x at 256 (oneDNN blocks over
 # rows, the kernel does not). In a compiled graph, products of up to fuse.FUSED_ROWS rows stay
-# torch's: the compiled decode step runs them as fused reductions, faster still. Eager single rows (the LM head after a prefill: 32 MB for `small`) take the kernel: 1.6x
-# oneDNN's GEMV (`benchmarks/results/cpu-grouped-mm.txt`).
+# torch's: the compiled decode step runs them as fused reductions, faster still. Eager single rows
+# (the LM head after a prefill: 32 MB for `small`) take the kernel: 1.6x oneDNN's GEMV
+# (`benchmarks/results/cpu-grouped-mm.txt`).
 LINEAR_MAX_ROWS = 128
 _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()

@@ -639,15 +639,26 @@ class Attention(nn.Module):
         there is no band to slide: all blocks share the s + T keys there are, masked causally
         ([B, nb, s + T, C] as a view), instead of bands mostly of padding (a fresh 128-token
         prompt: 128 keys a query instead of 191)."""
+        s, T = step.start, keys_BKC.shape[1] - n_prefix
+        if s + T <= self.window and n_prefix >= s:
+            return self._causal_keys(keys_BKC, step, n_prefix, Qb, nb)
+        return self._sliding_bands(keys_BKC, step, n_prefix, Qb, nb)
+
+    @staticmethod
+    def _causal_keys(keys_BKC, step: Step, n_prefix: int, Qb: int, nb: int):
+        """Every block's keys: positions 0 .. s + T - 1, masked causally."""
+        B, n_keys, C = keys_BKC.shape
+        s, T = step.start, n_keys - n_prefix
+        memo_key = ("causal", Qb, nb, s + T)
+        mask = step.memo.get(memo_key)
+        if mask is None:
+            query_pos = s + torch.arange(nb * Qb, device=keys_BKC.device).view(nb, Qb, 1)
+            mask = step.memo[memo_key] = torch.arange(s + T, device=keys_BKC.device) <= query_pos
+        return keys_BKC[:, n_prefix - s:, None].transpose(1, 2).expand(B, nb, s + T, C), mask
+
+    def _sliding_bands(self, keys_BKC, step: Step, n_prefix: int, Qb: int, nb: int):
         B, n_keys, C = keys_BKC.shape
         win, s, T = self.window, step.start, n_keys - n_prefix
-        if s + T <= win and n_prefix >= s:
-            memo_key = ("causal", Qb, nb, s + T)
-            mask = step.memo.get(memo_key)
-            if mask is None:
-                query_pos = s + torch.arange(nb * Qb, device=keys_BKC.device).view(nb, Qb, 1)
-                mask = step.memo[memo_key] = torch.arange(s + T, device=keys_BKC.device) <= query_pos
-            return keys_BKC[:, n_prefix - s:, None].transpose(1, 2).expand(B, nb, s + T, C), mask
         Lb = Qb + win - 1
         front = max(0, win - 1 - n_prefix)
         keys = F.pad(keys_BKC, (0, 0, front, nb * Qb - T)) if front or nb * Qb > T else keys_BKC
@@ -1063,15 +1074,15 @@ def compile_hot_paths() -> None:
     [T, S, D] streams fuse into a few loops (on a CPU the 4 x 4 stream mixing fuses too,
     ``sparseek.model.fuse``, instead of a batched library call); one call of sparse attention
     (masking, the softmax with its sink and the casts fuse around the score and value products)
-    and, in training, its recomputing backward; the router (scores, top-k, weights: 0.97x a
-    128-token prefill's time against eager); the routed experts (sorting, gathers, the SwiGLU
+    and, in training, its recomputing backward; the router (scores, top-k, weights); the routed experts (sorting, gathers, the SwiGLU
     chain between the grouped GEMMs, the weighted scatter back); the attention's input and output
     projections with their norms and rotations; the compressors' prefill calls (fp32 projections,
     pooling of the windows they complete, the state they keep: one call instead of ~20 small eager
     ops); every RMSNorm (each a handful of elementwise passes between GEMMs when eager).
     Process-wide (module and class attributes). Each compiled call costs ~50 us of dispatch on a
     CPU (guards, wrappers), so larger units pay at short prompts: `small`'s 128-token prefill makes
-    81 calls. The eager functions stay the reference the compiled ones are tested against."""
+    81 calls (``benchmarks/prefill_hot_paths_ab.py`` times the recent merges against the forms
+    before them). The eager functions stay the reference the compiled ones are tested against."""
     if getattr(hc_post, "_compiled", False):
         return
     from sparseek.model import cpu_kernels

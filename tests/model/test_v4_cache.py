@@ -346,7 +346,6 @@ def test_span_bounded_decode_step_equals_forward(model, ids, monkeypatch):
         assert torch.equal(a.pos, b.pos)
 
 
-
 def test_short_prompt_attends_without_bands(model, ids, monkeypatch):
     """While every query still sees position 0 (s + T <= window), the window keys are the s + T
     there are, not a band of Qb + window - 1 mostly of padding: same logits as the first positions
