@@ -291,7 +291,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_openai_client_with_concurrent_requests(model, tok, specials):
+def test_openai_client_with_concurrent_requests(model, tok, specials, monkeypatch):
     """The official client against a real uvicorn server: concurrent requests share the batch
     and each gets what it gets alone; streaming through the client yields the same text."""
     openai = pytest.importorskip("openai")
@@ -331,8 +331,17 @@ def test_openai_client_with_concurrent_requests(model, tok, specials):
         assert "".join(parts) == whole.choices[0].message.content and whole.usage.completion_tokens == 8
         with pytest.raises(openai.BadRequestError, match="unknown field"):
             cli.completions.create(model="dbg", prompt="x", extra_body={"nonsense": 1})
-        # a streaming client that goes away mid-answer frees its slot
+        # a streaming client that goes away mid-answer frees its slot; each forward is slowed so the
+        # 250-token answer cannot finish before the client asks /health (the debug model is fast)
         import httpx
+
+        forward = model.forward
+
+        def slow_forward(*a, **k):
+            time.sleep(0.01)
+            return forward(*a, **k)
+
+        monkeypatch.setattr(model, "forward", slow_forward)
 
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30) as h:
             with h.stream("POST", "/v1/completions", json={"prompt": "x", "max_tokens": 250, "temperature": 0,
