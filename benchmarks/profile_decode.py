@@ -95,8 +95,11 @@ def _parts():
             (v4, "attend_lse", "  sparse attention core"),
             (v4.Attention, "output", "  output projection"),
             (v4.Block, "attn_input", "mHC before attention (mix, Sinkhorn, norm)"),
+            (v4.Block, "attn_input_op", "mHC before attention (mix, Sinkhorn, norm)"),
             (v4.Block, "ffn_input", "mHC between attention and FFN"),
+            (v4.Block, "ffn_input_op", "mHC between attention and FFN"),
             (v4, "hc_post", "mHC output side (hc_post, where called from eager code)"),
+            (v4.Block, "output_op", "mHC output side (hc_post, where called from eager code)"),
             (common.MoE, "forward", "MoE"),
             (common.Gate, "forward", "  router"), (common.Experts, "forward", "  routed experts"),
             (common.MLP, "forward", "  shared expert"))
@@ -129,8 +132,8 @@ def prefill_breakdown(run, n: int = 5) -> list[tuple[str, float, int]]:
         for owner, name, f in saved:
             setattr(owner, name, f)
     rows = [("total", total * 1e3, 1)]
-    return rows + [(label, acc.get(label, 0.0) / (n + 3) * 1e3, calls.get(label, 0) // (n + 3))
-                   for _, _, label in _parts()]
+    labels = dict.fromkeys(label for _, _, label in _parts())  # a part's eager and op forms share a row
+    return rows + [(label, acc.get(label, 0.0) / (n + 3) * 1e3, calls.get(label, 0) // (n + 3)) for label in labels]
 
 
 def rows_per_expert(model, run) -> tuple[int, int]:

@@ -34,7 +34,9 @@ from sparseek.model.fuse import FUSED_ROWS
 _NAME = "sparseek_cpu_kernels"
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_grouped_mm.cpp", "cpu_mhc.cpp")]
 _STALE_LOCK_S = 300  # a build takes ~10-25 s
-_FLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mamx-tile", "-mamx-bf16"]
+# -ffp-contract=off: a product and a sum written apart round apart, as torch's do (csrc/cpu_mhc.cpp)
+_FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
+          "-mamx-tile", "-mamx-bf16"]
 # at::parallel_for is a header template over `#pragma omp parallel`: compiled without -fopenmp it
 # runs on the calling thread alone (the thirty-first session's kernel did: half the speed on 2
 # cores). Linked with -fopenmp the library asks for libgomp.so.1, which resolves to the copy torch
@@ -163,6 +165,33 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     return torch.ops.sparseek_cpu.sinkhorn(logits, iters, eps)
 
 
+def mhc_fits(x_BTSD: torch.Tensor, fn: torch.Tensor) -> bool:
+    """Whether ``hc_pre`` / ``hc_post`` take these mHC streams: bf16 [..., S, D] on the CPU with
+    S <= 16 and D % 16 == 0, no autograd (the ops have no backward), outside
+    torch.compile (a compiled graph keeps inductor's fused form: the decode step, whose one-token
+    passes it fuses well)."""
+    return (x_BTSD.device.type == "cpu" and x_BTSD.dtype == torch.bfloat16 and x_BTSD.dim() >= 2 and x_BTSD.shape[-2] <= 16 and x_BTSD.shape[-1] % 16 == 0
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x_BTSD.requires_grad or fn.requires_grad))
+            and not _sharded(x_BTSD, fn) and available())
+
+
+def hc_pre(x_BTSD, fn, scale, base, norm_weight, iters: int, norm_eps: float, hc_eps: float, rms_eps: float):
+    """``v4.hc_pre`` followed by the sublayer's RMSNorm (weight ``norm_weight``, eps ``rms_eps``)
+    in one pass per token: (normalized input [..., D] bf16, post [..., S], comb [..., S, S]); see
+    ``mhc_fits``."""
+    # .float(): no-ops for the fp32 parameters a loaded model keeps, a copy after a blanket .to(bf16)
+    return torch.ops.sparseek_cpu.mhc_pre(x_BTSD.contiguous(), fn.float(), scale.float(), base.float(),
+                                          norm_weight.float(), iters, norm_eps, hc_eps, rms_eps)
+
+
+def hc_post(f_BTD, x_BTSD, post_BTS, comb_BTSS):
+    """``v4.hc_post`` for bf16 streams (one pass per token, one rounding); see ``mhc_fits``."""
+    S, D = x_BTSD.shape[-2:]
+    return torch.ops.sparseek_cpu.mhc_post(f_BTD.contiguous(), x_BTSD.contiguous(), post_BTS.reshape(-1, S),
+                                           comb_BTSS.reshape(-1, S, S))
+
+
 def _register_fake() -> None:
     # the op's shape for torch.compile, registered once the library defines it
     @torch.library.register_fake("sparseek_cpu::grouped_mm")
@@ -176,3 +205,13 @@ def _register_fake() -> None:
     @torch.library.register_fake("sparseek_cpu::sinkhorn")
     def _(logits, iters, eps):
         return torch.empty_like(logits, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake("sparseek_cpu::mhc_pre")
+    def _(x, fn, scale, base, norm_w, iters, norm_eps, hc_eps, rms_eps):
+        lead, S = x.shape[:-2], x.shape[-2]
+        return (x.new_empty(*lead, x.shape[-1]), x.new_empty(*lead, S, dtype=torch.float32),
+                x.new_empty(*lead, S, S, dtype=torch.float32))
+
+    @torch.library.register_fake("sparseek_cpu::mhc_post")
+    def _(f, x, post, comb):
+        return torch.empty_like(x, memory_format=torch.contiguous_format)

@@ -287,3 +287,108 @@ def test_sinkhorn_kernel_rejects_bad_logits():
         cpu_kernels.sinkhorn(torch.randn(2, 4, 5), 20, 1e-6)
     with pytest.raises(RuntimeError, match="fp32"):
         cpu_kernels.sinkhorn(torch.randn(2, 4, 4, dtype=torch.float64), 20, 1e-6)
+
+
+def _mhc_site(S, D, seed):
+    """A Block-like mHC site: mixing weights of a realistic spread, a norm weight away from 1."""
+    g = torch.Generator().manual_seed(seed)
+    M = (2 + S) * S
+    return (torch.randn(M, S * D, generator=g) / (S * D) ** 0.5, 0.5 + torch.rand(3, generator=g),
+            torch.randn(M, generator=g) * 0.5, 1 + 0.1 * torch.randn(D, generator=g))
+
+
+def _mhc_torch(x, fn, scale, base, norm_w, monkeypatch):
+    """The eager torch code the ops replace: v4.hc_pre, then the sublayer's RMSNorm."""
+    with monkeypatch.context() as m:
+        m.setattr(cpu_kernels, "sinkhorn_fits", lambda _: False)
+        h, post, comb = v4.hc_pre(x, fn, scale, base, 20, 1e-6, 1e-6)
+    norm = v4.RMSNorm(x.shape[-1], 1e-5)
+    norm.weight.data.copy_(norm_w)
+    return norm(h), post, comb
+
+
+def _close_bf16(got, want, max_frac=0.01):
+    """bf16 results of fp32 sums in another order: equal but for one-ulp rounding flips."""
+    assert got.dtype == want.dtype == torch.bfloat16 and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -6, atol=1e-5)  # a flip across a binade
+    assert not got.numel() or (got != want).float().mean().item() <= max_frac
+
+
+@amx
+@pytest.mark.parametrize("T", [0, 1, 17, 130])
+@pytest.mark.parametrize("S,D", [(4, 512), (1, 16), (3, 48), (16, 32)])
+def test_mhc_ops_match_torch(T, S, D, monkeypatch):
+    """hc_pre (+ the norm) and hc_post against the eager code: token counts filling no, one and
+    several 16-token blocks with partial ones, S = 1 / 3 / 4 / 16 streams, D from one vector up."""
+    torch.manual_seed(T + S)
+    fn, scale, base, norm_w = _mhc_site(S, D, T + D)
+    x = torch.randn(2, T, S, D).to(torch.bfloat16)
+    f = torch.randn(2, T, D).to(torch.bfloat16)
+    with torch.no_grad():
+        want_h, want_post, want_comb = _mhc_torch(x, fn, scale, base, norm_w, monkeypatch)
+        h, post, comb = cpu_kernels.hc_pre(x, fn, scale, base, norm_w, 20, 1e-6, 1e-6, 1e-5)
+        torch.testing.assert_close(post, want_post, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(comb, want_comb, rtol=1e-5, atol=1e-6)
+        _close_bf16(h, want_h)
+        _close_bf16(cpu_kernels.hc_post(f, x, post, comb), v4.hc_post(f, x, post, comb))
+
+
+@amx
+def test_mhc_ops_in_the_model(monkeypatch):
+    """A bf16 model's blocks take the ops for CPU inference (3 per block) and give the logits of
+    the eager torch code; training (autograd) and compiled graphs keep torch's code."""
+    import sparseek
+    from sparseek.model import build_model
+    from tests.conftest import randomize_, rel_err
+
+    torch.manual_seed(0)
+    model32 = randomize_(build_model(sparseek.preset("debug")), 11).eval()
+    model = randomize_(build_model(sparseek.preset("debug")), 11).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 512, (2, 40))
+    calls = []
+    for name in ("hc_pre", "hc_post"):
+        real = getattr(cpu_kernels, name)
+        monkeypatch.setattr(cpu_kernels, name, lambda *a, _r=real: calls.append(1) or _r(*a))
+    with torch.inference_mode():
+        got = model(ids)
+        assert len(calls) == 4 * len(model.layers)  # two pre and two post passes a block
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "mhc_fits", lambda *a: False)
+            want = model(ids)
+        ref = model32(ids)
+    # the same rounding as torch's code but for the order of fp32 sums: positions agree to bf16
+    # noise (a rare flipped expert pick aside), and the fp32 model is as near as from torch's code
+    assert ((got - want).abs().amax(-1) < 0.1).float().mean() > 0.9
+    assert rel_err(got, ref) < 1.1 * rel_err(want, ref) + 1e-3
+    x = torch.randn(1, 3, 4, 64, dtype=torch.bfloat16)
+    fn = model.layers[0].hc_attn_fn
+    assert not cpu_kernels.mhc_fits(x, fn)  # autograd would need the ops' backward (training)
+    with torch.no_grad():
+        assert cpu_kernels.mhc_fits(x, fn) and fn.dtype == torch.bfloat16  # after a blanket .to(bf16) too
+        assert not cpu_kernels.mhc_fits(x.float(), fn) and not cpu_kernels.mhc_fits(x[..., :40], fn)
+        seen = []
+        torch.compile(lambda t: seen.append(cpu_kernels.mhc_fits(t, fn)) or t + 1, backend="eager")(x)
+        assert seen == [False]  # a compiled graph keeps inductor's fused form
+
+
+@amx
+def test_mhc_ops_reject_bad_input():
+    fn, scale, base, norm_w = _mhc_site(4, 32, 0)
+    x = torch.randn(3, 4, 32).to(torch.bfloat16)
+    pre = torch.ops.sparseek_cpu.mhc_pre
+    with pytest.raises(RuntimeError, match="bf16 streams"):
+        pre(x.float(), fn, scale, base, norm_w, 20, 1e-6, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="bf16 streams"):
+        pre(x.transpose(0, 1), fn, scale, base, norm_w, 20, 1e-6, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="D % 16"):
+        pre(x[..., :24].contiguous(), fn, scale, base, norm_w, 20, 1e-6, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="fn of shape"):
+        pre(x, fn[:20], scale, base, norm_w, 20, 1e-6, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="norm weight"):
+        pre(x, fn, scale, base, norm_w.to(torch.bfloat16), 20, 1e-6, 1e-6, 1e-6)
+    with pytest.raises(RuntimeError, match="sublayer output"):
+        torch.ops.sparseek_cpu.mhc_post(torch.randn(3, 16).to(torch.bfloat16), x, torch.rand(3, 4),
+                                        torch.rand(3, 4, 4))
+    with pytest.raises(RuntimeError, match="comb"):
+        torch.ops.sparseek_cpu.mhc_post(torch.randn(3, 32).to(torch.bfloat16), x, torch.rand(3, 4),
+                                        torch.rand(3, 4, 3))
