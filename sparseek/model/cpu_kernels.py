@@ -32,7 +32,8 @@ import torch
 from sparseek.model.fuse import FUSED_ROWS
 
 _NAME = "sparseek_cpu_kernels"
-_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_grouped_mm.cpp", "cpu_mhc.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_grouped_mm.cpp", "cpu_mhc.cpp",
+                                                                  "cpu_attention.cpp")]
 _STALE_LOCK_S = 300  # a build takes ~10-25 s
 # -ffp-contract=off: a product and a sum written apart round apart, as torch's do (csrc/cpu_mhc.cpp)
 _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
@@ -192,6 +193,31 @@ def hc_post(f_BTD, x_BTSD, post_BTS, comb_BTSS):
                                            comb_BTSS.reshape(-1, S, S))
 
 
+def attn_softmax_fits(q_BGQHC: torch.Tensor, *keys: torch.Tensor | None) -> bool:
+    """Whether ``attn_softmax`` takes the sparse attention's softmax for these queries (and keys):
+    bf16 on the CPU, no autograd (training keeps torch's code and its backward); in compiled
+    graphs too (one op between the score and value products)."""
+    ts = [t for t in (q_BGQHC, *keys) if t is not None]
+    return (q_BGQHC.device.type == "cpu" and q_BGQHC.dtype == torch.bfloat16
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and not _sharded(*ts)
+            and available())
+
+
+def attn_softmax(prod_BGQHL, keep_BGQL, prod_BGQHN, keep_BGQN, sink_H, scale: float):
+    """``v4.attend_lse``'s softmax over [window keys ; compressed keys ; sink] from the bf16 q.k
+    products (masks: the keys a query may see, broadcast over heads; the compressed part may be
+    None) -> (p_win, p_comp or None, lse [B, G, Q, H]); see ``attn_softmax_fits``."""
+    B, G, Q, H, L = prod_BGQHL.shape
+    R = B * G * Q
+    comp = prod_BGQHN is not None
+    p_win, p_comp, lse = torch.ops.sparseek_cpu.attn_softmax(
+        prod_BGQHL.reshape(R, H, L).contiguous(), keep_BGQL.expand(B, G, Q, L).reshape(R, L).contiguous(),
+        prod_BGQHN.reshape(R, H, -1).contiguous() if comp else None,
+        keep_BGQN.expand(B, G, Q, -1).reshape(R, -1).contiguous() if comp else None,
+        sink_H.float().contiguous(), scale)
+    return (p_win.view(B, G, Q, H, L), p_comp.view(B, G, Q, H, -1) if comp else None, lse.view(B, G, Q, H))
+
+
 def _register_fake() -> None:
     # the op's shape for torch.compile, registered once the library defines it
     @torch.library.register_fake("sparseek_cpu::grouped_mm")
@@ -211,6 +237,12 @@ def _register_fake() -> None:
         lead, S = x.shape[:-2], x.shape[-2]
         return (x.new_empty(*lead, x.shape[-1]), x.new_empty(*lead, S, dtype=torch.float32),
                 x.new_empty(*lead, S, S, dtype=torch.float32))
+
+    @torch.library.register_fake("sparseek_cpu::attn_softmax")
+    def _(s_win, keep_win, s_comp, keep_comp, sink, scale):
+        R, H = s_win.shape[:2]
+        return (torch.empty_like(s_win), torch.empty_like(s_comp) if s_comp is not None else s_win.new_empty(R, H, 0),
+                s_win.new_empty(R, H, dtype=torch.float32))
 
     @torch.library.register_fake("sparseek_cpu::mhc_post")
     def _(f, x, post, comb):

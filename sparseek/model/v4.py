@@ -65,20 +65,28 @@ def _picked(idx_BQK: torch.Tensor, n: int) -> torch.Tensor:
     return torch.zeros(B, Q, n + 1, dtype=torch.bool, device=idx_BQK.device).scatter_(-1, slot, True)[..., :n]
 
 
-def _comp_scores(q_BGQHC, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec=None):
-    """Masked fp32 scores of the compressed part (None without one) and the compressed values they
-    scored (CSA: gathered per query, decoded if packed)."""
+def _comp_products(q_BGQHC, comp_BNC, comp_mask_BGQN, idx_BGQK, codec=None):
+    """The compressed part's q.k products (None without one), the keys each query may see (bool,
+    broadcast over heads) and the compressed values they scored (CSA: gathered per query, decoded
+    if packed)."""
     if idx_BGQK is not None:
         rows = torch.arange(q_BGQHC.shape[0], device=q_BGQHC.device)[:, None, None, None]
         values = comp_BNC[rows, idx_BGQK.clamp(min=0)]  # [B, G, Q, K, C]
         if codec is not None:
             values = codec.decode(values)
-        s_comp = torch.einsum("bgqhc,bgqkc->bgqhk", q_BGQHC, values).float() * scale
-        return s_comp.masked_fill((idx_BGQK < 0)[..., None, :], float("-inf")), values
+        return torch.einsum("bgqhc,bgqkc->bgqhk", q_BGQHC, values), idx_BGQK >= 0, values
     if comp_BNC is not None and comp_BNC.shape[1] > 0:
-        s_comp = torch.einsum("bgqhc,bnc->bgqhn", q_BGQHC, comp_BNC).float() * scale
-        return s_comp.masked_fill(~comp_mask_BGQN[..., None, :], float("-inf")), comp_BNC
-    return None, None
+        return torch.einsum("bgqhc,bnc->bgqhn", q_BGQHC, comp_BNC), comp_mask_BGQN, comp_BNC
+    return None, None, None
+
+
+def _comp_scores(q_BGQHC, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec=None):
+    """Masked fp32 scores of the compressed part (None without one) and the compressed values they
+    scored (see ``_comp_products``)."""
+    prod, keep, values = _comp_products(q_BGQHC, comp_BNC, comp_mask_BGQN, idx_BGQK, codec)
+    if prod is None:
+        return None, None
+    return (prod.float() * scale).masked_fill(~keep[..., None, :], float("-inf")), values
 
 
 def _scores(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK, scale, codec=None):
@@ -109,6 +117,11 @@ def attend_lse(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_B
     the whole (visible) compressed prefix. Masks may have 1 in their batch dim (shared by rows).
     """
     H = q_BGQHC.shape[3]
+    if cpu_kernels.attn_softmax_fits(q_BGQHC, win_BGLC, comp_BNC):  # bf16 CPU inference: csrc/cpu_attention.cpp
+        prod_comp, keep_comp, values = _comp_products(q_BGQHC, comp_BNC, comp_mask_BGQN, idx_BGQK, codec)
+        p_win, p_comp, lse = cpu_kernels.attn_softmax(torch.einsum("bgqhc,bglc->bgqhl", q_BGQHC, win_BGLC),
+                                                      win_mask_BGQL, prod_comp, keep_comp, sink_H, scale)
+        return _values(p_win, win_BGLC, p_comp, values, idx_BGQK is not None), lse
     s_win, s_comp, values = _scores(q_BGQHC, win_BGLC, win_mask_BGQL, comp_BNC, comp_mask_BGQN, idx_BGQK,
                                     scale, codec)
     # one softmax over [window ; compressed ; sink], its parts never concatenated (a compiler then

@@ -392,3 +392,70 @@ def test_mhc_ops_reject_bad_input():
     with pytest.raises(RuntimeError, match="comb"):
         torch.ops.sparseek_cpu.mhc_post(torch.randn(3, 32).to(torch.bfloat16), x, torch.rand(3, 4),
                                         torch.rand(3, 4, 3))
+
+
+def _attention_case(B, G, Q, H, L, N, mode, seed):
+    """attend_lse's inputs: window bands with ~30% of keys masked (some rows entirely), HCA's
+    visible compressed prefix or CSA's picks (-1 = none), sinks, C = 32."""
+    g = torch.Generator().manual_seed(seed)
+    C = 32
+    q = (torch.randn(B, G, Q, H, C, generator=g) * 2).to(torch.bfloat16)
+    win = torch.randn(B, G, L, C, generator=g).to(torch.bfloat16)
+    win_mask = torch.rand(1, G, Q, L, generator=g) > 0.3
+    win_mask[..., 0, :] = False  # a query that sees no window key (the sink keeps it finite)
+    comp = comp_mask = idx = None
+    if mode != "none":
+        comp = torch.randn(B, N, C, generator=g).to(torch.bfloat16)
+    if mode == "hca":
+        comp_mask = torch.rand(B, G, Q, N, generator=g) > 0.2
+    if mode == "csa":
+        idx = torch.randint(-1, N, (B, G, Q, 6), generator=g)
+    return q, win, win_mask, comp, comp_mask, idx, torch.randn(H, generator=g), C ** -0.5
+
+
+@amx
+@pytest.mark.parametrize("shape", [(1, 4, 64, 8, 191, 64, "hca"), (2, 1, 3, 4, 17, 5, "csa"),
+                                   (1, 2, 5, 8, 128, 0, "none"), (2, 3, 7, 2, 33, 40, "csa"), (1, 1, 1, 1, 1, 1, "hca")])
+def test_attention_softmax_op_matches_torch(shape, monkeypatch):
+    """attend_lse with the softmax op against torch's code: window lengths from 1 to 191 (tails of
+    every size), HCA masks, CSA picks with -1s, a query without visible keys, eager and compiled."""
+    args = _attention_case(*shape, seed=sum(shape[:-1]))
+    calls = []
+    real = torch.ops.sparseek_cpu.attn_softmax
+    with torch.no_grad():
+        with monkeypatch.context() as m:
+            m.setattr(cpu_kernels, "attn_softmax_fits", lambda *a: False)
+            want_o, want_lse = v4.attend_lse(*args)
+        monkeypatch.setattr(torch.ops.sparseek_cpu, "attn_softmax", lambda *a: calls.append(1) or real(*a))
+        got_o, got_lse = v4.attend_lse(*args)
+        assert calls, "the op did not run"
+        monkeypatch.undo()
+        from torch._inductor.utils import run_and_get_code
+
+        (comp_o, comp_lse), code = run_and_get_code(torch.compile(v4.attend_lse, dynamic=True), *args)
+        assert "sparseek_cpu.attn_softmax" in "\n".join(code)
+    for o, lse in ((got_o, got_lse), (comp_o, comp_lse)):
+        assert o.dtype == torch.bfloat16 and lse.dtype == torch.float32 and lse.shape == want_lse.shape
+        torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(o.float(), want_o.float(), rtol=2 ** -6, atol=2e-3)
+
+
+@amx
+def test_attention_softmax_op_only_for_bf16_inference():
+    q, win, *_ = _attention_case(1, 1, 2, 2, 8, 0, "none", 0)
+    with torch.no_grad():
+        assert cpu_kernels.attn_softmax_fits(q, win)
+        assert not cpu_kernels.attn_softmax_fits(q.float(), win.float())
+    assert not cpu_kernels.attn_softmax_fits(q.requires_grad_(), win)  # training: torch's code and backward
+    op = torch.ops.sparseek_cpu.attn_softmax
+    s, keep, sink = torch.randn(4, 2, 8).to(torch.bfloat16), torch.ones(4, 8, dtype=torch.bool), torch.randn(2)
+    with pytest.raises(RuntimeError, match="bf16 window scores"):
+        op(s.float(), keep, None, None, sink, 1.0)
+    with pytest.raises(RuntimeError, match="window mask"):
+        op(s, keep[:, :5], None, None, sink, 1.0)
+    with pytest.raises(RuntimeError, match="sink logits"):
+        op(s, keep, None, None, torch.randn(3), 1.0)
+    with pytest.raises(RuntimeError, match="go together"):
+        op(s, keep, s, None, sink, 1.0)
+    with pytest.raises(RuntimeError, match="compressed-key mask"):
+        op(s, keep, s, keep[:, :3], sink, 1.0)
