@@ -24,6 +24,10 @@
 #include <cstdint>
 #include <vector>
 
+#ifndef SPARSEEK_GMM_PREFETCH  // benchmarks/cpu_kernel_ab.py builds the kernel with 0 to time what it gains
+#define SPARSEEK_GMM_PREFETCH 1
+#endif
+
 namespace {
 
 struct alignas(64) TileConfig {
@@ -138,23 +142,34 @@ at::Tensor grouped_product(const at::Tensor& x, const at::Tensor& w, const int64
   std::atomic<int64_t> next{0};
   const auto* wp = w.data_ptr<at::BFloat16>();
   auto* yp = y.data_ptr<at::BFloat16>();
-  const int64_t lde = w.stride(0), ldw = w.stride(1);
-  const int64_t workers = std::min<int64_t>(at::get_num_threads(), tasks.size());
+  const int64_t lde = w.stride(0), ldw = w.stride(1), ntasks = tasks.size();
+  const int64_t workers = std::min<int64_t>(at::get_num_threads(), ntasks);
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
     configure_tiles();
     alignas(64) float c[4][256];
-    for (int64_t t; (t = next.fetch_add(1)) < (int64_t)tasks.size();) {
-      const int64_t e = tasks[t].e;
-      for (int64_t n = tasks[t].n; n < std::min(tasks[t].n + NB, N); n += 32) {
+    // A thread claims its next task before it runs this one, so that the weights it reads next
+    // are fetched into L2 while it computes: a line of each of the next 32 weight rows per k step
+    // (the tile loads alone leave the weight stream waiting on memory; benchmarks/cpu_kernel_ab.py,
+    // benchmarks/results/cpu-grouped-mm-prefetch.txt).
+    int64_t t = next.fetch_add(1);
+    while (t < ntasks) {
+      const int64_t t_next = next.fetch_add(1);
+      const int64_t e = tasks[t].e, n_end = std::min(tasks[t].n + NB, N);
+      for (int64_t n = tasks[t].n; n < n_end; n += 32) {
         const at::BFloat16* wn = wp + e * lde + n * ldw;
+        const at::BFloat16* ahead = n + 32 < n_end ? wn + 32 * ldw
+                                    : t_next < ntasks ? wp + tasks[t_next].e * lde + tasks[t_next].n * ldw : nullptr;
         for (int64_t b = first_block[e]; b < first_block[e + 1]; b += 2) {
           const bool two = b + 1 < first_block[e + 1];
+          const at::BFloat16* pf = SPARSEEK_GMM_PREFETCH && b == first_block[e] ? ahead : nullptr;
           const uint32_t* xb = xp + b * K2 * 16;
           _tile_zero(4);
           _tile_zero(5);
           _tile_zero(6);
           _tile_zero(7);
           for (int64_t k = 0; k < K; k += 32) {
+            if (pf != nullptr)
+              for (int r = 0; r < 32; r++) _mm_prefetch(reinterpret_cast<const char*>(pf + r * ldw + k), _MM_HINT_T1);
             _tile_loadd(0, wn + k, ldw * 2);
             _tile_loadd(1, wn + 16 * ldw + k, ldw * 2);
             _tile_loadd(2, xb + k / 2 * 16, 64);
@@ -178,6 +193,7 @@ at::Tensor grouped_product(const at::Tensor& x, const at::Tensor& w, const int64
           }
         }
       }
+      t = t_next;
     }
     _tile_release();
   });
