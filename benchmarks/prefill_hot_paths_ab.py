@@ -5,7 +5,12 @@
 With ``compile_hot_paths()`` on, each part swaps one thing back and forth in alternating rounds
 (this VM drifts +-15% within minutes, so separate processes cannot resolve a few percent):
 
-* ``sinkhorn``: the mHC Sinkhorn as the CPU op (``csrc/cpu_mhc.cpp``) vs inductor's loops;
+* ``mhc-ops``: a block's mHC passes as the CPU ops (``cpu_kernels.hc_pre`` / ``hc_post``,
+  ``csrc/cpu_mhc.cpp``, bf16 only) vs the compiled ``Block.attn_input`` / ``ffn_input`` / ``hc_post``;
+* ``softmax-op``: the sparse attention's softmax as the CPU op (``csrc/cpu_attention.cpp``, bf16)
+  vs inductor's loops inside the compiled ``attend_lse``;
+* ``sinkhorn``: the mHC Sinkhorn as the CPU op (``csrc/cpu_mhc.cpp``) vs inductor's loops (with
+  ``mhc-ops`` in use, bf16 prefills no longer run it: time it with ``--dtype float32``);
 * ``compressor``: ``Compressor.chunk`` compiled whole vs only its projections compiled;
 * ``router``: ``Gate.forward`` compiled vs eager;
 * ``bands``: keys shared causally while every query sees position 0 vs sliding window bands.
@@ -32,8 +37,11 @@ def _compiled(fn):
 
 def parts() -> dict:
     """name -> (A setters, B setters): (owner, attribute, value) to apply before a round."""
-    no_op = lambda logits: False  # noqa: E731
+    no_op = lambda *args: False  # noqa: E731
     return {
+        "mhc-ops": ([(cpu_kernels, "mhc_fits", no_op)], [(cpu_kernels, "mhc_fits", cpu_kernels.mhc_fits)]),
+        "softmax-op": ([(cpu_kernels, "attn_softmax_fits", no_op)],
+                       [(cpu_kernels, "attn_softmax_fits", cpu_kernels.attn_softmax_fits)]),
         "sinkhorn": ([(cpu_kernels, "sinkhorn_fits", no_op)],
                      [(cpu_kernels, "sinkhorn_fits", cpu_kernels.sinkhorn_fits)]),
         "compressor": ([(v4.Compressor, "chunk", v4.Compressor.chunk._torchdynamo_orig_callable),
@@ -53,7 +61,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=8)
-    ap.add_argument("--parts", nargs="*", default=["sinkhorn", "compressor", "router", "bands"])
+    ap.add_argument("--parts", nargs="*", default=["mhc-ops", "softmax-op"],
+                    choices=["mhc-ops", "softmax-op", "sinkhorn", "compressor", "router", "bands"])
     a = ap.parse_args()
     model, _ = sparseek.load(a.preset, dtype=getattr(torch, a.dtype), tokenizer=False)
     v4.compile_hot_paths()
