@@ -322,6 +322,41 @@ def dispatch_ab(step, run, rounds: int = 21, n: int = 20) -> None:
               f"(median of {rounds} alternating rounds of {n} steps)")
 
 
+def softmax_ab(model, step, tok, cache, pos0, opts, rounds: int = 11, n: int = 20) -> None:
+    """The compiled decode step with the attention's softmax as the CPU op (``step``) and as
+    inductor's code (a second step compiled while the op is refused), in alternating rounds."""
+    from sparseek.model import cpu_kernels
+
+    real = cpu_kernels.attn_softmax_fits
+    cpu_kernels.attn_softmax_fits = lambda *args: False
+    try:
+        plain = CompiledStep(model.decode_step, "cpu", options=opts)
+        for _ in range(4):  # compiled (and past its warm-up) while the op is refused
+            cache.pos.copy_(pos0)
+            plain(tok, cache)
+    finally:
+        cpu_kernels.attn_softmax_fits = real
+    steps = {"torch's softmax (inductor)": plain, "softmax op": step}
+
+    def runner(st):
+        def run():
+            cache.pos.copy_(pos0)
+            return st(tok, cache)
+        return run
+    out = {k: runner(st)() for k, st in steps.items()}
+    a, b = out.values()
+    print(f"max |logits A - B|: {(a - b).abs().max().item():.3g}")
+    res = {k: [] for k in steps}
+    for _ in range(rounds):
+        for k, st in steps.items():
+            res[k].append(per_call(runner(st), n))
+    base = sorted(res["torch's softmax (inductor)"])[rounds // 2]
+    for k, v in res.items():
+        med = sorted(v)[rounds // 2]
+        print(f"  {k:28s} median {med * 1e3:.3f} ms/step  {med / base:.3f}x (median of {rounds} alternating rounds "
+              f"of {n} steps)")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="small")
@@ -341,6 +376,8 @@ def main():
     ap.add_argument("--ab-experts", action="store_true",
                     help="decode: the step's routed experts as the CPU expert op (x @ W^T, W @ x^T), grouped GEMMs "
                          "and fused gathers, alternating")
+    ap.add_argument("--ab-softmax", action="store_true",
+                    help="decode: the step with the attention softmax as the CPU op and as inductor's code, alternating")
     ap.add_argument("--ab-dispatch", action="store_true",
                     help="decode: the compiled step called through dynamo (guards skipped) and directly, alternating")
     ap.add_argument("--rows", type=int, default=25)
@@ -426,6 +463,9 @@ def main():
                 if a.plain:
                     ap.error("--ab-dispatch times the engine's CompiledStep, not --plain")
                 dispatch_ab(step, run)
+                return
+            if a.ab_softmax:
+                softmax_ab(model, step, tok, cache, pos0, opts)
                 return
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
             for _ in range(1 if a.prefill[0] else 10):

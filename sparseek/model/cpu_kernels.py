@@ -193,12 +193,20 @@ def hc_post(f_BTD, x_BTSD, post_BTS, comb_BTSS):
                                            comb_BTSS.reshape(-1, S, S))
 
 
+# Below this many (query, head) rows the op's fixed costs (its call, the masks' copies) outweigh
+# what it saves: the compiled batch-1 decode step (8 rows a layer in `small`) ran 1.04x slower
+# with it, batch 32 0.98x (`profile_decode.py --ab-softmax`).
+SOFTMAX_MIN_ROWS = 64
+
+
 def attn_softmax_fits(q_BGQHC: torch.Tensor, *keys: torch.Tensor | None) -> bool:
     """Whether ``attn_softmax`` takes the sparse attention's softmax for these queries (and keys):
-    bf16 on the CPU, no autograd (training keeps torch's code and its backward); in compiled
-    graphs too (one op between the score and value products)."""
+    bf16 on the CPU, at least ``SOFTMAX_MIN_ROWS`` (query, head) rows, no autograd (training keeps
+    torch's code and its backward); in compiled graphs too (one op between the score and value
+    products)."""
     ts = [t for t in (q_BGQHC, *keys) if t is not None]
     return (q_BGQHC.device.type == "cpu" and q_BGQHC.dtype == torch.bfloat16
+            and q_BGQHC[..., 0].numel() >= SOFTMAX_MIN_ROWS
             and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) and not _sharded(*ts)
             and available())
 

@@ -420,6 +420,7 @@ def test_attention_softmax_op_matches_torch(shape, monkeypatch):
     """attend_lse with the softmax op against torch's code: window lengths from 1 to 191 (tails of
     every size), HCA masks, CSA picks with -1s, a query without visible keys, eager and compiled."""
     args = _attention_case(*shape, seed=sum(shape[:-1]))
+    monkeypatch.setattr(cpu_kernels, "SOFTMAX_MIN_ROWS", 1)  # the small shapes too
     calls = []
     real = torch.ops.sparseek_cpu.attn_softmax
     with torch.no_grad():
@@ -429,7 +430,7 @@ def test_attention_softmax_op_matches_torch(shape, monkeypatch):
         monkeypatch.setattr(torch.ops.sparseek_cpu, "attn_softmax", lambda *a: calls.append(1) or real(*a))
         got_o, got_lse = v4.attend_lse(*args)
         assert calls, "the op did not run"
-        monkeypatch.undo()
+        monkeypatch.setattr(torch.ops.sparseek_cpu, "attn_softmax", real)
         from torch._inductor.utils import run_and_get_code
 
         (comp_o, comp_lse), code = run_and_get_code(torch.compile(v4.attend_lse, dynamic=True), *args)
@@ -442,9 +443,10 @@ def test_attention_softmax_op_matches_torch(shape, monkeypatch):
 
 @amx
 def test_attention_softmax_op_only_for_bf16_inference():
-    q, win, *_ = _attention_case(1, 1, 2, 2, 8, 0, "none", 0)
+    q, win, *_ = _attention_case(1, 2, 4, 8, 8, 0, "none", 0)
     with torch.no_grad():
-        assert cpu_kernels.attn_softmax_fits(q, win)
+        assert cpu_kernels.attn_softmax_fits(q, win) and q[..., 0].numel() == cpu_kernels.SOFTMAX_MIN_ROWS
+        assert not cpu_kernels.attn_softmax_fits(q[:, :1], win)  # a batch-1 decode step's few rows
         assert not cpu_kernels.attn_softmax_fits(q.float(), win.float())
     assert not cpu_kernels.attn_softmax_fits(q.requires_grad_(), win)  # training: torch's code and backward
     op = torch.ops.sparseek_cpu.attn_softmax
