@@ -40,7 +40,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import sparseek
 from sparseek.engine.compile import CompiledStep
-from sparseek.model.fuse import fusing_backend
+from sparseek.model.fuse import FUSED_ROWS, fusing_backend
 
 
 def per_call(fn, n: int) -> float:
@@ -322,39 +322,40 @@ def dispatch_ab(step, run, rounds: int = 21, n: int = 20) -> None:
               f"(median of {rounds} alternating rounds of {n} steps)")
 
 
-def softmax_ab(model, step, tok, cache, pos0, opts, rounds: int = 11, n: int = 20) -> None:
-    """The compiled decode step with the attention's softmax as the CPU op (``step``) and as
-    inductor's code (a second step compiled while the op is refused), in alternating rounds."""
+def step_ab(model, step, tok, cache, pos0, opts, b_name: str, attr: str, value, a_name: str,
+            rounds: int = 11, n: int = 20) -> None:
+    """The compiled decode step as built (``step``, B) against a second step compiled while
+    ``cpu_kernels.<attr>`` was ``value`` (A), in alternating rounds (settings are read while a step
+    traces; the steps have no guards after their warm-up)."""
     from sparseek.model import cpu_kernels
 
-    real = cpu_kernels.attn_softmax_fits
-    cpu_kernels.attn_softmax_fits = lambda *args: False
+    real = getattr(cpu_kernels, attr)
+    setattr(cpu_kernels, attr, value)
     try:
-        plain = CompiledStep(model.decode_step, "cpu", options=opts)
-        for _ in range(4):  # compiled (and past its warm-up) while the op is refused
+        other = CompiledStep(model.decode_step, "cpu", options=opts)
+        for _ in range(4):  # compiled (and past its warm-up) under A's setting
             cache.pos.copy_(pos0)
-            plain(tok, cache)
+            other(tok, cache)
     finally:
-        cpu_kernels.attn_softmax_fits = real
-    steps = {"torch's softmax (inductor)": plain, "softmax op": step}
+        setattr(cpu_kernels, attr, real)
+    steps = {a_name: other, b_name: step}
 
     def runner(st):
         def run():
             cache.pos.copy_(pos0)
             return st(tok, cache)
         return run
-    out = {k: runner(st)() for k, st in steps.items()}
-    a, b = out.values()
-    print(f"max |logits A - B|: {(a - b).abs().max().item():.3g}")
+    out = [runner(st)() for st in steps.values()]
+    print(f"max |logits A - B|: {(out[0] - out[1]).abs().max().item():.3g}")
     res = {k: [] for k in steps}
     for _ in range(rounds):
         for k, st in steps.items():
             res[k].append(per_call(runner(st), n))
-    base = sorted(res["torch's softmax (inductor)"])[rounds // 2]
+    base = sorted(res[a_name])[rounds // 2]
     for k, v in res.items():
         med = sorted(v)[rounds // 2]
-        print(f"  {k:28s} median {med * 1e3:.3f} ms/step  {med / base:.3f}x (median of {rounds} alternating rounds "
-              f"of {n} steps)")
+        print(f"  {k:44s} median {med * 1e3:.3f} ms/step  {med / base:.3f}x (median of {rounds} alternating "
+              f"rounds of {n} steps)")
 
 
 def main():
@@ -378,6 +379,8 @@ def main():
                          "and fused gathers, alternating")
     ap.add_argument("--ab-softmax", action="store_true",
                     help="decode: the step with the attention softmax as the CPU op and as inductor's code, alternating")
+    ap.add_argument("--ab-fused-rows", action="store_true",
+                    help="decode: bf16 products of 2-8 rows through the AMX kernel and as fused reductions, alternating")
     ap.add_argument("--ab-dispatch", action="store_true",
                     help="decode: the compiled step called through dynamo (guards skipped) and directly, alternating")
     ap.add_argument("--rows", type=int, default=25)
@@ -465,7 +468,12 @@ def main():
                 dispatch_ab(step, run)
                 return
             if a.ab_softmax:
-                softmax_ab(model, step, tok, cache, pos0, opts)
+                step_ab(model, step, tok, cache, pos0, opts, "attention softmax as the CPU op",
+                        "attn_softmax_fits", lambda *args: False, "torch's softmax (inductor)")
+                return
+            if a.ab_fused_rows:
+                step_ab(model, step, tok, cache, pos0, opts, "2+ row bf16 products through the AMX kernel",
+                        "COMPILED_MIN_ROWS", FUSED_ROWS + 1, f"products of up to {FUSED_ROWS} rows fused")
                 return
         with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as p:
             for _ in range(1 if a.prefill[0] else 10):

@@ -8,7 +8,10 @@ rather than in the model (which stays plain PyTorch):
   of the small preset become a few loops that stream the weights at ~2x the rate. Products of up
   to ``FUSED_ROWS`` rows fuse too (a batch of up to 8 rows, a speculative verify step's k + 1
   tokens): the `small` bf16 step 1.15x faster at batch 4, 1.19x at batch 8, 1.08x at 1 x 3
-  tokens than with oneDNN's GEMM there (`benchmarks/fused_rows.py`).
+  tokens than with oneDNN's GEMM there (`benchmarks/fused_rows.py`). On CPUs with AMX, bf16 dense
+  layers of 2+ rows run the AMX kernel instead (`cpu_kernels.COMPILED_MIN_ROWS`): the `small`
+  step 0.73x / 0.63x / 0.55x the fused form's time at batch 2 / 4 / 8
+  (`benchmarks/results/cpu-small-bf16-fused-rows-amx.txt`).
 * **Spans.** A static step's shapes come from the cache, so by default it scores and attends
   over every compressed entry the cache can hold, filled or not: with ``max_seq_len`` 32,768 the
   `small` bf16 engine decoded a 64-token prompt at 117 tok/s, against 186 with 160. The engine

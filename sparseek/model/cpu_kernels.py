@@ -29,8 +29,6 @@ from pathlib import Path
 
 import torch
 
-from sparseek.model.fuse import FUSED_ROWS
-
 _NAME = "sparseek_cpu_kernels"
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_grouped_mm.cpp", "cpu_mhc.cpp",
                                                                   "cpu_attention.cpp")]
@@ -45,11 +43,15 @@ _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "
 _OPENMP = ["-fopenmp"]
 # A dense layer's product goes through the kernel for up to LINEAR_MAX_ROWS rows: 1.2-3x oneDNN's
 # GEMM up to 128 rows for `small`'s and V4-Flash's projections, 0.8-1.4x at 256 (oneDNN blocks over
-# rows, the kernel does not). In a compiled graph, products of up to fuse.FUSED_ROWS rows stay
-# torch's: the compiled decode step runs them as fused reductions, faster still. Eager single rows
-# (the LM head after a prefill: 32 MB for `small`) take the kernel: 1.6x oneDNN's GEMV
-# (`benchmarks/results/cpu-grouped-mm.txt`).
+# rows, the kernel does not). Eager single rows (the LM head after a prefill: 32 MB for `small`)
+# take the kernel: 1.6x oneDNN's GEMV (`benchmarks/results/cpu-grouped-mm.txt`).
 LINEAR_MAX_ROWS = 128
+# In a compiled graph a single row stays torch's: the compiled decode step fuses it into a
+# streaming reduction, a little faster there. From 2 rows the kernel beats those reductions (which
+# the fusing backend makes of products up to fuse.FUSED_ROWS rows, for every dtype): the `small`
+# bf16 decode step at batch 2 / 4 / 8 (`profile_decode.py --ab-fused-rows`,
+# `benchmarks/results/cpu-small-bf16-fused-rows-amx.txt`).
+COMPILED_MIN_ROWS = 2
 _state: bool | None = None  # None: not tried yet
 _lock = threading.Lock()
 
@@ -138,7 +140,7 @@ def linear_fits(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def rows_fit(rows: int) -> bool:
     """Whether a dense product of this many rows goes to the kernel (see ``LINEAR_MAX_ROWS``)."""
-    return (FUSED_ROWS + 1 if torch.compiler.is_compiling() else 1) <= rows <= LINEAR_MAX_ROWS
+    return (COMPILED_MIN_ROWS if torch.compiler.is_compiling() else 1) <= rows <= LINEAR_MAX_ROWS
 
 
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,8 @@ import torch
 __all__ = ["fusing_decompositions", "fusing_backend", "FUSED_ROWS", "SMALL_BMM_MACS", "TINY_CONTRACTION"]
 
 # the most rows a product may have to run as a fused reduction on a CPU in the engine's compiled
-# steps (measured: `benchmarks/fused_rows.py`); the AMX kernel leaves such products to them
+# steps (measured: `benchmarks/fused_rows.py`); where the AMX kernel runs, bf16 dense layers of 2+
+# rows take it instead (`cpu_kernels.COMPILED_MIN_ROWS`)
 FUSED_ROWS = 8
 # a batched product this small (multiply-adds), or with a contraction this short, fuses
 SMALL_BMM_MACS = 1 << 20
