@@ -10,7 +10,10 @@ for a dense layer's product of a few rows (a short prompt, a batched decode step
 per-call packing costs as much. ``sinkhorn``, mHC's Sinkhorn projection (``csrc/cpu_mhc.cpp``):
 each token's 4 x 4 matrix on one thread through all its iterations (~20 us for a 128-token
 prompt, ``benchmarks/prefill_hot_paths_ab.py``), where inductor runs ~40 parallel loops with a
-barrier each.
+barrier each. ``hc_pre`` / ``hc_post``, a block's whole mHC passes over bf16 streams (the
+sublayer's RMSNorm included), 16 tokens at a time in L1/L2 (same file). ``attn_softmax``, the
+sparse attention's softmax over [window ; compressed ; sink] from bf16 score products
+(``csrc/cpu_attention.cpp``). All run only where autograd does not (inference).
 
 The build (torch.utils.cpp_extension, ninja, the system's C++ compiler, ~25 s once, cached under
 ``TORCH_EXTENSIONS_DIR`` or ~/.cache/torch_extensions) is tried once per process, only on Linux
