@@ -39,6 +39,8 @@ def build_variant(define: str) -> object:
         dst = tmp / src.name
         dst.write_text(src.read_text().replace("sparseek_cpu,", "sparseek_cpu_ab,"))
         sources.append(str(dst))
+    for header in cpu_kernels._HEADERS:
+        shutil.copy(header, tmp / header.name)
     cpp_extension.load(f"sparseek_ab_{define.lower()}", sources, extra_cflags=cpu_kernels._FLAGS
                        + cpu_kernels._OPENMP + [f"-D{define}=0"], extra_ldflags=cpu_kernels._OPENMP,
                        is_python_module=False, build_directory=str(tmp))

@@ -35,6 +35,7 @@ import torch
 _NAME = "sparseek_cpu_kernels"
 _SOURCES = [Path(__file__).with_name("csrc") / f for f in ("cpu_grouped_mm.cpp", "cpu_mhc.cpp",
                                                                   "cpu_attention.cpp")]
+_HEADERS = [Path(__file__).with_name("csrc") / "bf16_vec.h"]
 _STALE_LOCK_S = 300  # a build takes ~10-25 s
 # -ffp-contract=off: a product and a sum written apart round apart, as torch's do (csrc/cpu_mhc.cpp)
 _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16",
@@ -66,6 +67,15 @@ def _supported_cpu() -> bool:
             and all(caps.get(f) for f in ("amx_bf16", "amx_tile", "avx512_bf16", "avx512_bw", "avx512_vl")))
 
 
+def _headers_flag() -> str:
+    # torch rebuilds a cached extension when its sources or flags change, not its headers: their
+    # digest as a define makes an edited header a changed flag
+    import hashlib
+
+    digest = hashlib.sha256(b"".join(h.read_bytes() for h in _HEADERS)).hexdigest()[:16]
+    return f"-DSPARSEEK_HEADERS={digest}"
+
+
 def _build() -> bool:
     from torch.utils import cpp_extension
 
@@ -83,8 +93,8 @@ def _build() -> bool:
             lock.unlink()
     except OSError:
         pass
-    cpp_extension.load(_NAME, [str(f) for f in _SOURCES], extra_cflags=_FLAGS + _OPENMP, extra_ldflags=_OPENMP,
-                       is_python_module=False, verbose=False)
+    cpp_extension.load(_NAME, [str(f) for f in _SOURCES], extra_cflags=_FLAGS + _OPENMP + [_headers_flag()],
+                       extra_ldflags=_OPENMP, is_python_module=False, verbose=False)
     _register_fake()
     return True
 

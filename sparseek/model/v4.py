@@ -828,13 +828,12 @@ class Block(nn.Module):
         return hc_pre(x_BTSD, fn, scale, base, self.hc_iters, self.norm_eps, self.hc_eps)
 
     def forward(self, x_BTSD, step: Step, lc: LayerCache | None, input_ids_BT):
+        attn_input, ffn_input, output = self.attn_input, self.ffn_input, hc_post
         if cpu_kernels.mhc_fits(x_BTSD, self.hc_attn_fn):  # CPU inference, eager: the ops of csrc/cpu_mhc.cpp
-            h, post, comb = self.attn_input_op(x_BTSD)
-            x_BTSD, h, post, comb = self.ffn_input_op(self.attn(h, step, lc), x_BTSD, post, comb)
-            return self.output_op(self.ffn(h, input_ids_BT, static=step.static), x_BTSD, post, comb)
-        h, post, comb = self.attn_input(x_BTSD)
-        x_BTSD, h, post, comb = self.ffn_input(self.attn(h, step, lc), x_BTSD, post, comb)
-        return hc_post(self.ffn(h, input_ids_BT, static=step.static), x_BTSD, post, comb)
+            attn_input, ffn_input, output = self.attn_input_op, self.ffn_input_op, self.output_op
+        h, post, comb = attn_input(x_BTSD)
+        x_BTSD, h, post, comb = ffn_input(self.attn(h, step, lc), x_BTSD, post, comb)
+        return output(self.ffn(h, input_ids_BT, static=step.static), x_BTSD, post, comb)
 
     # The stream passes between the sublayers, as two functions so that `compile_hot_paths` fuses
     # each into one compiled call (a 128-token prefill pays ~50 us of dispatch per call)
@@ -851,7 +850,8 @@ class Block(nn.Module):
 
     # The same two passes as CPU ops, each a pass over a token's streams in L1/L2 instead of a
     # bf16 -> fp32 copy of all [T, S, D], a library GEMM with N = 24 and ~3 more kernels: at 256
-    # tokens of `small` ~220 instead of ~650 us (compiled) per site. Same results to bf16 rounding.
+    # tokens of `small` mHC took 6.5 instead of 15.6 ms of a prefill (`profile_decode.py
+    # --breakdown`). Same results to bf16 rounding.
     def attn_input_op(self, x_BTSD):
         return cpu_kernels.hc_pre(x_BTSD, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base,
                                   self.attn_norm.weight, self.hc_iters, self.norm_eps, self.hc_eps, self.attn_norm.eps)

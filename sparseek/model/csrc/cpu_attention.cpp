@@ -17,6 +17,8 @@
 
 #include <immintrin.h>
 
+#include "bf16_vec.h"
+
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -50,8 +52,7 @@ inline float load_part(const at::BFloat16* s, const bool* keep, int64_t n, float
   const __m512 ninf = mx, sc = _mm512_set1_ps(scale);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    const __m512 v = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-        _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(t, s + j)), 16)), sc);
+    const __m512 v = _mm512_mul_ps(sparseek_vec::load_bf16(s + j, t), sc);
     const __mmask16 k = _mm_test_epi8_mask(_mm_maskz_loadu_epi8(t, keep + j), _mm_set1_epi8(1)) & t;
     const __m512 w = _mm512_mask_mov_ps(ninf, k, v);
     _mm512_mask_storeu_ps(buf + j, t, w);
@@ -80,11 +81,7 @@ inline void divide_part(const float* buf, int64_t n, float denom, at::BFloat16* 
   const __m512 d = _mm512_set1_ps(denom);
   for (int64_t j = 0; j < n; j += 16) {
     const __mmask16 t = tail(n - j);
-    const __m512 v = _mm512_div_ps(_mm512_maskz_loadu_ps(t, buf + j), d);
-    const __m512i b = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-    _mm256_mask_storeu_epi16(p + j, t, _mm512_cvtepi32_epi16(r));  // no NaN: 0 <= v <= 1
+    sparseek_vec::store_bf16(p + j, _mm512_div_ps(_mm512_maskz_loadu_ps(t, buf + j), d), t);
   }
 }
 

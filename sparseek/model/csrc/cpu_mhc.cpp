@@ -16,12 +16,17 @@
 
 #include <immintrin.h>
 
+#include "bf16_vec.h"
+
 #include <algorithm>
 #include <cmath>
 #include <tuple>
 #include <vector>
 
 namespace {
+
+using sparseek_vec::load_bf16;
+using sparseek_vec::store_bf16;
 
 constexpr int64_t kMaxStreams = 16, kLanes = 16;
 
@@ -92,27 +97,14 @@ at::Tensor sinkhorn(const at::Tensor& logits, int64_t iters, double eps) {
 // site's work per token is one read of its S x D streams (4 KB for `small`), but as torch ops it
 // is a bf16 -> fp32 copy of the whole [N, S, D], a library GEMM [N, S*D] x [S*D, (2+S)*S] (N = 24
 // output columns: ~100 GFLOP/s on two cores), and three more kernels, each a pass with its own
-// fork and join: ~650 us at 256 tokens compiled (inductor), ~1.2 ms eager. Here a thread takes 16
+// fork and join: a 256-token `small` prefill spent 15.6 ms in mHC compiled, 6.5 with these ops
+// (benchmarks/profile_decode.py --prefill 256 --hot-paths --breakdown). Here a thread takes 16
 // tokens, converts their streams once into L1/L2, and runs the mixing products, the Sinkhorn, the
 // merge and the norm on them.
 //
 // Rounding follows the eager code: fp32 products and sums (in another order: results match to a
 // few fp32 ulps), the merged input rounded to bf16 before the norm, the norm's output rounded once.
 // The C++ here is built with -ffp-contract=off, so a product and a sum round as torch's do.
-
-inline __m512 load_bf16(const at::BFloat16* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-
-// fp32 -> bf16 rounding to nearest even, NaN to 0x7fc0: c10::BFloat16's conversion, 16 at a time
-inline void store_bf16(at::BFloat16* p, __m512 v) {
-  const __m512i b = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
 
 inline float sigmoid(float x) { return 1.f / (1.f + std::exp(-x)); }
 
