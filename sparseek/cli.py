@@ -266,6 +266,7 @@ def cmd_serve(a) -> int:
     key = a.api_key if a.api_key is not None else os.environ.get("SPARSEEK_API_KEY")
     modules = _lora_modules(a)
     llm = _engine(a, max_batch_size=a.max_batch_size, speculative_tokens=a.speculative_tokens,
+                  prefill_chunk=a.prefill_chunk, interleave_prefill=a.interleave_prefill,
                   **({"lora_modules": modules} if modules else {}))
     if llm.tokenizer is None:
         raise ValueError(f"{a.model} has no tokenizer.json: the server takes text, so it needs one")
@@ -484,6 +485,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="Responses API: responses kept in memory for previous_response_id (0: none)")
     p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: drafts per step")
+    p.add_argument("--prefill-chunk", type=int, default=512,
+                   help="tokens per prefill forward: while requests decode, a joining prompt's forwards alternate "
+                        "with their decode steps, so this bounds how long they wait for it")
+    p.add_argument("--no-interleave-prefill", dest="interleave_prefill", action="store_false",
+                   help="prefill a joining prompt whole before the next decode step (its first token comes "
+                        "sooner, the running requests' next ones later)")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
                    help="LoRA adapters served unmerged, each under its own model name (a request's 'model' "
                         "picks one; the base model stays servable)")

@@ -98,6 +98,11 @@ def test_serve_builds_the_server_from_flags(monkeypatch, capsys):
                  "--thinking"]) == 0
     assert seen["model_name"] == "debug" and seen["port"] == 9123 and seen["api_key"] is None and seen["thinking"]
     assert seen["llm"].max_batch_size == 3 and seen["llm"].max_seq_len == 300 and seen["llm"].tokenizer is not None
+    assert seen["llm"].prefill_chunk == 512 and seen["llm"].interleave_prefill
+    assert main(["serve", "--model", "debug", "--prefill-chunk", "64", "--no-interleave-prefill"]) == 0
+    assert seen["llm"].prefill_chunk == 64 and not seen["llm"].interleave_prefill
+    assert main(["serve", "--model", "debug", "--prefill-chunk", "0"]) == 2
+    assert "prefill_chunk must be at least 1" in capsys.readouterr().err
     monkeypatch.setenv("SPARSEEK_API_KEY", "from-env")
     assert main(["serve", "--model", "debug", "--served-model-name", "tiny"]) == 0
     assert seen["api_key"] == "from-env" and seen["model_name"] == "tiny"

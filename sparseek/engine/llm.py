@@ -26,6 +26,8 @@ from sparseek.model.cache import Cache
 
 log = logging.getLogger("sparseek")
 
+_PAUSE = object()  # an admission's signal between its forwards: a decode step may run here
+
 
 @dataclass
 class RequestOutput:
@@ -136,7 +138,8 @@ class LLM:
                  speculative_tokens: int = 0, compile: bool = False, kv_fp8: bool | None = None,
                  index_fp4: bool | None = None, act_fp8: bool | None = None,
                  batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None,
-                 lora=None, generation_config="auto", lora_modules: dict[str, str] | None = None):
+                 lora=None, generation_config="auto", lora_modules: dict[str, str] | None = None,
+                 interleave_prefill: bool = True):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). All running sequences verify their drafts in one forward and draft in
@@ -155,7 +158,11 @@ class LLM:
         Prompts waiting for a free slot prefill together, several rows per forward and at most
         ``prefill_chunk`` tokens in each (``batch_prefill=False``: one prompt at a time), the MTP
         block reading them too under speculative decoding; a prompt that asks for prompt
-        log-probabilities prefills alone.
+        log-probabilities prefills alone. While sequences decode, a joining prompt's prefill
+        forwards alternate with their decode steps (``interleave_prefill``, vLLM's chunked
+        prefill): a long prompt holds the running streams back by one forward of at most
+        ``prefill_chunk`` tokens at a time, not by its whole prefill; False: each admission
+        prefills to its end first (its first token comes sooner, the others' later).
 
         Prefix caching (``sparseek.engine.prefix``): a prompt that begins as a kept one does (or
         as another waiting prompt does, by at least 32 tokens) restores the cache row of that
@@ -218,8 +225,13 @@ class LLM:
         self.args = model.args
         self.max_batch_size = max_batch_size
         self.max_seq_len = min(max_seq_len, self.args.max_position_embeddings)
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be at least 1 token, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
         self.batch_prefill = batch_prefill
+        self.interleave_prefill = interleave_prefill
+        self._admitting: list[_Seq] = []  # the admission in flight: its sequences and cache rows
+        self._busy: list[int] = []
         self.add_bos = add_bos
         self._cache = None
         self.prefix_cache = PrefixCache(prefix_cache_bytes) if prefix_cache_bytes else None
@@ -525,14 +537,16 @@ class LLM:
         cache = self._cache
         waiting = deque(requests)
         running: list[_Seq] = []
+        task = None  # the admission in flight: a generator of its sequences, pausing after each forward
+        self._admitting, self._busy = [], []
         while True:
-            self._queues = (waiting, running)
+            self._queues = (waiting, running + self._admitting)
             if feed is not None:
-                more = feed(not (waiting or running))
-                if more is None and not (waiting or running):
+                more = feed(not (waiting or running or task))
+                if more is None and not (waiting or running or task):
                     return
                 waiting.extend(more or ())
-            elif not (waiting or running):
+            elif not (waiting or running or task):
                 return
             for s in [s for s in waiting if s.aborted] + [s for s in running if s.aborted]:
                 if s.out.finish_reason is None:
@@ -541,40 +555,77 @@ class LLM:
                     yield s
             if any(s.aborted for s in waiting):
                 waiting = deque(s for s in waiting if not s.aborted)
+            if task is not None and all(s.aborted for s in self._admitting):  # nobody waits for it: drop it
+                task.close()
+                task, dropped, self._admitting, self._busy = None, self._admitting, [], []
+                for s in dropped:
+                    s.new_ids, s.new_logprobs = [], []
+                    self._finish(s, "abort")
+                    yield s
             self._retire(running, cache)
-            while waiting and len(running) < self.max_batch_size:
-                if waiting[0].params.prompt_logprobs is not None:
-                    seq = waiting.popleft()
-                    seq.scheduled = time.monotonic()
-                    slot = len(running)
-                    cache.reset([slot])
-                    self._set_adapter(cache, slot, seq)
-                    view = cache.select(slot)
-                    logits, hidden = self._prefill(seq, view)
-                    seq.new_ids, seq.new_logprobs = [], []
-                    self._accept([seq], logits[None])
-                    if self.speculative:
-                        self._first_drafts([seq], view, hidden)
-                    yield seq
-                    if seq.out.finish_reason is None:
-                        running.append(seq)
-                    continue
-                yield from self._admit(waiting, running, cache)
+            task = yield from self._admissions(task, waiting, running, cache)
             if not running:
                 continue
             n = len(running)
             for s in running:
                 s.new_ids, s.new_logprobs = [], []
-            if self.speculative:
-                self._spec_step(running, cache)
-            else:
-                self._accept(running, self._decode(running, cache))
+            # the admission's rows keep what they hold: a compiled step runs every row, and a
+            # speculative step restarts every row's MTP position
+            with cache.preserved(self._busy):
+                if self.speculative:
+                    self._spec_step(running, cache)
+                else:
+                    self._accept(running, self._decode(running, cache))
             full = (cache.pos[:n] + 1 + self.speculative >= self.max_seq_len).tolist()
             for s, no_room in zip(running, full):
                 if s.out.finish_reason is None and no_room:
                     self._finish(s, "length")
                 yield s
             self._retire(running, cache)
+
+    def _admissions(self, task, waiting: deque, running: list[_Seq], cache):
+        """Admit waiting prompts while slots are free, yielding each admitted sequence once it has
+        its first token -> the admission left paused (None when none is).
+
+        An admission prefills its prompts forward by forward. While sequences are decoding
+        (and ``interleave_prefill``), it pauses after each forward so that a decode step runs in
+        between: a long prompt joining delays the running streams' next tokens by one prefill
+        forward (at most ``prefill_chunk`` tokens), not by its whole prefill (vLLM's chunked
+        prefill). Its rows sit past the running ones meanwhile; one admission runs at a time."""
+        while True:
+            if task is None:
+                if not waiting or len(running) >= self.max_batch_size:
+                    return None
+                task = (self._admit_alone if waiting[0].params.prompt_logprobs is not None
+                        else self._admit)(waiting, running, cache)
+            for item in task:
+                if item is not _PAUSE:
+                    yield item
+                elif running and self.interleave_prefill:
+                    return task
+            task = None
+
+    def _admit_alone(self, waiting: deque, running: list[_Seq], cache):
+        """Prefill the first waiting prompt alone (it wants prompt log-probabilities) and give it
+        its first token; ``_PAUSE`` after each forward."""
+        seq = waiting.popleft()
+        seq.scheduled = time.monotonic()
+        slot = len(running)
+        self._admitting, self._busy = [seq], [slot]
+        cache.reset([slot])
+        self._set_adapter(cache, slot, seq)
+        view = cache.select(slot)
+        logits, hidden = yield from self._prefill(seq, view)
+        seq.new_ids, seq.new_logprobs = [], []
+        self._accept([seq], logits[None])
+        if self.speculative:
+            self._first_drafts([seq], view, hidden)
+        self._admitting, self._busy = [], []
+        yield seq
+        if seq.out.finish_reason is None:
+            if slot != len(running):  # sequences ended meanwhile
+                cache.copy_row(slot, len(running))
+            running.append(seq)
 
     def _follow_adapters(self, cache) -> None:
         """Before a step called other than as ``model(ids, cache)`` (the compiled steps, the MTP
@@ -611,7 +662,7 @@ class LLM:
         at most ``prefill_chunk`` tokens over all its rows. Each forward also costs a fixed time:
         prompts of many different lengths, each long enough to fill its own forwards, prefill one
         at a time instead (the plan with fewer forwards wins). Rows whose first token ends them
-        hand their slot to the next live row.
+        hand their slot to the next live row. ``_PAUSE`` after each forward (``_admissions``).
 
         Before that, a prompt waiting twice is set aside to copy its twin's rows afterwards, and
         with prefix caching each prompt restores the snapshot of its longest kept beginning
@@ -630,13 +681,15 @@ class LLM:
             key = (q.params.lora, *q.out.prompt_token_ids)  # one prompt under two adapters is two prompts
             (dups if key in seen else uniq).append(q)
             seen.add(key)
-        found, built = self._find_prefixes(uniq, cache, len(running))
+        n0, k, u = len(running), len(batch), len(uniq)
+        self._admitting, self._busy = batch, list(range(n0, n0 + k))
+        found, built = yield from self._find_prefixes(uniq, cache, n0)
         # by start position, longest rest first
         order = sorted(range(len(uniq)), key=lambda i: (found[i][0], found[i][0] - len(uniq[i].out.prompt_token_ids)))
         uniq, found = [uniq[i] for i in order], [found[i] for i in order]
         row_of = {(q.params.lora, *q.out.prompt_token_ids): i for i, q in enumerate(uniq)}
         batch = uniq + dups
-        n0, k, u = len(running), len(batch), len(uniq)
+        self._admitting = batch
         cache.reset(list(range(n0, n0 + k)))
         for i, q in enumerate(uniq):
             self._set_adapter(cache, n0 + i, q)
@@ -653,7 +706,7 @@ class LLM:
         a = 0
         for st, rows in itertools.groupby(starts):  # rows going on from one position share forwards
             b = a + len(list(rows))
-            self._prefill_rows(uniq[a:b], st, cache, n0 + a, last, hidden, a)
+            yield from self._prefill_rows(uniq[a:b], st, cache, n0 + a, last, hidden, a)
             a = b
         if self.prefix_cache is not None:  # each prompt's end, for prompts that extend it
             for i, (q, (st, _, hs)) in enumerate(zip(uniq, found)):
@@ -672,7 +725,8 @@ class LLM:
         self._accept(batch, torch.stack(last))
         if self.speculative:
             self._first_drafts(batch, cache.view(n0, n0 + k), torch.cat(hidden))
-        slot = n0
+        self._admitting, self._busy = [], []
+        slot = len(running)  # below n0 where sequences ended meanwhile
         for i, q in enumerate(batch):
             yield q
             if q.out.finish_reason is None:
@@ -684,7 +738,8 @@ class LLM:
     def _prefill_rows(self, seqs: list[_Seq], start: int, cache, r0: int, last: list, hidden: list, o: int) -> None:
         """Prefill rows [r0, r0 + len(seqs)) of ``cache``, all at position ``start``, to their
         prompts' ends, in shared forwards where that takes fewer of them (rows sorted longest rest
-        first); each row's last logits and streams land in ``last`` / ``hidden`` at ``o + i``."""
+        first); each row's last logits and streams land in ``last`` / ``hidden`` at ``o + i``.
+        ``_PAUSE`` after each forward."""
         lens = [len(q.out.prompt_token_ids) - start for q in seqs]
         if not lens[0]:
             return
@@ -712,12 +767,13 @@ class LLM:
                         if self.speculative:
                             view.rollback(i, x, mtp=True)
                 p += c
+                yield _PAUSE
 
     def _find_prefixes(self, seqs: list[_Seq], cache, scratch: int) -> tuple[list[tuple], set[int]]:
         """For each prompt: (tokens it can skip, the snapshot to restore, its prefix hashes). A
         common beginning with another waiting prompt or a kept one that no snapshot covers yet is
         read once here, in row ``scratch`` of ``cache`` (free until the prompts are placed), and
-        kept; the ids of the prompts that read one so come second."""
+        kept; the ids of the prompts that read one so come second. ``_PAUSE`` after each forward."""
         pc, built = self.prefix_cache, set()
         if pc is None:
             return [(0, None, None)] * len(seqs), built
@@ -750,7 +806,7 @@ class LLM:
                 if snap is not None:
                     view.restore(snap.state, 0)
                     prev = snap.hidden
-                logits, h = self._feed(ids[len(snap.key) if snap else 0:n], view, prev)
+                logits, h = yield from self._feed(ids[len(snap.key) if snap else 0:n], view, prev)
                 new = pc.put(ids[:n], view.snapshot(0), logits, h, hs, q.params.lora)
                 if new is not None:
                     snap = new
@@ -762,7 +818,8 @@ class LLM:
         """Prefill ``ids`` into the one-row ``view`` in chunks, the MTP block one position behind
         (``prev``: the main streams at the position before, None at 0) -> (the last logits [V], the
         streams at the last position [1, 1, S, D] under speculative decoding, else None).
-        ``scored``: the request whose prompt log-probabilities these tokens give (``ids`` from 0)."""
+        ``scored``: the request whose prompt log-probabilities these tokens give (``ids`` from 0).
+        ``_PAUSE`` after each forward."""
         x = torch.tensor(ids, device=view.device)[None]
         for s in range(0, x.shape[1], self.prefill_chunk):
             chunk = x[:, s:s + self.prefill_chunk]
@@ -775,6 +832,7 @@ class LLM:
                 want, nxt = scored.params.prompt_logprobs, x[0, s + 1:s + 1 + chunk.shape[1]]
                 lp = torch.log_softmax(logits[0, :len(nxt)].float(), dim=-1)
                 scored.out.prompt_logprobs += [_top(lp[j], int(nxt[j]), want) for j in range(len(nxt))]
+            yield _PAUSE
         return logits[0, -1], prev
 
     def _keep_completion(self, s: _Seq, cache, row: int) -> None:
@@ -815,7 +873,7 @@ class LLM:
         want = seq.params.prompt_logprobs
         if want is not None:
             seq.out.prompt_logprobs = [None]
-        return self._feed(seq.out.prompt_token_ids, cache, None, seq if want is not None else None)
+        return (yield from self._feed(seq.out.prompt_token_ids, cache, None, seq if want is not None else None))
 
     def _accept(self, seqs: list[_Seq], logits_NV: torch.Tensor) -> None:
         """Sample one token per sequence from its logits and record it."""

@@ -22,6 +22,8 @@ different lengths), except that a multi-token chunk needs all rows at the same p
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -253,6 +255,24 @@ class Cache:
         self.pos[row], self.mtp_pos[row] = snap[0], snap[1]
         for (t, per), saved in zip(self._row_stores(), snap[2:]):
             t[row, :saved.shape[0]] = saved
+
+    @contextlib.contextmanager
+    def preserved(self, rows: Sequence[int]) -> Iterator[None]:
+        """Rows whose contents must survive a fixed-shape step that runs every row of the cache
+        (dummy tokens on rows it does not serve): a prompt prefilling between decode steps. Their
+        positions and rings are put back afterwards; stores indexed by position need nothing, as
+        a step starting at ``pos`` writes them only at and past it, where nothing is live yet."""
+        if not rows:
+            yield
+            return
+        idx = torch.as_tensor(list(rows), device=self.device)
+        rings = [t for t, per in self._row_stores() if per is None]
+        saved = [(t, t[idx].clone()) for t in [self.pos, self.mtp_pos] + rings]
+        try:
+            yield
+        finally:
+            for t, s in saved:
+                t[idx] = s
 
     def _row_stores(self) -> list[tuple[torch.Tensor, int | None]]:
         """Every buffer with the positions one of its slots stands for (None: a ring, kept whole)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
@@ -88,6 +90,86 @@ def test_shared_prefill_plan():
                 assert [sum(c for m, c in plan if m > i) for i in range(len(lens))] == lens
     # lengths within the pad of each other end in one forward
     assert _shared_prefill([60, 57, 55, 53], 512, 8) == [(4, 60)] and len(_shared_prefill([60, 57, 55, 53], 512)) == 4
+
+
+@pytest.mark.parametrize("mode", ["eager", "static", "speculative", "prompt-logprobs", "prefix", "off"])
+def test_prompts_joining_mid_decode_prefill_between_decode_steps(model, tok, monkeypatch, mode):
+    """A long prompt joining while another sequence decodes prefills one forward at a time with a
+    decode step after each (``interleave_prefill``), so the running stream waits one forward, not
+    the whole prefill; every sequence still gets the tokens it gets alone. Also through the
+    fixed-shape steps a compiled engine runs (``static``, ``speculative``: they run the joining
+    rows on dummy tokens, so those rows' positions and rings are put back: without that the
+    tokens differ), for a prompt asking for prompt log-probabilities (prefilled alone), and for
+    two joining prompts whose shared beginning is read once in a scratch row (``prefix``)."""
+    g = torch.Generator().manual_seed(11)
+    rand = lambda n: torch.randint(3, 500, (n,), generator=g).tolist()  # noqa: E731
+    greedy = dict(temperature=0, ignore_eos=True)
+    head = rand(64)
+    if mode == "prefix":  # two short ones end first, then both long prompts join at once
+        prompts, lens = [rand(5), rand(7), rand(9), head + rand(86), head + rand(70)], (3, 3, 40, 8, 8)
+    else:
+        prompts, lens = [rand(5), rand(9), rand(150)], (3, 40, 8)
+    params = [SamplingParams(max_tokens=n, **greedy) for n in lens]
+    if mode == "prompt-logprobs":
+        params[2] = SamplingParams(max_tokens=8, prompt_logprobs=1, **greedy)
+    refs = [_solo(model, tok, p, sp) for p, sp in zip(prompts, params)]
+    if mode in ("static", "speculative"):
+        _static_steps(monkeypatch)
+    busy, preserved = [], Cache.preserved
+    monkeypatch.setattr(Cache, "preserved", lambda c, rows: busy.append(len(rows)) or preserved(c, rows))
+
+    def run():
+        busy.clear()
+        llm = LLM(model, tok, max_batch_size=3 if mode == "prefix" else 2, max_seq_len=512, prefill_chunk=16,
+                  compile=mode in ("static", "speculative"), speculative_tokens=2 if mode == "speculative" else 0,
+                  interleave_prefill=mode != "off")
+        return llm.generate(prompts, params)
+
+    outs = run()
+    for out, ref in zip(outs, refs):
+        assert out.token_ids == ref.token_ids
+    if mode == "prompt-logprobs":
+        for got, want in zip(outs[2].prompt_logprobs[1:], refs[2].prompt_logprobs[1:]):
+            assert got.keys() == want.keys()
+            torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())),
+                                       rtol=0, atol=1e-4)
+    # decode steps while the joining rows prefilled: one after each forward of theirs but the last
+    # (the prefix mode's scratch row reads the 64 shared tokens first: 4 forwards more)
+    forwards = -(-150 // 16) if mode != "prefix" else -(-64 // 16) + -(-(86 + 70) // 16)
+    between = sum(n > 0 for n in busy)
+    assert between == 0 if mode == "off" else between >= forwards - 1
+    if mode == "static":  # the rows' rings and positions must be put back
+        monkeypatch.setattr(Cache, "preserved", lambda c, rows: contextlib.nullcontext())
+        assert run()[2].token_ids != refs[2].token_ids
+
+
+def test_request_aborted_while_its_prompt_prefills(model, tok, monkeypatch):
+    """A client gone while its long prompt prefills between others' decode steps: the prefill stops
+    there (no forward more of it), the request ends with "abort" and no tokens, and the next
+    waiting prompt takes the slot; the running sequence decodes on as if alone."""
+    g = torch.Generator().manual_seed(5)
+    short, long_, nxt = ([int(t) for t in torch.randint(3, 500, (n,), generator=g)] for n in (6, 300, 20))
+    params = SamplingParams(max_tokens=30, temperature=0, ignore_eos=True)
+    llm = LLM(model, tok, max_batch_size=2, max_seq_len=512, prefill_chunk=16)
+    first, joiner, later = (llm._requests([p], params) for p in (short, long_, nxt))
+    widths, steps = [], [0]
+    forward = type(model).forward
+    monkeypatch.setattr(type(model), "forward", lambda self, ids, *a, **kw: widths.append(ids.shape) or
+                        forward(self, ids, *a, **kw))
+
+    def feed(idle):
+        steps[0] += 1
+        if steps[0] == 3:
+            return joiner + later  # the joiner takes the free slot, the other waits
+        if steps[0] == 8:
+            joiner[0].aborted = True
+        return None
+
+    seen = [s for s in llm._run(first, feed=feed)]
+    assert joiner[0].out.finish_reason == "abort" and joiner[0].out.token_ids == [] and joiner[0] in seen
+    assert 3 <= sum(shape == (1, 16) for shape in widths) < 300 // 16  # it stopped part-way
+    for seq, p in ((first[0], short), (later[0], nxt)):
+        assert seq.out.token_ids == _solo(model, tok, p, params).token_ids and seq.out.finish_reason == "length"
 
 
 def test_greedy_matches_the_uncached_model(model, tok):
