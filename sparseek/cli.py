@@ -207,28 +207,66 @@ def cmd_chat(a) -> int:
         if not user.strip():
             break
         messages.append({"role": "user", "content": user})
-        # the checkpoint's own chat template where it has one (V3 / R1), else V4's format; the
-        # reply is parsed as the prompt leaves it (R1's template always opens <think>)
-        text, reply_mode = llm.tokenizer.chat_prompt(messages, thinking=a.thinking)
-        prompt = llm.tokenizer.encode(text)
+        prompt, reply_mode, dropped = _chat_fit(llm, messages, a.thinking, params.max_tokens)
+        if prompt is None:
+            if a.main:
+                print(f"that message is too long for the context ({llm.max_seq_len} tokens); try a shorter one",
+                      file=sys.stderr)
+            messages.pop()
+            continue
+        if dropped:
+            first = 1 if messages[0]["role"] == "system" else 0
+            del messages[first:first + dropped]
+            if a.main:
+                print(f"\033[2m(the context holds {llm.max_seq_len} tokens: the oldest {dropped} message(s) left "
+                      "the conversation)\033[0m", file=sys.stderr)
         parser = llm.tokenizer.reply_parser(reply_mode)
         reply = {"reasoning": "", "content": ""}
-        for delta in llm.stream([prompt], params):
-            try:
-                events = parser.feed(delta.text) + (parser.finish() if delta.finish_reason else [])
-            except ValueError:
-                events = []
-            for ev in events:
-                if isinstance(ev, ReasoningDelta):
-                    reply["reasoning"] += ev.text
-                    out.write(f"\033[2m{ev.text}\033[0m")
-                elif isinstance(ev, ContentDelta):
-                    reply["content"] += ev.text
-                    out.write(ev.text)
-            out.flush()
+        try:
+            for delta in llm.stream([prompt], params):
+                try:
+                    events = parser.feed(delta.text) + (parser.finish() if delta.finish_reason else [])
+                except ValueError:
+                    events = []
+                for ev in events:
+                    if isinstance(ev, ReasoningDelta):
+                        reply["reasoning"] += ev.text
+                        out.write(f"\033[2m{ev.text}\033[0m")
+                    elif isinstance(ev, ContentDelta):
+                        reply["content"] += ev.text
+                        out.write(ev.text)
+                out.flush()
+        except KeyboardInterrupt:  # Ctrl-C ends the reply, not the chat (one process: ranks must agree)
+            if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                raise
+            out.write(" [interrupted]")
         out.write("\n")
         messages.append({"role": "assistant", "content": reply["content"], "reasoning_content": reply["reasoning"]})
     return 0
+
+
+def _chat_fit(llm, messages: list[dict], thinking: bool, reply_tokens: int | None):
+    """The prompt of ``messages`` in the checkpoint's chat format (its own template where it has one,
+    V3 / R1; else V4's) and the mode its reply is parsed in (R1's template always opens <think>),
+    without as many of the oldest exchanges as it takes to leave room for the reply
+    (``reply_tokens``, at most a quarter of the context) -> (prompt ids, or None when the newest
+    message alone does not fit; reply mode; how many messages after the system message to drop).
+    """
+    room = min(reply_tokens or 1, llm.max_seq_len // 4)
+    first = 1 if messages[0]["role"] == "system" else 0
+    kept = list(messages)
+    while True:
+        text, mode = llm.tokenizer.chat_prompt(kept, thinking=thinking)
+        prompt = llm.tokenizer.encode(text)
+        if len(prompt) + room <= llm.max_seq_len:
+            return prompt, mode, len(messages) - len(kept)
+        if len(kept) - first <= 1:  # only the newest message left: it goes if it fits at all
+            return (prompt if len(prompt) < llm.max_seq_len else None), mode, len(messages) - len(kept)
+        # an exchange at a time: the oldest message and the replies to it
+        end = first + 1
+        while end < len(kept) - 1 and kept[end]["role"] != "user":
+            end += 1
+        del kept[first:end]
 
 
 def _lora_modules(a) -> dict[str, str] | None:
