@@ -87,6 +87,7 @@ class _Seq:
     guide: object = None  # structured outputs: the grammar's state (``sparseek.engine.structured.Guide``)
     sink: object = None  # whoever consumes this sequence's deltas (``sparseek.engine.async_engine``)
     scheduled: float | None = None  # time.monotonic() when it left the waiting queue (metrics)
+    bad_ids: list[tuple[int, ...]] = field(default_factory=list)  # SamplingParams.bad_words, as tokens
 
 
 def _delta(seq: _Seq) -> StreamDelta | None:
@@ -108,6 +109,11 @@ def _adjusted(s: _Seq, logits_V: torch.Tensor, drafted: Sequence[int] = ()) -> t
         logits_V = adjust(logits_V, s.params, s.out.prompt_token_ids, s.out.token_ids + list(drafted), s.stop_ids)
     if s.guide is not None:
         logits_V = s.guide.mask(logits_V, drafted)
+    if s.bad_ids:
+        out = s.out.token_ids + list(drafted)
+        banned = [w[-1] for w in s.bad_ids if len(w) == 1 or tuple(out[len(out) - len(w) + 1:]) == w[:-1]]
+        if banned:
+            logits_V = logits_V.float().index_fill(0, torch.tensor(banned, device=logits_V.device), float("-inf"))
     return logits_V
 
 
@@ -484,10 +490,13 @@ class LLM:
                 ids, text = [int(t) for t in p], None
             if not ids:
                 raise ValueError(f"prompt {i} is empty")
+            if sp.truncate_prompt_tokens is not None:
+                ids = ids[-sp.truncate_prompt_tokens:]
             bad = [t for t in ids if not 0 <= t < self.args.vocab_size]
             if bad:
                 raise ValueError(f"prompt {i} has token ids outside [0, {self.args.vocab_size}): {bad[:5]}")
-            for name, toks in (("logit_bias", sp.logit_bias or ()), ("stop_token_ids", sp.stop_token_ids)):
+            for name, toks in (("logit_bias", sp.logit_bias or ()), ("stop_token_ids", sp.stop_token_ids),
+                               ("allowed_token_ids", sp.allowed_token_ids or ())):
                 if any(not 0 <= t < self.args.vocab_size for t in toks):
                     raise ValueError(f"prompt {i}: SamplingParams.{name} has token ids outside "
                                      f"[0, {self.args.vocab_size})")
@@ -499,6 +508,15 @@ class LLM:
                                  "(LLM(lora_modules={name: directory}))")
             if self.lora_rows is not None:
                 self.lora_rows.slot(sp.lora)  # an unknown name fails here, by name
+            bad = []
+            if sp.bad_words and self.tokenizer is None:
+                raise ValueError(f"prompt {i}: SamplingParams.bad_words are text, and this engine has no tokenizer "
+                                 "to encode them (ban token ids with logit_bias instead)")
+            for w in sp.bad_words or ():  # vLLM's: the word alone and after a space, as the model would write it
+                for form in (w.lstrip(), " " + w.lstrip()):
+                    toks = tuple(self.tokenizer.encode(form, add_bos=False))
+                    if toks and toks not in bad:
+                        bad.append(toks)
             stop_ids = set(sp.stop_token_ids)
             if not sp.ignore_eos:
                 stop_ids.update(self.eos_ids)
@@ -512,7 +530,8 @@ class LLM:
                     gen.manual_seed(seed if j == 0 else hash((seed, j)) % 2**62)
                 decoder = self.tokenizer.stream_decoder(sp.skip_special_tokens) if self.tokenizer else None
                 out = RequestOutput(i, text, ids, logprobs=[] if sp.logprobs is not None else None, sample=j)
-                seqs.append(_Seq(out, sp, gen, StopChecker(sp.stop), stop_ids, decoder))
+                seqs.append(_Seq(out, sp, gen, StopChecker(sp.stop, sp.include_stop_str_in_output), stop_ids, decoder,
+                                 bad_ids=bad))
                 if sp.structured:  # a grammar state per completion (a bad schema raises ValueError here)
                     from sparseek.engine.structured import make_guide
 
@@ -879,7 +898,7 @@ class LLM:
         """Sample one token per sequence from its logits and record it."""
         lp = _logprobs_if_asked(seqs, logits_NV)  # the model's distribution, before penalties
         raw = logits_NV
-        if any(s.params.adjusts or s.guide is not None for s in seqs):
+        if any(s.params.adjusts or s.guide is not None or s.bad_ids for s in seqs):
             logits_NV = torch.stack([_adjusted(s, x).float() for s, x in zip(seqs, logits_NV)])
         toks = sample(logits_NV, [s.params for s in seqs], [s.generator for s in seqs]).tolist()
         for j, (s, t) in enumerate(zip(seqs, toks)):

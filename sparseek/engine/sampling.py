@@ -27,6 +27,12 @@ class SamplingParams:
     ``presence_penalty`` and ``frequency_penalty`` subtract a constant and a per-occurrence amount
     from tokens of the output (OpenAI); ``logit_bias`` adds to chosen tokens' logits; no stop
     token and no stop string ends the output before ``min_tokens`` tokens.
+
+    vLLM's extras: ``include_stop_str_in_output`` keeps the stop string that ended the text;
+    ``allowed_token_ids`` restricts every sampled token to a set; ``bad_words`` are never generated
+    (each word's tokens, as it encodes alone and after a space: a one-token word is masked always,
+    a longer one's last token whenever the output ends with the tokens before it);
+    ``truncate_prompt_tokens=k`` keeps a prompt's last k tokens.
     """
 
     max_tokens: int = 64
@@ -47,6 +53,10 @@ class SamplingParams:
     logprobs: int | None = None
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = None
     # structured outputs (``sparseek.engine.structured``, needs xgrammar): the completion is held to
     # a JSON schema (True: any JSON value), a regular expression, or an xgrammar structural tag (its
     # JSON form: a reply's layout, e.g. free reasoning, then tool calls whose arguments follow their
@@ -82,6 +92,16 @@ class SamplingParams:
             (all(math.isfinite(b) for b in (self.logit_bias or {}).values()), "logit_bias", "finite"),
             (self.logprobs is None or self.logprobs >= 0, "logprobs", "None or >= 0"),
             (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", "None or >= 0"),
+            (self.allowed_token_ids is None or (isinstance(self.allowed_token_ids, (list, tuple, set))
+                                                and len(self.allowed_token_ids) > 0
+                                                and all(isinstance(t, int) for t in self.allowed_token_ids)),
+             "allowed_token_ids", "None or a non-empty list of token ids"),
+            (self.bad_words is None or (isinstance(self.bad_words, (list, tuple))
+                                        and all(isinstance(w, str) and w.strip() for w in self.bad_words)),
+             "bad_words", "None or a list of non-empty strings"),
+            (self.truncate_prompt_tokens is None or (isinstance(self.truncate_prompt_tokens, int)
+                                                     and self.truncate_prompt_tokens >= 1),
+             "truncate_prompt_tokens", "None or an integer >= 1"),
         ]
         checks += [
             (self.json_schema is None or self.json_schema is True or isinstance(self.json_schema, dict),
@@ -108,7 +128,7 @@ class SamplingParams:
     def adjusts(self) -> bool:
         """Whether the logits depend on the text so far (penalties, biases, min_tokens)."""
         return bool(self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty
-                    or self.logit_bias or self.min_tokens)
+                    or self.logit_bias or self.min_tokens or self.allowed_token_ids)
 
 
 def adjust(logits_V: torch.Tensor, p: SamplingParams, prompt_ids: Sequence[int], output_ids: Sequence[int],
@@ -133,6 +153,10 @@ def adjust(logits_V: torch.Tensor, p: SamplingParams, prompt_ids: Sequence[int],
         stop = list(stop_ids)
         if stop:
             x[torch.tensor(stop, dtype=torch.long, device=dev)] = float("-inf")
+    if p.allowed_token_ids:
+        keep = torch.full_like(x, float("-inf"))
+        allowed = torch.tensor(sorted(set(p.allowed_token_ids)), dtype=torch.long, device=dev)
+        x = keep.index_copy_(0, allowed, x[allowed])
     return x
 
 

@@ -7,14 +7,16 @@ class StopChecker:
     """Accumulates generated text, cuts it at the first stop string, and releases text for
     streaming only once it can no longer turn out to be the start of a stop string."""
 
-    def __init__(self, stops: list[str] | None):
+    def __init__(self, stops: list[str] | None, include: bool = False):
         self.stops = list(stops or [])
+        self.include = include  # keep the stop string that ended the text
         self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.text = ""
         self.emitted = 0
 
     def add(self, delta: str, check: bool = True) -> str | None:
-        """Append text; return the stop string if one now occurs (the text is cut before it).
+        """Append text; return the stop string if one now occurs (the text is cut before it, or
+        after it with ``include``).
         ``check=False`` (before ``min_tokens``) only appends: later checks search from the last
         ``len(stop) - 1`` characters of it on, so no stop string lying wholly inside it counts."""
         if not delta:
@@ -30,7 +32,7 @@ class StopChecker:
                 best = (j, s)
         if best is None:
             return None
-        self.text = self.text[:best[0]]
+        self.text = self.text[:best[0] + (len(best[1]) if self.include else 0)]
         return best[1]
 
     def take_ready(self, final: bool = False) -> str:

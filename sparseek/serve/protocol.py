@@ -3,7 +3,8 @@
 Requests are checked field by field (pydantic): a wrong type, a value out of range or a field
 the API does not have is answered with HTTP 400 naming it, never ignored. vLLM's extra sampling
 fields (``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``, ``skip_special_tokens``) are accepted, and for chat its
+``stop_token_ids``, ``skip_special_tokens``, ``include_stop_str_in_output``, ``allowed_token_ids``,
+``bad_words``, ``truncate_prompt_tokens``) are accepted, and for chat its
 ``chat_template_kwargs`` (``{"thinking": true}``) as DeepSeek's models are served there.
 """
 
@@ -69,6 +70,10 @@ class _Sampling(BaseModel):
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
     skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+    allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
+    truncate_prompt_tokens: int | None = Field(None, ge=1)
     guided_json: dict[str, Any] | str | bool | None = None  # vLLM's structured outputs (need xgrammar)
     guided_regex: str | None = None
 
@@ -116,6 +121,8 @@ class _Sampling(BaseModel):
             min_tokens=self.min_tokens, repetition_penalty=given["repetition_penalty"],
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             logit_bias=bias or None, logprobs=logprobs, prompt_logprobs=prompt_logprobs, lora=lora,
+            include_stop_str_in_output=self.include_stop_str_in_output, allowed_token_ids=self.allowed_token_ids,
+            bad_words=self.bad_words, truncate_prompt_tokens=self.truncate_prompt_tokens,
             skip_special_tokens=self.skip_special_tokens if skip_special_tokens is None else skip_special_tokens,
             **(self.structured() if structured is None else structured))
         try:

@@ -194,3 +194,74 @@ def test_a_repeated_prompt_is_prefilled_once(model, tok, speculative, monkeypatc
     assert [[c.token_ids for c in o.outputs] for o in outs] == [[alone[0]] * 2, [alone[1]] * 2, [alone[0]] * 2]
     prefill = [r for r in rows if r[1] > Cache.SPARE + 1]
     assert prefill and max(r[0] for r in prefill) == 2  # the two distinct prompts, not six rows
+
+
+def test_allowed_token_ids_by_definition_and_in_the_engine(model, tok):
+    """Every token outside the allowed set is masked (sampled or greedy, plain or speculative);
+    ids outside the vocabulary and an empty set are refused by name."""
+    logits = torch.linspace(-1, 1, 20)
+    got = adjust(logits, SamplingParams(allowed_token_ids=[3, 17, 3]), [1], [])
+    assert torch.isinf(got).sum() == 18 and got[3] == logits[3] and got[17] == logits[17]
+    allowed = [11, 42, 97, 300]
+    for k in (0, 2):
+        llm = LLM(model, tok, max_batch_size=2, max_seq_len=256, speculative_tokens=k)
+        outs = llm.generate([PROMPT, list(range(40, 70))], [
+            SamplingParams(max_tokens=12, temperature=0.9, seed=1, ignore_eos=True, allowed_token_ids=allowed),
+            SamplingParams(max_tokens=12, temperature=0, ignore_eos=True, allowed_token_ids=allowed)])
+        assert all(set(o.token_ids) <= set(allowed) for o in outs) and len(set(outs[0].token_ids)) > 1
+    with pytest.raises(ValueError, match="allowed_token_ids has token ids outside"):
+        llm.generate([PROMPT], SamplingParams(allowed_token_ids=[512]))
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(allowed_token_ids=[])
+
+
+def test_bad_words_are_never_generated(model, tok):
+    """A word the model writes greedily, banned: its tokens (alone or after a space) never end the
+    output's tokens again, one-token words are masked outright, and the rest of the text is free."""
+    llm = LLM(model, tok, max_batch_size=1, max_seq_len=256)
+    free = llm.generate([PROMPT], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    # a multi-token stretch of what it wrote, and a single token of it, as words
+    word = tok.decode(free.token_ids[4:7]).strip()
+    single = tok.decode(free.token_ids[1:2]).strip()
+    assert word and single
+    out = llm.generate([PROMPT], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True,
+                                                bad_words=[word, single]))[0]
+    assert out.token_ids != free.token_ids
+    for w in (word, single):
+        for form in (w, " " + w):
+            seq = tok.encode(form, add_bos=False)
+            n = len(seq)
+            assert not any(out.token_ids[i:i + n] == seq for i in range(len(out.token_ids) - n + 1)), form
+    with pytest.raises(ValueError, match="bad_words"):
+        SamplingParams(bad_words=[""])
+    with pytest.raises(ValueError, match="no tokenizer"):
+        LLM(model, None, max_batch_size=1, max_seq_len=64).generate([PROMPT], SamplingParams(bad_words=["x"]))
+
+
+def test_stop_string_kept_with_include_stop_str_in_output(model, tok):
+    llm = LLM(model, tok, max_batch_size=1, max_seq_len=256)
+    free = llm.generate([PROMPT], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True))[0]
+    stop = free.text[10:13]
+    assert stop and stop not in free.text[:12]
+    cut = llm.generate([PROMPT], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=stop))[0]
+    kept = llm.generate([PROMPT], SamplingParams(max_tokens=30, temperature=0, ignore_eos=True, stop=stop,
+                                                 include_stop_str_in_output=True))[0]
+    i = free.text.index(stop)
+    assert cut.text == free.text[:i] and kept.text == free.text[:i + len(stop)]
+    assert cut.stop_reason == kept.stop_reason == stop
+    streamed = "".join(d.text for d in llm.stream([PROMPT], SamplingParams(
+        max_tokens=30, temperature=0, ignore_eos=True, stop=stop, include_stop_str_in_output=True)))
+    assert streamed == kept.text
+
+
+def test_truncate_prompt_tokens_keeps_the_end(model, tok):
+    llm = LLM(model, tok, max_batch_size=1, max_seq_len=64)
+    long_prompt = list(range(3, 103))  # longer than the context
+    with pytest.raises(ValueError, match="too long"):
+        llm.generate([long_prompt], SamplingParams(max_tokens=4))
+    params = SamplingParams(max_tokens=4, temperature=0, ignore_eos=True)
+    out = llm.generate([long_prompt], SamplingParams(**{**params.__dict__, "truncate_prompt_tokens": 40}))[0]
+    ref = llm.generate([long_prompt[-40:]], params)[0]
+    assert out.prompt_token_ids == long_prompt[-40:] and out.token_ids == ref.token_ids
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)

@@ -69,6 +69,33 @@ def test_completion_equals_the_engine(client, model, tok):
                              "prompt_tokens_details": {"cached_tokens": 0}}  # short prompts: never cached
 
 
+def test_vllm_sampling_extras_equal_the_engine(client, model, tok):
+    """vLLM's include_stop_str_in_output, allowed_token_ids, bad_words and truncate_prompt_tokens
+    reach the engine (the same text as it gives), and a prompt too long for the context fits once
+    truncated (the usage counts what was read; echo returns the kept part)."""
+    free = _llm(model, tok).generate(["def main("], SamplingParams(max_tokens=16, temperature=0))[0]
+    stop = free.text[6:8]
+    extras = {"include_stop_str_in_output": True, "stop": stop, "allowed_token_ids": list(range(40, 300)),
+              "bad_words": [tok.decode(free.token_ids[2:4]).strip() or "x"]}
+    want = _llm(model, tok).generate(["def main("], SamplingParams(
+        max_tokens=16, temperature=0, stop=stop, include_stop_str_in_output=True,
+        allowed_token_ids=list(range(40, 300)), bad_words=extras["bad_words"]))[0]
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "def main(", "max_tokens": 16,
+                                                            "temperature": 0, **extras})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == want.text and want.token_ids != free.token_ids
+    long_ids = list(range(20, 320))  # 300 tokens: more than the 256-token context
+    assert client.post("/v1/completions", headers=AUTH, json={"prompt": long_ids, "max_tokens": 4}).status_code == 400
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": long_ids, "max_tokens": 4, "temperature": 0,
+                                                            "truncate_prompt_tokens": 100, "echo": True})
+    want = _llm(model, tok).generate([long_ids[-100:]], SamplingParams(max_tokens=4, temperature=0))[0]
+    body = r.json()
+    assert r.status_code == 200 and body["usage"]["prompt_tokens"] == 100
+    assert body["choices"][0]["text"] == tok.decode(long_ids[-100:]) + want.text
+    r = client.post("/v1/completions", headers=AUTH, json={"prompt": "x", "truncate_prompt_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "truncate_prompt_tokens"
+
+
 def test_stream_equals_whole_answer(client):
     req = {"prompt": "class A:", "max_tokens": 10, "temperature": 0.8, "seed": 5, "n": 2, "stop": ["\n\n"],
            "logprobs": 1}
