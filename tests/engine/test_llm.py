@@ -92,7 +92,8 @@ def test_shared_prefill_plan():
     assert _shared_prefill([60, 57, 55, 53], 512, 8) == [(4, 60)] and len(_shared_prefill([60, 57, 55, 53], 512)) == 4
 
 
-@pytest.mark.parametrize("mode", ["eager", "static", "speculative", "prompt-logprobs", "prefix", "off"])
+@pytest.mark.parametrize("mode", ["eager", "static", "speculative", "prompt-logprobs", "speculative-logprobs",
+                                  "prefix", "off"])
 def test_prompts_joining_mid_decode_prefill_between_decode_steps(model, tok, monkeypatch, mode):
     """A long prompt joining while another sequence decodes prefills one forward at a time with a
     decode step after each (``interleave_prefill``), so the running stream waits one forward, not
@@ -110,10 +111,11 @@ def test_prompts_joining_mid_decode_prefill_between_decode_steps(model, tok, mon
     else:
         prompts, lens = [rand(5), rand(9), rand(150)], (3, 40, 8)
     params = [SamplingParams(max_tokens=n, **greedy) for n in lens]
-    if mode == "prompt-logprobs":
+    if mode.endswith("logprobs"):
         params[2] = SamplingParams(max_tokens=8, prompt_logprobs=1, **greedy)
     refs = [_solo(model, tok, p, sp) for p, sp in zip(prompts, params)]
-    if mode in ("static", "speculative"):
+    static = mode in ("static", "speculative", "speculative-logprobs")
+    if static:
         _static_steps(monkeypatch)
     busy, preserved = [], Cache.preserved
     monkeypatch.setattr(Cache, "preserved", lambda c, rows: busy.append(len(rows)) or preserved(c, rows))
@@ -121,14 +123,14 @@ def test_prompts_joining_mid_decode_prefill_between_decode_steps(model, tok, mon
     def run():
         busy.clear()
         llm = LLM(model, tok, max_batch_size=3 if mode == "prefix" else 2, max_seq_len=512, prefill_chunk=16,
-                  compile=mode in ("static", "speculative"), speculative_tokens=2 if mode == "speculative" else 0,
+                  compile=static, speculative_tokens=2 if mode.startswith("speculative") else 0,
                   interleave_prefill=mode != "off")
         return llm.generate(prompts, params)
 
     outs = run()
     for out, ref in zip(outs, refs):
         assert out.token_ids == ref.token_ids
-    if mode == "prompt-logprobs":
+    if mode.endswith("logprobs"):
         for got, want in zip(outs[2].prompt_logprobs[1:], refs[2].prompt_logprobs[1:]):
             assert got.keys() == want.keys()
             torch.testing.assert_close(torch.tensor(list(got.values())), torch.tensor(list(want.values())),
