@@ -523,9 +523,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="Responses API: responses kept in memory for previous_response_id (0: none)")
     p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
     p.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: drafts per step")
-    p.add_argument("--prefill-chunk", type=int, default=512,
-                   help="tokens per prefill forward: while requests decode, a joining prompt's forwards alternate "
-                        "with their decode steps, so this bounds how long they wait for it")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="tokens per prefill forward (default 512 on a CPU, 8192 on a GPU): while requests decode, a "
+                        "joining prompt's forwards alternate with their decode steps, so this bounds how long they "
+                        "wait for it")
     p.add_argument("--no-interleave-prefill", dest="interleave_prefill", action="store_false",
                    help="prefill a joining prompt whole before the next decode step (its first token comes "
                         "sooner, the running requests' next ones later)")

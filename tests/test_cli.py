@@ -98,7 +98,10 @@ def test_serve_builds_the_server_from_flags(monkeypatch, capsys):
                  "--thinking"]) == 0
     assert seen["model_name"] == "debug" and seen["port"] == 9123 and seen["api_key"] is None and seen["thinking"]
     assert seen["llm"].max_batch_size == 3 and seen["llm"].max_seq_len == 300 and seen["llm"].tokenizer is not None
-    assert seen["llm"].prefill_chunk == 512 and seen["llm"].interleave_prefill
+    assert seen["llm"].prefill_chunk == 512 and seen["llm"].interleave_prefill  # the CPU's default
+    from sparseek.engine.llm import default_prefill_chunk
+
+    assert default_prefill_chunk("cuda") == 8192 and default_prefill_chunk("cpu") == 512
     assert main(["serve", "--model", "debug", "--prefill-chunk", "64", "--no-interleave-prefill"]) == 0
     assert seen["llm"].prefill_chunk == 64 and not seen["llm"].interleave_prefill
     assert main(["serve", "--model", "debug", "--prefill-chunk", "0"]) == 2
