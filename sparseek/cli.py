@@ -517,17 +517,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (default: $SPARSEEK_API_KEY)")
     p.add_argument("--served-model-name", default=None, help="the model's name in the API (default: the directory's)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
+    p.add_argument("--max-batch-size", "--max-num-seqs", type=int, default=8,
+                   help="sequences decoded together (vLLM's --max-num-seqs)")
     p.add_argument("--max-waiting", type=int, default=256, help="requests queued beyond the batch before 503s")
     p.add_argument("--stored-responses", type=int, default=1024,
                    help="Responses API: responses kept in memory for previous_response_id (0: none)")
-    p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
-    p.add_argument("--speculative-tokens", type=int, default=0, help="MTP speculative decoding: drafts per step")
-    p.add_argument("--prefill-chunk", type=int, default=None,
+    p.add_argument("--max-seq-len", "--max-model-len", type=int, default=8192,
+                   help="context per sequence, prompt + completion (vLLM's --max-model-len)")
+    p.add_argument("--speculative-tokens", "--num-speculative-tokens", type=int, default=0,
+                   help="MTP speculative decoding: drafts per step")
+    p.add_argument("--prefill-chunk", "--max-num-batched-tokens", type=int, default=None,
                    help="tokens per prefill forward (default 512 on a CPU, 8192 on a GPU): while requests decode, a "
                         "joining prompt's forwards alternate with their decode steps, so this bounds how long they "
                         "wait for it")
-    p.add_argument("--no-interleave-prefill", dest="interleave_prefill", action="store_false",
+    p.add_argument("--no-interleave-prefill", "--no-enable-chunked-prefill", dest="interleave_prefill",
+                   action="store_false",
                    help="prefill a joining prompt whole before the next decode step (its first token comes "
                         "sooner, the running requests' next ones later)")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
@@ -546,8 +550,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-i", "--input", required=True, help='JSONL: {"custom_id", "method": "POST", "url", "body"} a line')
     p.add_argument("-o", "--output", required=True, help="JSONL of results, in the input's order")
     p.add_argument("--served-model-name", default=None, help="the model's name in the requests (default: the directory's)")
-    p.add_argument("--max-batch-size", type=int, default=8, help="sequences decoded together")
-    p.add_argument("--max-seq-len", type=int, default=8192, help="context per sequence (prompt + completion)")
+    p.add_argument("--max-batch-size", "--max-num-seqs", type=int, default=8,
+                   help="sequences decoded together (vLLM's --max-num-seqs)")
+    p.add_argument("--max-seq-len", "--max-model-len", type=int, default=8192,
+                   help="context per sequence, prompt + completion (vLLM's --max-model-len)")
     p.add_argument("--lora-modules", nargs="+", default=None, metavar="NAME=DIR",
                    help="LoRA adapters served unmerged, each under its own model name (a request's 'model' picks one)")
     p.add_argument("--thinking", action="store_true", help="chat requests think by default")

@@ -104,6 +104,11 @@ def test_serve_builds_the_server_from_flags(monkeypatch, capsys):
     assert default_prefill_chunk("cuda") == 8192 and default_prefill_chunk("cpu") == 512
     assert main(["serve", "--model", "debug", "--prefill-chunk", "64", "--no-interleave-prefill"]) == 0
     assert seen["llm"].prefill_chunk == 64 and not seen["llm"].interleave_prefill
+    # vLLM's flag names work too
+    assert main(["serve", "--model", "debug", "--max-num-seqs", "5", "--max-model-len", "200",
+                 "--max-num-batched-tokens", "32", "--no-enable-chunked-prefill"]) == 0
+    llm = seen["llm"]
+    assert (llm.max_batch_size, llm.max_seq_len, llm.prefill_chunk, llm.interleave_prefill) == (5, 200, 32, False)
     assert main(["serve", "--model", "debug", "--prefill-chunk", "0"]) == 2
     assert "prefill_chunk must be at least 1" in capsys.readouterr().err
     monkeypatch.setenv("SPARSEEK_API_KEY", "from-env")
