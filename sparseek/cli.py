@@ -195,7 +195,8 @@ def cmd_chat(a) -> int:
     messages = [{"role": "system", "content": a.system}] if a.system else []
     out = sys.stdout if a.main else open(os.devnull, "w")  # other ranks (torchrun) run the same turns, silently
     if a.main:
-        print(f"sparseek chat ({a.model}, {mode} mode) - empty line or Ctrl-D to quit", file=sys.stderr)
+        print(f"sparseek chat ({a.model}, {mode} mode) - empty line, /exit or Ctrl-D to quit, /clear to start "
+              "over", file=sys.stderr)
     while True:
         user = ""
         if a.main:
@@ -204,8 +205,13 @@ def cmd_chat(a) -> int:
             except EOFError:
                 pass
         user = a.share(user)  # rank 0 reads the terminal
-        if not user.strip():
+        if not user.strip() or user.strip() in ("/exit", "/quit", "/bye"):
             break
+        if user.strip() == "/clear":  # a new conversation under the same system prompt
+            del messages[1 if a.system else 0:]
+            if a.main:
+                print("\033[2m(conversation cleared)\033[0m", file=sys.stderr)
+            continue
         messages.append({"role": "user", "content": user})
         prompt, reply_mode, dropped = _chat_fit(llm, messages, a.thinking, params.max_tokens)
         if prompt is None:

@@ -168,7 +168,8 @@ def test_chat_turns_in_the_checkpoint_s_format(tmp_path, monkeypatch, capsys, te
 def test_chat_keeps_going_past_the_context_and_ctrl_c(monkeypatch, capsys):
     """A conversation outgrowing the context drops its oldest exchanges (the system message stays)
     and says so; a message too long on its own is refused in one line and the chat goes on; Ctrl-C
-    ends the reply being written, not the chat."""
+    ends the reply being written, not the chat; /clear starts over (under the system message),
+    /exit ends it."""
     from sparseek.engine import llm as engine_llm
 
     prompts, stream = [], engine_llm.LLM.stream
@@ -184,13 +185,15 @@ def test_chat_keeps_going_past_the_context_and_ctrl_c(monkeypatch, capsys):
 
     monkeypatch.setattr(engine_llm.LLM, "stream", spy)
     words = lambda tag, n: " ".join(f"{tag}{i}" for i in range(n))  # noqa: E731
-    answers = iter([words("a", 60), words("b", 60), words("huge", 400), words("c", 60), "last?", ""])
+    answers = iter([words("a", 60), words("b", 60), words("huge", 400), words("c", 60), "last?", "/clear", "new",
+                    "/exit", "never read"])
     monkeypatch.setattr("builtins.input", lambda _: next(answers))
     assert main(["chat", "-m", "debug", "--max-seq-len", "400", "--max-tokens", "8", "--seed", "0",
                  "--system", "be brief"]) == 0
     cap = capsys.readouterr()
     assert "too long for the context (400 tokens)" in cap.err and "left the conversation" in cap.err
-    assert len(prompts) == 4 and all("be brief" in p for p in prompts)
+    assert len(prompts) == 5 and all("be brief" in p for p in prompts)
+    assert "new" in prompts[4] and "c0" not in prompts[4] and "(conversation cleared)" in cap.err
     assert "a0" in prompts[0] and "a0" not in prompts[2] and "b0" in prompts[2] and "huge0" not in "".join(prompts)
     # the chat went on after the interrupted reply, which stays in the history
     assert cap.out.count(" [interrupted]\n") == 1 and "c0" in prompts[3] and "last?" in prompts[3]
