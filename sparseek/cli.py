@@ -213,19 +213,17 @@ def cmd_chat(a) -> int:
                 print("\033[2m(conversation cleared)\033[0m", file=sys.stderr)
             continue
         messages.append({"role": "user", "content": user})
-        prompt, reply_mode, dropped = _chat_fit(llm, messages, a.thinking, params.max_tokens)
+        prompt, reply_mode, kept = _chat_fit(llm, messages, a.thinking, params.max_tokens)
         if prompt is None:
             if a.main:
                 print(f"that message is too long for the context ({llm.max_seq_len} tokens); try a shorter one",
                       file=sys.stderr)
             messages.pop()
             continue
-        if dropped:
-            first = 1 if messages[0]["role"] == "system" else 0
-            del messages[first:first + dropped]
-            if a.main:
-                print(f"\033[2m(the context holds {llm.max_seq_len} tokens: the oldest {dropped} message(s) left "
-                      "the conversation)\033[0m", file=sys.stderr)
+        if len(kept) < len(messages) and a.main:
+            print(f"\033[2m(the context holds {llm.max_seq_len} tokens: the oldest {len(messages) - len(kept)} "
+                  "message(s) left the conversation)\033[0m", file=sys.stderr)
+        messages[:] = kept
         parser = llm.tokenizer.reply_parser(reply_mode)
         reply = {"reasoning": "", "content": ""}
         try:
@@ -256,7 +254,7 @@ def _chat_fit(llm, messages: list[dict], thinking: bool, reply_tokens: int | Non
     V3 / R1; else V4's) and the mode its reply is parsed in (R1's template always opens <think>),
     without as many of the oldest exchanges as it takes to leave room for the reply
     (``reply_tokens``, at most a quarter of the context) -> (prompt ids, or None when the newest
-    message alone does not fit; reply mode; how many messages after the system message to drop).
+    message alone does not fit; reply mode; the messages kept). ``messages`` is left as it is.
     """
     room = min(reply_tokens or 1, llm.max_seq_len // 4)
     first = 1 if messages[0]["role"] == "system" else 0
@@ -265,9 +263,9 @@ def _chat_fit(llm, messages: list[dict], thinking: bool, reply_tokens: int | Non
         text, mode = llm.tokenizer.chat_prompt(kept, thinking=thinking)
         prompt = llm.tokenizer.encode(text)
         if len(prompt) + room <= llm.max_seq_len:
-            return prompt, mode, len(messages) - len(kept)
+            return prompt, mode, kept
         if len(kept) - first <= 1:  # only the newest message left: it goes if it fits at all
-            return (prompt if len(prompt) < llm.max_seq_len else None), mode, len(messages) - len(kept)
+            return (prompt if len(prompt) < llm.max_seq_len else None), mode, kept
         # an exchange at a time: the oldest message and the replies to it
         end = first + 1
         while end < len(kept) - 1 and kept[end]["role"] != "user":

@@ -171,8 +171,9 @@ class LLM:
         parameter shapes) only before building the engine.
 
         Prompts waiting for a free slot prefill together, several rows per forward and at most
-        ``prefill_chunk`` tokens in each (default 512 on a CPU, 8192 on a GPU: ``default_prefill_chunk``) (``batch_prefill=False``: one prompt at a time), the MTP
-        block reading them too under speculative decoding; a prompt that asks for prompt
+        ``prefill_chunk`` tokens in each (default 512 on a CPU, 8192 on a GPU:
+        ``default_prefill_chunk``; ``batch_prefill=False``: one prompt at a time), the MTP block
+        reading them too under speculative decoding; a prompt that asks for prompt
         log-probabilities prefills alone. While sequences decode, a joining prompt's prefill
         forwards alternate with their decode steps (``interleave_prefill``, vLLM's chunked
         prefill): a long prompt holds the running streams back by one forward of at most
@@ -650,12 +651,19 @@ class LLM:
         self._accept([seq], logits[None])
         if self.speculative:
             self._first_drafts([seq], view, hidden)
+        yield from self._place([seq], slot, running, cache)
+
+    def _place(self, batch: list[_Seq], n0: int, running: list[_Seq], cache):
+        """An admission's end: its sequences (rows n0, n0 + 1, ... of ``cache``), each with its
+        first token, are yielded and the live ones join ``running``, their rows moved down to
+        follow it (below n0 where sequences ended while the admission ran)."""
         self._admitting, self._busy = [], []
-        yield seq
-        if seq.out.finish_reason is None:
-            if slot != len(running):  # sequences ended meanwhile
-                cache.copy_row(slot, len(running))
-            running.append(seq)
+        for i, q in enumerate(batch):
+            yield q
+            if q.out.finish_reason is None:
+                if n0 + i != len(running):
+                    cache.copy_row(n0 + i, len(running))
+                running.append(q)
 
     def _follow_adapters(self, cache) -> None:
         """Before a step called other than as ``model(ids, cache)`` (the compiled steps, the MTP
@@ -719,7 +727,6 @@ class LLM:
         uniq, found = [uniq[i] for i in order], [found[i] for i in order]
         row_of = {(q.params.lora, *q.out.prompt_token_ids): i for i, q in enumerate(uniq)}
         batch = uniq + dups
-        self._admitting = batch
         cache.reset(list(range(n0, n0 + k)))
         for i, q in enumerate(uniq):
             self._set_adapter(cache, n0 + i, q)
@@ -755,15 +762,7 @@ class LLM:
         self._accept(batch, torch.stack(last))
         if self.speculative:
             self._first_drafts(batch, cache.view(n0, n0 + k), torch.cat(hidden))
-        self._admitting, self._busy = [], []
-        slot = len(running)  # below n0 where sequences ended meanwhile
-        for i, q in enumerate(batch):
-            yield q
-            if q.out.finish_reason is None:
-                if n0 + i != slot:
-                    cache.copy_row(n0 + i, slot)
-                running.append(q)
-                slot += 1
+        yield from self._place(batch, n0, running, cache)
 
     def _prefill_rows(self, seqs: list[_Seq], start: int, cache, r0: int, last: list, hidden: list, o: int) -> None:
         """Prefill rows [r0, r0 + len(seqs)) of ``cache``, all at position ``start``, to their

@@ -126,7 +126,7 @@ class SamplingParams:
 
     @property
     def adjusts(self) -> bool:
-        """Whether the logits depend on the text so far (penalties, biases, min_tokens)."""
+        """Whether ``adjust`` changes the logits (penalties, biases, min_tokens, allowed tokens)."""
         return bool(self.repetition_penalty != 1 or self.presence_penalty or self.frequency_penalty
                     or self.logit_bias or self.min_tokens or self.allowed_token_ids)
 

@@ -182,7 +182,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     def _chat_setup(body: ChatRequest, limit_field: str = "max_tokens") -> tuple[list[int], bool, object]:
         """(prompt ids, thinking, SamplingParams) of a chat request."""
         text, think = _chat_prompt(body)
-        ids = llm.tokenizer.encode(text)[-(body.truncate_prompt_tokens or 0):]
+        ids = body.kept(llm.tokenizer.encode(text))
         limit = body.max_completion_tokens or body.max_tokens
         room = llm.max_seq_len - len(ids)
         # no limit given: up to the context's end, or the checkpoint's max_new_tokens
@@ -202,7 +202,7 @@ def build_app(llm: LLM, model_name: str = "sparseek", api_key: str | None = None
     async def completions(request: Request):
         body = _parse(await _json(request), CompletionRequest)
         body.check()
-        prompts = [_prompt_ids(llm, p, i)[-(body.truncate_prompt_tokens or 0):] for i, p in enumerate(body.prompts())]
+        prompts = [body.kept(_prompt_ids(llm, p, i)) for i, p in enumerate(body.prompts())]
         want = body.logprobs
         if body.max_tokens is None:  # the API's 16, or the checkpoint's max_new_tokens within the context
             gen = llm.sampling_defaults.get("max_tokens")

@@ -130,6 +130,11 @@ class _Sampling(BaseModel):
         except ValueError as e:  # "SamplingParams.x must be ...": name the request's field
             raise RequestError(str(e).replace("SamplingParams.", ""), str(e).split(".")[1].split(" ")[0]) from None
 
+    def kept(self, ids: list[int]) -> list[int]:
+        """The prompt tokens the engine reads: the last ``truncate_prompt_tokens`` of them, if set
+        (truncated here, before the context checks, so that a prompt too long fits once cut)."""
+        return ids[-self.truncate_prompt_tokens:] if self.truncate_prompt_tokens else ids
+
     @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
