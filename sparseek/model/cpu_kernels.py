@@ -47,7 +47,7 @@ _FLAGS = ["-O3", "-ffp-contract=off", "-mavx512f", "-mavx512bw", "-mavx512vl", "
 _OPENMP = ["-fopenmp"]
 # A dense layer's product goes through the kernel for up to LINEAR_MAX_ROWS rows: 1.2-3x oneDNN's
 # GEMM up to 128 rows for `small`'s and V4-Flash's projections, 0.8-1.4x at 256 (oneDNN blocks over
-# rows, the kernel does not). Eager single rows (the LM head after a prefill: 32 MB for `small`)
+# rows, the kernel does not; split into 128-row calls it is slower still: `cpu-linear-rows.txt`). Eager single rows (the LM head after a prefill: 32 MB for `small`)
 # take the kernel: 1.6x oneDNN's GEMV (`benchmarks/results/cpu-grouped-mm.txt`).
 LINEAR_MAX_ROWS = 128
 # In a compiled graph a single row stays torch's: the compiled decode step fuses it into a
