@@ -13,6 +13,9 @@ backward (distinct storages, weights excluded). Implementations:
 * ``sparseek-compiled``: the default with ``compile_hot_paths()`` (``sparseek train --compile``);
 * ``sparseek-indexer-loss``: the default plus the lightning indexers' KL loss (``sparseek train
   --indexer-loss``; the mean loss column stays the language-model loss);
+* ``sparseek-logits``: the default with the loss computed from materialized [tokens, vocab] fp32
+  logits (``F.cross_entropy(model(x))``) instead of the fused head + loss ``model(x,
+  targets=y)`` that every other sparseek row and ``sparseek train`` run (``model/loss.py``);
 * ``transformers``: ``DeepseekV4ForCausalLM`` (its eager attention over dense masks).
 
 MFU counts the active-parameter and attention FLOPs of ``training_flops_per_token`` against the
@@ -37,7 +40,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from bench_engine import _load, _peak_mb, _sync  # noqa: E402
 from prefill_memory import in_subprocess  # noqa: E402
 
-IMPLS = ["sparseek", "sparseek-autograd", "sparseek-compiled", "sparseek-indexer-loss", "transformers"]
+IMPLS = ["sparseek", "sparseek-autograd", "sparseek-compiled", "sparseek-indexer-loss", "sparseek-logits",
+         "transformers"]
 
 
 def saved_bytes_hooks(exclude: set[int]):
@@ -92,8 +96,11 @@ def one(impl: str, ckpt: str, device: str, dtype_name: str, batch: int, T: int, 
                 with hooks if count else contextlib.nullcontext():
                     for a in learners:
                         a.learn_indexer = True
-                    logits = model(x) if impl != "transformers" else model(input_ids=x).logits
-                    loss = ce(logits.flatten(0, 1).float(), y.flatten())
+                    if impl in ("transformers", "sparseek-logits"):
+                        logits = model(input_ids=x).logits if impl == "transformers" else model(x)
+                        loss = ce(logits.flatten(0, 1).float(), y.flatten())
+                    else:
+                        loss = model(x, targets=y)
             extra = sum((a.indexer_loss for a in learners if a.indexer_loss is not None), loss.new_zeros(()))
             (loss + extra).backward()
             model.zero_grad(set_to_none=True)

@@ -329,10 +329,12 @@ def decode_long(rep: Report, model, dev, context: int, bw: float, steps: int = 3
 
 # ---------------------------------------------------------------------------- 5. training
 def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_flops: float, name: str,
-                optimizer: str | None = "muon", mtp: bool = True, model=None, indexer_loss: bool = False):
+                optimizer: str | None = "muon", mtp: bool = True, model=None, indexer_loss: bool = False,
+                fused_loss: bool = True):
     """Tokens/s and MFU of training steps. ``optimizer=None`` times forward + backward only (bf16
     weights: an 11.6B model's fp32 optimizer state does not fit), which is what transformers'
-    baseline row measures; ``model`` reuses an already-built one (its weights are left as found)."""
+    baseline row measures; ``model`` reuses an already-built one (its weights are left as found).
+    ``fused_loss=False``: the loss from materialized fp32 logits (before ``model/loss.py``)."""
     from sparseek.train.optim import build_optimizer
     from sparseek.train.trainer import training_flops_per_token
 
@@ -343,13 +345,13 @@ def train_speed(rep: Report, args, dev, batch: int, seq: int, steps: int, peak_f
             model = build_model(args, dtype=None if optimizer else torch.bfloat16)
         model.init_weights(seed=0)
     opt = build_optimizer(model, optimizer) if optimizer else None
-    one = train_step_fn(model, args, dev, batch, seq, opt, mtp, indexer_loss)
+    one = train_step_fn(model, args, dev, batch, seq, opt, mtp, indexer_loss, fused_loss)
     with training(model):
         tps = _time_steps(one, dev, batch * seq, steps)
     mfu = tps * training_flops_per_token(args, seq) / peak_flops
     rep.add("train", impl="sparseek", model=name, batch=batch, seq_len=seq,
             optimizer=optimizer or "none (fwd+bwd)", mtp=bool(mtp and len(model.mtp)), indexer_loss=indexer_loss,
-            tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
+            loss="fused" if fused_loss else "logits", tokens_per_s=tps, mfu=mfu, peak_gb=peak_gb(dev))
     if own:
         del model, opt
 
@@ -365,7 +367,8 @@ def training(model):
         model.zero_grad(set_to_none=True)
 
 
-def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = True, indexer_loss: bool = False):
+def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = True, indexer_loss: bool = False,
+                  fused_loss: bool = True):
     """One training step on random tokens: forward (+ MTP) + backward (+ optimizer step), with the
     lightning indexers' KL loss if asked (as ``sparseek train`` runs by default)."""
     ce = torch.nn.functional.cross_entropy
@@ -379,10 +382,16 @@ def train_step_fn(model, args, dev, batch: int, seq: int, opt=None, mtp: bool = 
         for a in learners:
             a.learn_indexer, a.indexer_loss = indexer_loss, None
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
-            logits, h = model(x, return_hidden=True)
-            loss = ce(logits.flatten(0, 1).float(), y.flatten())
-            if mtp and len(model.mtp):
-                loss = loss + 0.3 * ce(model.forward_mtp(h[:, :-1], x[:, 1:]).flatten(0, 1).float(), y[:, 1:].flatten())
+            if fused_loss:  # what the trainer runs: heads and losses fused, no logits tensor
+                loss, h = model(x, return_hidden=True, targets=y)
+                if mtp and len(model.mtp):
+                    loss = loss + 0.3 * model.forward_mtp(h[:, :-1], x[:, 1:], targets=y[:, 1:])
+            else:
+                logits, h = model(x, return_hidden=True)
+                loss = ce(logits.flatten(0, 1).float(), y.flatten())
+                if mtp and len(model.mtp):
+                    loss = loss + 0.3 * ce(model.forward_mtp(h[:, :-1], x[:, 1:]).flatten(0, 1).float(),
+                                           y[:, 1:].flatten())
         loss = loss + sum(a.indexer_loss for a in learners if a.indexer_loss is not None)
         for a in learners:
             a.learn_indexer, a.indexer_loss = False, None
@@ -598,6 +607,9 @@ def main():
         rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name + " (plain autograd attention)",
                 optimizer=None, mtp=False, model=model, need=60)
         v4.recompute_attention = True
+        # the loss from materialized fp32 logits (129,280 x 8,192 here): what the fused loss saves
+        rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name + " (logits loss)",
+                optimizer=None, mtp=False, model=model, fused_loss=False, need=60)
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small", need=30)
         # what `sparseek train` runs by default: the indexers' KL loss on top
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small",

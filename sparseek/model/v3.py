@@ -27,6 +27,7 @@ from sparseek.model.cache import Cache
 from sparseek.model.common import MLP, Linear, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
 from sparseek.model.qat import act_round
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions
+from sparseek.model.loss import head_loss
 
 
 def _rope_layout(args: ModelArgs) -> bool:
@@ -201,10 +202,10 @@ class DeepSeekV3(DecoderLM):
             layer.attn.attn_impl = impl
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
-                at: torch.Tensor | None = None, return_hidden: bool = False):
+                at: torch.Tensor | None = None, return_hidden: bool = False, targets: torch.Tensor | None = None):
         """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence.
         ``return_hidden``: also the last hidden states after the final norm (every position), what
-        the MTP layer reads."""
+        the MTP layer reads. ``targets``: the mean cross-entropy instead of the logits (as V4's)."""
         B, T, _ = self._begin(input_ids, cache)  # MLA writes and masks by each row's own positions
         if cache is not None:
             pos = cache.pos
@@ -218,15 +219,16 @@ class DeepSeekV3(DecoderLM):
             x = layer(x, cos, sin, cache.layers[i].latent if cache is not None else None, pos, decode)
         if cache is not None:
             cache.pos += T
-        if return_hidden:
-            h = self.norm(x)
-            return self.head(logit_positions(h, last_n, at)).float(), h
-        return self.head(self.norm(logit_positions(x, last_n, at))).float()
+        h = self.norm(x) if return_hidden else None
+        hp = logit_positions(h, last_n, at) if return_hidden else self.norm(logit_positions(x, last_n, at))
+        out = self.head(hp).float() if targets is None else head_loss(self.head, hp, targets)
+        return (out, h) if return_hidden else out
 
     def forward_mtp(self, hidden_BTD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
                     start: int | torch.Tensor = 0, *, last_n: int | None = None, at: torch.Tensor | None = None,
-                    return_hidden: bool = False):
-        """MTP logits predicting token t+2 from the hidden state at t (``forward(...,
+                    return_hidden: bool = False, targets: torch.Tensor | None = None):
+        """MTP logits (or with ``targets`` their mean cross-entropy) predicting token t+2 from the
+        hidden state at t (``forward(...,
         return_hidden=True)``'s, or this layer's own output when drafts chain) and token t+1
         (``next_ids``). With a cache the layer keeps its own latents (``cache.layers[-1]``) and
         position counter (``cache.mtp_pos``); without one, the first entry sits at ``start``.
@@ -246,8 +248,9 @@ class DeepSeekV3(DecoderLM):
                            cache is not None and T == 1)
         if cache is not None:
             cache.mtp_pos += T
-        logits = self.head(logit_positions(h, last_n, at)).float()
-        return (logits, logit_positions(x, None, at) if at is not None else x) if return_hidden else logits
+        h = logit_positions(h, last_n, at)
+        out = self.head(h).float() if targets is None else head_loss(self.head, h, targets)
+        return (out, logit_positions(x, None, at) if at is not None else x) if return_hidden else out
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:
         init_params(self, std, seed)

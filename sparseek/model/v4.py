@@ -32,6 +32,7 @@ from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_p
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.qat import act_round, fp4_round, hadamard
 from sparseek.model.common import Linear, MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
+from sparseek.model.loss import head_loss
 
 # Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
 # speculative verification and drafts; rows at any positions): the rings' spare slots let that many
@@ -922,12 +923,16 @@ class DeepSeekV4(DecoderLM):
 
     # ------------------------------------------------------------------ public
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, *, last_n: int | None = None,
-                at: torch.Tensor | None = None, return_hidden: bool = False):
+                at: torch.Tensor | None = None, return_hidden: bool = False, targets: torch.Tensor | None = None):
         """input_ids [B, T] -> logits [B, T, V] (fp32); with a cache, continue each row's sequence.
         ``last_n``: logits of the last n positions only; ``at`` ([B] indices): of one position per
-        row ([B, 1, V]). The streams (``return_hidden``) come back for every position."""
+        row ([B, 1, V]). The streams (``return_hidden``) come back for every position.
+        ``targets`` (the token each position should predict, -100 = not counted): the mean
+        cross-entropy instead of the logits, which are never materialized (``model/loss.py``)."""
         B, T, rows_apart = self._begin(input_ids, cache)
         if rows_apart and T > PER_ROW_TOKENS:
+            if targets is not None:
+                raise ValueError("targets are scored in one forward from one start position")
             return self._rowwise(input_ids, cache, last_n, at, return_hidden)
         step = self._step(B, T, cache.pos if cache is not None else None, input_ids.device, cache is not None)
         x = self.embed(input_ids).unsqueeze(2).expand(-1, -1, self.args.hc_mult, -1).contiguous()
@@ -935,9 +940,10 @@ class DeepSeekV4(DecoderLM):
             x = layer(x, step, cache.layers[i] if cache is not None else None, input_ids)
         if cache is not None:
             cache.pos += T
-        logits = self._logits(logit_positions(x, last_n, at), self.hc_head_fn, self.hc_head_scale,
-                              self.hc_head_base, self.norm)
-        return (logits, x) if return_hidden else logits
+        h = self._head_input(logit_positions(x, last_n, at), self.hc_head_fn, self.hc_head_scale,
+                             self.hc_head_base, self.norm)
+        out = self.head(h).float() if targets is None else head_loss(self.head, h, targets)
+        return (out, x) if return_hidden else out
 
     def decode_step(self, input_ids_B1: torch.Tensor, cache: Cache, span_L: torch.Tensor | None = None
                     ) -> torch.Tensor:
@@ -978,8 +984,9 @@ class DeepSeekV4(DecoderLM):
 
     def forward_mtp(self, hidden_BTSD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
                     start: int | torch.Tensor = 0, *, last_n: int | None = None, at: torch.Tensor | None = None,
-                    return_hidden: bool = False):
-        """MTP logits predicting token t+2 from the main streams at t and token t+1 (``next_ids``).
+                    return_hidden: bool = False, targets: torch.Tensor | None = None):
+        """MTP logits predicting token t+2 from the main streams at t and token t+1 (``next_ids``),
+        or with ``targets`` their mean cross-entropy (as ``forward``'s).
 
         ``start`` is the position of the first row entry (the MTP block keeps its own window cache in
         ``cache.layers[-1]`` and its own position counter ``cache.mtp_pos``). ``last_n``: logits of
@@ -1006,8 +1013,9 @@ class DeepSeekV4(DecoderLM):
             cache.mtp_pos += T
         if at is not None:
             x = logit_positions(x, None, at)
-        logits = self.head(logit_positions(h, last_n, at)).float()
-        return (logits, x) if return_hidden else logits
+        h = logit_positions(h, last_n, at)
+        out = self.head(h).float() if targets is None else head_loss(self.head, h, targets)
+        return (out, x) if return_hidden else out
 
     # ------------------------------------------------------------------ internals
     def _rowwise(self, input_ids, cache, last_n, at, return_hidden):
@@ -1046,9 +1054,11 @@ class DeepSeekV4(DecoderLM):
         return Step(pos=pos_B, positions=positions_BT, start=None, rotary=dict(self.rotary.items()),
                     rope={k: r(positions_BT) for k, r in self.rotary.items()}, static=True, span=span)
 
+    def _head_input(self, x_BTSD, fn, scale, base, norm):
+        return norm(hc_head(x_BTSD, fn, scale, base, self.args.rms_norm_eps, self.args.hc_eps))
+
     def _logits(self, x_BTSD, fn, scale, base, norm):
-        h = hc_head(x_BTSD, fn, scale, base, self.args.rms_norm_eps, self.args.hc_eps)
-        return self.head(norm(h)).float()
+        return self.head(self._head_input(x_BTSD, fn, scale, base, norm)).float()
 
     def _step(self, B, T, pos, device, has_cache: bool) -> Step:
         if pos is None:

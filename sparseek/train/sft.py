@@ -18,13 +18,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 
+from sparseek.model.loss import IGNORE_INDEX
 from sparseek.tokenizer.chat import ASSISTANT, EOS, THINK_END, THINK_START, encode_messages
 from sparseek.tokenizer.template import render_chat_template
 from sparseek.train.optim import apply_lr, build_optimizer, lr_schedule
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # labels of the tokens the loss does not count (the prompt, padding)
 
 
 def assistant_spans(text: str) -> list[tuple[int, int]]:
@@ -119,8 +119,7 @@ def batches(examples: list[tuple[list[int], list[int]]], batch_size: int, step: 
 
 
 def sft_loss(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    logits = model(x)
-    return F.cross_entropy(logits.flatten(0, 1), y.flatten(), ignore_index=IGNORE)
+    return model(x, targets=y)  # IGNORE (-100) positions are not counted
 
 
 def finetune(model, tokenizer, cfg: SFTConfig, log=print) -> dict:

@@ -17,7 +17,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from sparseek.config import preset
@@ -189,13 +188,13 @@ class Trainer:
     def losses(self, x: torch.Tensor, y: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         """Forward one micro-batch: main, MTP and balance losses."""
         c = self.cfg
-        logits, h = self.model(x, return_hidden=True)
-        out = {"loss": F.cross_entropy(logits.flatten(0, 1), y.flatten())}
+        # the losses come straight from the heads' inputs: no [tokens, vocab] logits (model/loss.py)
+        loss, h = self.model(x, return_hidden=True, targets=y)
+        out = {"loss": loss}
         if len(getattr(self.model, "mtp", ())):
             # MTP at position t sees the main streams at t and token t+1, and predicts token t+2
-            mtp_logits = self.model.forward_mtp(h[:, :-1], x[:, 1:])
-            out["mtp_loss"] = F.cross_entropy(mtp_logits.flatten(0, 1), y[:, 1:].flatten())
-        aux = logits.new_zeros(())
+            out["mtp_loss"] = self.model.forward_mtp(h[:, :-1], x[:, 1:], targets=y[:, 1:])
+        aux = loss.new_zeros(())
         for moe in self.moes:
             if moe.gate.hash_routed or moe.last_routing is None:
                 continue
@@ -298,8 +297,7 @@ class Trainer:
         for i, (x, y) in enumerate(self.val_data.iter_eval(self.cfg.batch_size)):
             if i >= self.cfg.eval_batches:
                 break
-            logits = self.model(x.to(self.device))
-            total += float(F.cross_entropy(logits.flatten(0, 1), y.to(self.device).flatten())) * x.shape[0]
+            total += float(self.model(x.to(self.device), targets=y.to(self.device))) * x.shape[0]
             n += x.shape[0]
         val = total / max(n, 1)
         uni = self.val_data.unigram_loss() if hasattr(self.val_data, "unigram_loss") else float("nan")
