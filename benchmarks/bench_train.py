@@ -16,6 +16,9 @@ backward (distinct storages, weights excluded). Implementations:
 * ``sparseek-logits``: the default with the loss computed from materialized [tokens, vocab] fp32
   logits (``F.cross_entropy(model(x))``) instead of the fused head + loss ``model(x,
   targets=y)`` that every other sparseek row and ``sparseek train`` run (``model/loss.py``);
+* ``sparseek-plain-pointwise``: SwiGLU, RMSNorm and mHC's input side through plain autograd
+  (``common.recompute_pointwise = False``; the default keeps their inputs and recomputes them in
+  backward when activations are half precision);
 * ``transformers``: ``DeepseekV4ForCausalLM`` (its eager attention over dense masks).
 
 MFU counts the active-parameter and attention FLOPs of ``training_flops_per_token`` against the
@@ -41,7 +44,7 @@ from bench_engine import _load, _peak_mb, _sync  # noqa: E402
 from prefill_memory import in_subprocess  # noqa: E402
 
 IMPLS = ["sparseek", "sparseek-autograd", "sparseek-compiled", "sparseek-indexer-loss", "sparseek-logits",
-         "transformers"]
+         "sparseek-plain-pointwise", "transformers"]
 
 
 def saved_bytes_hooks(exclude: set[int]):
@@ -77,6 +80,9 @@ def one(impl: str, ckpt: str, device: str, dtype_name: str, batch: int, T: int, 
                 v4.query_block, v4.attn_block_budget = (lambda d: model_base.query_block(gpu)), (
                     lambda d: model_base.attn_block_budget(gpu))
             v4.recompute_attention = impl != "sparseek-autograd"
+            from sparseek.model import common
+
+            common.recompute_pointwise = impl != "sparseek-plain-pointwise"
             if impl == "sparseek-compiled":
                 v4.compile_hot_paths()
         model = _load(impl, ckpt, device, dtype).train()

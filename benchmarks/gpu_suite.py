@@ -610,6 +610,14 @@ def main():
         # the loss from materialized fp32 logits (129,280 x 8,192 here): what the fused loss saves
         rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name + " (logits loss)",
                 optimizer=None, mtp=False, model=model, fused_loss=False, need=60)
+        # SwiGLU, RMSNorm and mHC's input side through plain autograd: what keeping only their inputs
+        # saves (~45% of activations by benchmarks/results/cpu-flash-train-saved.txt) and costs
+        from sparseek.model import common
+
+        common.recompute_pointwise = False
+        rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops,
+                name + " (plain autograd pointwise)", optimizer=None, mtp=False, model=model, need=60)
+        common.recompute_pointwise = True
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small", need=30)
         # what `sparseek train` runs by default: the indexers' KL loss on top
         rep.run("train", train_speed, rep, small, dev, sb, ss, 3 if a.smoke else 10, flops, "small",

@@ -31,13 +31,60 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if recomputing(x, self.weight):
+            return _RMSNorm.apply(x, self.weight, self.eps)
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.square().mean(-1, keepdim=True) + self.eps)
         return (self.weight * x32).to(x.dtype)
 
 
 def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if recomputing(x):
+        return _RMSNorm.apply(x, None, eps)
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+# Training on half-precision activations (bf16 autocast, as on a GPU) keeps the inputs of the
+# pointwise chains that compute in fp32 (SwiGLU, RMSNorm; in v4, mHC's input side) and recomputes
+# them in backward instead of keeping their fp32 copies and intermediates: at V4-Flash sizes 712
+# instead of 1,297 KiB kept per token and layer (``benchmarks/results/cpu-flash-train-saved.txt``).
+# fp32 activations have no copies to save: there it would only cost time (3% of a CPU nano step).
+# False: plain autograd (the reference).
+recompute_pointwise = True
+
+
+def recomputing(x: torch.Tensor, *more) -> bool:
+    """Whether a pointwise chain over ``x`` (half precision) and ``more`` runs through its
+    recomputing autograd function."""
+    return (recompute_pointwise and x.dtype != torch.float32 and torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, *more)))
+
+
+class _RMSNorm(torch.autograd.Function):
+    """RMSNorm (``weight`` None: ``rms_unweighted``, scaled in x's dtype) keeping x and one fp32
+    factor per row for backward. Plain autograd keeps x in fp32 and the normalized x beside it: for
+    a bf16 x under autocast 3x x's bytes more (V4-Flash's queries: 128 KiB per token per layer)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        r = torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, r)
+        if weight is None:
+            return x * r.to(x.dtype)
+        return (weight * (x.float() * r)).to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        x, weight, r = ctx.saved_tensors
+        xn = x.float() * r
+        dxn = dy.float() if weight is None else dy.float() * weight
+        dw = None
+        if weight is not None and ctx.needs_input_grad[1]:
+            dw = (dy.float() * xn).flatten(0, -2).sum(0).to(weight.dtype)
+        # d(x r)/dx with r = (mean(x^2) + eps)^-1/2: r (dxn - xn mean(dxn xn))
+        dx = r * (dxn - xn * (dxn * xn).mean(-1, keepdim=True))
+        return dx.to(x.dtype), dw, None
 
 
 # ---------------------------------------------------------------------------- RoPE
@@ -176,7 +223,13 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None, scale: tor
     """silu(gate) * up in fp32 (DeepSeek clamps both at ``limit``), times ``scale`` (the routing
     weights, applied before w2), cast to ``dtype``, then rounded as w2's FP8 input with ``act``
     (``act_fp8``'s scale format). One function for the whole chain, so that ``compile_hot_paths``
-    fuses it into one pass."""
+    fuses it into one pass. Under autograd through ``_SwiGLU``, which keeps only its inputs."""
+    if recomputing(gate, up, scale):
+        return act_round(_SwiGLU.apply(gate, up, scale, limit, dtype), act)
+    return act_round(_swiglu(gate, up, limit, scale, dtype), act)
+
+
+def _swiglu(gate, up, limit, scale, dtype):
     gate, up = gate.float(), up.float()
     if limit:
         up = up.clamp(-limit, limit)
@@ -184,7 +237,41 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float | None, scale: tor
     h = F.silu(gate) * up
     if scale is not None:
         h = h * scale
-    return act_round(h if dtype is None else h.to(dtype), act)
+    return h if dtype is None else h.to(dtype)
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``_swiglu`` keeping its inputs (the products' outputs, in their dtype) for backward and
+    recomputing the rest there: plain autograd keeps the fp32 gate and up, both clamps and
+    silu(gate) * up -- at V4-Flash sizes under bf16 autocast ~290 KiB per token per MoE layer, a
+    fifth of everything a layer keeps (``benchmarks/results/cpu-flash-train-saved.txt``)."""
+
+    @staticmethod
+    def forward(ctx, gate, up, scale, limit, dtype):
+        ctx.save_for_backward(gate, up, scale)
+        ctx.limit = limit
+        return _swiglu(gate, up, limit, scale, dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dh):
+        gate, up, scale = ctx.saved_tensors
+        g, u, lim = gate.float(), up.float(), ctx.limit
+        if lim:  # clamp passes the gradient inside [min, max], bounds included (as torch's)
+            keep_g, keep_u = g <= lim, (u >= -lim) & (u <= lim)
+            g, u = g.clamp(max=lim), u.clamp(-lim, lim)
+        sig = torch.sigmoid(g)
+        silu = g * sig
+        d = dh.float()
+        dscale = None
+        if scale is not None:
+            dscale = (d * (silu * u)).sum_to_size(scale.shape).to(scale.dtype) if ctx.needs_input_grad[2] else None
+            d = d * scale
+        dg = d * u * (sig * (1 + g * (1 - sig)))
+        du = d * silu
+        if lim:
+            dg, du = dg * keep_g, du * keep_u
+        return dg.to(gate.dtype), du.to(up.dtype), dscale, None, None
 
 
 def linear_weight(m: nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -826,7 +826,12 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_scale", nn.Parameter(torch.ones(3, dtype=torch.float32)))
 
     def hc_pre(self, x_BTSD, fn, scale, base):
-        return hc_pre(x_BTSD, fn, scale, base, self.hc_iters, self.norm_eps, self.hc_eps)
+        args = (x_BTSD, fn, scale, base, self.hc_iters, self.norm_eps, self.hc_eps)
+        if common.recomputing(x_BTSD, fn):
+            # bf16 streams: autograd would keep their fp32 copy (64 KiB a token at V4-Flash sizes) for
+            # the mixing product and the weighted sum; recomputing the site in backward is cheap
+            return torch.utils.checkpoint.checkpoint(hc_pre, *args, use_reentrant=False)
+        return hc_pre(*args)
 
     def forward(self, x_BTSD, step: Step, lc: LayerCache | None, input_ids_BT):
         attn_input, ffn_input, output = self.attn_input, self.ffn_input, hc_post
