@@ -52,6 +52,22 @@ def _n_experts(model) -> int:
     return cfg.n_routed_experts
 
 
+def saved_bytes(fn, exclude=frozenset()):
+    """-> (``fn()``, bytes of the distinct storages autograd keeps for backward while it runs),
+    storages whose data pointer is in ``exclude`` (e.g. the weights') not counted."""
+    seen = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in exclude:
+            seen[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp(min=1e-12))
 

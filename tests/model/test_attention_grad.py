@@ -9,7 +9,7 @@ import torch
 
 import sparseek
 from sparseek.model import build_model, v4
-from tests.conftest import randomize_, rel_err
+from tests.conftest import randomize_, rel_err, saved_bytes
 
 B, G, Q, H, C, L, N, K = 2, 3, 5, 4, 16, 9, 7, 3
 
@@ -77,16 +77,7 @@ def test_model_gradients_equal_autograd(monkeypatch):
 
 
 def _saved_bytes(fn) -> int:
-    """Bytes of the distinct storages autograd keeps for backward while ``fn`` runs."""
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
+    return saved_bytes(fn)[1]
 
 
 def test_keeps_no_scores_for_backward(monkeypatch):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 import sparseek
 from sparseek.model import build_model
 from sparseek.model import loss as L
-from tests.conftest import randomize_, rel_err
+from tests.conftest import randomize_, rel_err, saved_bytes
 
 
 def _inputs(N=50, D=16, V=97, dtype=torch.float32, seed=0):
@@ -62,18 +62,9 @@ def test_all_rows_ignored_gives_nan_as_torch_does():
 def test_keeps_no_logits_for_backward():
     """Autograd keeps the two gradients (h-sized and w-sized) instead of [N, V] log-probabilities."""
     h, w, y = _inputs(N=256, D=8, V=1000)
-    sizes = {}
-    for name, fn in (("fused", lambda: L.linear_cross_entropy(h, w, y, rows=32)),
-                     ("logits", lambda: F.cross_entropy((h @ w.t()).float(), y))):
-        seen = {}
-
-        def pack(t):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            fn()
-        sizes[name] = sum(seen.values())
+    sizes = {name: saved_bytes(fn)[1] for name, fn in (
+        ("fused", lambda: L.linear_cross_entropy(h, w, y, rows=32)),
+        ("logits", lambda: F.cross_entropy((h @ w.t()).float(), y)))}
     logits_bytes = 256 * 1000 * 4
     assert sizes["logits"] >= logits_bytes
     assert sizes["fused"] <= h.numel() * 4 + w.numel() * 4 + 1024

@@ -9,7 +9,7 @@ import torch
 
 import sparseek
 from sparseek.model import build_model, common
-from tests.conftest import randomize_, rel_err
+from tests.conftest import randomize_, rel_err, saved_bytes
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -85,42 +85,26 @@ def test_rmsnorm_bf16_gradient_as_accurate_as_autograds():
     assert errs[True] <= errs[False] * 1.01 + 1e-6 and errs[True] < 1e-2
 
 
-def _saved_bytes(fn) -> int:
-    seen = {}
-
-    def pack(t):
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(seen.values())
-
-
 def _train_step(model, recompute: bool):
     """Loss, bytes kept for backward (weights excluded) and gradients of one training forward of
     every V4 layer type and the MTP block."""
     ids = torch.randint(0, model.args.vocab_size, (2, 65), generator=torch.Generator().manual_seed(3))
     x, y = ids[:, :-1], ids[:, 1:]
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen = {}
 
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in weights:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
+    def losses():
+        loss, h = model(x, return_hidden=True, targets=y)
+        return loss + 0.3 * model.forward_mtp(h[:, :-1], x[:, 1:], targets=y[:, 1:])
 
     common.recompute_pointwise = recompute
     try:
         model.zero_grad()
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss, h = model(x, return_hidden=True, targets=y)
-            loss = loss + 0.3 * model.forward_mtp(h[:, :-1], x[:, 1:], targets=y[:, 1:])
+        loss, kept = saved_bytes(losses, weights)
         loss.backward()
     finally:
         common.recompute_pointwise = True
     grads = torch.cat([p.grad.float().flatten() for _, p in sorted(model.named_parameters()) if p.grad is not None])
-    return float(loss.detach()), sum(seen.values()), grads
+    return float(loss.detach()), kept, grads
 
 
 def test_fp32_training_unchanged():
