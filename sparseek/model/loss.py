@@ -119,7 +119,13 @@ def head_loss(head: nn.Module, h_BTD: torch.Tensor, targets_BT: torch.Tensor,
     if h_BTD.shape[:-1] != targets_BT.shape:
         raise ValueError(f"targets have shape {tuple(targets_BT.shape)}, the positions scored "
                          f"{tuple(h_BTD.shape[:-1])}")
-    h_ND, y_N = h_BTD.flatten(0, -2), targets_BT.flatten()
+    h_ND, y_N = h_BTD.flatten(0, -2), targets_BT.flatten().long()
+    if skip_ignored(y_N.device):  # a free check where the host holds the targets (a GPU would stall)
+        V = head.weight.shape[0] if hasattr(head, "weight") else None
+        bad = ((y_N < 0) & (y_N != ignore_index)) | ((y_N >= V) if V else False)
+        if bool(bad.any()):
+            raise ValueError(f"targets must be token ids in [0, {V}) or {ignore_index} (not counted), "
+                             f"got {int(y_N[bad][0])}")
     if fusable(head):
         return linear_cross_entropy(h_ND, head.weight, y_N, ignore_index)
     return F.cross_entropy(head(h_ND).float(), y_N, ignore_index=ignore_index)

@@ -221,6 +221,8 @@ class Trainer:
             attn.attend_all = c.indexer_loss and self.step < c.indexer_warmup
         lr = self.lr_at(self.step)
         apply_lr(self.optimizer, lr)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         loads = [torch.zeros(m.gate.n_experts, device=self.device) for m in self.moes]
         sums: dict[str, float] = {}
@@ -260,6 +262,7 @@ class Trainer:
                "max_vio": max(vio) if vio else 0.0, "mean_vio": sum(vio) / len(vio) if vio else 0.0}
         if self.peak_flops:
             rec["mfu"] = self.flops_per_token * tokens / dt / (self.peak_flops * self.world)
+        rec["mem_gb"] = peak_memory_gb(self.device)
         if c.log_load_every and self.step % c.log_load_every == 0:
             rec["expert_load"] = [(load / load.sum()).tolist() for load in loads]
         return rec
@@ -325,7 +328,7 @@ class Trainer:
             if bar:
                 bar.update()
                 bar.set_postfix(loss=f"{rec['loss']:.3f}", tok_s=f"{rec['tokens_per_s']:.0f}",
-                                vio=f"{rec['max_vio']:.2f}")
+                                vio=f"{rec['max_vio']:.2f}", mem=f"{rec['mem_gb']:.1f}G")
             if c.ckpt_every and self.step % c.ckpt_every == 0 and self.step < c.max_steps:
                 self.save()
         if bar:
@@ -400,6 +403,16 @@ def training_flops_per_token(args, seq_len: int) -> float:
     else:
         attn = args.num_hidden_layers * 4 * args.num_attention_heads * args.qk_head_dim * seq_len / 2
     return 3 * (2 * matmul + attn)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """This step's peak of CUDA-allocated memory; on a CPU the process's resident high-water mark
+    so far (what the OS reports; it never goes down)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def measure_peak_flops(device: torch.device, seconds: float = 0.3) -> float:

@@ -126,8 +126,15 @@ def test_head_that_is_not_a_plain_product_goes_through_its_logits():
     assert not torch.allclose(doubled, plain)
 
 
-def test_targets_of_the_wrong_shape_are_refused():
-    model = build_model(sparseek.preset("debug"))
+def test_bad_targets_are_refused_by_name():
+    model = randomize_(build_model(sparseek.preset("debug")), 3).eval()
     ids = torch.zeros(2, 8, dtype=torch.long)
     with pytest.raises(ValueError, match="targets have shape"):
         model(ids, targets=torch.zeros(2, 7, dtype=torch.long))
+    for bad in (-1, model.args.vocab_size):  # -1 would read as token 0 after the clamp
+        y = torch.zeros(2, 8, dtype=torch.long)
+        y[1, 3] = bad
+        with pytest.raises(ValueError, match=f"got {bad}"):
+            model(ids, targets=y)
+    y32 = torch.ones(2, 8, dtype=torch.int32)  # any integer dtype
+    assert torch.allclose(model(ids, targets=y32), model(ids, targets=y32.long()))

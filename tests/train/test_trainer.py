@@ -49,6 +49,7 @@ def test_log_and_checkpoint(tmp_path, corpus):
     recs = [json.loads(l) for l in open(t.log_path)]
     for key in ("step", "loss", "mtp_loss", "aux_loss", "lr", "tokens_per_s", "max_vio", "mfu", "expert_load"):
         assert key in recs[-1], key
+    assert 0.05 < recs[-1]["mem_gb"] < 64  # this process's resident high-water mark on a CPU
     assert recs[-1]["loss"] < recs[0]["loss"]
     assert "val_ppl" in recs[-1] and "unigram_ppl" in recs[-1]
     # keep-last-N, atomic latest pointer, and a checkpoint the engine loads
