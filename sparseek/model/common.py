@@ -46,8 +46,8 @@ def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 # Training on half-precision activations (bf16 autocast, as on a GPU) keeps the inputs of the
 # pointwise chains that compute in fp32 (SwiGLU, RMSNorm; in v4, mHC's input side) and recomputes
-# them in backward instead of keeping their fp32 copies and intermediates: at V4-Flash sizes 712
-# instead of 1,297 KiB kept per token and layer (``benchmarks/results/cpu-flash-train-saved.txt``).
+# them in backward instead of keeping their fp32 copies and intermediates: at V4-Flash sizes 664
+# instead of 1,249 KiB kept per token and layer (``benchmarks/results/cpu-flash-train-saved.txt``).
 # fp32 activations have no copies to save: there it would only cost time (3% of a CPU nano step).
 # False: plain autograd (the reference).
 recompute_pointwise = True
@@ -58,6 +58,23 @@ def recomputing(x: torch.Tensor, *more) -> bool:
     recomputing autograd function."""
     return (recompute_pointwise and x.dtype != torch.float32 and torch.is_grad_enabled()
             and any(t is not None and t.requires_grad for t in (x, *more)))
+
+
+class _SumRows(torch.autograd.Function):
+    """``zeros(n, ...).index_add_(0, index, src)`` keeping only the index for backward (whose
+    gradient is ``grad[index]``). torch's index_add keeps ``src`` too: the experts' [token x
+    expert, hidden] outputs, 48 KiB a token per MoE layer at V4-Flash sizes in bf16."""
+
+    @staticmethod
+    def forward(ctx, index, src, n: int):
+        ctx.save_for_backward(index)
+        return src.new_zeros((n, *src.shape[1:])).index_add_(0, index, src)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        index, = ctx.saved_tensors
+        return None, grad.index_select(0, index), None
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -602,6 +619,8 @@ class Experts(nn.Module):
                               w13=w13, batched=batched, act=self.act_fp8)
         else:
             out = self._forward_loop(x_ND[token_of], e_sorted, w_sorted.unsqueeze(-1))
+        if torch.is_grad_enabled() and out.requires_grad:
+            return _SumRows.apply(token_of, out, x_ND.shape[0])
         return torch.zeros_like(x_ND).index_add_(0, token_of, out)
 
     def _forward_loop(self, x_sorted: torch.Tensor, flat_idx: torch.Tensor, w_sorted: torch.Tensor) -> torch.Tensor:

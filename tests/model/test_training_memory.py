@@ -1,6 +1,7 @@
-"""Pointwise chains that keep only their inputs for backward (``common.recompute_pointwise``:
-SwiGLU, RMSNorm, mHC's input side, on half-precision activations): the gradients of plain
-autograd, and less kept for backward."""
+"""What training keeps for backward. Pointwise chains that keep only their inputs
+(``common.recompute_pointwise``: SwiGLU, RMSNorm, mHC's input side, on half-precision
+activations) and the experts' weighted sum keeping only its index: the gradients of plain
+autograd, and less kept."""
 
 from __future__ import annotations
 
@@ -126,3 +127,17 @@ def test_model_bf16_gradients_as_accurate_and_far_less_kept():
     assert err1 < 1.2 * err0 + 1e-3, (err1, err0)
     assert float((g1 - g0).norm() / g0.norm()) < 0.02  # measured ~0.012: bf16 rounding, far below err0
     assert kept1 < 0.7 * kept0, (kept1, kept0)
+
+
+def test_expert_sum_keeps_only_its_index():
+    """The experts' outputs summed into their tokens: torch's index_add keeps the [pairs, hidden]
+    outputs for backward, the experts' own sum only the index; same values and gradients."""
+    g = torch.Generator().manual_seed(4)
+    index = torch.randint(0, 10, (30,), generator=g)
+    src = torch.randn(30, 16, generator=g, requires_grad=True)
+    do = torch.randn(10, 16, generator=g)
+    ref, kept_ref = saved_bytes(lambda: torch.zeros(10, 16).index_add_(0, index, src))
+    got, kept = saved_bytes(lambda: common._SumRows.apply(index, src, 10))
+    assert torch.equal(got, ref)
+    assert torch.equal(torch.autograd.grad(got, src, do)[0], torch.autograd.grad(ref, src, do)[0])
+    assert kept_ref >= src.numel() * 4 and kept == index.numel() * 8
