@@ -16,7 +16,7 @@ backward (distinct storages, weights excluded). Implementations:
 * ``sparseek-logits``: the default with the loss computed from materialized [tokens, vocab] fp32
   logits (``F.cross_entropy(model(x))``) instead of the fused head + loss ``model(x,
   targets=y)`` that every other sparseek row and ``sparseek train`` run (``model/loss.py``);
-* ``sparseek-plain-pointwise``: SwiGLU, RMSNorm and mHC's input side through plain autograd
+* ``sparseek-plain-pointwise``: SwiGLU, RMSNorm and mHC's two sides through plain autograd
   (``common.recompute_pointwise = False``; the default keeps their inputs and recomputes them in
   backward when activations are half precision);
 * ``transformers``: ``DeepseekV4ForCausalLM`` (its eager attention over dense masks).

@@ -621,8 +621,8 @@ def main():
         # the loss from materialized fp32 logits (129,280 x 8,192 here): what the fused loss saves
         rep.run("train", train_speed, rep, args, dev, tb, ts, 2 if a.smoke else 5, flops, name + " (logits loss)",
                 optimizer=None, mtp=False, model=model, fused_loss=False, need=60)
-        # SwiGLU, RMSNorm and mHC's input side through plain autograd: what keeping only their inputs
-        # saves (~45% of activations by benchmarks/results/cpu-flash-train-saved.txt) and costs
+        # SwiGLU, RMSNorm and mHC's two sides through plain autograd: what keeping only their inputs
+        # saves (~half the activations by benchmarks/results/cpu-flash-train-saved.txt) and costs
         from sparseek.model import common
 
         common.recompute_pointwise = False

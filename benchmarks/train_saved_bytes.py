@@ -6,7 +6,7 @@ The model has V4-Flash's dimensions (4 layers: two sliding-window, one CSA, one 
 experts, which changes nothing per token; a small vocabulary, the head's loss being fused anyway)
 in bf16 under bf16 autocast, as a GPU trains it. Each distinct storage autograd saves is counted
 once, weights excluded, under the innermost module running when it was saved. Two settings: the
-default (``common.recompute_pointwise``: SwiGLU, RMSNorm and mHC's input side keep their inputs
+default (``common.recompute_pointwise``: SwiGLU, RMSNorm and mHC's two sides keep their inputs
 and recompute in backward) and plain autograd for those chains (both with the experts' sum that
 keeps only its index: 1,297 KiB per token and layer before it, in the thirty-sixth session).
 Memory is the measure, so a CPU gives the GPU's answer (same tensors, same dtypes).

@@ -16,10 +16,15 @@ from sparseek.model.qat import act_round
 
 def fp32_region():
     """Where DeepSeek computes in fp32 (router logits, mHC mixing, compressor): keep it so under a
-    training loop's bf16 autocast."""
-    if torch.is_autocast_enabled("cuda"):
-        return torch.autocast(device_type="cuda", enabled=False)
-    return contextlib.nullcontext()
+    training loop's bf16 autocast (a GPU's; a CPU's too, which benchmarks use to see a GPU's
+    tensors)."""
+    on = [d for d in ("cuda", "cpu") if torch.is_autocast_enabled(d)]
+    if not on:
+        return contextlib.nullcontext()
+    stack = contextlib.ExitStack()
+    for d in on:
+        stack.enter_context(torch.autocast(device_type=d, enabled=False))
+    return stack
 
 
 class RMSNorm(nn.Module):
@@ -45,9 +50,9 @@ def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 # Training on half-precision activations (bf16 autocast, as on a GPU) keeps the inputs of the
-# pointwise chains that compute in fp32 (SwiGLU, RMSNorm; in v4, mHC's input side) and recomputes
-# them in backward instead of keeping their fp32 copies and intermediates: at V4-Flash sizes 664
-# instead of 1,249 KiB kept per token and layer (``benchmarks/results/cpu-flash-train-saved.txt``).
+# pointwise chains that compute in fp32 (SwiGLU, RMSNorm; in v4, mHC's two sides) and recomputes
+# them in backward instead of keeping their fp32 copies and intermediates: at V4-Flash sizes 572
+# instead of 1,234 KiB kept per token and layer (``benchmarks/results/cpu-flash-train-saved.txt``).
 # fp32 activations have no copies to save: there it would only cost time (3% of a CPU nano step).
 # False: plain autograd (the reference).
 recompute_pointwise = True

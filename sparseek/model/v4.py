@@ -804,9 +804,19 @@ def hc_pre(x_BTSD, fn, scale, base, iters: int, norm_eps: float, hc_eps: float):
 
 
 def hc_post(f_BTD, res_BTSD, post_BTS, comb_BTSS):
-    """X' = post * f + comb^T X: stream j feeds output stream k through comb[j, k]."""
-    mixed = torch.matmul(comb_BTSS.transpose(-1, -2), res_BTSD.float())
-    return torch.addcmul(mixed, post_BTS.unsqueeze(-1), f_BTD.float().unsqueeze(-2)).to(res_BTSD.dtype)
+    """X' = post * f + comb^T X: stream j feeds output stream k through comb[j, k] (in fp32, also
+    under a training loop's autocast)."""
+    if common.recomputing(res_BTSD, f_BTD):
+        # bf16 streams: autograd would keep fp32 copies of the streams and of f (80 KiB a token at
+        # V4-Flash sizes); the mixing is cheap to redo in backward
+        return torch.utils.checkpoint.checkpoint(_hc_post, f_BTD, res_BTSD, post_BTS, comb_BTSS, use_reentrant=False)
+    return _hc_post(f_BTD, res_BTSD, post_BTS, comb_BTSS)
+
+
+def _hc_post(f_BTD, res_BTSD, post_BTS, comb_BTSS):
+    with fp32_region():
+        mixed = torch.matmul(comb_BTSS.transpose(-1, -2), res_BTSD.float())
+        return torch.addcmul(mixed, post_BTS.unsqueeze(-1), f_BTD.float().unsqueeze(-2)).to(res_BTSD.dtype)
 
 
 class Block(nn.Module):

@@ -1,5 +1,5 @@
 """What training keeps for backward. Pointwise chains that keep only their inputs
-(``common.recompute_pointwise``: SwiGLU, RMSNorm, mHC's input side, on half-precision
+(``common.recompute_pointwise``: SwiGLU, RMSNorm, mHC's two sides, on half-precision
 activations) and the experts' weighted sum keeping only its index: the gradients of plain
 autograd, and less kept."""
 
@@ -141,3 +141,17 @@ def test_expert_sum_keeps_only_its_index():
     assert torch.equal(got, ref)
     assert torch.equal(torch.autograd.grad(got, src, do)[0], torch.autograd.grad(ref, src, do)[0])
     assert kept_ref >= src.numel() * 4 and kept == index.numel() * 8
+
+
+def test_mhc_mixing_stays_fp32_under_autocast():
+    """mHC's residual mixing is an fp32 island: a training loop's bf16 autocast (here a CPU's,
+    which ``fp32_region`` holds off as a GPU's) must not round the streams it mixes."""
+    from sparseek.model import v4
+
+    g = torch.Generator().manual_seed(5)
+    f, res = torch.randn(2, 7, 32, generator=g), torch.randn(2, 7, 4, 32, generator=g)
+    post, comb = torch.rand(2, 7, 4, generator=g), torch.rand(2, 7, 4, 4, generator=g)
+    ref = v4.hc_post(f, res, post, comb)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = v4.hc_post(f, res, post, comb)
+    assert got.dtype == torch.float32 and torch.equal(got, ref)
