@@ -15,7 +15,6 @@ import json
 import multiprocessing as mp
 import os
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -23,19 +22,23 @@ import time
 import torch
 
 
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def _sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
+def emit(text: str, out: str | None) -> None:
+    """Print a benchmark's report and, given a path, write it there (the committed result)."""
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text + "\n")
+
+
 def _peak_mb(device) -> float:
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _rss_mb()
+    from sparseek.utils import peak_memory_bytes
+
+    return peak_memory_bytes(device) / 2**20
 
 
 def _load(impl: str, ckpt: str, device: str, dtype):

@@ -30,6 +30,8 @@ import time
 
 import torch
 
+from bench_engine import emit
+
 
 def read_bandwidth_gbs() -> float:
     x = torch.ones(64 << 20)  # 256 MB
@@ -179,11 +181,7 @@ def main() -> None:
         lines += linear_rows()
     if a.prefill and "prefill" in a.parts:
         lines += prefill_rows(a.prefill, a.rounds)
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

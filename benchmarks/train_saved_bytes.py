@@ -25,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sparseek  # noqa: E402
 from sparseek.model import build_model, common  # noqa: E402
+from bench_engine import emit  # noqa: E402
 
 
 def flash_layers(n: int, experts: int):
@@ -81,7 +82,7 @@ def main():
         common.recompute_pointwise = recompute
         res[recompute] = saved_by_module(model, T)
     common.recompute_pointwise = True
-    mods = sorted(set(res[True]) | set(res[False]), key=lambda m: -res[False].get(m, 0))
+    mods = sorted(set(res[True]) | set(res[False]), key=lambda m: (-res[False].get(m, 0), m))
     lines.append(f"| module | recompute_pointwise | plain autograd |")
     lines.append("|---|---|---|")
     for m in mods:
@@ -94,11 +95,7 @@ def main():
     lines.append(f"| total per token and layer | {tot[True] / L:,.0f} | {tot[False] / L:,.0f} |")
     lines.append("")
     lines.append(f"recompute_pointwise keeps {tot[True] / tot[False]:.2f}x of plain autograd's bytes.")
-    text = "\n".join(lines)
-    print(text)
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(text + "\n")
+    emit("\n".join(lines), a.out)
 
 
 if __name__ == "__main__":

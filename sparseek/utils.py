@@ -11,6 +11,16 @@ import torch
 _TUNED = False
 
 
+def peak_memory_bytes(device) -> int:
+    """Peak memory so far: CUDA's allocated high-water mark (``torch.cuda.reset_peak_memory_stats``
+    restarts it), on a CPU the process's resident high-water mark (which never goes down)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+
+
 def tune_malloc() -> bool:
     """Keep freed memory in the process instead of returning it to the OS after every tensor.
 

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from sparseek.model.cache import Cache
+from sparseek.model.loss import head_loss
 
 # Elements allowed in one query block's score + gather tensors (keeps peak memory flat in T).
 ATTN_BLOCK_BUDGET = 1 << 24
@@ -33,6 +34,11 @@ class DecoderLM(nn.Module):
         return Cache(self.args, batch_size, max_seq_len, device=device or p.device, dtype=dtype or p.dtype,
                      fp8_storage=fp8_storage, fp4_storage=fp4_storage,
                      with_mtp=with_mtp and len(getattr(self, "mtp", ())) > 0)
+
+    def _head_out(self, h: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+        """The head over ``h``: fp32 logits, or with ``targets`` the mean cross-entropy without them
+        (``model/loss.py``)."""
+        return self.head(h).float() if targets is None else head_loss(self.head, h, targets)
 
     def _begin(self, input_ids: torch.Tensor, cache: Cache | None) -> tuple[int, int, bool]:
         """Validate a forward's inputs -> (B, T, rows_apart: several tokens per row, rows at

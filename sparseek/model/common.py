@@ -53,7 +53,7 @@ def rms_unweighted(x: torch.Tensor, eps: float) -> torch.Tensor:
 # pointwise chains that compute in fp32 (SwiGLU, RMSNorm; in v4, mHC's two sides) and recomputes
 # them in backward instead of keeping their fp32 copies and intermediates: at V4-Flash sizes 572
 # instead of 1,234 KiB kept per token and layer (``benchmarks/results/cpu-flash-train-saved.txt``).
-# fp32 activations have no copies to save: there it would only cost time (3% of a CPU nano step).
+# fp32 activations have no copies to save: there it would only cost the recomputation.
 # False: plain autograd (the reference).
 recompute_pointwise = True
 

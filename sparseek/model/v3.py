@@ -27,7 +27,6 @@ from sparseek.model.cache import Cache
 from sparseek.model.common import MLP, Linear, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
 from sparseek.model.qat import act_round
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions
-from sparseek.model.loss import head_loss
 
 
 def _rope_layout(args: ModelArgs) -> bool:
@@ -221,7 +220,7 @@ class DeepSeekV3(DecoderLM):
             cache.pos += T
         h = self.norm(x) if return_hidden else None
         hp = logit_positions(h, last_n, at) if return_hidden else self.norm(logit_positions(x, last_n, at))
-        out = self.head(hp).float() if targets is None else head_loss(self.head, hp, targets)
+        out = self._head_out(hp, targets)
         return (out, h) if return_hidden else out
 
     def forward_mtp(self, hidden_BTD: torch.Tensor, next_ids: torch.Tensor, cache: Cache | None = None,
@@ -249,7 +248,7 @@ class DeepSeekV3(DecoderLM):
         if cache is not None:
             cache.mtp_pos += T
         h = logit_positions(h, last_n, at)
-        out = self.head(h).float() if targets is None else head_loss(self.head, h, targets)
+        out = self._head_out(h, targets)
         return (out, logit_positions(x, None, at) if at is not None else x) if return_hidden else out
 
     def init_weights(self, std: float = 0.02, seed: int = 0) -> None:

@@ -32,7 +32,6 @@ from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_p
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.qat import act_round, fp4_round, hadamard
 from sparseek.model.common import Linear, MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
-from sparseek.model.loss import head_loss
 
 # Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
 # speculative verification and drafts; rows at any positions): the rings' spare slots let that many
@@ -957,7 +956,7 @@ class DeepSeekV4(DecoderLM):
             cache.pos += T
         h = self._head_input(logit_positions(x, last_n, at), self.hc_head_fn, self.hc_head_scale,
                              self.hc_head_base, self.norm)
-        out = self.head(h).float() if targets is None else head_loss(self.head, h, targets)
+        out = self._head_out(h, targets)
         return (out, x) if return_hidden else out
 
     def decode_step(self, input_ids_B1: torch.Tensor, cache: Cache, span_L: torch.Tensor | None = None
@@ -1029,7 +1028,7 @@ class DeepSeekV4(DecoderLM):
         if at is not None:
             x = logit_positions(x, None, at)
         h = logit_positions(h, last_n, at)
-        out = self.head(h).float() if targets is None else head_loss(self.head, h, targets)
+        out = self._head_out(h, targets)
         return (out, x) if return_hidden else out
 
     # ------------------------------------------------------------------ internals

@@ -26,6 +26,7 @@ from sparseek.model.v4 import indexer_learners
 from sparseek.train import checkpoint as ckpt
 from sparseek.train.data import STDLIB, TokenDataset, prepare
 from sparseek.train.optim import apply_lr, build_optimizer, lr_schedule
+from sparseek.utils import peak_memory_bytes
 
 log = logging.getLogger("sparseek")
 
@@ -262,7 +263,7 @@ class Trainer:
                "max_vio": max(vio) if vio else 0.0, "mean_vio": sum(vio) / len(vio) if vio else 0.0}
         if self.peak_flops:
             rec["mfu"] = self.flops_per_token * tokens / dt / (self.peak_flops * self.world)
-        rec["mem_gb"] = peak_memory_gb(self.device)
+        rec["mem_gb"] = peak_memory_bytes(self.device) / 2**30  # this step's on a GPU (reset above)
         if c.log_load_every and self.step % c.log_load_every == 0:
             rec["expert_load"] = [(load / load.sum()).tolist() for load in loads]
         return rec
@@ -403,16 +404,6 @@ def training_flops_per_token(args, seq_len: int) -> float:
     else:
         attn = args.num_hidden_layers * 4 * args.num_attention_heads * args.qk_head_dim * seq_len / 2
     return 3 * (2 * matmul + attn)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """This step's peak of CUDA-allocated memory; on a CPU the process's resident high-water mark
-    so far (what the OS reports; it never goes down)."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 def measure_peak_flops(device: torch.device, seconds: float = 0.3) -> float:
