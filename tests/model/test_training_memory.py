@@ -112,7 +112,10 @@ def test_fp32_training_unchanged():
     """fp32 activations have no fp32 copies to drop: the switch changes nothing there."""
     model = randomize_(build_model(sparseek.preset("debug")), 5).train()
     (l0, kept0, g0), (l1, kept1, g1) = _train_step(model, False), _train_step(model, True)
-    assert l0 == l1 and kept0 == kept1 and torch.equal(g0, g1)
+    assert l0 == l1 and torch.equal(g0, g1)
+    # storages are told apart by data pointer, so in a long test process a small one may land on
+    # a pointer seen before: allow a few KiB of that noise, far below any chain's intermediates
+    assert abs(kept1 - kept0) <= 4096, (kept0, kept1)
 
 
 def test_model_bf16_gradients_as_accurate_and_far_less_kept():
