@@ -22,6 +22,8 @@ finishes (a run cut short keeps what it measured), then summarized in ``OUT.md``
 6. ``speculative``: eager decoding with MTP speculation (k = 1, 2, 3 drafts, right 80% of the time)
    against plain eager decoding at batch 1 and 32; ``speculative-compiled``: the same with k = 2,
    both sides ``LLM(compile=True)`` (decode, verify and MTP steps compiled as CUDA graphs);
+8. ``cpu-moe``: the routed experts in host memory beside the GPU (``--cpu-moe``): logits against the
+   all-GPU model, eager batch-1 decode, prefill with the experts streamed to the GPU or run on the CPU.
 7. ``profile``: torch.profiler tables of one training step, one 16K prefill and eager decode steps
    (``OUT-profile-*.txt``), to see what to fix next without another lease.
 
@@ -201,7 +203,7 @@ def active_bytes(model) -> float:
 
 
 def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float, prompt: int = 128, new: int = 64,
-                 gemv: bool = False):
+                 gemv: bool = False, tag: str = ""):
     """``gemv=True``: the compiled step with its matrix-vector products as Triton reductions under
     coordinate-descent tuning (``sparseek.model.fuse``, the CPU default) instead of cuBLAS."""
     from sparseek.engine import LLM, SamplingParams
@@ -227,7 +229,7 @@ def decode_short(rep: Report, model, dev, batch: int, compiled: bool, bw: float,
     rate = batch * (new - 1) / max((t2 - t1) - (t1 - t0), 1e-9)
     per_step = active_bytes(model) + batch * cache_bytes(model.args, prompt + new, torch.bfloat16)["total_bytes"]
     roof = batch * bw / per_step
-    rep.add("decode", impl="sparseek", batch=batch, compiled="gemv" if gemv else compiled, context=prompt, tokens_per_s=rate,
+    rep.add("decode" + tag, impl="sparseek", batch=batch, compiled="gemv" if gemv else compiled, context=prompt, tokens_per_s=rate,
             roofline_tokens_per_s=roof, roofline_fraction=rate / roof)
 
 
@@ -268,6 +270,59 @@ def decode_speculative(rep: Report, model, dev, batch: int, ks=(1, 2, 3), accept
                     same_as_plain=sum(o.token_ids == r for o, r in zip(outs, refs)))
     finally:
         LLM._propose = propose
+
+
+def cpu_moe(rep: Report, model, dev, bw: float, prompt: int = 64, prefill_T: int = 2048):
+    """``--cpu-moe`` (``sparseek.parallel.offload``): the routed experts in pinned host memory, the
+    rest on the GPU. Rows: the logits' agreement with the all-GPU model (the CPU's bf16 products
+    round differently: max difference and top-1 agreement), eager batch-1 decode with the CPU
+    running the picked experts (against the same eager decode all on the GPU, measured first),
+    and a prefill whose forwards copy each layer's experts to the GPU against one whose CPU
+    computes them. The experts go back to the GPU afterwards. On a CPU (``--smoke``) the split path
+    is forced with same-device copies."""
+    from sparseek.model import common
+    from sparseek.parallel.offload import offload_experts_
+
+    ids = torch.randint(10, model.args.vocab_size, (1, prompt), device=dev)
+    with torch.inference_mode():
+        want = model(ids).float()
+    rep.run("cpu-moe", decode_short, rep, model, dev, 1, False, bw, new=32, tag=" (all on the GPU)", need=20)
+    forced, elsewhere = dev.type != "cuda", common.MoE._experts_elsewhere
+    if forced:
+        common.MoE._experts_elsewhere = lambda self, x: True
+    try:
+        t = time.perf_counter()
+        offload_experts_(model, dev)
+        moved_s = time.perf_counter() - t
+        host_gb = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, common.MoE)
+                      for p in m.experts.parameters()) / 2**30
+        rows = {}
+        with torch.inference_mode():
+            for stream in (None, 32):  # the CPU computes every row / prompt >= 32 tokens: the GPU
+                common.MoE.stream_tokens = stream
+                for m in model.modules():
+                    if isinstance(m, common.MoE):
+                        m.stream_tokens = stream
+                got = model(ids).float()
+                rows[stream] = got
+                rep.add("cpu-moe", what="logits vs all-GPU", experts="streamed to GPU" if stream else "on the CPU",
+                        max_abs_diff=float((got - want).abs().max()),
+                        top1_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()),
+                        host_experts_gb=host_gb, offload_s=moved_s, peak_gb=peak_gb(dev))
+        rep.run("cpu-moe", decode_short, rep, model, dev, 1, False, bw, new=32, tag=" (experts on the CPU)", need=30)
+        for stream, T in ((32, prefill_T), (None, min(prefill_T, 512))):
+            common.MoE.stream_tokens = stream
+            for m in model.modules():
+                if isinstance(m, common.MoE):
+                    m.stream_tokens = stream
+            rep.run("cpu-moe", prefill, rep, model, dev, T, T,
+                    " (cpu-moe: experts " + ("streamed to the GPU)" if stream else "computed on the CPU)"), need=30)
+    finally:
+        common.MoE.stream_tokens, common.MoE._experts_elsewhere = 32, elsewhere
+        model.to(dev)
+        for m in model.modules():
+            if isinstance(m, common.Experts):
+                m.fuse_gate_up_()
 
 
 def prefix_sharing(rep: Report, model, dev, preamble: int, rest: int, n: int):
@@ -546,7 +601,7 @@ def transformers_side(rep: Report, args, dev, peak_flops: float, name: str, infe
 
 
 SECTIONS = ["prefill", "decode", "train", "decode-compiled", "decode-long", "indexer", "profile", "speculative",
-            "speculative-compiled", "prefix"]
+            "speculative-compiled", "prefix", "cpu-moe"]
 KEYS = ("model", "tokens", "batch", "context", "compiled", "chunk", "seq_len", "optimizer")
 
 
@@ -666,6 +721,8 @@ def main():
     if "prefix" in want:  # no issue target: after those; 8 prompts behind a 16K-token preamble: 131K tokens read without caching
         pre, rest, n = (300, 20, 4) if a.smoke else (16384, 256, 8)
         rep.run("prefix cache", prefix_sharing, rep, model, dev, pre, rest, n, need=60)
+    if "cpu-moe" in want:  # no issue target (anchors §5 item 7): after those
+        rep.run("cpu-moe", cpu_moe, rep, model, dev, bw, need=90)
     torch._dynamo.reset()  # drop the compiled steps and their graph pools before training again
     if dev.type == "cuda":
         torch.cuda.empty_cache()

@@ -67,7 +67,7 @@ QUANTIZE = ("stored", "fp8", "fp4")
 
 
 def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer: bool = True,
-         quantize: str | None = None, lora=None, prepare=None, **overrides):
+         quantize: str | None = None, lora=None, prepare=None, cpu_moe: bool | int = False, **overrides):
     """Load a checkpoint directory, or build a named preset with random weights.
 
     Returns ``(model, tokenizer)``; the tokenizer is None when a checkpoint ships none.
@@ -94,6 +94,11 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     ``sparseek.parallel.shard_experts_``: each rank then reads only its own experts from a
     checkpoint); it runs on the meta device while a checkpoint loads as stored or dequantized,
     and on the finished model otherwise (presets, LoRA merges, quantize="fp8"/"fp4").
+
+    ``cpu_moe`` (llama.cpp's ``--cpu-moe`` / ``--n-cpu-moe N``): True keeps every routed expert in
+    host memory and puts the rest on ``device``; an int N keeps only the first N MoE blocks' experts
+    there (``sparseek.parallel.offload``). The model loads in host memory first, so ``device``
+    never holds the kept experts.
     """
     from sparseek.checkpoint.adapters import adapter_base, is_adapter_dir, merge_adapters
 
@@ -113,8 +118,9 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
                          "use quantize='fp8' or 'fp4' to quantize the merged weights")
     checkpoint = os.path.isdir(base) or os.path.isfile(base)
     early = prepare if checkpoint and not adapters and quantize not in ("fp8", "fp4") else None
+    offload = cpu_moe not in (False, None) and resolve_device(device).type != "cpu"
     model, tok = _load(base, resolve_dtype(dtype), device, seed, tokenizer and tok_dir is None,
-                       None if adapters else quantize, overrides, early)
+                       None if adapters else quantize, overrides, early, read_on="cpu" if offload else None)
     for directory in adapters:
         merge_adapters(model, os.fspath(directory))
     if tokenizer and tok_dir is not None:
@@ -127,14 +133,21 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
         quantize_model_(model, experts=quantize)
     if prepare is not None and early is None:
         model = prepare(model) or model
+    if offload:
+        from sparseek.parallel.offload import offload_experts_
+
+        offload_experts_(model, resolve_device(device), layers=None if cpu_moe is True else int(cpu_moe))
     return model, tok
 
 
 def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quantize: str | None, overrides: dict,
-          prepare=None):
+          prepare=None, read_on=None):
+    """``read_on``: where the weights land (default ``device``; the dtype defaults still follow
+    ``device``)."""
     device = resolve_device(device)
+    target = device if read_on is None else resolve_device(read_on)
     if (gguf_path := _gguf_path(path_or_preset)) is not None:
-        return _load_gguf(gguf_path, dtype, device, tokenizer, quantize, overrides, prepare)
+        return _load_gguf(gguf_path, dtype, device, tokenizer, quantize, overrides, prepare, target)
     if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
         from sparseek.checkpoint import load_model
 
@@ -144,7 +157,7 @@ def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quanti
             args = args.replace(**overrides)
         dtype = _checkpoint_dtype(dtype, str(args.extra.get("torch_dtype", args.extra.get("dtype", "bfloat16"))),
                                   device)
-        model = load_model(path_or_preset, dtype=dtype, device=device, args=args, quantized=quantize is not None,
+        model = load_model(path_or_preset, dtype=dtype, device=target, args=args, quantized=quantize is not None,
                            prepare=prepare)
         tok = None
         if tokenizer:
@@ -163,7 +176,7 @@ def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quanti
             log.warning("this CPU (%s) has no native %s matrix products: torch runs them ~100x slower than "
                         "float32 here", _cpu(), _name(dtype))
         args = preset(path_or_preset, **overrides)
-        with torch.device(device):
+        with torch.device(target):
             model = build_model(args, dtype=dtype or torch.float32)
         model.init_weights(seed=seed)
         tok = _preset_tokenizer(args) if tokenizer else None
@@ -198,7 +211,7 @@ def _gguf_path(path: str) -> str | None:
     return None
 
 
-def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: dict, prepare):
+def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: dict, prepare, target=None):
     from sparseek.checkpoint.gguf import GGUFFile, load_gguf, stored_dtype, tokenizer_from_gguf
 
     if quantize == "stored":
@@ -206,7 +219,7 @@ def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: d
                          "on load (use 'fp8' or 'fp4' to quantize the decoded weights)")
     f = GGUFFile(path)
     # fp8 / fp4 quantize layer by layer while loading (``load`` then finds nothing left to quantize)
-    model = load_gguf(f, _checkpoint_dtype(dtype, stored_dtype(f.meta), device), device, overrides, prepare,
+    model = load_gguf(f, _checkpoint_dtype(dtype, stored_dtype(f.meta), device), target or device, overrides, prepare,
                       quantize=quantize if quantize in ("fp8", "fp4") else None)
     tok = None
     if tokenizer:

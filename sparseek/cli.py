@@ -39,6 +39,12 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the decode step (V4; a CUDA graph on a GPU: ~2x tokens/s there; "
                         "the first call compiles for a minute or more)")
+    p.add_argument("--cpu-moe", action="store_true",
+                   help="keep the routed experts in host memory, the rest on --device (a GPU then holds only the "
+                        "attention, shared experts and cache; the CPU runs the picked experts of each decode step, "
+                        "long prefill forwards copy each layer's experts to the GPU)")
+    p.add_argument("--n-cpu-moe", type=int, default=None, metavar="N",
+                   help="as --cpu-moe for the first N MoE blocks only (the rest of the experts on --device)")
     p.add_argument("--generation-config", default="auto", metavar="auto|none|PATH",
                    help="default sampling settings and end tokens: the checkpoint's generation_config.json "
                         "(auto), none, or another folder / file")
@@ -116,6 +122,8 @@ def cmd_info(a) -> int:
         "params_active_per_token": counts["active"],
         "params_embedding": counts["embedding"],
         "params_mtp": counts["mtp"],
+        # what --cpu-moe keeps in host memory (the device holds the rest)
+        "params_routed_experts": counts["routed"],
         "kv_cache": _cache_census(args),
     }
     print(json.dumps(info, indent=2))
@@ -135,9 +143,11 @@ def _engine(a, **llm_kw):
     switches = {k: v for k, v in switches.items() if v is not None}
     gen_cfg = getattr(a, "generation_config", "auto")
     gen_cfg = None if gen_cfg == "none" else gen_cfg
+    cpu_moe = _cpu_moe(a)
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return LLM(a.model, dtype=a.dtype, device=a.device, max_seq_len=a.max_seq_len, **switches,
-                   compile=compile_, quantize=a.quantize, lora=a.lora, generation_config=gen_cfg, **llm_kw)
+                   compile=compile_, quantize=a.quantize, lora=a.lora, generation_config=gen_cfg, cpu_moe=cpu_moe,
+                   **llm_kw)
     import torch.distributed as dist
 
     import sparseek
@@ -151,7 +161,12 @@ def _engine(a, **llm_kw):
     # device ever holds every expert
     model, tok = sparseek.load(a.model, dtype=a.dtype, device="cpu", seed=llm_kw.pop("seed", 0), quantize=a.quantize,
                                lora=a.lora, prepare=shard_experts_, **switches)
-    model = model.to(a.device)
+    if cpu_moe is not False and str(a.device) != "cpu":
+        from sparseek.parallel.offload import offload_experts_
+
+        offload_experts_(model, a.device, layers=None if cpu_moe is True else cpu_moe)
+    else:
+        model = model.to(a.device)
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0
         a.seed = _from_rank0(dist, random.randrange(2**31))
     a.share = lambda x: _from_rank0(dist, x)
@@ -161,6 +176,18 @@ def _engine(a, **llm_kw):
         gen_cfg = _generation_source(a.model)
     return LLM(model, tok, max_seq_len=a.max_seq_len, **switches, compile=compile_, generation_config=gen_cfg,
                **llm_kw)
+
+
+def _cpu_moe(a) -> bool | int:
+    """--cpu-moe (True) / --n-cpu-moe N (N) / neither (False)."""
+    if getattr(a, "cpu_moe", False) and getattr(a, "n_cpu_moe", None) is not None:
+        raise SystemExit("error: --cpu-moe keeps every routed expert in host memory, --n-cpu-moe N those of the "
+                         "first N MoE blocks: give one of them")
+    if getattr(a, "n_cpu_moe", None) is not None:
+        if a.n_cpu_moe < 0:
+            raise SystemExit(f"error: --n-cpu-moe takes a count of MoE blocks (0 or more), got {a.n_cpu_moe}")
+        return a.n_cpu_moe
+    return bool(getattr(a, "cpu_moe", False))
 
 
 def _from_rank0(dist, x):

@@ -16,6 +16,12 @@ def test_info(capsys):
     kv = info["kv_cache"]  # the analytic counts (tests/model/test_cache_size.py), three layouts
     assert kv["bf16"]["bytes_per_token"] == 9848 and round(kv["fp8_kv_fp4_index"]["bytes_per_token"]) == 5024
     assert kv["fp8_kv"]["GiB_at_1M"] < kv["bf16"]["GiB_at_1M"]
+    import sparseek
+
+    a = sparseek.preset("v4-pro")  # what --cpu-moe keeps in host memory: every routed expert, MTP's too
+    experts = (a.num_hidden_layers + a.num_nextn_predict_layers) * a.n_routed_experts * 3 * a.hidden_size \
+        * a.moe_intermediate_size
+    assert info["params_routed_experts"] == experts < info["params_total"]
 
 
 def test_generate_streams_a_completion(capsys):

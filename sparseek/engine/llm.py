@@ -154,7 +154,7 @@ class LLM:
                  index_fp4: bool | None = None, act_fp8: bool | None = None,
                  batch_prefill: bool = True, prefix_cache_bytes: int = 1 << 30, quantize: str | None = None,
                  lora=None, generation_config="auto", lora_modules: dict[str, str] | None = None,
-                 interleave_prefill: bool = True):
+                 interleave_prefill: bool = True, cpu_moe: bool | int = False):
         """``speculative_tokens=k`` drafts k tokens per step with the model's MTP block (chained for
         k > 1) and verifies them in one forward; the output distribution is unchanged (greedy:
         identical tokens). All running sequences verify their drafts in one forward and draft in
@@ -208,6 +208,14 @@ class LLM:
         decoding too (the MTP block runs each row's adapter); prefix-cache snapshots are kept per
         adapter; ``load_lora`` / ``unload_lora`` change the set between calls.
 
+        ``cpu_moe`` (with a path or preset; llama.cpp's ``--cpu-moe`` / ``--n-cpu-moe N``): the routed
+        experts (True) or those of the first N MoE blocks stay in host memory, the rest goes to
+        ``device`` (``sparseek.parallel.offload``): a GPU then needs room only for the attention,
+        the shared experts and the cache. On a CPU it changes nothing. A decode step then runs
+        eagerly (a CUDA graph cannot hold the CPU's part); ``compile=True`` still compiles prefill's
+        hot paths, the quantized experts' decoders and the host's products with quantized experts
+        (``compile_host_experts``).
+
         ``generation_config``: where the default ``SamplingParams`` come from ("auto": the model
         directory's ``generation_config.json``, or its base's for an adapter directory, if any; a
         folder, a file or a dict; None: none). Its settings apply where ``params`` are not given
@@ -223,8 +231,11 @@ class LLM:
             extra = {k: v for k, v in (("kv_fp8", kv_fp8), ("index_fp4", index_fp4), ("act_fp8", act_fp8))
                      if v is not None}
             model, loaded_tok = load(model, dtype=dtype, device=device, seed=seed, quantize=quantize, lora=lora,
-                                     **extra)
+                                     cpu_moe=cpu_moe, **extra)
             tokenizer = tokenizer or loaded_tok
+        elif cpu_moe:
+            raise ValueError("cpu_moe applies while loading: pass a path / preset name to LLM, or place the experts "
+                             "with sparseek.parallel.offload.offload_experts_")
         elif lora is not None:
             raise ValueError("lora applies while loading: pass a path / preset name to LLM, or merge the adapters "
                              "with sparseek.model.lora.merge_adapters")
@@ -263,7 +274,14 @@ class LLM:
         self._decode_fn = self._verify_fn = self._mtp_fn = self._spans = None
         self.lora_rows = None
         self._queues: tuple = ((), ())  # the waiting and running sequences of the loop (load / unload_lora)
+        from sparseek.parallel.offload import experts_devices
+
+        main = next(model.parameters()).device
+        offloaded = any(d != str(main) for d in experts_devices(model))
         if lora_modules:
+            if offloaded:
+                raise ValueError("per-request LoRA adapters (lora_modules) with routed experts kept in another "
+                                 "device's memory (cpu_moe) are not supported: merge the adapters (lora=...) instead")
             from sparseek.checkpoint.adapters import read_adapters
             from sparseek.model.multi_lora import attach_adapters
 
@@ -276,11 +294,18 @@ class LLM:
             from sparseek.quant.formats import compile_decoders
             from sparseek.quant.modules import QuantExperts, QuantLinear
 
-            device = next(model.parameters()).device
+            device = main
             if device.type == "cpu":  # untimed with CUDA graphs (one recorded per span): off there
                 self._spans = Spans(model.span_floor(), self.max_seq_len, device)
-            self._decode_fn = CompiledStep(model.decode_step, device)
-            if self.speculative:
+            if offloaded:  # the experts' part runs on the host, which a CUDA graph cannot replay
+                from sparseek.parallel.offload import compile_host_experts
+
+                log.info("routed experts in %s memory: decode steps run eagerly, the host's quantized experts "
+                         "and prefill's hot paths compiled", ", ".join(d for d in experts_devices(model) if d != str(main)))
+                compile_host_experts()
+            else:
+                self._decode_fn = CompiledStep(model.decode_step, device)
+            if self.speculative and not offloaded:
                 self._verify_fn = CompiledStep(model.verify_step, device)
                 # two shapes (k + 1 tokens after verification, 1 per chained draft): four guarded calls
                 self._mtp_fn = CompiledStep(model.mtp_step, device, warmup=4)

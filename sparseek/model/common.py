@@ -670,6 +670,38 @@ class Experts(nn.Module):
         return getattr(self, name)[e_N]
 
 
+def mapped(experts: nn.Module, fn) -> nn.Module:
+    """A shallow copy of an expert stack (plain or quantized) whose tensors are ``fn(tensor)``
+    (moved, pinned), the original left as it is; w1 and w3 stay halves of one buffer."""
+    import copy
+
+    out = copy.copy(experts)
+    with torch.no_grad():  # (gate_up_view hides the buffer from autograd)
+        w13 = gate_up_view(experts.w1, experts.w3) if isinstance(experts, Experts) else None
+    fused = ("w1", "w3") if w13 is not None else ()  # mapped as their one buffer below
+    out._parameters = {k: None if v is None else nn.Parameter(fn(v.detach()), requires_grad=False)
+                       for k, v in experts._parameters.items() if k not in fused}
+    out._buffers = {k: None if v is None else fn(v) for k, v in experts._buffers.items()}
+    if w13 is not None:
+        gate_up, inter = fn(w13), experts.w1.shape[1]
+        out.w1, out.w3 = (nn.Parameter(gate_up[:, :inter], requires_grad=False),
+                          nn.Parameter(gate_up[:, inter:], requires_grad=False))
+    return out
+
+
+def host_experts(experts: nn.Module, x_ND: torch.Tensor, weights_NK: torch.Tensor, idx_NK: torch.Tensor
+                 ) -> torch.Tensor:
+    """The split forward's part where the experts live (``MoE._offloaded``);
+    ``sparseek.parallel.offload.compile_host_experts`` swaps in a compiled one."""
+    return experts(x_ND, weights_NK, idx_NK)
+
+
+def routed_params(model: nn.Module) -> int:
+    """Parameters of the routed experts, the MTP block's included: what ``--cpu-moe`` keeps in
+    host memory."""
+    return sum(p.numel() for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters())
+
+
 class MoE(nn.Module):
     def __init__(self, args: ModelArgs, hash_routed: bool, dtype=None, with_bias: bool = True):
         super().__init__()
@@ -712,6 +744,8 @@ class MoE(nn.Module):
         # the router reads x as it is; the experts' first GEMMs read it rounded (act_fp8), each token
         # once for all its experts (the shared expert rounds its own input)
         xr = act_round(x, self.experts.act_fp8)
+        if self._experts_elsewhere(x):
+            return self._offloaded(x, xr, w, idx).view(shape)
         if static and self._gathers(x, idx):
             y = self.experts.forward_static(xr, w, idx)
         else:
@@ -719,3 +753,38 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self.shared_experts(x)
         return y.view(shape)
+
+    # Offloaded experts (``--cpu-moe``) run on the GPU for a forward of at least this many tokens:
+    # their bytes cross PCIe once per layer instead of the CPU computing every token (llama.cpp
+    # offloads CPU-held weights' products to the GPU from 32 rows by default, as here). None: never.
+    stream_tokens: int | None = 32
+
+    def _experts_elsewhere(self, x: torch.Tensor) -> bool:
+        """Whether the routed experts' weights are in other memory than x (``sparseek.parallel.offload``)."""
+        return self.experts.w2.device != x.device
+
+    def _offloaded(self, x_ND: torch.Tensor, xr_ND: torch.Tensor, w_NK: torch.Tensor, idx_NK: torch.Tensor
+                   ) -> torch.Tensor:
+        """The routed experts where their weights live (host memory beside a GPU, KTransformers'
+        and llama.cpp's ``--cpu-moe``), the shared expert on x's device meanwhile.
+
+        Order matters on a GPU: the rows' copy to the host is queued first and an event marks its
+        end, then the shared expert's kernels are queued behind it, and the host waits only for
+        the copy, so the GPU runs the shared expert while the CPU runs the routed ones. A forward
+        of ``stream_tokens`` tokens or more (a prefill chunk) copies the layer's experts to x's
+        device instead and runs them there: bytes of the experts once, not FLOPs of every token on
+        the CPU."""
+        if self.stream_tokens is not None and x_ND.shape[0] >= self.stream_tokens and not any(self.experts.children()):
+            y = mapped(self.experts, lambda t: t.to(x_ND.device, non_blocking=True))(xr_ND, w_NK, idx_NK)
+            return y if self.shared_experts is None else y + self.shared_experts(x_ND)
+        dev = self.experts.w2.device
+        sent = [t.to(dev, non_blocking=x_ND.is_cuda) for t in (xr_ND, w_NK, idx_NK)]
+        done = None
+        if x_ND.is_cuda:  # the host must not read the rows before their copy lands
+            done = torch.cuda.Event()
+            done.record()
+        shared = self.shared_experts(x_ND) if self.shared_experts is not None else None
+        if done is not None:
+            done.synchronize()
+        y = host_experts(self.experts, *sent).to(x_ND.device)
+        return y if shared is None else y + shared

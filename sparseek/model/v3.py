@@ -24,7 +24,8 @@ from torch import nn
 
 from sparseek.config import ModelArgs
 from sparseek.model.cache import Cache
-from sparseek.model.common import MLP, Linear, MoE, RMSNorm, Rotary, apply_rope, linear_weight, yarn_mscale
+from sparseek.model.common import (MLP, Linear, MoE, RMSNorm, Rotary, apply_rope, linear_weight, routed_params,
+                                   yarn_mscale)
 from sparseek.model.qat import act_round
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions
 
@@ -261,4 +262,5 @@ class DeepSeekV3(DecoderLM):
         idle = (a.n_routed_experts - a.num_experts_per_tok) * 3 * a.hidden_size * a.moe_intermediate_size * n_moe
         emb = self.embed.weight.numel()
         mtp = sum(p.numel() for p in self.mtp.parameters())
-        return {"total": total, "active": total - mtp - idle - emb, "embedding": emb, "mtp": mtp}
+        return {"total": total, "active": total - mtp - idle - emb, "embedding": emb, "mtp": mtp,
+                "routed": routed_params(self)}

@@ -31,7 +31,8 @@ from sparseek.model import common, cpu_kernels, kernels
 from sparseek.model.base import DecoderLM, _check_ids, attn_block_budget, init_params, logit_positions, query_block
 from sparseek.model.cache import Cache, CompressorState, LayerCache, fp8_round
 from sparseek.model.qat import act_round, fp4_round, hadamard
-from sparseek.model.common import Linear, MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted
+from sparseek.model.common import (Linear, MoE, RMSNorm, Rotary, apply_rope, fp32_region, linear_weight, rms_unweighted,
+                                   routed_params)
 
 # Forwards of up to this many tokens per row against a cache take the per-row path (decode steps,
 # speculative verification and drafts; rows at any positions): the rings' spare slots let that many
@@ -1101,7 +1102,8 @@ class DeepSeekV4(DecoderLM):
         per_expert = 3 * a.hidden_size * a.moe_intermediate_size
         idle = (a.n_routed_experts - a.num_experts_per_tok) * per_expert * a.num_hidden_layers
         emb = self.embed.weight.numel()
-        return {"total": total, "active": total - mtp - idle - emb, "embedding": emb, "mtp": mtp}
+        return {"total": total, "active": total - mtp - idle - emb, "embedding": emb, "mtp": mtp,
+                "routed": routed_params(self)}
 
 
 def indexer_learners(model: nn.Module) -> list["Attention"]:
