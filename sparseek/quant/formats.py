@@ -126,8 +126,9 @@ def published(raw: torch.Tensor, kind: str) -> torch.Tensor:
 # bitcasts vectorise well. So a word of codes (4 e4m3 or 8 e2m1) is loaded as one int32 and each
 # of its codes, its "plane", becomes fp32 bits by moving its sign bit to bit 31 and its exponent
 # and mantissa fields to the top of fp32's: that float is the code's value times 2^-120 (e4m3)
-# or 2^-126 (e2m1), exact, subnormal codes included (they land in fp32's subnormal range, which
-# inductor's kernels keep: no flush-to-zero). The power of two comes back split so that no
+# or 2^-125 (e2m1), exact, subnormal codes included (e4m3's land in fp32's subnormal range, which
+# inductor's kernels keep: no flush-to-zero; e2m1's are moved out of it, see ``plane_values``,
+# because they are common and an Intel core multiplies a denormal ~100x slower). The power of two comes back split so that no
 # product under- or overflows (``word_product``), and each weight times activation is one
 # rounding of the exact product, as with the decoded weight. Plane j of word i holds
 # input k = P*i + j, so the activation row is split into its P strided parts first (copies of x,
@@ -136,7 +137,7 @@ def published(raw: torch.Tensor, kind: str) -> torch.Tensor:
 
 def _planes(fmt: str) -> tuple[int, int, int]:
     """(codes per 32-bit word, bits per code, log2 of the power of two a plane's float lacks)."""
-    return (4, 8, 120) if fmt == "fp8" else (8, 4, 126)
+    return (4, 8, 120) if fmt == "fp8" else (8, 4, 125)
 
 
 def word_planes_ok(fmt: str, raw: torch.Tensor) -> bool:
@@ -148,7 +149,7 @@ def word_planes_ok(fmt: str, raw: torch.Tensor) -> bool:
 
 
 def plane_values(words: torch.Tensor, fmt: str, j: int) -> torch.Tensor:
-    """Code ``j`` of each int32 word as fp32: its value times 2^-120 (fp8) / 2^-126 (fp4)."""
+    """Code ``j`` of each int32 word as fp32: its value times 2^-120 (fp8) / 2^-125 (fp4)."""
     P, bits, _ = _planes(fmt)
     top = words << (32 - bits * (j + 1))  # the code in the word's top bits, its sign in bit 31
     # an arithmetic shift right moves the exponent and mantissa fields to the top of fp32's (e4m3
@@ -156,7 +157,15 @@ def plane_values(words: torch.Tensor, fmt: str, j: int) -> torch.Tensor:
     # above them, which the mask clears but for bit 31: three integer ops per code
     if fmt == "fp8":
         return ((top >> 4) & _signed(0x87F00000)).view(torch.float32)
-    return ((top >> 6) & _signed(0x81C00000)).view(torch.float32)
+    f = (top >> 6) & _signed(0x81C00000)
+    # So placed, e2m1's subnormal codes (0.5: a quarter of a typical MXFP4 block) would be fp32
+    # denormals, and an Intel core multiplies a denormal in a microcode assist (~100 cycles: the
+    # word products ran at 1.2 ns per weight on an AMX Xeon, 0.06 with denormals flushed, which
+    # would read 0.5 as 0). Instead the normal codes' exponent goes up by one and a subnormal
+    # code's mantissa bit moves into the exponent's lowest bit (0.5 -> 2^-126): every code is a
+    # normal fp32 or zero, worth its value times 2^-125. Four more integer ops per code.
+    subnormal = (f & _signed(0x01800000)) == 0
+    return (f + torch.where(subnormal, f & 0x00400000, 0x00800000)).view(torch.float32)
 
 
 def _signed(u32: int) -> int:
@@ -186,7 +195,7 @@ def word_product(x: torch.Tensor, raw: torch.Tensor, raw_scale: torch.Tensor, fm
         s = s[..., None, :, None, :, None]  # [..., 1 (N), G, 1 (P), blocks, 1 (q)]: on x
     else:
         # FP4: one scale per 32 inputs of a row (word i -> i // 4), on the weights; the power of
-        # two split between x and the scales (2^63 each), so no product under- or overflows
+        # two split between x and the scales (2^62 and 2^63), so no product under- or overflows
         G, q, x_scale, sum_scale = 1, FP4_BLOCK // P, 2.0 ** (shift // 2), 1.0
         s = (s * 2.0 ** (shift - shift // 2))[..., None]  # [..., out, blocks, 1 (q)]: on the weights
     xs = torch.stack([xf[..., j::P] for j in range(P)], -2) * x_scale  # [..., N, P, n]
@@ -343,8 +352,10 @@ def compile_decoders() -> None:
     ``LLM(compile=True)`` runs beside it."""
     global _decoder, _decoder_into
     if _decoder is None:
+        from sparseek.model.fuse import vectorize_bitcasts
         from sparseek.model.v4 import _recompile_limit
 
+        vectorize_bitcasts()  # the codes become floats by bit reinterpretation
         # a graph per (format, dtype, one matrix or two, all experts or some, a stack or not)
         _decoder = torch.compile(packed_decode, dynamic=True, **_recompile_limit())
         _decoder_into = torch.compile(packed_decode_into, dynamic=True, **_recompile_limit())

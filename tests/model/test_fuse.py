@@ -126,3 +126,26 @@ def test_recompile_limit_where_torch_compile_has_none(monkeypatch):
     with cfg.patch(recompile_limit=500):
         assert v4._recompile_limit() == {} and cfg.recompile_limit == 500
     assert cfg.recompile_limit == before
+
+
+def test_vectorized_bitcasts_keep_the_bits():
+    """``vectorize_bitcasts``: inductor's CPU code reinterprets int32 vectors as float32 (and back)
+    in registers instead of its scalar loop, with the same bits (denormal and negative-zero
+    patterns included; no NaNs, whose payloads arithmetic may change)."""
+    from sparseek.model.fuse import vectorize_bitcasts
+
+    vectorize_bitcasts()
+
+    def f(words, x):
+        fl = ((words << 3) & -0x40000001).view(torch.float32) * 2.0  # a float read from bits (< 2^1)
+        return fl, (x.view(torch.int32) ^ 0x55).view(torch.float32)  # and a round trip
+
+    g = torch.Generator().manual_seed(0)
+    words = torch.randint(-2**31, 2**31 - 1, (4096,), dtype=torch.int32, generator=g)
+    words[:3] = torch.tensor([1, -0x80000000 >> 3, 0], dtype=torch.int32)  # a denormal, -0, 0
+    x = torch.randn(4096, generator=g)
+    want = f(words, x)
+    got, code = _compiled_code(f, words, x)
+    for a, b in zip(got, want):
+        assert torch.equal(a.view(torch.int32), b.view(torch.int32))
+    assert "at::vec::cast<float, int32_t>" in code and "at::vec::cast<int32_t, float>" in code

@@ -103,6 +103,22 @@ def test_word_product_is_the_product_with_the_decoded_weight(fmt, sf):
         assert got.shape == (2, 2, 1, 256) and rel_err(got, want1) < 1e-6
 
 
+def test_fp4_planes_are_never_denormal():
+    """Every e2m1 code read from a word is zero or a normal fp32 (a denormal operand costs an Intel
+    core a microcode assist per multiply: 20x slower word products), worth its value times 2^-125."""
+    from sparseek.quant.formats import plane_values, values
+
+    words = torch.arange(16, dtype=torch.int32).repeat_interleave(8).view(16, 8)
+    shifts = torch.arange(8, dtype=torch.int32) * 4
+    words = (words << shifts).sum(-1, dtype=torch.int32)  # word c holds code c in all 8 places
+    code_values = values(torch.arange(16, dtype=torch.uint8), "fp4").view(16, 2)[:, 0]  # low nibble: code c
+    assert code_values[1] == 0.5 and code_values[2] == 1.0 and code_values[15] == -6.0
+    for j in range(8):
+        got = plane_values(words, "fp4", j)
+        assert bool(((got == 0) | (got.abs() >= torch.finfo(torch.float32).tiny)).all())
+        assert torch.equal(got * 2.0 ** 125, code_values)
+
+
 def test_word_product_needs_whole_words_and_blocks():
     assert not word_planes_ok("fp8", torch.zeros(130, 256, dtype=torch.uint8))  # partial scale blocks
     assert not word_planes_ok("fp4", torch.zeros(64, 6, dtype=torch.uint8))  # 12 inputs: no whole word
