@@ -278,6 +278,12 @@ class LLM:
 
         main = next(model.parameters()).device
         offloaded = any(d != str(main) for d in experts_devices(model))
+        from sparseek.quant.modules import QuantExperts
+
+        if offloaded and not compile and any(isinstance(m, QuantExperts) for m in model.modules()):
+            log.warning("routed experts kept quantized in host memory run eagerly, decoded whole per step: "
+                        "compile=True (--compile) runs them as compiled word GEMVs, ~6-10x faster "
+                        "(benchmarks/results/cpu-moe-flash-layer.txt)")
         if lora_modules:
             if offloaded:
                 raise ValueError("per-request LoRA adapters (lora_modules) with routed experts kept in another "
