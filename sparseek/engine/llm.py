@@ -277,6 +277,9 @@ class LLM:
         from sparseek.parallel.offload import experts_devices
 
         main = next(model.parameters()).device
+        if main.type == "meta":
+            raise ValueError("the model is on the meta device, which holds no weights: load it on 'cpu' or 'cuda' "
+                             "to generate")
         offloaded = any(d != str(main) for d in experts_devices(model))
         from sparseek.quant.modules import QuantExperts
 

@@ -126,6 +126,8 @@ def test_load_cpu_moe_reads_into_host_memory(tmp_path):
 def test_engine_cpu_moe_arguments():
     with pytest.raises(ValueError, match="cpu_moe applies while loading"):
         LLM(_model(), cpu_moe=True)
+    with pytest.raises(ValueError, match="meta device"):  # e.g. --device meta: a message, not a trace
+        LLM("debug", device="meta", cpu_moe=2)
     llm = LLM("debug", cpu_moe=True, max_seq_len=64)  # on a CPU: nothing to move
     assert experts_devices(llm.model) == {"cpu": len(moe_layers(llm.model))}
 
