@@ -296,29 +296,29 @@ def cpu_moe(rep: Report, model, dev, bw: float, prompt: int = 64, prefill_T: int
         moved_s = time.perf_counter() - t
         host_gb = sum(p.numel() * p.element_size() for m in model.modules() if isinstance(m, common.MoE)
                       for p in m.experts.parameters()) / 2**30
-        rows = {}
+        def stream(tokens):  # offload_experts_ set each block's own threshold
+            for m in model.modules():
+                if isinstance(m, common.MoE):
+                    m.stream_tokens = tokens
+
         with torch.inference_mode():
-            for stream in (None, 32):  # the CPU computes every row / prompt >= 32 tokens: the GPU
-                common.MoE.stream_tokens = stream
-                for m in model.modules():
-                    if isinstance(m, common.MoE):
-                        m.stream_tokens = stream
+            for tokens in (None, 32):  # the CPU computes every row / prompt >= 32 tokens: the GPU
+                stream(tokens)
                 got = model(ids).float()
-                rows[stream] = got
-                rep.add("cpu-moe", what="logits vs all-GPU", experts="streamed to GPU" if stream else "on the CPU",
+                rep.add("cpu-moe", what="logits vs all-GPU", experts="streamed to GPU" if tokens else "on the CPU",
                         max_abs_diff=float((got - want).abs().max()),
                         top1_agree=float((got.argmax(-1) == want.argmax(-1)).float().mean()),
                         host_experts_gb=host_gb, offload_s=moved_s, peak_gb=peak_gb(dev))
         rep.run("cpu-moe", decode_short, rep, model, dev, 1, False, bw, new=32, tag=" (experts on the CPU)", need=30)
-        for stream, T in ((32, prefill_T), (None, min(prefill_T, 512))):
-            common.MoE.stream_tokens = stream
-            for m in model.modules():
-                if isinstance(m, common.MoE):
-                    m.stream_tokens = stream
+        for tokens, T in ((32, prefill_T), (None, min(prefill_T, 512))):
+            stream(tokens)
             rep.run("cpu-moe", prefill, rep, model, dev, T, T,
-                    " (cpu-moe: experts " + ("streamed to the GPU)" if stream else "computed on the CPU)"), need=30)
+                    " (cpu-moe: experts " + ("streamed to the GPU)" if tokens else "computed on the CPU)"), need=30)
     finally:
-        common.MoE.stream_tokens, common.MoE._experts_elsewhere = 32, elsewhere
+        common.MoE._experts_elsewhere = elsewhere
+        for m in model.modules():
+            if isinstance(m, common.MoE):
+                m.__dict__.pop("stream_tokens", None)  # back to the class default
         model.to(dev)
         for m in model.modules():
             if isinstance(m, common.Experts):

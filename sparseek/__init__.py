@@ -118,7 +118,8 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
                          "use quantize='fp8' or 'fp4' to quantize the merged weights")
     checkpoint = os.path.isdir(base) or os.path.isfile(base)
     early = prepare if checkpoint and not adapters and quantize not in ("fp8", "fp4") else None
-    offload = cpu_moe not in (False, None) and resolve_device(device).type != "cpu"
+    device = resolve_device(device)
+    offload = cpu_moe not in (False, None) and device.type != "cpu"
     model, tok = _load(base, resolve_dtype(dtype), device, seed, tokenizer and tok_dir is None,
                        None if adapters else quantize, overrides, early, read_on="cpu" if offload else None)
     for directory in adapters:
@@ -136,7 +137,7 @@ def load(path_or_preset: str, dtype=None, device="cpu", seed: int = 0, tokenizer
     if offload:
         from sparseek.parallel.offload import offload_experts_
 
-        offload_experts_(model, resolve_device(device), layers=None if cpu_moe is True else int(cpu_moe))
+        offload_experts_(model, device, layers=cpu_moe)
     return model, tok
 
 
@@ -147,7 +148,7 @@ def _load(path_or_preset: str, dtype, device, seed: int, tokenizer: bool, quanti
     device = resolve_device(device)
     target = device if read_on is None else resolve_device(read_on)
     if (gguf_path := _gguf_path(path_or_preset)) is not None:
-        return _load_gguf(gguf_path, dtype, device, tokenizer, quantize, overrides, prepare, target)
+        return _load_gguf(gguf_path, dtype, device, target, tokenizer, quantize, overrides, prepare)
     if os.path.isdir(path_or_preset) or os.path.isfile(path_or_preset):
         from sparseek.checkpoint import load_model
 
@@ -211,7 +212,8 @@ def _gguf_path(path: str) -> str | None:
     return None
 
 
-def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: dict, prepare, target=None):
+def _load_gguf(path: str, dtype, device, target, tokenizer: bool, quantize, overrides: dict, prepare):
+    """``device``: where the model will run (its dtype default); ``target``: where its weights land."""
     from sparseek.checkpoint.gguf import GGUFFile, load_gguf, stored_dtype, tokenizer_from_gguf
 
     if quantize == "stored":
@@ -219,7 +221,7 @@ def _load_gguf(path: str, dtype, device, tokenizer: bool, quantize, overrides: d
                          "on load (use 'fp8' or 'fp4' to quantize the decoded weights)")
     f = GGUFFile(path)
     # fp8 / fp4 quantize layer by layer while loading (``load`` then finds nothing left to quantize)
-    model = load_gguf(f, _checkpoint_dtype(dtype, stored_dtype(f.meta), device), target or device, overrides, prepare,
+    model = load_gguf(f, _checkpoint_dtype(dtype, stored_dtype(f.meta), device), target, overrides, prepare,
                       quantize=quantize if quantize in ("fp8", "fp4") else None)
     tok = None
     if tokenizer:

@@ -164,7 +164,7 @@ def _engine(a, **llm_kw):
     if cpu_moe is not False and str(a.device) != "cpu":
         from sparseek.parallel.offload import offload_experts_
 
-        offload_experts_(model, a.device, layers=None if cpu_moe is True else cpu_moe)
+        offload_experts_(model, a.device, layers=cpu_moe)
     else:
         model = model.to(a.device)
     if getattr(a, "seed", 0) is None:  # the ranks must sample alike: one seed for all, drawn on rank 0

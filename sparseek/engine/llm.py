@@ -280,8 +280,9 @@ class LLM:
         if main.type == "meta":
             raise ValueError("the model is on the meta device, which holds no weights: load it on 'cpu' or 'cuda' "
                              "to generate")
-        offloaded = any(d != str(main) for d in experts_devices(model))
-        from sparseek.quant.modules import QuantExperts
+        elsewhere = [d for d in experts_devices(model) if d != str(main)]
+        offloaded = bool(elsewhere)
+        from sparseek.quant.modules import QuantExperts, QuantLinear
 
         if offloaded and not compile and any(isinstance(m, QuantExperts) for m in model.modules()):
             log.warning("routed experts kept quantized in host memory run eagerly, decoded whole per step: "
@@ -301,7 +302,6 @@ class LLM:
             from sparseek.engine.compile import CompiledStep, Spans
             from sparseek.model.v4 import compile_hot_paths
             from sparseek.quant.formats import compile_decoders
-            from sparseek.quant.modules import QuantExperts, QuantLinear
 
             device = main
             if device.type == "cpu":  # untimed with CUDA graphs (one recorded per span): off there
@@ -310,7 +310,7 @@ class LLM:
                 from sparseek.parallel.offload import compile_host_experts
 
                 log.info("routed experts in %s memory: decode steps run eagerly, the host's quantized experts "
-                         "and prefill's hot paths compiled", ", ".join(d for d in experts_devices(model) if d != str(main)))
+                         "and prefill's hot paths compiled", ", ".join(elsewhere))
                 compile_host_experts()
             else:
                 self._decode_fn = CompiledStep(model.decode_step, device)

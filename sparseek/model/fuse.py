@@ -85,10 +85,10 @@ def vectorize_bitcasts() -> None:
     (``at::vec::cast``, one no-op instruction) instead of through a stack buffer and a scalar loop,
     its generic form for an op without a vector override. The FP8 / FP4 word products
     (``sparseek.quant.formats.word_product``) build every weight with such a bitcast: with the
-    scalar loop they ran at 0.335 / 1.70 ns per weight on an AMX Xeon host (10-16x slower than on
-    an AMD one), with this at 0.072 (FP8; FP4 also needed ``plane_values`` to avoid denormals)
-    (``benchmarks/quant_gemv.py``). Process-wide and idempotent:
-    the same bits either way."""
+    scalar loop they ran at 0.36-0.38 (FP8) / 1.66-1.72 (FP4) ns per weight on an AMX Xeon host
+    (8-16x slower than on an AMD one), with this and ``plane_values``' normal FP4 planes at
+    0.049-0.098 / 0.093-0.188 (``benchmarks/results/cpu-quant-gemv.txt``). Process-wide and
+    idempotent: the same bits either way."""
     from torch._inductor.codegen import cpp
     from torch._inductor.codegen.cpp_utils import DTYPE_TO_CPP, CppCSEVariable
     from torch._inductor.virtualized import V

@@ -25,10 +25,11 @@ def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def offload_experts_(model: nn.Module, device, layers: int | None = None, experts_device="cpu",
+def offload_experts_(model: nn.Module, device, layers: int | bool | None = None, experts_device="cpu",
                      pin: bool | None = None, stream_tokens: int | None = MoE.stream_tokens) -> nn.Module:
     """Move ``model`` to ``device`` except the routed experts of its first ``layers`` MoE blocks
-    (None: all of them, the MTP block's included), which go to (or stay in) ``experts_device``.
+    (None or True, as ``cpu_moe=True`` says: all of them, the MTP block's included), which go to
+    (or stay in) ``experts_device``.
 
     ``pin`` (default: when ``device`` is a GPU) pins the kept experts' host memory, so that the
     copies of a streamed forward run at full PCIe speed without staging. ``stream_tokens``: the
@@ -36,6 +37,7 @@ def offload_experts_(model: nn.Module, device, layers: int | None = None, expert
     they are (None: never; ``MoE.stream_tokens``). Returns the model (moved in place)."""
     device, experts_device = torch.device(device), torch.device(experts_device)
     blocks = moe_layers(model)
+    layers = None if layers is True else layers
     if layers is not None and not 0 <= layers <= len(blocks):
         raise ValueError(f"the model has {len(blocks)} MoE blocks: cannot keep the experts of {layers} of them "
                          f"on {experts_device}")

@@ -158,10 +158,10 @@ def plane_values(words: torch.Tensor, fmt: str, j: int) -> torch.Tensor:
     if fmt == "fp8":
         return ((top >> 4) & _signed(0x87F00000)).view(torch.float32)
     f = (top >> 6) & _signed(0x81C00000)
-    # So placed, e2m1's subnormal codes (0.5: a quarter of a typical MXFP4 block) would be fp32
-    # denormals, and an Intel core multiplies a denormal in a microcode assist (~100 cycles: the
-    # word products ran at 1.2 ns per weight on an AMX Xeon, 0.06 with denormals flushed, which
-    # would read 0.5 as 0). Instead the normal codes' exponent goes up by one and a subnormal
+    # So placed, e2m1's subnormal code (0.5, common in an MXFP4 block) would be an fp32 denormal,
+    # and an Intel core multiplies a denormal in a microcode assist (the word products ran at 1.7
+    # ns per weight on an AMX Xeon, ~0.06 with denormals flushed in a scratch timing, which would
+    # read 0.5 as 0). Instead the normal codes' exponent goes up by one and a subnormal
     # code's mantissa bit moves into the exponent's lowest bit (0.5 -> 2^-126): every code is a
     # normal fp32 or zero, worth its value times 2^-125. Four more integer ops per code.
     subnormal = (f & _signed(0x01800000)) == 0

@@ -105,6 +105,8 @@ def test_offload_places_only_the_routed_experts():
     assert host == {f"{n}.{p}" for n, m in model.named_modules() if m is blocks[0].experts for p in ("w1", "w2", "w3")}
     with pytest.raises(ValueError, match="MoE blocks"):
         offload_experts_(_model(), "meta", layers=len(blocks) + 1)
+    every = _model()  # layers=True, as cpu_moe=True says: every block (not 1)
+    assert experts_devices(offload_experts_(every, "meta", layers=True)) == {"cpu": len(blocks)}
 
 
 def test_load_cpu_moe_reads_into_host_memory(tmp_path):
@@ -128,8 +130,9 @@ def test_engine_cpu_moe_arguments():
         LLM(_model(), cpu_moe=True)
     with pytest.raises(ValueError, match="meta device"):  # e.g. --device meta: a message, not a trace
         LLM("debug", device="meta", cpu_moe=2)
-    llm = LLM("debug", cpu_moe=True, max_seq_len=64)  # on a CPU: nothing to move
+    llm = LLM("debug", cpu_moe=True, max_seq_len=64)  # on a CPU: nothing to move, and it still generates
     assert experts_devices(llm.model) == {"cpu": len(moe_layers(llm.model))}
+    assert len(llm.generate([[3, 4, 5]], SamplingParams(max_tokens=3, temperature=0.0))[0].token_ids) == 3
 
 
 def test_cli_cpu_moe_flags():
